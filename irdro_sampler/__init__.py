@@ -1,0 +1,40 @@
+"""irdro-sampler: spend training steps on the samples that teach the model something.
+
+The training loop reports per-sample losses; the library keeps a running loss for every sample and
+draws the next samples with probability proportional to closed-form KL-DRO (IR-DRO) weights.
+The core imports only numpy and torch; framework integrations live in ``irdro_sampler.integrations``.
+"""
+
+from .indexed import IndexedDataset
+from .loss_table import LossTable
+from .sampler import IRDROSampler
+from .sum_tree import SumTree
+from .weights import (
+    DROWeighting,
+    WeightParams,
+    cut_threshold,
+    effective_sample_size,
+    kl_dro_weights,
+    kl_to_uniform,
+    midrank_weights,
+    temperature_for_ess,
+    temperature_for_kl,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DROWeighting",
+    "IRDROSampler",
+    "IndexedDataset",
+    "LossTable",
+    "SumTree",
+    "WeightParams",
+    "cut_threshold",
+    "effective_sample_size",
+    "kl_dro_weights",
+    "kl_to_uniform",
+    "midrank_weights",
+    "temperature_for_ess",
+    "temperature_for_kl",
+]

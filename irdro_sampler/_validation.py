@@ -1,0 +1,126 @@
+"""Argument checks shared by the core classes.
+
+Every public entry point validates its input completely before it changes any state, so a rejected
+call leaves the object exactly as it was. Errors name the argument and show the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+
+try:  # torch is a hard dependency, but keep the checks importable without it for tooling
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None  # type: ignore[assignment]
+
+# Steps are stored as int32 in the loss table (4 bytes per sample instead of 8).
+MAX_STEP = 2**31 - 1
+
+
+def to_numpy(x: Any, name: str) -> np.ndarray:
+    """Return ``x`` (array-like, list, or torch tensor on any device) as a 1-D numpy array."""
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu").numpy()
+    arr = np.asarray(x)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def as_indices(indices: Any, num_samples: int, name: str = "indices") -> np.ndarray:
+    """Validate sample indices: integers in ``[0, num_samples)``; returns an int64 copy."""
+    arr = to_numpy(indices, name)
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=True)
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= num_samples:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} must lie in [0, {num_samples}), got {bad}")
+    return arr
+
+
+def validate_feedback(indices: Any, losses: Any, num_samples: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Check one feedback call and drop non-finite losses.
+
+    Returns ``(indices int64, losses float64, num_skipped)``. NaN and +-inf losses are not errors
+    (a diverging sample should not crash training) but they are never stored: they are removed
+    here and counted by the caller.
+    """
+    idx = as_indices(indices, num_samples, "indices")
+    val = to_numpy(losses, "losses")
+    if not (np.issubdtype(val.dtype, np.floating) or np.issubdtype(val.dtype, np.integer)) or val.dtype == np.bool_:
+        raise TypeError(f"losses must be real numbers, got dtype {val.dtype}")
+    if val.shape != idx.shape:
+        raise ValueError(f"indices and losses must have the same length, got {idx.shape[0]} and {val.shape[0]}")
+    val = val.astype(np.float64, copy=True)
+    finite = np.isfinite(val)
+    skipped = int(finite.size - finite.sum())
+    if skipped:
+        idx, val = idx[finite], val[finite]
+    return idx, val, skipped
+
+
+def check_step(step: Any, name: str = "step") -> int:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        if torch is not None and isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+            step = int(step.item())
+        else:
+            raise TypeError(f"{name} must be an int, got {step!r}")
+    step = int(step)
+    if not 0 <= step <= MAX_STEP:
+        raise ValueError(f"{name} must lie in [0, {MAX_STEP}], got {step}")
+    return step
+
+
+def check_positive(value: Any, name: str, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def check_fraction(value: Any, name: str, *, low_open: bool, high_open: bool, allow_none: bool = False):
+    """Check ``value`` lies in the unit interval with the given open/closed ends."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    ok_low = value > 0 if low_open else value >= 0
+    ok_high = value < 1 if high_open else value <= 1
+    if not (ok_low and ok_high):
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return value
+
+
+def check_int(value: Any, name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def as_loss_vector(losses: Any, name: str = "losses") -> np.ndarray:
+    """A non-empty finite float64 vector (for the pure weight functions)."""
+    arr = to_numpy(losses, name).astype(np.float64)
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty")
+    if not np.all(np.isfinite(arr)):
+        bad = arr[~np.isfinite(arr)][0]
+        raise ValueError(f"{name} must be finite, got {bad}")
+    return arr

@@ -1,0 +1,1 @@
+"""One module per ecosystem. Each imports its framework itself, so ``import irdro_sampler`` never does."""

@@ -1,0 +1,536 @@
+"""IRDROSampler: draw training indices i.i.d. from closed-form KL-DRO weights of running losses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+from ._validation import as_indices, check_int, check_step, validate_feedback
+from .loss_table import LossTable
+from .sum_tree import SumTree
+from .weights import (
+    DROWeighting,
+    WeightParams,
+    effective_sample_size,
+    kl_to_uniform,
+    masses,
+    max_kept_loss,
+    mixture_probabilities,
+)
+
+STATE_FORMAT = "irdro_sampler.IRDROSampler"
+STATE_VERSION = 1
+# Rebase (re-shift) the masses when the tree total leaves this range: far from overflow
+# (N * e^600 < 1e308 for N < 2**31) and far from the subnormal range where masses lose precision.
+_TOTAL_RANGE = (1e-250, 1e280)
+_REBUILD_CHUNK = 1 << 22
+
+
+class IRDROSampler(DistributedSampler):
+    """Sample indices with probability given by closed-form KL-DRO weights of running losses.
+
+    Usage::
+
+        ds = IndexedDataset(my_dataset)            # samples carry their index as "sample_idx"
+        sampler = IRDROSampler(ds, batch_size=32, truncate_quantile=0.95)
+        loader = DataLoader(ds, batch_size=32, sampler=sampler)
+        for step, batch in enumerate(loader):
+            per_sample = loss_fn(model(batch), reduction="none")
+            per_sample.mean().backward(); ...
+            sampler.update(batch["sample_idx"], per_sample.detach(), step=step)
+
+    **Distribution.** Indices are drawn i.i.d. *with replacement* from
+    ``p_i = (1 - uniform_mix) * softmax(l / tau)_i + uniform_mix / n_kept`` over kept samples (see
+    :class:`DROWeighting`): ``l`` is each sample's running loss (:class:`LossTable`), seen samples whose
+    loss is above the cut (``truncate_quantile`` / ``truncate_zscore``) get 0. :meth:`probabilities`
+    returns the exact distribution the next batch is drawn from.
+
+    **Order contract.** Global batch ``b`` (counted from 0 over all epochs,
+    ``b = epoch * batches_per_epoch + batch_in_epoch``) is drawn with a random stream keyed by
+    ``(seed, b)`` from the weights after applying exactly the feedback of steps ``<= b - feedback_delay``
+    (in step order, then call order). Hence the indices are a pure function of (seed, batch, feedback):
+    independent of DataLoader workers and prefetching, and a sampler restored with
+    :meth:`load_state_dict` continues with exactly the indices the uninterrupted run drew.
+    ``feedback_delay`` (default 32) must exceed the number of batches the DataLoader draws ahead of the
+    training step (``num_workers * prefetch_factor``; 2 x 2 = 4 by default): the default covers up to
+    15 workers at prefetch factor 2. Feedback that arrives after its batch was drawn is applied before
+    the next draw and counted as ``late_feedback`` in :meth:`stats` (the run stays valid but is then no
+    longer bitwise reproducible).
+
+    **Epochs.** An epoch yields ``num_samples`` indices on each rank (default ``ceil(N / num_replicas)``),
+    in ``batches_per_epoch`` batches of ``batch_size`` (the last may be shorter), so learning-rate
+    schedules keep their step counts. As with ``DistributedSampler``, call :meth:`set_epoch` before each
+    epoch; every ``iter()`` starts the current epoch at its first batch (or at the batch given to
+    :meth:`set_start_batch`, for loops that resume mid-epoch without replaying). Batches that were drawn
+    before (a replay after a restore, as Composer does) are served again from a small buffer and never
+    change the state; a replay older than the buffer is drawn from the current weights, without
+    applying feedback, and counted as ``stale_replays``.
+
+    **Multiple ranks.** All ranks draw the same global batch of ``batch_size * num_replicas`` and rank
+    ``r`` yields positions ``[r * batch_size, (r + 1) * batch_size)``. The sampler never communicates:
+    the caller must give every rank the same :meth:`update` calls (gather the feedback of all ranks).
+
+    **Cost.** Updates and draws are O(B log N) through a sum tree over blocks of ``block_size``
+    samples; masses are recomputed from the table on the fly. Every ``refresh_interval`` global batches
+    (default ``max(1, N // (64 * global_batch))``) the prior, cut threshold and temperature are
+    recomputed and the tree is rebuilt, O(N). Memory: 12 bytes per sample for the table plus
+    ``16 / block_size`` for the tree.
+
+    **Bad input.** :meth:`update` raises ``ValueError``/``TypeError`` (and changes nothing) for indices
+    out of range or not integers, and length mismatches; NaN/inf losses are skipped and counted
+    (``skipped_nonfinite``). Constructor options are validated (non-positive temperature, conflicting
+    ``temperature``/``kl_radius``/``ess_fraction``...). :meth:`load_state_dict` refuses a state from a
+    data set of another size or another batch geometry.
+    """
+
+    def __init__(
+        self,
+        data_source_or_size: Sized | int,
+        batch_size: int,
+        *,
+        temperature: float | None = None,
+        kl_radius: float | None = None,
+        ess_fraction: float | None = None,
+        truncate_quantile: float | None = None,
+        truncate_zscore: float | None = None,
+        uniform_mix: float = 0.1,
+        ema: float = 0.5,
+        prior: float | str = "mean",
+        feedback_delay: int = 32,
+        refresh_interval: int | None = None,
+        num_samples: int | None = None,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        block_size: int = 8,
+    ) -> None:
+        if isinstance(data_source_or_size, bool):
+            raise TypeError(f"data_source_or_size must be a sized data set or an int, got {data_source_or_size!r}")
+        if isinstance(data_source_or_size, int):
+            size = check_int(data_source_or_size, "data_source_or_size", minimum=1)
+            data_source: Sized = range(size)
+        else:
+            data_source = data_source_or_size
+            size = len(data_source)
+            if size < 1:
+                raise ValueError(f"data_source_or_size must not be empty, got a data set of length {size}")
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        num_replicas = check_int(num_replicas, "num_replicas", minimum=1)
+        rank = check_int(rank, "rank", minimum=0)
+        if rank >= num_replicas:
+            raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
+        seed = check_int(seed, "seed", minimum=0)
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
+
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        per_rank = math.ceil(size / num_replicas) if num_samples is None else num_samples
+        self.num_samples = check_int(per_rank, "num_samples", minimum=1)
+        self.total_size = self.num_samples * num_replicas
+        self.batches_per_epoch = math.ceil(self.num_samples / self.batch_size)
+        self.global_batch_size = self.batch_size * num_replicas
+
+        self.rule = DROWeighting(
+            temperature=temperature,
+            kl_radius=kl_radius,
+            ess_fraction=ess_fraction,
+            truncate_quantile=truncate_quantile,
+            truncate_zscore=truncate_zscore,
+            uniform_mix=uniform_mix,
+        )
+        self.table = LossTable(size, ema=ema, prior=prior)
+        self.feedback_delay = check_int(feedback_delay, "feedback_delay", minimum=1)
+        if refresh_interval is None:
+            refresh_interval = max(1, size // (64 * self.global_batch_size))
+        self.refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
+        self.block_size = check_int(block_size, "block_size", minimum=1)
+        self._block_offsets = np.arange(self.block_size, dtype=np.int64)
+        self._tree = SumTree(math.ceil(size / self.block_size))
+        self._reset_schedule()
+
+    # ------------------------------------------------------------------------------------ schedule
+    def _reset_schedule(self) -> None:
+        self._params: WeightParams | None = None
+        self._n_kept = 0
+        self._pending: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (step, seq, idx, loss)
+        self._seq = 0
+        self._next_auto_step = 0
+        self._applied_through = -1  # feedback of steps <= this is in the table
+        self._last_drawn = -1
+        self._refresh_block = -1  # b // refresh_interval at the last refresh
+        self._max_reported_step = -1
+        self._drawn: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # b -> (indices, probabilities)
+        self._start_batch = 0
+        self._counters = dict.fromkeys(
+            ("late_feedback", "skipped_nonfinite", "stale_replays", "refreshes", "rebases", "redraws"), 0
+        )
+
+    @property
+    def dataset_size(self) -> int:
+        return self.table.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch the next ``iter()`` yields (as ``DistributedSampler.set_epoch``)."""
+        self.epoch = check_int(epoch, "epoch", minimum=0)
+
+    def set_start_batch(self, batch_in_epoch: int) -> None:
+        """Make the next ``iter()`` (only) start at ``batch_in_epoch`` of the current epoch.
+
+        For training loops that resume mid-epoch without replaying the batches already trained.
+        Composer replays them, so it does not need this.
+        """
+        self._start_batch = check_int(batch_in_epoch, "batch_in_epoch", minimum=0)
+        if self._start_batch > self.batches_per_epoch:
+            raise ValueError(f"batch_in_epoch must be <= {self.batches_per_epoch}, got {batch_in_epoch}")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self.epoch, self._start_batch
+        self._start_batch = 0
+        for j in range(start, self.batches_per_epoch):
+            n = min(self.batch_size, self.num_samples - j * self.batch_size)
+            indices, _ = self._batch(epoch * self.batches_per_epoch + j, n * self.num_replicas)
+            yield from indices[self.rank * n : (self.rank + 1) * n].tolist()
+
+    # ------------------------------------------------------------------------------------ feedback
+    def update(self, indices: Any, losses: Any, step: int | None = None) -> None:
+        """Report per-sample losses of the samples trained at global batch ``step``.
+
+        ``indices`` and ``losses`` are 1-D (lists, numpy arrays or tensors on any device) of equal
+        length; an index may repeat (draws are with replacement). ``step`` defaults to the previous
+        step + 1. The feedback is buffered and applied just before drawing batch
+        ``step + feedback_delay``. Raises (changing nothing) on bad input; see the class docstring.
+        """
+        idx, val, skipped = validate_feedback(indices, losses, self.dataset_size)
+        step = self._next_auto_step if step is None else check_step(step)
+        self._counters["skipped_nonfinite"] += skipped
+        self.table.num_skipped += skipped
+        if step <= self._applied_through:
+            self._counters["late_feedback"] += 1
+        self._pending.append((step, self._seq, idx, val))
+        self._seq += 1
+        self._next_auto_step = max(self._next_auto_step, step + 1)
+        self._max_reported_step = max(self._max_reported_step, step)
+        # Batches up to the last reported step have been trained: they will not be replayed.
+        for b in [b for b in self._drawn if b < self._max_reported_step]:
+            del self._drawn[b]
+
+    def flush(self) -> None:
+        """Apply all buffered feedback now, whatever its step (for analysis and offline use).
+
+        Draws after a flush are still a pure function of the call sequence, but differ from a run
+        without the flush.
+        """
+        self._ensure_params()
+        self._apply_feedback(math.inf)
+
+    def _apply_feedback(self, through: float) -> None:
+        due = [e for e in self._pending if e[0] <= through]
+        if not due:
+            return
+        self._pending = [e for e in self._pending if e[0] > through]
+        due.sort(key=lambda e: (e[0], e[1]))
+        touched = np.unique(np.concatenate([e[2] for e in due]))
+        kept_before = masses(self.table.losses[touched], self._params)[1] if self._params else None
+        for step, _, idx, val in due:
+            self.table.apply_validated(idx, val, step)
+        if self._params is None:
+            return
+        self._n_kept += int(masses(self.table.losses[touched], self._params)[1].sum() - kept_before.sum())
+        blocks = np.unique(touched // self.block_size)
+        sums = self._block_masses(blocks)[0].sum(axis=1)
+        if not np.all(np.isfinite(sums)):
+            self._rebuild(rebase=True)
+            return
+        self._tree.set(blocks, sums)
+        if not _TOTAL_RANGE[0] <= self._tree.total <= _TOTAL_RANGE[1]:
+            self._rebuild(rebase=True)
+
+    def _advance_to(self, b: int) -> None:
+        """Bring the weights to the state batch ``b`` is drawn from (idempotent for the same ``b``)."""
+        self._apply_feedback(b - self.feedback_delay)
+        self._applied_through = max(self._applied_through, b - self.feedback_delay)
+        if self._params is None or b // self.refresh_interval != self._refresh_block:
+            self._refresh_block = b // self.refresh_interval
+            self._params = self.rule.fit(self.table)
+            self._counters["refreshes"] += 1
+            self._rebuild(rebase=False)
+
+    def _ensure_params(self) -> None:
+        if self._params is None:
+            self._advance_to(self._last_drawn + 1)
+
+    # ------------------------------------------------------------------------------------ structure
+    def _block_masses(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masses and kept flags of every sample of ``blocks`` (shape ``(len(blocks), block_size)``)."""
+        ids = blocks[:, None] * self.block_size + self._block_offsets
+        valid = ids < self.dataset_size
+        ids = np.minimum(ids, self.dataset_size - 1)
+        mass, kept = masses(self.table.losses[ids], self._params)
+        mass *= valid
+        return mass, kept & valid, ids
+
+    def _rebuild(self, *, rebase: bool) -> None:
+        """Recompute every mass from the table (O(N)); ``rebase`` re-chooses only the shift."""
+        if rebase:
+            self._params = self._params._replace(shift=max_kept_loss(self.table.losses, self._params))
+            self._counters["rebases"] += 1
+        n, k = self.dataset_size, self.block_size
+        sums = np.zeros(self._tree.num_leaves, dtype=np.float64)
+        n_kept = 0
+        chunk = (_REBUILD_CHUNK // k) * k
+        for start in range(0, n, chunk):
+            mass, kept = masses(self.table.losses[start : start + chunk], self._params)
+            n_kept += int(kept.sum())
+            pad = (-mass.size) % k
+            if pad:
+                mass = np.concatenate([mass, np.zeros(pad)])
+            sums[start // k : start // k + mass.size // k] = mass.reshape(-1, k).sum(axis=1)
+        self._n_kept = n_kept
+        self._tree.build(sums)
+
+    # ------------------------------------------------------------------------------------ drawing
+    def _batch(self, b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (global batch) and their draw probabilities for global batch ``b``."""
+        if b in self._drawn:
+            return self._drawn[b]
+        if b <= self._last_drawn:
+            self._counters["stale_replays"] += 1
+            self._ensure_params()
+            return self._draw(b, size)
+        self._advance_to(b)
+        out = self._draw(b, size)
+        self._drawn[b] = out
+        self._last_drawn = b
+        # Keep only what a restore may need to replay: drawn batches not yet reported as trained.
+        for old in [x for x in self._drawn if x <= b - self.feedback_delay - 2]:
+            del self._drawn[old]
+        return out
+
+    def _draw(self, b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, b])
+        mix = self.rule.uniform_mix
+        out = np.empty(size, dtype=np.int64)
+        from_floor = rng.random(size) < mix if 0.0 < mix < 1.0 else np.full(size, mix >= 1.0)
+        n_floor = int(from_floor.sum())
+        if n_floor:
+            out[from_floor] = self._draw_kept_uniform(rng, n_floor)
+        if n_floor < size:
+            out[~from_floor] = self._draw_tilted(rng, size - n_floor)
+        return out, self._point_probabilities(out)
+
+    def _draw_tilted(self, rng: np.random.Generator, m: int) -> np.ndarray:
+        """``m`` draws proportional to the tilted masses: tree down to a block, then within it."""
+        out = np.empty(m, dtype=np.int64)
+        todo = np.arange(m)
+        total = self._tree.total
+        while todo.size:
+            blocks = self._tree.find(rng.random(todo.size) * total)
+            ok = blocks < self._tree.num_leaves
+            blocks = np.where(ok, blocks, 0)
+            mass, _, ids = self._block_masses(blocks)
+            cum = np.cumsum(mass, axis=1)
+            row_total = cum[:, -1]
+            ok &= row_total > 0
+            target = rng.random(todo.size) * row_total
+            # First position whose cumulative mass exceeds the target: it has mass > 0.
+            pos = np.minimum((cum <= target[:, None]).sum(axis=1), self.block_size - 1)
+            pick = ids[np.arange(todo.size), pos]
+            ok &= mass[np.arange(todo.size), pos] > 0
+            out[todo[ok]] = pick[ok]
+            if not ok.all():  # rounding at a subtree edge (probability ~1e-16): draw those again
+                self._counters["redraws"] += int((~ok).sum())
+            todo = todo[~ok]
+        return out
+
+    def _draw_kept_uniform(self, rng: np.random.Generator, m: int) -> np.ndarray:
+        """``m`` draws uniform over kept samples, by rejection (kept fraction is known exactly)."""
+        out = np.empty(m, dtype=np.int64)
+        filled = 0
+        accept_rate = max(self._n_kept / self.dataset_size, 1e-6)
+        while filled < m:
+            need = m - filled
+            cand = rng.integers(0, self.dataset_size, size=int(need / accept_rate * 1.1) + 16)
+            cand = cand[masses(self.table.losses[cand], self._params)[1]][:need]
+            out[filled : filled + cand.size] = cand
+            filled += cand.size
+        return out
+
+    def _point_probabilities(self, indices: np.ndarray) -> np.ndarray:
+        mass, kept = masses(self.table.losses[indices], self._params)
+        return mixture_probabilities(mass, kept, self._tree.total, self._n_kept, self.rule.uniform_mix)
+
+    # ------------------------------------------------------------------------------------ queries
+    def probabilities(self) -> np.ndarray:
+        """The distribution (float64, length N, sums to 1) the most recent batch was drawn from.
+
+        Before the first draw: the distribution the first batch would be drawn from given the
+        feedback applied so far. Read-only: querying never changes the sample order. O(N).
+        """
+        if self._params is None:
+            return self.rule.probabilities(self.table)
+        mass, kept = masses(self.table.losses, self._params)
+        return mixture_probabilities(mass, kept, self._tree.total, self._n_kept, self.rule.uniform_mix)
+
+    def importance_weights(self, indices: Any, step: int | None = None) -> np.ndarray:
+        """``1 / (N p_i)`` for ``indices``: multiply per-sample losses by these to train the ERM objective.
+
+        With ``step`` (the global batch the indices were drawn in, while it is still buffered) the
+        probabilities the batch was actually drawn with are used; otherwise those of
+        :meth:`probabilities`. A cut sample gets ``inf``.
+        """
+        idx = as_indices(indices, self.dataset_size)
+        if step is not None and check_step(step) in self._drawn:
+            drawn, probs = self._drawn[step]
+            order = np.argsort(drawn, kind="stable")
+            pos = np.searchsorted(drawn[order], idx)
+            pos = np.minimum(pos, drawn.size - 1)
+            found = drawn[order][pos] == idx
+            if found.all():
+                return 1.0 / (self.dataset_size * probs[order][pos])
+        p = self.probabilities()[idx] if self._params is None else self._point_probabilities(idx)
+        with np.errstate(divide="ignore"):
+            return 1.0 / (self.dataset_size * p)
+
+    def stats(self) -> dict[str, float]:
+        """Diagnostics of the current distribution (O(N)) and of the feedback stream."""
+        p = self.probabilities()
+        nz = p[p > 0]
+        params = self._params or self.rule.fit(self.table)
+        n_kept = self._n_kept if self._params else int(np.count_nonzero(p))
+        return {
+            "ess_fraction": effective_sample_size(p) / p.size,
+            "kl_to_uniform": kl_to_uniform(p),
+            "entropy": float(-np.sum(nz * np.log(nz))),
+            "max_prob": float(p.max()),
+            "max_prob_ratio": float(p.max() * p.size),
+            "seen_fraction": self.table.num_seen / self.dataset_size,
+            "truncated_fraction": 1.0 - n_kept / self.dataset_size,
+            "temperature": params.temperature,
+            "threshold": params.threshold,
+            "prior": params.prior,
+            "table_mean_loss": self.table.mean_loss(),
+            "pending_feedback": float(len(self._pending)),
+            "last_drawn_batch": float(self._last_drawn),
+            **{k: float(v) for k, v in self._counters.items()},
+        }
+
+    # ------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the future sample order: tensors and primitives only."""
+        pend = sorted(self._pending, key=lambda e: (e[0], e[1]))
+        drawn = sorted(self._drawn.items())
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "dataset_size": self.dataset_size,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "num_replicas": self.num_replicas,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "feedback_delay": self.feedback_delay,
+            "refresh_interval": self.refresh_interval,
+            "block_size": self.block_size,
+            "rule": self.rule.config(),
+            "table": self.table.state_dict(),
+            "params": None if self._params is None else list(self._params),
+            "schedule": {
+                "seq": self._seq,
+                "next_auto_step": self._next_auto_step,
+                "applied_through": self._applied_through,
+                "last_drawn": self._last_drawn,
+                "refresh_block": self._refresh_block,
+                "max_reported_step": self._max_reported_step,
+                "start_batch": self._start_batch,
+            },
+            "counters": dict(self._counters),
+            "pending": _pack([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
+            "drawn": _pack([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`; the run then continues exactly.
+
+        Every option that decides the order (seed, weighting rule, delays, refresh interval) is taken
+        from the state. The data set size and the batch geometry must match this sampler's:
+        ``ValueError`` otherwise, with nothing changed. To keep only the learned losses under new
+        options, load ``state["table"]`` into ``sampler.table`` instead.
+        """
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("state is not an IRDROSampler state_dict (missing format marker)")
+        if int(state["version"]) > STATE_VERSION:
+            raise ValueError(f"state version {state['version']} is newer than supported ({STATE_VERSION})")
+        for key, mine in (
+            ("dataset_size", self.dataset_size),
+            ("num_samples", self.num_samples),
+            ("batch_size", self.batch_size),
+            ("num_replicas", self.num_replicas),
+        ):
+            if int(state[key]) != mine:
+                raise ValueError(
+                    f"state_dict['{key}'] is {int(state[key])} but this sampler has {key}={mine}; "
+                    "a sampler state only resumes a run over the same data set and batch geometry"
+                )
+        table = LossTable(self.dataset_size)
+        table.load_state_dict(state["table"])
+        rule = DROWeighting(**state["rule"])
+        block_size = int(state["block_size"])
+        # -- nothing below can fail on a well-formed state; commit
+        self.table, self.rule = table, rule
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.feedback_delay = int(state["feedback_delay"])
+        self.refresh_interval = int(state["refresh_interval"])
+        if block_size != self.block_size:
+            self.block_size = block_size
+            self._block_offsets = np.arange(block_size, dtype=np.int64)
+            self._tree = SumTree(math.ceil(self.dataset_size / block_size))
+        self._reset_schedule()
+        sched = state["schedule"]
+        self._seq = int(sched["seq"])
+        self._next_auto_step = int(sched["next_auto_step"])
+        self._applied_through = int(sched["applied_through"])
+        self._last_drawn = int(sched["last_drawn"])
+        self._refresh_block = int(sched["refresh_block"])
+        self._max_reported_step = int(sched["max_reported_step"])
+        self._start_batch = int(sched["start_batch"])
+        self._counters.update({k: int(v) for k, v in state["counters"].items()})
+        self._pending = [(k[0], k[1], i, v) for k, i, v in _unpack(state["pending"], np.float64)]
+        self._drawn = {k[0]: (i, p) for k, i, p in _unpack(state["drawn"], np.float64)}
+        if state["params"] is not None:
+            self._params = WeightParams(*[float(x) for x in state["params"]])
+            self._rebuild(rebase=False)
+
+
+def _pack(keys: list[tuple[int, int]], indices: list[np.ndarray], values: list[np.ndarray]) -> dict[str, Any]:
+    """Ragged (key, indices, values) records as flat tensors."""
+    sizes = [a.size for a in indices]
+    return {
+        "keys": torch.tensor(keys, dtype=torch.int64).reshape(-1, 2),
+        "offsets": torch.tensor(np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]), dtype=torch.int64),
+        "indices": torch.from_numpy(np.concatenate(indices) if indices else np.zeros(0, np.int64)),
+        "values": torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.float64)),
+    }
+
+
+def _unpack(packed: dict[str, Any], dtype: Any) -> list[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
+    keys = np.asarray(packed["keys"]).reshape(-1, 2)
+    off = np.asarray(packed["offsets"])
+    idx = np.asarray(packed["indices"]).astype(np.int64)
+    val = np.asarray(packed["values"]).astype(dtype)
+    return [
+        ((int(k[0]), int(k[1])), idx[off[i] : off[i + 1]].copy(), val[off[i] : off[i + 1]].copy())
+        for i, k in enumerate(keys)
+    ]
+
