@@ -1,0 +1,105 @@
+"""IR-DRO sampling in a plain PyTorch loop: DataLoader + IndexedDataset + IRDROSampler.
+
+The data is made here: a 2-D classification task with a common easy group, a rare hard group, and
+a share of samples with random labels (noise). Uniform sampling under-trains the rare group; IR-DRO
+draws it more often while the loss cut keeps the noise out. Per-sample losses go back to the sampler
+after every step. Runs in seconds on a CPU:
+
+    python examples/plain_pytorch.py --epochs 5
+    python examples/plain_pytorch.py --sampler uniform      # the baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from irdro_sampler import IndexedDataset, IRDROSampler
+
+
+def make_data(n: int, seed: int) -> tuple[TensorDataset, torch.Tensor]:
+    """Features, labels and a group id per sample: 0 common, 1 rare (5%), 2 random labels (2%)."""
+    g = torch.Generator().manual_seed(seed)
+    group = torch.zeros(n, dtype=torch.long)
+    u = torch.rand(n, generator=g)
+    group[u < 0.07] = 1
+    group[u < 0.02] = 2
+    x = torch.randn(n, 2, generator=g)
+    y = (x[:, 0] > 0).long()  # common: a vertical boundary
+    rare = group == 1
+    x[rare] = x[rare] * 0.5 + torch.tensor([3.0, 3.0])
+    y[rare] = (x[rare, 1] > 3.0).long()  # rare: a horizontal boundary somewhere else
+    noisy = group == 2
+    y[noisy] = torch.randint(0, 2, (int(noisy.sum()),), generator=g)
+    return TensorDataset(x, y), group
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=20_000)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--sampler", choices=["irdro", "uniform"], default="irdro")
+    ap.add_argument("--temperature", type=float, default=0.5)
+    ap.add_argument("--truncate-quantile", type=float, default=0.97)
+    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)  # a tiny model: threads only add overhead
+    base, group = make_data(args.samples, args.seed)
+    test, test_group = make_data(20_000, args.seed + 1)
+    dataset = IndexedDataset(base)  # each sample becomes (x, y, index)
+    if args.sampler == "irdro":
+        sampler = IRDROSampler(
+            dataset,
+            args.batch_size,
+            temperature=args.temperature,
+            truncate_quantile=args.truncate_quantile,
+            seed=args.seed,
+        )
+    else:
+        sampler = RandomSampler(dataset, replacement=True, generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers)
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    step = 0
+    for epoch in range(args.epochs):
+        if isinstance(sampler, IRDROSampler):
+            sampler.set_epoch(epoch)
+        drawn = torch.zeros(3)
+        for x, y, idx in loader:
+            per_sample = F.cross_entropy(model(x), y, reduction="none")
+            opt.zero_grad()
+            per_sample.mean().backward()  # resampling: the plain mean has the DRO gradient in expectation
+            opt.step()
+            if isinstance(sampler, IRDROSampler):
+                sampler.update(idx, per_sample.detach(), step=step)
+            drawn += torch.bincount(group[idx], minlength=3)
+            step += 1
+        result = evaluate(model, test, test_group)
+        line = (
+            f"epoch {epoch}: test loss common {result['common']:.3f} rare {result['rare']:.3f} | "
+            f"drawn rare {drawn[1] / drawn.sum():.1%} noise {drawn[2] / drawn.sum():.1%}"
+        )
+        if isinstance(sampler, IRDROSampler):
+            s = sampler.stats()
+            line += f" | ESS {s['ess_fraction']:.2f} KL {s['kl_to_uniform']:.3f} cut {s['truncated_fraction']:.1%}"
+        print(line, flush=True)
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, test: TensorDataset, group: torch.Tensor) -> dict[str, float]:
+    x, y = test.tensors
+    loss = F.cross_entropy(model(x), y, reduction="none")
+    return {"common": loss[group == 0].mean().item(), "rare": loss[group == 1].mean().item()}
+
+
+if __name__ == "__main__":
+    main()
