@@ -1,0 +1,339 @@
+"""The ``irdro-sampler`` console script: ``demo`` and ``inspect``.
+
+``irdro-sampler demo``     continual-train a tiny byte-level LM on built-in data under several arms
+                          (uniform, IR-DRO resampling with and without the cut, in-batch reweighting)
+                          and report held-out losses, draws on noise documents and plots.
+``irdro-sampler inspect``  print what a sampler state (a Composer checkpoint with the IRDRO algorithm,
+                          or ``torch.save(sampler.state_dict(), path)``) is focusing on.
+
+Errors the user can fix (bad paths, files without a sampler state, bad option values) print one line
+on stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error caused by the command line or the input files: reported in one line, exit status 2."""
+
+
+# =================================================================================== inspect
+SAMPLER_FORMAT = "irdro_sampler.IRDROSampler"
+
+
+def _find_states(obj: Any, depth: int = 0) -> tuple[dict | None, dict | None]:
+    """Search a loaded object for (a sampler state, an IRDRO algorithm state with a bare loss table).
+
+    A Composer checkpoint stores algorithms as ``state['algorithms'] = [(class name, state_dict), ...]``;
+    rather than depending on that layout, any nested dict/list/tuple is searched (depth-limited).
+    """
+    if depth > 8:
+        return None, None
+    if isinstance(obj, Mapping):
+        if obj.get("format") == SAMPLER_FORMAT:
+            return dict(obj), None
+        if "sampler" in obj and isinstance(obj["sampler"], Mapping) and obj["sampler"].get("format") == SAMPLER_FORMAT:
+            return dict(obj["sampler"]), None
+        table_holder = None
+        if isinstance(obj.get("table"), Mapping) and "losses" in obj["table"] and "num_samples" in obj["table"]:
+            table_holder = dict(obj)
+        children = obj.values()
+    elif isinstance(obj, list | tuple):
+        table_holder = None
+        children = obj
+    else:
+        return None, None
+    found_table = table_holder
+    for child in children:
+        s, t = _find_states(child, depth + 1)
+        if s is not None:
+            return s, None
+        if found_table is None and t is not None:
+            found_table = t
+    return None, found_table
+
+
+def _rule_from_repr(text: str) -> dict[str, Any]:
+    """Rule options from an ``IRDRO(...)`` repr (keyword arguments with literal values only)."""
+    opts: dict[str, Any] = {}
+    try:
+        call = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return opts
+    if isinstance(call, ast.Call):
+        for kw in call.keywords:
+            if kw.arg in ("temperature", "kl_radius", "ess_fraction", "truncate_quantile", "truncate_zscore", "uniform_mix"):
+                try:
+                    opts[kw.arg] = ast.literal_eval(kw.value)
+                except ValueError:
+                    pass
+    return opts
+
+
+class Inspection:
+    """What ``inspect`` reports about a sampler state: the running losses, probabilities and stats."""
+
+    def __init__(self, losses: np.ndarray, probs: np.ndarray, stats: dict[str, float], source: str) -> None:
+        self.losses = losses
+        self.probs = probs
+        self.stats = stats
+        self.source = source
+
+
+def load_inspection(path: str | os.PathLike) -> Inspection:
+    """Load ``path`` and rebuild the sampler (or the streaming path's table and rule) it holds.
+
+    Raises :class:`UserError` with a one-line message for a missing/unreadable file or one without
+    a sampler state.
+    """
+    import torch
+
+    from irdro_sampler import DROWeighting, IRDROSampler, LossTable
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such file")
+    if p.is_dir():
+        raise UserError(f"{path}: is a directory; give a checkpoint file or a saved sampler state")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle/zip/EOF errors of all kinds: the file is not a torch save
+        raise UserError(f"{path}: not a readable torch file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    sd, holder = _find_states(obj)
+    if sd is not None:
+        try:
+            sampler = IRDROSampler(
+                int(sd["dataset_size"]),
+                int(sd["batch_size"]),
+                num_samples=int(sd["num_samples"]),
+                num_replicas=int(sd["num_replicas"]),
+                rank=0,
+            )
+            sampler.load_state_dict(sd)
+            pending = int(sampler.stats()["pending_feedback"])
+            # Feedback still buffered (the sampler's delay) is part of what the run has learned: apply it,
+            # so the report shows the distribution the next refreshed draws will come from.
+            sampler.flush()
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{path}: sampler state is malformed ({type(e).__name__}: {e})") from None
+        stats = sampler.stats()
+        source = "IRDROSampler state" + (f" ({pending} buffered updates applied)" if pending else "")
+        return Inspection(sampler.table.losses.astype(np.float64), sampler.probabilities(), stats, source)
+    if holder is not None:
+        # The streaming path: the IRDRO algorithm keeps a loss table; its rule options are in the repr.
+        try:
+            table = LossTable(int(holder["table"]["num_samples"]))
+            table.load_state_dict(holder["table"])
+            opts = holder.get("rule") or _rule_from_repr(str(holder.get("repr", "")))
+            rule = DROWeighting(**opts)
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{path}: loss-table state is malformed ({type(e).__name__}: {e})") from None
+        params = rule.fit(table)
+        probs = rule.probabilities(table, params)
+        from irdro_sampler import effective_sample_size, kl_to_uniform
+
+        nz = probs[probs > 0]
+        stats = {
+            "ess_fraction": effective_sample_size(probs) / probs.size,
+            "kl_to_uniform": kl_to_uniform(probs),
+            "entropy": float(-np.sum(nz * np.log(nz))),
+            "max_prob": float(probs.max()),
+            "max_prob_ratio": float(probs.max() * probs.size),
+            "seen_fraction": table.num_seen / table.num_samples,
+            "truncated_fraction": float(np.mean(probs == 0)),
+            "temperature": params.temperature,
+            "threshold": params.threshold,
+            "prior": params.prior,
+            "table_mean_loss": table.mean_loss(),
+        }
+        return Inspection(table.losses.astype(np.float64), probs, stats, "IRDRO loss table (weighted streaming)")
+    raise UserError(f"{path}: no IR-DRO sampler state found (expected an IRDROSampler state_dict or a Composer "
+                    "checkpoint trained with the IRDRO algorithm)")
+
+
+def format_inspection(ins: Inspection, top: int = 10) -> str:
+    """Human-readable diagnostics of an :class:`Inspection`."""
+    s = ins.stats
+    n = ins.probs.size
+    seen = ins.losses[~np.isnan(ins.losses)]
+    lines = [f"source: {ins.source}, {n} samples"]
+
+    def row(name: str, value: str, note: str = "") -> None:
+        lines.append(f"  {name:<22}{value:<14}{note}")
+
+    row("ESS fraction", f"{s['ess_fraction']:.4f}", "effective sample size / N (1 = uniform)")
+    row("KL to uniform", f"{s['kl_to_uniform']:.4f}", "nats")
+    row("temperature", f"{s['temperature']:.4g}")
+    thr = s.get("threshold", math.inf)
+    row("cut threshold", "none" if not math.isfinite(thr) else f"{thr:.4f}", "seen samples above it get p = 0")
+    row("truncated fraction", f"{s['truncated_fraction']:.4f}")
+    row("seen fraction", f"{s['seen_fraction']:.4f}")
+    row("max prob x N", f"{s['max_prob'] * n:.3f}")
+    if "late_feedback" in s:
+        row("late feedback", f"{int(s['late_feedback'])}", "updates that arrived after their batch was drawn")
+    if seen.size:
+        qs = [0.0, 0.1, 0.5, 0.9, 0.99, 1.0]
+        lines.append("  loss quantiles (seen): " + ", ".join(f"q{q:g}={np.quantile(seen, q):.3f}" for q in qs))
+    k = min(top, n)
+    order = np.argsort(-ins.probs, kind="stable")[:k]
+    lines.append(f"  top {k} probabilities:")
+    lines.append(f"    {'sample':>10}  {'p':>10}  {'p x N':>8}  {'loss':>8}")
+    for i in order:
+        loss = ins.losses[i]
+        lines.append(
+            f"    {int(i):>10}  {ins.probs[i]:>10.3e}  {ins.probs[i] * n:>8.2f}  "
+            f"{'unseen' if np.isnan(loss) else f'{loss:.3f}':>8}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1, got {args.top}")
+    ins = load_inspection(args.path)
+    print(format_inspection(ins, top=args.top))
+    if args.plot:
+        from irdro_sampler.demo.report import plot_histograms
+
+        out = Path(args.plot)
+        if out.parent and not out.parent.exists():
+            raise UserError(f"--plot {args.plot}: folder {out.parent} does not exist")
+        plot_histograms(ins.losses, ins.probs, ins.stats.get("threshold", math.inf), out)
+        print(f"wrote {out}")
+    return 0
+
+
+# =================================================================================== demo
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def _fraction(name: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not 0.0 <= v < 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {v}")
+        return v
+
+    return parse
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from irdro_sampler.demo.run import ARMS, DemoConfig, run_demo
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise UserError(f"--arms: unknown arm(s) {bad or arms!r}; choose from {', '.join(ARMS)}")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data}: not a directory")
+    cfg = DemoConfig(
+        steps=args.steps,
+        pretrain_steps=args.pretrain_steps,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        arms=arms,
+        noise_share=args.noise,
+        out=Path(args.out),
+        cache=Path(args.cache) if args.cache else None,
+        data=Path(args.data) if args.data else None,
+        eval_interval=args.eval_interval,
+        tiny=args.tiny,
+        progress=not args.no_progress,
+        threads=args.threads,
+    )
+    try:
+        run_demo(cfg)
+    except ValueError as e:  # configuration problems found while building data/loaders
+        raise UserError(str(e).splitlines()[0]) from None
+    return 0
+
+
+# =================================================================================== main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="irdro-sampler",
+        description="IR-DRO loss-feedback sampling: a demo and a state inspector.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser(
+        "demo",
+        help="continual-train a tiny LM on built-in data under uniform / IR-DRO / reweighting and compare",
+        description="Builds a corpus from this Python's standard library (with random-byte noise "
+        "documents), pretrains a tiny byte-level GPT-2 uniformly, then continual-trains it under each arm "
+        "with Composer and the IRDRO algorithm, and writes a table and plots into --out.",
+    )
+    d.add_argument("--steps", type=_positive_int("--steps"), default=400, help="continual-training steps per arm (400)")
+    d.add_argument("--pretrain-steps", type=_positive_int("--pretrain-steps"), default=800,
+                   help="uniform pretraining steps before the arms (800)")
+    d.add_argument("--seeds", type=_positive_int("--seeds"), default=1, help="seeds per arm (1)")
+    d.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32, help="batch size (32)")
+    d.add_argument("--arms", default="uniform,irdro,irdro-nocut,reweight",
+                   help="comma-separated arms (uniform, irdro, irdro-nocut, irdro-quantile, reweight)")
+    d.add_argument("--noise", type=_fraction("--noise"), default=0.05,
+                   help="share of random-byte noise documents in the built-in training data (0.05)")
+    d.add_argument("--out", default="irdro-demo", help="output folder for the table and plots (./irdro-demo)")
+    d.add_argument("--cache", default=None, help="where the built-in corpus is written (~/.cache/irdro-sampler)")
+    d.add_argument("--data", default=None,
+                   help="your own MDS dataset instead: DIR/train and DIR/val with a 'tokens' (bytes) or "
+                   "'text' column and an optional int 'domain' column")
+    d.add_argument("--eval-interval", type=_positive_int("--eval-interval"), default=50,
+                   help="held-out evaluation every this many steps (50)")
+    d.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="torch threads (default: torch's choice)")
+    d.add_argument("--tiny", action="store_true", help="a tiny corpus and model (for tests; seconds)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("inspect", help="diagnostics of a sampler state or a Composer checkpoint with IRDRO",
+                       description="Prints ESS fraction, KL to uniform, temperature, cut threshold, seen "
+                       "fraction, the largest probabilities with their sample ids, and loss quantiles.")
+    i.add_argument("path", help="a Composer checkpoint (trained with IRDRO) or torch.save(sampler.state_dict())")
+    i.add_argument("--top", type=int, default=10, help="how many of the largest probabilities to list (10)")
+    i.add_argument("--plot", default=None, metavar="PNG", help="write loss and probability histograms here")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``irdro-sampler`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"irdro-sampler {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("irdro-sampler: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

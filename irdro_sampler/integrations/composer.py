@@ -1,0 +1,685 @@
+"""Composer integration: the ``IRDRO`` algorithm.
+
+Turns IR-DRO on in a Composer (or llm-foundry) run with one algorithm entry. The algorithm only
+*translates* between Composer's training loop and the core, which *decides*:
+
+* It finds what to feed at ``FIT_START``: an :class:`~irdro_sampler.IRDROSampler` in the train
+  DataLoader (``sampler=`` or inside ``batch_sampler=``), or a weighted streaming dataset (anything
+  with ``set_weights`` and ``round_size``, such as
+  ``irdro_sampler.integrations.streaming.WeightedStreamingDataset``).
+* At ``AFTER_FORWARD`` it computes one loss per sample from ``state.outputs`` and the microbatch
+  (no extra forward pass), collects it with the samples' indices, and at ``BATCH_END`` gathers the
+  feedback of all ranks (in rank order) so every rank applies identical updates in identical order.
+* In ``importance`` and ``reweight`` modes it replaces ``state.loss`` at ``AFTER_LOSS`` (Composer
+  0.32.1 backpropagates ``state.loss`` as it is after ``AFTER_LOSS``/``BEFORE_BACKWARD``).
+
+Facts about Composer 0.32.1 this module relies on (checked in ``composer/trainer/trainer.py``):
+
+* Event order per batch: ``AFTER_DATALOADER``, ``BATCH_START``, then per attempt
+  ``BEFORE_TRAIN_BATCH`` and per microbatch ``BEFORE_FORWARD``, ``AFTER_FORWARD``, ``BEFORE_LOSS``,
+  ``AFTER_LOSS``, ``BEFORE_BACKWARD``, ``AFTER_BACKWARD``; then ``AFTER_TRAIN_BATCH``, then
+  ``state.timestamp`` advances, then ``BATCH_END`` and ``BATCH_CHECKPOINT``. So the step of a batch is
+  read at ``BATCH_START`` (``state.timestamp`` still points at it) and feedback is committed at
+  ``BATCH_END``, before a checkpoint is written.
+* Auto-microbatching OOM retries (and optimizer closures) rerun ``_train_microbatches``, which fires
+  ``BEFORE_TRAIN_BATCH`` each time: collected feedback is reset there, so retries never double count.
+* Checkpoints are loaded inside ``Trainer.__init__`` (algorithm ``load_state_dict`` is called there),
+  possibly before the train DataLoader exists; the state is stashed and applied at ``FIT_START``, which
+  comes before Composer spins/replays the DataLoader to the resumption point.
+* On resume of a plain DataLoader, Composer iterates the current epoch from its start and discards the
+  already-trained batches without firing any training event; the sampler tolerates those replays.
+* Checkpoints are read with ``torch.load(weights_only=False)``; the state here is torch tensors and
+  python primitives anyway (also loadable with ``weights_only=True``).
+
+Importing :mod:`irdro_sampler` never imports Composer; only this module does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from composer.core import Algorithm, Event, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from irdro_sampler import (
+    DROWeighting,
+    IndexedDataset,
+    IRDROSampler,
+    LossTable,
+    temperature_for_ess,
+    temperature_for_kl,
+)
+
+__all__ = [
+    "IRDRO",
+    "causal_lm_loss_sums",
+    "causal_lm_per_sample_loss",
+    "classification_per_sample_loss",
+    "default_per_sample_loss",
+    "gather_feedback",
+]
+
+PerSampleLossFn = Callable[[Any, Any], torch.Tensor]
+
+_MODES = ("resample", "importance", "reweight")
+_RULE_OPTIONS = ("temperature", "kl_radius", "ess_fraction", "truncate_quantile", "truncate_zscore", "uniform_mix")
+_TABLE_OPTIONS = ("ema", "prior")
+_STATE_VERSION = 1
+
+
+# ============================================================================ functional part
+def causal_lm_loss_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    max_chunk_bytes: int = 2**28,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of next-token cross-entropy and number of target tokens.
+
+    Contract: ``logits`` is ``(B, T, V)`` (any float dtype), ``labels`` is ``(B, T)`` with
+    ``ignore_index`` marking positions without a target. Labels are shifted as HuggingFace causal LMs
+    (and llm-foundry) do: position ``t`` predicts ``labels[:, t + 1]``. Logits are upcast to float32
+    a chunk of sequences at a time so that at most ``max_chunk_bytes`` of float32 logits exist at once
+    (B x T x V float32 never has to fit). Returns ``(sums, counts)``: float32 and int64, shape ``(B,)``.
+    Gradients flow through ``sums`` if ``logits`` requires grad.
+    """
+    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"causal LM loss needs logits (B, T, V) and labels (B, T); got logits {tuple(logits.shape)} "
+            f"and labels {tuple(labels.shape)}"
+        )
+    b, t, v = logits.shape
+    target = labels[:, 1:].to(logits.device)
+    counts = (target != ignore_index).sum(dim=1)
+    if b == 0 or t < 2:
+        return logits.new_zeros((b,), dtype=torch.float32) + 0.0 * logits.sum(), counts
+    rows = max(1, int(max_chunk_bytes) // max(1, (t - 1) * v * 4))
+    parts = []
+    for start in range(0, b, rows):
+        chunk = logits[start : start + rows, :-1].float()
+        tok = F.cross_entropy(
+            chunk.reshape(-1, v), target[start : start + rows].reshape(-1), ignore_index=ignore_index, reduction="none"
+        )
+        parts.append(tok.view(chunk.shape[0], t - 1).sum(dim=1))
+    return torch.cat(parts), counts
+
+
+def causal_lm_per_sample_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    max_chunk_bytes: int = 2**28,
+) -> torch.Tensor:
+    """Token-mean next-token cross-entropy per sequence, float32, shape ``(B,)``.
+
+    See :func:`causal_lm_loss_sums` for the contract. A sequence without any target token gets NaN
+    (the sampler skips non-finite feedback; the modes that change the loss give it weight 0). The
+    token-weighted mean ``sum(loss * counts) / sum(counts)`` equals HuggingFace's batch loss.
+    """
+    sums, counts = causal_lm_loss_sums(logits, labels, ignore_index=ignore_index, max_chunk_bytes=max_chunk_bytes)
+    mean = sums / counts.clamp(min=1).to(sums.dtype)
+    # torch.where (not masking by multiplication) so the NaN never reaches a gradient.
+    return torch.where(counts > 0, mean, torch.full_like(mean, math.nan))
+
+
+def classification_per_sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``cross_entropy(logits.float(), targets, reduction='none')``: shape ``(B,)``, float32."""
+    return F.cross_entropy(logits.float(), targets.to(logits.device), reduction="none")
+
+
+def _logits_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TypeError(
+        f"the default per-sample loss cannot find logits in the model outputs ({type(outputs).__name__}); "
+        "pass loss_fn=(outputs, batch) -> 1-D tensor of per-sample losses to IRDRO"
+    )
+
+
+def _targets_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        if "labels" in batch:
+            return batch["labels"]
+        if "input_ids" in batch:  # causal LM without explicit labels: predict the inputs, skip padding
+            labels = batch["input_ids"].clone()
+            if "attention_mask" in batch:
+                labels[batch["attention_mask"] == 0] = -100
+            return labels
+        raise KeyError(
+            f"the default per-sample loss needs 'labels' (or 'input_ids') in the batch; it has {sorted(batch)}"
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    raise TypeError(
+        f"the default per-sample loss cannot find targets in a batch of type {type(batch).__name__}; "
+        "pass loss_fn to IRDRO"
+    )
+
+
+def default_per_sample_loss(outputs: Any, batch: Any) -> torch.Tensor:
+    """Per-sample loss from model outputs and the (micro)batch, without another forward pass.
+
+    * Causal LMs (logits ``(B, T, V)``, labels ``(B, T)``; HuggingFace or llm-foundry outputs with
+      ``logits``, batch with ``labels`` or else ``input_ids``/``attention_mask``):
+      :func:`causal_lm_per_sample_loss` (shifted labels, ignore_index -100, chunked float32 upcast).
+    * Classifiers (logits ``(B, C)``, integer targets ``(B,)`` from ``batch['labels']`` or
+      ``batch[1]``): :func:`classification_per_sample_loss`.
+
+    Anything else (token classification, regression, custom losses) needs an explicit ``loss_fn``.
+    """
+    logits = _logits_of(outputs)
+    targets = _targets_of(batch)
+    if logits.ndim == 3 and targets.ndim == 2:
+        return causal_lm_per_sample_loss(logits, targets)
+    if logits.ndim == 2 and targets.ndim == 1:
+        return classification_per_sample_loss(logits, targets)
+    raise ValueError(
+        f"the default per-sample loss handles causal LMs (logits (B, T, V), labels (B, T)) and classifiers "
+        f"(logits (B, C), targets (B,)); got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: "
+        "pass loss_fn to IRDRO"
+    )
+
+
+_NAMED_LOSS_FNS: dict[str, PerSampleLossFn] = {
+    "auto": default_per_sample_loss,
+    "causal_lm": lambda outputs, batch: causal_lm_per_sample_loss(_logits_of(outputs), _targets_of(batch)),
+    "classification": lambda outputs, batch: classification_per_sample_loss(_logits_of(outputs), _targets_of(batch)),
+}
+
+
+def _resolve_loss_fn(loss_fn: PerSampleLossFn | str | None) -> PerSampleLossFn:
+    if loss_fn is None:
+        return default_per_sample_loss
+    if callable(loss_fn):
+        return loss_fn
+    if isinstance(loss_fn, str):
+        if loss_fn in _NAMED_LOSS_FNS:
+            return _NAMED_LOSS_FNS[loss_fn]
+        if ":" in loss_fn:  # "package.module:function", for YAML configs
+            module, _, name = loss_fn.partition(":")
+            fn = getattr(importlib.import_module(module), name)
+            if callable(fn):
+                return fn
+    raise ValueError(
+        f"loss_fn must be a callable (outputs, batch) -> per-sample losses, one of {sorted(_NAMED_LOSS_FNS)}, "
+        f"or 'package.module:function'; got {loss_fn!r}"
+    )
+
+
+def gather_feedback(indices: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather variable-length ``(indices, losses)`` from every rank, concatenated in rank order.
+
+    Contract: must be called by every rank (a collective). ``indices`` int, ``losses`` float, both 1-D of
+    the same length, on the rank's training device (NCCL needs CUDA tensors). Counts may differ between
+    ranks: each rank pads to the largest count. Losses travel bit-exactly as float32 (reinterpreted as
+    int32 inside one int64 tensor, so one collective carries both). Returns CPU ``(int64, float32)``
+    tensors, identical on every rank.
+    """
+    indices = indices.reshape(-1).to(torch.int64)
+    losses = losses.reshape(-1).to(torch.float32)
+    if dist.get_world_size() == 1:
+        return indices.cpu(), losses.cpu()
+    device = indices.device
+    count = torch.tensor([indices.numel()], dtype=torch.int64, device=device)
+    counts = [int(c.item()) for c in dist.all_gather(count)]
+    longest = max(counts)
+    if longest == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
+    packed = torch.zeros((longest, 2), dtype=torch.int64, device=device)
+    packed[: indices.numel(), 0] = indices
+    packed[: indices.numel(), 1] = losses.to(device).view(torch.int32).to(torch.int64)
+    parts = [p[:c].cpu() for p, c in zip(dist.all_gather(packed), counts, strict=True)]
+    both = torch.cat(parts)
+    return both[:, 0].contiguous(), both[:, 1].to(torch.int32).view(torch.float32).contiguous()
+
+
+# ============================================================================ the algorithm
+def _find_sampler(dataloader: Any) -> IRDROSampler | None:
+    for obj in (getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None)):
+        for candidate in (obj, getattr(obj, "sampler", None)):
+            if isinstance(candidate, IRDROSampler):
+                return candidate
+    return None
+
+
+def _is_weighted_stream(dataset: Any) -> bool:
+    # Duck typing: importing the streaming integration (and so `streaming`) is not needed here.
+    return callable(getattr(dataset, "set_weights", None)) and hasattr(dataset, "round_size")
+
+
+class IRDRO(Algorithm):
+    """IR-DRO for Composer: feed per-sample losses back to the sampler that draws the training data.
+
+    Put an :class:`~irdro_sampler.IRDROSampler` in the train DataLoader (``DataLoader(IndexedDataset(ds),
+    sampler=IRDROSampler(ds, batch_size), batch_size=batch_size)``) or train on a weighted streaming
+    dataset, and add ``IRDRO()`` to ``Trainer(algorithms=[...])``.
+
+    Args:
+        temperature, kl_radius, ess_fraction, truncate_quantile, truncate_zscore, uniform_mix, ema, prior:
+            the sampler's options (see :class:`~irdro_sampler.DROWeighting` and
+            :class:`~irdro_sampler.LossTable`); ``None`` means the core default. With an
+            ``IRDROSampler`` the sampler's own options decide: any option given here must agree with it,
+            else ``FIT_START`` raises (one source of truth). With a streaming dataset they configure the
+            loss table and rule this algorithm keeps. In ``reweight`` mode, ``temperature`` (or
+            ``kl_radius``/``ess_fraction`` calibrated per microbatch) sets the in-batch softmax.
+        loss_fn: ``(outputs, batch) -> 1-D tensor`` with one loss per sample of the microbatch, computed
+            from ``state.outputs`` (no extra forward); a name (``'auto'``, ``'causal_lm'``,
+            ``'classification'``) or ``'package.module:function'`` for YAML. Default ``'auto'``
+            (:func:`default_per_sample_loss`). In ``importance``/``reweight`` mode it must keep gradients.
+        index_key: where each sample's index is in the batch: a key for dict batches (default
+            ``'sample_idx'``, what :class:`~irdro_sampler.IndexedDataset` and the streaming dataset add),
+            or an int position for tuple batches (default for tuples from ``IndexedDataset``: the last).
+        mode: ``'resample'`` (draw proportionally to the DRO weights; loss unchanged), ``'importance'``
+            (same draws; loss ``mean_i(w_i * l_i)`` with ``w_i = 1/(N p_i)``, unbiased for the uniform
+            ERM objective), or ``'reweight'`` (the paper's original: uniform data, loss
+            ``sum_i softmax(l/tau)_i * l_i`` within each microbatch on each rank, weights detached; needs
+            no IRDROSampler, but if one is present it is fed too).
+        log_interval: log ``irdro/*`` metrics every this many batches (0 disables).
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float | None = None,
+        kl_radius: float | None = None,
+        ess_fraction: float | None = None,
+        truncate_quantile: float | None = None,
+        truncate_zscore: float | None = None,
+        uniform_mix: float | None = None,
+        ema: float | None = None,
+        prior: float | str | None = None,
+        loss_fn: PerSampleLossFn | str | None = None,
+        index_key: str | int = "sample_idx",
+        mode: str = "resample",
+        log_interval: int = 50,
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 0:
+            raise ValueError(f"log_interval must be an int >= 0, got {log_interval!r}")
+        if isinstance(index_key, bool) or not isinstance(index_key, (str, int)):
+            raise TypeError(f"index_key must be a str (dict batches) or int (tuple batches), got {index_key!r}")
+        self.rule_options = {
+            k: v
+            for k, v in dict(
+                temperature=temperature,
+                kl_radius=kl_radius,
+                ess_fraction=ess_fraction,
+                truncate_quantile=truncate_quantile,
+                truncate_zscore=truncate_zscore,
+                uniform_mix=uniform_mix,
+            ).items()
+            if v is not None
+        }
+        self.table_options = {k: v for k, v in dict(ema=ema, prior=prior).items() if v is not None}
+        # Validate now (a YAML typo fails at construction, not at the first batch).
+        self._rule = DROWeighting(**self.rule_options)
+        LossTable(1, **self.table_options)
+        self.loss_fn_spec = loss_fn
+        self.loss_fn = _resolve_loss_fn(loss_fn)
+        self.index_key = index_key
+        self.mode = mode
+        self.log_interval = log_interval
+
+        # What is fed (resolved at FIT_START).
+        self.sampler: IRDROSampler | None = None
+        self.dataset: Any = None  # weighted streaming dataset
+        self.table: LossTable | None = None  # the streaming path's table
+        self._tuple_index_last = False
+        self._pending_state: dict[str, Any] | None = None
+        # Per-batch bookkeeping.
+        self._step = 0
+        self._idx_parts: list[torch.Tensor] = []
+        self._loss_parts: list[torch.Tensor] = []
+        self._grad_losses: torch.Tensor | None = None
+        self._grad_indices: torch.Tensor | None = None
+        self._checked_first_batch = False
+        self._drawn_sum = 0.0
+        self._drawn_count = 0
+
+    def __repr__(self) -> str:
+        opts = {**self.rule_options, **self.table_options}
+        args = ", ".join(f"{k}={v!r}" for k, v in opts.items())
+        extra = f"mode={self.mode!r}, index_key={self.index_key!r}, log_interval={self.log_interval}"
+        if isinstance(self.loss_fn_spec, str):
+            extra += f", loss_fn={self.loss_fn_spec!r}"
+        return f"IRDRO({args + ', ' if args else ''}{extra})"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def feeds(self) -> bool:
+        """Whether per-sample feedback goes anywhere (a sampler or a streaming table)."""
+        return self.sampler is not None or self.table is not None
+
+    def _needs_grad_losses(self) -> bool:
+        return self.mode in ("importance", "reweight")
+
+    # ------------------------------------------------------------------ events
+    def match(self, event: Event, state: State) -> bool:
+        if event in (Event.FIT_START, Event.BATCH_START, Event.BEFORE_TRAIN_BATCH, Event.AFTER_FORWARD, Event.BATCH_END):
+            return True
+        if event == Event.AFTER_DATALOADER:
+            return self.feeds
+        if event == Event.AFTER_LOSS:
+            return self._needs_grad_losses()
+        if event == Event.EPOCH_END:
+            return self.table is not None
+        return False
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:
+            self._fit_start(state)
+        elif event == Event.AFTER_DATALOADER:
+            self._indices_of(state.batch)  # fail before any forward pass if the index is missing
+        elif event == Event.BATCH_START:
+            self._step = self._global_step(state)
+        elif event == Event.BEFORE_TRAIN_BATCH:
+            self._idx_parts.clear()
+            self._loss_parts.clear()
+            self._grad_losses = self._grad_indices = None
+        elif event == Event.AFTER_FORWARD:
+            self._after_forward(state)
+        elif event == Event.AFTER_LOSS:
+            self._replace_loss(state)
+        elif event == Event.BATCH_END:
+            self._batch_end(state, logger)
+        elif event == Event.EPOCH_END:
+            self._push_stream_weights(logger)
+
+    def _fit_start(self, state: State) -> None:
+        dataloader = state.train_dataloader if state.train_dataloader is not None else state.dataloader
+        dataset = getattr(dataloader, "dataset", None)
+        self.sampler, self.dataset = _find_sampler(dataloader), None
+        if self.sampler is not None:
+            self._check_sampler(dataloader, self.sampler)
+            self._tuple_index_last = isinstance(dataset, IndexedDataset)
+        elif _is_weighted_stream(dataset):
+            if self.mode == "importance":
+                raise ValueError(
+                    "IRDRO(mode='importance') needs the draw probabilities of every sample, which a weighted "
+                    "streaming dataset does not expose; use mode='resample' (or an IRDROSampler on a map-style view)"
+                )
+            self.dataset = dataset
+            num = int(dataset.num_samples)
+            if self.table is None or self.table.num_samples != num:
+                self.table = LossTable(num, **self.table_options)
+        elif self.mode != "reweight":
+            raise ValueError(
+                f"IRDRO(mode={self.mode!r}) found nothing to feed in the train DataLoader "
+                f"(sampler={type(getattr(dataloader, 'sampler', None)).__name__}, "
+                f"dataset={type(dataset).__name__}). Put an IRDROSampler in it: "
+                "DataLoader(IndexedDataset(ds), sampler=IRDROSampler(ds, batch_size), batch_size=batch_size), "
+                "or train on irdro_sampler.integrations.streaming.WeightedStreamingDataset; "
+                "mode='reweight' alone needs neither."
+            )
+        if self.dataset is None:
+            self.table = None
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+        self._checked_first_batch = False
+
+    def _check_sampler(self, dataloader: Any, sampler: IRDROSampler) -> None:
+        batch_size = getattr(dataloader, "batch_size", None)
+        if batch_size is not None and batch_size != sampler.batch_size:
+            raise ValueError(
+                f"the IRDROSampler has batch_size={sampler.batch_size} but the DataLoader has "
+                f"batch_size={batch_size}: they must be equal (the per-rank batch size)"
+            )
+        rule_cfg = sampler.rule.config()
+        if all(rule_cfg.get(k) is None for k in ("temperature", "kl_radius", "ess_fraction")):
+            rule_cfg["temperature"] = 1.0
+        mine = dict(self.rule_options)
+        if mine.get("temperature") is not None and rule_cfg.get("temperature") is None:
+            rule_cfg["temperature"] = None  # calibrated sampler vs fixed temperature: a conflict, reported below
+        conflicts = [f"{k}={v!r} (sampler: {rule_cfg.get(k)!r})" for k, v in mine.items() if rule_cfg.get(k) != v]
+        table = sampler.table
+        for k, v in self.table_options.items():
+            if getattr(table, k, v) != v:
+                conflicts.append(f"{k}={v!r} (sampler: {getattr(table, k)!r})")
+        if conflicts and self.mode != "reweight":
+            raise ValueError(
+                "IRDRO options disagree with the IRDROSampler in the train DataLoader: "
+                + ", ".join(conflicts)
+                + ". The sampler's options decide; set them on IRDROSampler(...) and leave them out of IRDRO(...)"
+            )
+
+    def _global_step(self, state: State) -> int:
+        ts = state.timestamp
+        if self.sampler is not None:
+            # The sampler's global batch index: epoch * batches_per_epoch + batch_in_epoch.
+            return int(ts.epoch) * int(self.sampler.batches_per_epoch) + int(ts.batch_in_epoch)
+        return int(ts.batch)
+
+    # ------------------------------------------------------------------ per-sample feedback
+    def _indices_of(self, batch: Any) -> torch.Tensor:
+        key = self.index_key
+        if isinstance(batch, Mapping):
+            if isinstance(key, str) and key in batch:
+                idx = batch[key]
+            else:
+                raise KeyError(
+                    f"IRDRO: the batch has no index key {key!r} (keys: {sorted(map(str, batch))}). Wrap the "
+                    "dataset in irdro_sampler.IndexedDataset (adds 'sample_idx') or set IRDRO(index_key=...)"
+                )
+        elif isinstance(batch, (tuple, list)):
+            if isinstance(key, int):
+                idx = batch[key]
+            elif self._tuple_index_last:
+                idx = batch[-1]
+            else:
+                raise KeyError(
+                    f"IRDRO: tuple batch and index_key={key!r}: wrap the dataset in irdro_sampler.IndexedDataset "
+                    "(appends the index as the last element) or set IRDRO(index_key=<position>)"
+                )
+        else:
+            raise TypeError(f"IRDRO: cannot find sample indices in a batch of type {type(batch).__name__}")
+        if not isinstance(idx, torch.Tensor):
+            idx = torch.as_tensor(idx)
+        if idx.ndim != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise TypeError(
+                f"IRDRO: the batch's sample indices ({key!r}) must be a 1-D integer tensor, "
+                f"got dtype {idx.dtype} and shape {tuple(idx.shape)}"
+            )
+        return idx
+
+    def _after_forward(self, state: State) -> None:
+        batch = state.batch
+        indices = self._indices_of(batch) if self.feeds else None
+        if self._needs_grad_losses():
+            losses = self.loss_fn(state.outputs, batch)
+        else:
+            with torch.no_grad():
+                losses = self.loss_fn(state.outputs, batch)
+        self._check_losses(losses, indices)
+        if self._needs_grad_losses():
+            self._grad_losses, self._grad_indices = losses, indices
+            if not losses.requires_grad and torch.is_grad_enabled() and not self._checked_first_batch:
+                raise ValueError(
+                    f"IRDRO(mode={self.mode!r}): loss_fn returned losses without gradients; it must compute them "
+                    "from state.outputs with autograd (no .detach(), no torch.no_grad())"
+                )
+        self._checked_first_batch = True
+        if indices is not None:
+            self._idx_parts.append(indices.detach())
+            self._loss_parts.append(losses.detach().float())
+
+    def _check_losses(self, losses: Any, indices: torch.Tensor | None) -> None:
+        if not isinstance(losses, torch.Tensor):
+            raise TypeError(f"IRDRO: loss_fn must return a torch.Tensor, got {type(losses).__name__}")
+        if losses.ndim != 1 or (indices is not None and losses.shape[0] != indices.shape[0]):
+            expected = f"({indices.shape[0]},)" if indices is not None else "(batch size,)"
+            raise ValueError(
+                f"IRDRO: loss_fn must return one loss per sample, shape {expected}; got shape {tuple(losses.shape)}. "
+                "Use reduction='none' and reduce over tokens per sequence"
+            )
+        if not losses.dtype.is_floating_point:
+            raise TypeError(f"IRDRO: loss_fn must return floating point losses, got {losses.dtype}")
+
+    # ------------------------------------------------------------------ loss replacement
+    def _replace_loss(self, state: State) -> None:
+        losses, indices = self._grad_losses, self._grad_indices
+        if losses is None:
+            return
+        self._grad_losses = self._grad_indices = None
+        if not isinstance(state.loss, torch.Tensor):
+            raise TypeError(
+                f"IRDRO(mode={self.mode!r}) replaces the model's loss and needs it to be a single tensor; "
+                f"the model returned {type(state.loss).__name__}"
+            )
+        finite = torch.isfinite(losses.detach())
+        safe = torch.where(finite, losses, torch.zeros_like(losses))
+        n_valid = int(finite.sum().item())
+        if self.mode == "importance":
+            if self.sampler is None:
+                raise ValueError("IRDRO(mode='importance') needs an IRDROSampler in the train DataLoader")
+            assert indices is not None
+            weights = torch.as_tensor(
+                np.asarray(
+                    self.sampler.importance_weights(indices.detach().cpu().numpy(), step=self._step), dtype=np.float64
+                )
+            ).to(device=safe.device, dtype=safe.dtype)
+            new = (weights * safe).sum() / max(n_valid, 1)
+        else:  # reweight
+            weights = self._softmax_weights(losses.detach(), finite).to(device=safe.device, dtype=safe.dtype)
+            new = (weights * safe).sum()
+        state.loss = new.to(state.loss.dtype)
+
+    def _softmax_weights(self, losses: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        values = losses.double().cpu()
+        ok = finite.cpu()
+        weights = torch.zeros_like(values)
+        if not bool(ok.any()):
+            return weights
+        kept = values[ok].numpy()
+        if self.rule_options.get("kl_radius") is not None:
+            tau = temperature_for_kl(kept, self.rule_options["kl_radius"]) if kept.size > 1 else 1.0
+        elif self.rule_options.get("ess_fraction") is not None:
+            tau = temperature_for_ess(kept, self.rule_options["ess_fraction"]) if kept.size > 1 else 1.0
+        else:
+            tau = float(self.rule_options.get("temperature", 1.0))
+        weights[ok] = torch.softmax(values[ok] / tau, dim=0)
+        return weights
+
+    # ------------------------------------------------------------------ commit and log
+    def _batch_end(self, state: State, logger: Logger) -> None:
+        if not self.feeds:
+            self._maybe_log(state, logger, None)
+            return
+        if self._idx_parts:
+            idx = torch.cat(self._idx_parts)
+            loss = torch.cat(self._loss_parts)
+        else:
+            device = state.device.tensor_to_device(torch.zeros(0)).device
+            idx = torch.zeros(0, dtype=torch.int64, device=device)
+            loss = torch.zeros(0, dtype=torch.float32, device=device)
+        self._idx_parts.clear()
+        self._loss_parts.clear()
+        all_idx, all_loss = gather_feedback(idx, loss)
+        idx_np, loss_np = all_idx.numpy(), all_loss.numpy()
+        if self.sampler is not None:
+            self.sampler.update(idx_np, loss_np, step=self._step)
+        else:
+            assert self.table is not None
+            self.table.update(idx_np, loss_np, step=self._step)
+        finite = np.isfinite(loss_np)
+        self._drawn_sum += float(loss_np[finite].sum(dtype=np.float64))
+        self._drawn_count += int(finite.sum())
+        self._maybe_log(state, logger, True)
+
+    def _maybe_log(self, state: State, logger: Logger, fed: bool | None) -> None:
+        if not self.log_interval or int(state.timestamp.batch) % self.log_interval:
+            return
+        metrics: dict[str, float] = {}
+        if self.sampler is not None:
+            for k, v in self.sampler.stats().items():
+                if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+                    metrics[f"irdro/{k}"] = float(v)
+            table = self.sampler.table
+        else:
+            table = self.table
+        if table is not None:
+            metrics["irdro/seen_fraction"] = metrics.get("irdro/seen_fraction", table.num_seen / table.num_samples)
+            metrics["irdro/table_mean_loss"] = metrics.get("irdro/table_mean_loss", table.mean_loss())
+        if fed and self._drawn_count:
+            metrics["irdro/drawn_loss_mean"] = self._drawn_sum / self._drawn_count
+        self._drawn_sum, self._drawn_count = 0.0, 0
+        if metrics:
+            logger.log_metrics(metrics)
+
+    def _push_stream_weights(self, logger: Logger) -> None:
+        if self.dataset is None or self.table is None:
+            return
+        p = self._rule.probabilities(self.table)
+        self.dataset.set_weights(p)
+        if self.log_interval:
+            nz = p[p > 0]
+            logger.log_metrics({
+                "irdro/ess_fraction": float(1.0 / np.sum(p * p) / p.size),
+                "irdro/kl_to_uniform": float(np.sum(nz * np.log(nz * p.size))),
+                "irdro/max_prob": float(p.max()),
+                "irdro/truncated_fraction": float(np.mean(p == 0)),
+                "irdro/seen_fraction": self.table.num_seen / self.table.num_samples,
+                "irdro/table_mean_loss": self.table.mean_loss(),
+            })
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the sampler's state (or the streaming path's loss table).
+
+        Torch tensors and python primitives only, identical on every rank (Composer's rank 0 writes it).
+        """
+        out: dict[str, Any] = {"repr": repr(self), "version": _STATE_VERSION, "mode": self.mode}
+        if self.sampler is not None:
+            out["sampler"] = self.sampler.state_dict()
+        elif self.table is not None:
+            out["table"] = self.table.state_dict()
+        elif self._pending_state is not None:  # loaded but not applied yet (saved before FIT_START)
+            out.update({k: v for k, v in self._pending_state.items() if k in ("sampler", "table")})
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Stash a checkpoint's state; it is applied at ``FIT_START``, when the DataLoader is known.
+
+        (Composer loads checkpoints inside ``Trainer.__init__``, where the train DataLoader may not exist.)
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"IRDRO.load_state_dict expects a dict, got {type(state).__name__}")
+        self._pending_state = dict(state)
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        if self.sampler is not None:
+            if "sampler" not in state:
+                warnings.warn(
+                    "IRDRO: the checkpoint holds no IRDROSampler state (it was trained without one); "
+                    "the sampler starts fresh",
+                    stacklevel=2,
+                )
+                return
+            self.sampler.load_state_dict(state["sampler"])
+        elif self.table is not None:
+            if "table" not in state:
+                warnings.warn(
+                    "IRDRO: the checkpoint holds no loss-table state; the streaming weights' table starts fresh",
+                    stacklevel=2,
+                )
+                return
+            self.table.load_state_dict(state["table"])
+

@@ -1,0 +1,131 @@
+"""Shared helpers for the core tests (sampler iteration, state comparison, chi-square with bin merging)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats as sps
+
+# A correct sampler fails a chi-square test at this level with probability 1e-3 per test; the seeds
+# are fixed, so a passing test keeps passing.
+P_THRESHOLD = 1e-3
+
+
+def iter_batches(sampler: Any) -> Iterator[list[int]]:
+    """Iterate one epoch of ``sampler`` lazily, batch by batch (as a DataLoader's BatchSampler does).
+
+    The sampler draws batch ``j + 1`` only when its first index is requested, so feedback reported
+    between two ``next()`` calls is in time for the next batch.
+    """
+    it = iter(sampler)
+    while True:
+        batch = list(itertools.islice(it, sampler.batch_size))
+        if not batch:
+            return
+        yield batch
+
+
+def loss_of(indices: Any, step: int, seed: int = 1234) -> np.ndarray:
+    """A deterministic per-sample loss (a function of the index and the step), float64, > 0."""
+    idx = np.asarray(indices, dtype=np.int64)
+    base = (idx * 2654435761 + seed) % 1000 / 250.0  # 0 .. 4
+    wobble = np.sin(0.1 * step + idx)  # changes over time
+    return np.abs(base + 0.3 * wobble) + 0.01
+
+
+def run_with_feedback(sampler: Any, epochs: int, *, start_epoch: int = 0, step0: int = 0) -> list[list[int]]:
+    """Train-loop simulation: iterate ``epochs`` epochs and report :func:`loss_of` after every batch."""
+    out = []
+    step = step0
+    for ep in range(start_epoch, start_epoch + epochs):
+        sampler.set_epoch(ep)
+        for batch in iter_batches(sampler):
+            out.append(batch)
+            sampler.update(batch, loss_of(batch, step), step=step)
+            step += 1
+    return out
+
+
+def assert_state_equal(a: Any, b: Any, path: str = "state") -> None:
+    """Deep equality of two state dicts (tensors compared exactly, NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        if a.is_floating_point():
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{path}: NaN positions differ"
+            a, b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
+        assert torch.equal(a, b), f"{path}: values differ"
+        return
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            assert_state_equal(a[k], b[k], f"{path}[{k!r}]")
+        return
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_state_equal(x, y, f"{path}[{i}]")
+        return
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return
+    assert a == b and type(a) is type(b), f"{path}: {a!r} vs {b!r}"
+
+
+def assert_plain_state(obj: Any, path: str = "state") -> None:
+    """State holds only tensors, numpy-free primitives and containers of them."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            assert isinstance(k, str), f"{path}: key {k!r}"
+            assert_plain_state(v, f"{path}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            assert_plain_state(v, f"{path}[{i}]")
+    else:
+        assert obj is None or isinstance(obj, (torch.Tensor, bool, int, float, str)), f"{path}: {type(obj)}"
+        assert not isinstance(obj, np.generic), f"{path}: numpy scalar {type(obj)}"
+
+
+def chisquare_pvalue(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> float:
+    """Chi-square goodness of fit of ``counts`` to ``probs``; bins with small expectation are merged.
+
+    Bins are sorted by expected count and the smallest are pooled until every pooled bin expects
+    at least ``min_expected`` draws. Returns 1.0 when fewer than two bins remain (nothing to test).
+    Bins of probability 0 must be empty (asserted).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    assert counts.shape == probs.shape
+    zero = probs == 0
+    assert counts[zero].sum() == 0, f"drew samples of probability 0: {np.nonzero(zero & (counts > 0))[0][:10]}"
+    n = counts.sum()
+    exp = probs[~zero] * n / probs[~zero].sum()
+    obs = counts[~zero]
+    order = np.argsort(exp, kind="stable")
+    exp, obs = exp[order], obs[order]
+    pooled_e, pooled_o = [], []
+    acc_e = acc_o = 0.0
+    for e, o in zip(exp, obs):
+        acc_e += e
+        acc_o += o
+        if acc_e >= min_expected:
+            pooled_e.append(acc_e)
+            pooled_o.append(acc_o)
+            acc_e = acc_o = 0.0
+    if acc_e > 0:
+        if pooled_e:
+            pooled_e[-1] += acc_e
+            pooled_o[-1] += acc_o
+        else:
+            pooled_e.append(acc_e)
+            pooled_o.append(acc_o)
+    if len(pooled_e) < 2:
+        return 1.0
+    e = np.array(pooled_e)
+    o = np.array(pooled_o)
+    e *= o.sum() / e.sum()  # guard against float rounding in the totals
+    return float(sps.chisquare(o, e).pvalue)

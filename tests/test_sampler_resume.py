@@ -1,0 +1,208 @@
+"""Exact resumption of IRDROSampler: state_dict at any step, Composer-style replay, set_start_batch."""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+
+import pytest
+import torch
+from _core_helpers import assert_plain_state, assert_state_equal, iter_batches, loss_of
+
+from irdro_sampler import IRDROSampler
+
+N, BATCH = 500, 16
+BPE = 32  # ceil(500 / 16)
+TOTAL = 3 * BPE
+DELAY, AHEAD = 5, 3  # the loop draws up to AHEAD batches before they are trained (a DataLoader's prefetch)
+CHECKPOINTS = (0, 5, 17, 31, 32, 47, 70)
+
+
+def make(**overrides) -> IRDROSampler:
+    kwargs = dict(
+        temperature=0.3, truncate_quantile=0.9, uniform_mix=0.1, ema=0.5, feedback_delay=DELAY,
+        refresh_interval=3, seed=7,
+    )
+    kwargs.update(overrides)
+    return IRDROSampler(N, BATCH, **kwargs)
+
+
+def roundtrip(state: dict) -> dict:
+    """Through torch.save / torch.load(weights_only=True), as a checkpoint would."""
+    assert_plain_state(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def run(sampler, start, end, *, ahead=AHEAD, mode="replay", checkpoint_at=()):
+    """Simulated training of global steps [start, end) with prefetch ``ahead``.
+
+    Mid-epoch starts either replay (iterate and discard the batches already trained, while the
+    loader keeps prefetching, as Composer does) or call ``set_start_batch``. Returns
+    ({step: batch}, {step: state saved after that step's update}).
+    """
+    out, saved = {}, {}
+    step = start
+    while step < end:
+        epoch, j = divmod(step, BPE)
+        sampler.set_epoch(epoch)
+        if j and mode == "start_batch":
+            sampler.set_start_batch(j)
+        it = iter_batches(sampler)
+        queue: deque = deque()
+
+        def fill(queue=queue, it=it):
+            while len(queue) < ahead + 1:
+                b = next(it, None)
+                if b is None:
+                    return
+                queue.append(b)
+
+        if j and mode == "replay":
+            for _ in range(j):
+                fill()
+                queue.popleft()
+        while j < BPE and step < end:
+            fill()
+            b = queue.popleft()
+            out[step] = b
+            sampler.update(b, loss_of(b, step), step=step)
+            if step in checkpoint_at:
+                saved[step] = roundtrip(sampler.state_dict())
+            step += 1
+            j += 1
+    return out, saved
+
+
+def _without(state: dict, *keys: str) -> dict:
+    return {k: v for k, v in state.items() if k not in keys}
+
+
+@pytest.mark.parametrize("ahead", [0, AHEAD])
+@pytest.mark.parametrize("mode", ["replay", "start_batch"])
+def test_resume_continues_exactly(mode, ahead):
+    ref = make()
+    full, saved = run(ref, 0, TOTAL, ahead=ahead, checkpoint_at=CHECKPOINTS)
+    assert sorted(full) == list(range(TOTAL))
+    final = ref.state_dict()
+    for k in CHECKPOINTS:
+        state = saved[k]
+        if ahead and k % BPE != BPE - 1:
+            # The checkpoint holds feedback not yet applied and batches drawn ahead of training.
+            assert state["pending"]["keys"].shape[0] > 0
+            assert state["schedule"]["last_drawn"] > k
+        fresh = make()
+        fresh.load_state_dict(state)
+        assert_state_equal(fresh.state_dict(), state)  # loading is lossless
+        cont, _ = run(fresh, k + 1, TOTAL, ahead=ahead, mode=mode)
+        for step in range(k + 1, TOTAL):
+            assert cont[step] == full[step], f"checkpoint {k}: step {step} differs"
+        got = fresh.state_dict()
+        if mode == "start_batch":
+            assert_state_equal(got, final)
+        else:  # replays are served without touching the state, but stale ones are counted
+            assert_state_equal(_without(got, "counters"), _without(final, "counters"))
+            assert_state_equal(
+                {k2: v for k2, v in got["counters"].items() if k2 != "stale_replays"},
+                {k2: v for k2, v in final["counters"].items() if k2 != "stale_replays"},
+            )
+            if (k + 1) % BPE >= 2:
+                assert got["counters"]["stale_replays"] > 0  # the old-replay path was exercised
+
+
+def test_restored_state_overrides_constructor_options():
+    ref = make()
+    full, saved = run(ref, 0, TOTAL, checkpoint_at=(40,))
+    other = make(seed=99, temperature=3.0, feedback_delay=9, refresh_interval=1, truncate_quantile=None,
+                 block_size=4, ema=0.0)
+    run(other, 0, 10)  # a sampler with its own history
+    other.load_state_dict(saved[40])
+    cont, _ = run(other, 41, TOTAL)
+    assert all(cont[s] == full[s] for s in range(41, TOTAL))
+
+
+def test_resume_from_state_before_any_draw():
+    ref = make()
+    state = roundtrip(ref.state_dict())
+    full, _ = run(ref, 0, 40)
+    fresh = make(seed=1)
+    fresh.load_state_dict(state)
+    cont, _ = run(fresh, 0, 40)
+    assert cont == full
+
+
+def test_state_dict_does_not_alias_live_arrays():
+    s = make()
+    run(s, 0, 10)
+    state = s.state_dict()
+    snapshot = roundtrip(state)
+    run(s, 10, 20)
+    assert_state_equal(state, snapshot)
+
+
+def test_resume_with_real_dataloader_replay():
+    """Composer's pattern with a real DataLoader (num_workers=0): restore, replay k batches, continue."""
+    from torch.utils.data import DataLoader
+
+    from irdro_sampler import IndexedDataset
+
+    ds = IndexedDataset(list(range(N)))
+
+    def train(sampler, first, last, save_at=None):
+        loader = DataLoader(ds, batch_size=BATCH, sampler=sampler)
+        out, state = {}, None
+        step = first
+        while step < last:
+            epoch, skip = divmod(step, BPE)
+            sampler.set_epoch(epoch)
+            for j, (_, idx) in enumerate(loader):
+                if j < skip:
+                    continue  # replayed and discarded
+                out[step] = idx.tolist()
+                sampler.update(idx, torch.from_numpy(loss_of(idx.numpy(), step)), step=step)
+                if step == save_at:
+                    state = roundtrip(sampler.state_dict())
+                step += 1
+                if step >= last:
+                    break
+        return out, state
+
+    full, state = train(make(), 0, 80, save_at=44)
+    fresh = make()
+    fresh.load_state_dict(state)
+    cont, _ = train(fresh, 45, 80)
+    assert all(cont[s] == full[s] for s in range(45, 80))
+
+
+# ------------------------------------------------------------------------------ refused states
+@pytest.mark.parametrize(
+    ("factory", "key"),
+    [
+        (lambda: IRDROSampler(N + 1, BATCH), "dataset_size"),
+        (lambda: IRDROSampler(N, BATCH * 2), "batch_size"),
+        (lambda: IRDROSampler(N, BATCH, num_samples=N // 2), "num_samples"),
+        (lambda: IRDROSampler(N, BATCH, num_samples=N, num_replicas=2, rank=1), "num_replicas"),
+    ],
+)
+def test_mismatched_state_raises_and_changes_nothing(factory, key):
+    src = make()
+    run(src, 0, 12)
+    state = roundtrip(src.state_dict())
+    target = factory()
+    for b in iter_batches(target):
+        target.update(b, loss_of(b, 0))
+        break
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=key):
+        target.load_state_dict(state)
+    assert_state_equal(target.state_dict(), before)
+
+
+def test_not_a_state_raises():
+    s = make()
+    with pytest.raises(ValueError, match="state"):
+        s.load_state_dict({"foo": 1})
+    with pytest.raises(ValueError, match="state"):
+        s.load_state_dict(s.table.state_dict())

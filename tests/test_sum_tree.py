@@ -1,0 +1,131 @@
+"""SumTree: sums, drift-free updates (bitwise equal to a rebuild), weighted search."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from _core_helpers import P_THRESHOLD, chisquare_pvalue
+
+from irdro_sampler import SumTree
+
+
+def _check_internal_sums(tree: SumTree) -> None:
+    nodes = tree.nodes
+    k = np.arange(1, tree.capacity)
+    np.testing.assert_array_equal(nodes[k], nodes[2 * k] + nodes[2 * k + 1])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 1000, 1024, 1025])
+def test_build_totals(n):
+    values = np.random.default_rng(n).exponential(size=n)
+    tree = SumTree(n)
+    assert tree.total == 0.0
+    tree.build(values)
+    assert tree.capacity >= n and tree.capacity & (tree.capacity - 1) == 0
+    assert math.isclose(tree.total, values.sum(), rel_tol=1e-12)
+    np.testing.assert_array_equal(tree.leaves(), values)
+    assert not tree.leaves().flags.writeable
+    _check_internal_sums(tree)
+    assert np.all(tree.nodes[tree.capacity + n :] == 0.0)
+
+
+def test_random_sets_equal_fresh_build_bitwise():
+    rng = np.random.default_rng(0)
+    n = 3000  # not a power of two
+    tree = SumTree(n)
+    tree.build(rng.exponential(size=n))
+    for it in range(3000):
+        # Sizes from 1 to n/2 exercise both the scatter path and the level-recompute path.
+        m = int(rng.choice([1, 2, 5, 50, 700, 1500]))
+        leaves = rng.integers(0, n, size=m)
+        # Values spanning many orders of magnitude (worst case for delta-updated trees), some zeros.
+        values = rng.exponential(size=m) * 10.0 ** rng.uniform(-30, 30, size=m)
+        values[rng.random(m) < 0.1] = 0.0
+        tree.set(leaves, values)
+        if it % 500 == 0 or it == 2999:
+            fresh = SumTree(n)
+            fresh.build(tree.leaves().copy())
+            np.testing.assert_array_equal(tree.nodes, fresh.nodes)
+    assert np.all(tree.nodes >= 0) and np.all(np.isfinite(tree.nodes))
+
+
+def test_set_duplicates_last_wins():
+    tree = SumTree(5)
+    tree.build(np.ones(5))
+    tree.set(np.array([2, 2, 4]), np.array([7.0, 3.0, 0.0]))
+    np.testing.assert_array_equal(tree.leaves(), [1, 1, 3, 1, 0])
+    assert tree.total == 6.0
+    _check_internal_sums(tree)
+    tree.set(np.array([], dtype=np.int64), np.array([]))
+    assert tree.total == 6.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_bad_masses_rejected_unchanged(bad):
+    tree = SumTree(4)
+    tree.build(np.arange(4.0))
+    before = tree.nodes.copy()
+    with pytest.raises(ValueError, match="masses"):
+        tree.set(np.array([0, 1]), np.array([1.0, bad]))
+    np.testing.assert_array_equal(tree.nodes, before)
+    with pytest.raises(ValueError, match="masses"):
+        tree.build(np.array([1.0, 2.0, bad, 3.0]))
+    np.testing.assert_array_equal(tree.nodes, before)
+    with pytest.raises(ValueError, match="shape"):
+        tree.build(np.ones(5))
+
+
+def test_bad_size():
+    with pytest.raises(ValueError, match="num_leaves"):
+        SumTree(0)
+
+
+@pytest.mark.parametrize("n", [1, 13, 64, 500])
+def test_find_chi_square(n):
+    rng = np.random.default_rng(100 + n)
+    values = rng.exponential(size=n) ** 3  # uneven masses
+    values[rng.random(n) < 0.2] = 0.0
+    if values.sum() == 0:
+        values[0] = 1.0
+    tree = SumTree(n)
+    tree.build(values)
+    m = 200_000
+    found = tree.find(rng.random(m) * tree.total)
+    assert found.min() >= 0 and found.max() < n
+    counts = np.bincount(found, minlength=n)
+    assert np.all(counts[values == 0] == 0)  # zero-mass leaves never found
+    assert chisquare_pvalue(counts, values) > P_THRESHOLD
+
+
+def test_find_boundaries_skip_zero_leaves():
+    values = np.array([1.0, 0.0, 0.0, 2.0, 0.0, 1.0, 0.0])
+    tree = SumTree(values.size)
+    tree.build(values)
+    cum = np.concatenate([[0.0], np.cumsum(values)])
+    # A target exactly at a cumulative boundary belongs to the next leaf with mass.
+    np.testing.assert_array_equal(tree.find(np.array([0.0, 0.5, 1.0, 2.999, 3.0, 3.5])), [0, 0, 3, 3, 5, 5])
+    # Every target in [0, total) lands on a leaf whose range contains it.
+    t = np.linspace(0, tree.total, 10_001)[:-1]
+    leaf = tree.find(t)
+    assert np.all(values[leaf] > 0)
+    assert np.all((cum[leaf] <= t) & (t < cum[leaf + 1]))
+
+
+def test_find_after_updates_matches_cumsum():
+    rng = np.random.default_rng(5)
+    n = 257
+    tree = SumTree(n)
+    tree.build(rng.random(n))
+    for _ in range(50):
+        idx = rng.integers(0, n, 10)
+        tree.set(idx, rng.random(10) * (rng.random(10) > 0.3))
+    leaves = tree.leaves().copy()
+    t = rng.random(10_000) * tree.total
+    expect = np.searchsorted(np.cumsum(leaves), t, side="right")
+    got = tree.find(t)
+    # Rounding of the two summation orders may move a target that sits within 1 ulp of a boundary.
+    agree = got == expect
+    assert agree.mean() > 0.999
+    assert np.all(leaves[got] > 0)
