@@ -43,7 +43,9 @@ class LossTable:
             raise ValueError(f"prior must be 'mean' or a finite number, got {prior!r}")
         self.prior = prior if isinstance(prior, str) else float(prior)
         self.losses = np.full(self.num_samples, np.nan, dtype=np.float32)
-        self.counts = np.zeros(self.num_samples, dtype=np.uint32)
+        # np.full, not np.zeros: touch the pages now rather than page-faulting them in one at a time
+        # under random updates (at N = 1e8 that made the first steps ~50x slower).
+        self.counts = np.full(self.num_samples, 0, dtype=np.uint32)
         self.last_step = np.full(self.num_samples, -1, dtype=np.int32)
         self.num_seen = 0
         self.num_skipped = 0
@@ -61,19 +63,40 @@ class LossTable:
 
     def apply_validated(self, indices: np.ndarray, losses: np.ndarray, step: int) -> np.ndarray:
         """:meth:`update` for input already checked by ``validate_feedback`` (the sampler's path)."""
+        return self._apply(indices, losses, step)[0]
+
+    def _apply(self, indices: np.ndarray, losses: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Apply checked feedback; returns (sorted distinct indices, their old and new float32 losses).
+
+        One stable sort serves both the duplicate averaging and the caller (sorted indices make the
+        scattered reads and writes of 1e8-entry arrays about twice as cache friendly).
+        """
         if indices.size == 0:
-            return indices
-        uniq, inverse = np.unique(indices, return_inverse=True)
-        mean = np.bincount(inverse, weights=losses) / np.bincount(inverse)
-        old = self.losses[uniq].astype(np.float64)
-        seen = ~np.isnan(old)
-        new = np.where(seen, self.ema * old + (1.0 - self.ema) * mean, mean)
-        self.losses[uniq] = new.astype(np.float32)
+            empty = np.zeros(0, dtype=np.float32)
+            return indices, empty, empty
+        order = np.argsort(indices, kind="stable")
+        srt = indices[order]
+        first = np.empty(srt.size, dtype=bool)
+        first[0] = True
+        np.not_equal(srt[1:], srt[:-1], out=first[1:])
+        uniq = srt[first]
+        if uniq.size == srt.size:
+            mean = losses[order]
+        else:
+            # Sum in input order within each index (stable sort), as np.bincount would.
+            group = np.cumsum(first) - 1
+            mean = np.bincount(group, weights=losses[order]) / np.bincount(group)
+        old = self.losses[uniq]
+        old64 = old.astype(np.float64)
+        seen = ~np.isnan(old64)
+        new = np.where(seen, self.ema * old64 + (1.0 - self.ema) * mean, mean).astype(np.float32)
+        self.losses[uniq] = new
         counts = self.counts[uniq]
-        self.counts[uniq] = np.where(counts < np.iinfo(np.uint32).max, counts + 1, counts)
+        counts += counts != np.iinfo(np.uint32).max  # saturating increment
+        self.counts[uniq] = counts
         self.last_step[uniq] = step
-        self.num_seen += int(uniq.size - seen.sum())
-        return uniq
+        self.num_seen += int(uniq.size - np.count_nonzero(seen))
+        return uniq, old, new
 
     # -- views ----------------------------------------------------------------------------------------
     def seen(self) -> np.ndarray:

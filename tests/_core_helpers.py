@@ -68,7 +68,7 @@ def assert_state_equal(a: Any, b: Any, path: str = "state") -> None:
         return
     if isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_state_equal(x, y, f"{path}[{i}]")
         return
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
@@ -109,7 +109,7 @@ def chisquare_pvalue(counts: np.ndarray, probs: np.ndarray, min_expected: float 
     exp, obs = exp[order], obs[order]
     pooled_e, pooled_o = [], []
     acc_e = acc_o = 0.0
-    for e, o in zip(exp, obs):
+    for e, o in zip(exp, obs, strict=True):
         acc_e += e
         acc_o += o
         if acc_e >= min_expected:

@@ -117,7 +117,18 @@ def test_inspect_composer_checkpoint(tmp_path, capsys):
     from irdro_sampler import IndexedDataset
     from irdro_sampler.integrations.composer import IRDRO
 
-    from composer.models import ComposerClassifier
+    from composer.models import ComposerModel
+
+    class Tiny(ComposerModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+        def forward(self, batch):  # batch = (x, y, sample index) from IndexedDataset
+            return self.net(batch[0])
+
+        def loss(self, outputs, batch):
+            return torch.nn.functional.cross_entropy(outputs, batch[1])
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 4, generator=g)
@@ -125,9 +136,9 @@ def test_inspect_composer_checkpoint(tmp_path, capsys):
     ds = IndexedDataset(TensorDataset(x, y))
     sampler = IRDROSampler(ds, 16, truncate_quantile=0.9, seed=0)
     loader = DataLoader(ds, batch_size=16, sampler=sampler)
-    model = ComposerClassifier(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)),
-                               num_classes=2)
+    model = Tiny()
     trainer = Trainer(model=model, train_dataloader=loader, max_duration="12ba", algorithms=[IRDRO(log_interval=0)],
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
                       device="cpu", progress_bar=False, log_to_console=False, loggers=[], seed=0)
     trainer.fit()
     ckpt = tmp_path / "ckpt.pt"

@@ -79,12 +79,15 @@ class Recorder(Callback):
         self.params_before: list[dict[str, torch.Tensor]] = []
         self.batches: list = []
         self.weights: list[np.ndarray] = []
+        self.round_probs: list[np.ndarray] = []
 
     def run_event(self, event: Event, state, logger) -> None:  # noqa: D401
         self.events.append((event.value, int(state.timestamp.batch)))
         if event == Event.BEFORE_FORWARD:
             self.params_before.append({k: v.detach().clone() for k, v in state.model.state_dict().items()})
             self.batches.append(copy.deepcopy(state.batch))
+        if event == Event.EPOCH_END and self.algo is not None and self.algo.table is not None:
+            self.round_probs.append(self.algo._rule.probabilities(self.algo.table))  # after the algorithm ran
         if event == Event.BEFORE_BACKWARD:
             self.losses_before_backward.append(float(state.loss.detach()))
             if self.algo is not None and self.algo.mode != "resample":
@@ -168,6 +171,12 @@ def test_gather_feedback_single_process_is_identity():
 
 
 # --------------------------------------------------------------------------------------------- training
+def _reported(sampler: IRDROSampler) -> tuple[list[int], int]:
+    """(steps, number of (index, loss) pairs) of the feedback buffered in the sampler."""
+    pending = sampler.state_dict()["pending"]
+    return pending["keys"][:, 0].tolist(), int(pending["indices"].numel())
+
+
 def _lm_trainer(lm_data, template, *, steps=6, batch_size=8, mode="resample", microbatch=None, log_interval=2,
                 optimizer=None, sampler=True, algo_kwargs=None, callbacks=(), sampler_kwargs=None):
     """A Trainer on the tiny GPT-2; ``sampler=False`` uses a plain shuffling sampler (reweight mode)."""
@@ -190,7 +199,9 @@ def test_lm_training_feeds_the_sampler_and_logs_metrics(lm_data, lm_model_templa
     trainer.fit()
     sampler = algo.sampler
     assert isinstance(sampler, IRDROSampler)
-    assert int(sampler.table.counts.sum()) == 6 * 8  # every trained sample reported exactly once
+    # Feedback is buffered until batch step + feedback_delay is drawn: one update per batch, in order.
+    assert _reported(sampler) == ([0, 1, 2, 3, 4, 5], 6 * 8)  # every trained sample reported exactly once
+    sampler.flush()
     assert sampler.state_dict()["schedule"]["max_reported_step"] == 5
     assert sampler.table.num_seen > 0 and np.isfinite(sampler.table.mean_loss())
     for key in ("ess_fraction", "kl_to_uniform", "temperature", "max_prob", "seen_fraction",
@@ -210,8 +221,10 @@ def test_microbatching_reports_each_sample_once(lm_data, lm_model_template):
     full.fit()
     micro, algo_micro, _ = _lm_trainer(lm_data, lm_model_template, steps=4, microbatch=3)  # 8 = 3 + 3 + 2
     micro.fit()
+    assert _reported(algo_micro.sampler) == ([0, 1, 2, 3], 4 * 8)
+    algo_full.sampler.flush()
+    algo_micro.sampler.flush()
     t_full, t_micro = algo_full.sampler.table, algo_micro.sampler.table
-    assert int(t_micro.counts.sum()) == 4 * 8
     np.testing.assert_array_equal(t_full.counts, t_micro.counts)  # same draws, same samples
     np.testing.assert_allclose(t_full.losses, t_micro.losses, rtol=1e-4, equal_nan=True)
     full.close()
@@ -229,7 +242,7 @@ def test_repeated_train_batch_attempts_do_not_double_count(lm_data, lm_model_tem
     trainer.fit()
     attempts = sum(1 for e, _ in rec.events if e == "before_train_batch")
     assert attempts > 3  # the loop really ran more than once per batch
-    assert int(algo.sampler.table.counts.sum()) == 3 * 8
+    assert _reported(algo.sampler) == ([0, 1, 2], 3 * 8)
     trainer.close()
 
 
@@ -306,12 +319,20 @@ def test_streaming_protocol_table_and_round_weights(tmp_path):
     algo = IRDRO(truncate_quantile=0.9, log_interval=2)
     model = ex.build_classifier_model(seed=0)
     memory = InMemoryLogger()
-    trainer = ex.build_trainer(model, dl, [algo], steps=9, loggers=[memory])
+    rec = Recorder(algo)
+    trainer = ex.build_trainer(model, dl, [algo], steps=9, loggers=[memory], callbacks=[rec])
     trainer.fit()
     assert algo.sampler is None and isinstance(algo.table, LossTable)
-    assert int(algo.table.counts.sum()) == 9 * 8
+    expected = np.zeros(64, dtype=np.int64)  # the table counts each sample once per batch it was in
+    for batch in rec.batches:
+        expected[np.unique(batch["sample_idx"].numpy())] += 1
+    np.testing.assert_array_equal(algo.table.counts, expected)
+    assert int(algo.table.last_step.max()) == 8
     assert len(stream.pushed) == 2  # one push per finished round (EPOCH_END)
-    np.testing.assert_allclose(stream.pushed[-1], algo._rule.probabilities(algo.table))
+    assert len(rec.round_probs) == 2
+    for pushed, table_probs in zip(stream.pushed, rec.round_probs, strict=True):
+        np.testing.assert_array_equal(pushed, table_probs)
+    assert not np.allclose(stream.pushed[-1], 1 / 64)  # the table moved the weights
     assert "irdro/ess_fraction" in memory.data
     state = algo.state_dict()
     assert "table" in state
@@ -335,7 +356,7 @@ def test_state_dict_is_plain_and_roundtrips_with_weights_only(lm_data, lm_model_
     assert loaded["sampler"]["schedule"]["max_reported_step"] == 2
     fresh = IRDRO()
     fresh.load_state_dict(loaded)
-    assert fresh.state_dict()["sampler"]["table"]["counts"].sum() == 3 * 8  # stashed, still saveable
+    assert fresh.state_dict()["sampler"]["pending"]["indices"].numel() == 3 * 8  # stashed, still saveable
     trainer.close()
 
 

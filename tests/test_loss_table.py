@@ -58,7 +58,7 @@ def test_ema_sequence_matches_reference():
         idx = rng.choice(20, size=5, replace=False)
         val = rng.exponential(size=5)
         t.update(idx, val, step=step)
-        for i, v in zip(idx, val):
+        for i, v in zip(idx, val, strict=True):
             ref[i] = v if np.isnan(ref[i]) else ema * float(ref[i]) + (1 - ema) * float(v)
             ref[i] = np.float32(ref[i])
     np.testing.assert_array_equal(t.losses, ref.astype(np.float32))
@@ -178,7 +178,7 @@ def test_rejected_update_changes_nothing(indices, losses, step, exc, needle):
     with pytest.raises(exc, match=needle):
         t.update(indices, losses, step=step)
     after = _snapshot(t)
-    for a, b in zip(before, after):
+    for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -245,8 +245,10 @@ def test_same_seed_same_indices_across_num_workers():
             s.update(batch, loss_of(batch, len(plain) - 1))
     assert plain == a
     # The feedback matters (it reaches batches >= feedback_delay) and so does the seed.
+    delay = IRDROSampler(10, 1).feedback_delay
+    assert delay >= 2 * 2  # the default covers a DataLoader's default prefetch (num_workers x prefetch_factor)
     no_feedback = _loader_run(0, seed=5, feedback=False)
-    assert no_feedback[:32] == a[:32] and no_feedback[32:] != a[32:]
+    assert no_feedback[:delay] == a[:delay] and no_feedback[delay:] != a[delay:]
     assert _loader_run(0, seed=6, feedback=False) != no_feedback
 
 

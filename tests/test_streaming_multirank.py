@@ -43,7 +43,9 @@ def _rank_main(rank: int, root: str, local: str, port: int, num_workers: int) ->
     dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=num_workers)
     ids = np.concatenate([b["sample_idx"].numpy() for b in dl])
     units, plan = ds.resample_streams(0)
+    dist.barrier()  # both ranks finished the round: the state points at the next one
     sd = ds.state_dict(0, True)
+    assert (sd["epoch"], sd["sample_in_epoch"]) == (1, 0)
     np.savez(
         os.path.join(root, f"rank{rank}-nw{num_workers}.npz"), ids=ids, plan=plan, units=units,
         weights=ds.round_weights(0), state_w=sd["irdro"]["pending_weights"].numpy(), length=len(ds),
@@ -62,7 +64,7 @@ def test_two_ranks_same_plan_disjoint_shares(tmp_path, num_workers):
     write_mds(root, N, 100)
     local = os.path.join(root, "local")
     mp.start_processes(_rank_main, args=(root, local, _free_port(), num_workers), nprocs=WORLD,
-                       join=True, start_method="spawn")
+                       join=True, start_method="fork")
     r = [np.load(os.path.join(root, f"rank{k}-nw{num_workers}.npz")) for k in range(WORLD)]
     # Bitwise identical weights and plan on both ranks.
     assert np.array_equal(r[0]["weights"], r[1]["weights"])

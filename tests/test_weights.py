@@ -179,10 +179,10 @@ def test_calibration_is_monotone():
     losses = np.random.default_rng(5).normal(size=500)
     radii = [0.01, 0.1, 0.5, 1.0, 3.0]
     taus = [temperature_for_kl(losses, r) for r in radii]
-    assert all(a > b for a, b in zip(taus, taus[1:])), taus  # bigger radius -> colder
+    assert all(a > b for a, b in zip(taus, taus[1:], strict=False)), taus  # bigger radius -> colder
     fracs = [0.01, 0.1, 0.5, 0.9, 0.99]
     taus = [temperature_for_ess(losses, f) for f in fracs]
-    assert all(a < b for a, b in zip(taus, taus[1:])), taus  # bigger ESS -> hotter
+    assert all(a < b for a, b in zip(taus, taus[1:], strict=False)), taus  # bigger ESS -> hotter
 
 
 def test_calibration_extreme_cases():

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 #: Format version of the cache; bump when the layout or content rules change.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 #: Default domains: name -> stdlib sub-directory. The first two are the common ones.
 DEFAULT_DOMAINS: dict[str, str] = {
@@ -162,9 +162,10 @@ def _chunks(data: bytes, seq_len: int) -> np.ndarray:
 def _write_mds(out: Path, tokens: np.ndarray, domains: np.ndarray) -> None:
     from streaming import MDSWriter
 
-    # Small shards so that even the tiny test corpus has several (streaming's partitioning and
-    # shard-locality paths get exercised as they would be on real data).
-    with MDSWriter(out=str(out), columns={"tokens": "bytes", "domain": "int"}, size_limit=1 << 18) as w:
+    # About 8 shards whatever the size, so that even the tiny test corpus has several (streaming's
+    # partitioning and shard-locality paths get exercised as they would be on real data).
+    size_limit = max(1 << 12, min(1 << 20, tokens.nbytes // 8))
+    with MDSWriter(out=str(out), columns={"tokens": "bytes", "domain": "int"}, size_limit=size_limit) as w:
         for t, d in zip(tokens, domains, strict=True):
             w.write({"tokens": t.tobytes(), "domain": int(d)})
 

@@ -298,17 +298,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         if arm not in ARMS and arm not in cfg.arm_options:
             raise ValueError(f"arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     _quiet_libraries()
-    # Tiny models on CPU hit denormal floats late in training; flushing them is 5-10x faster.
+    # Tiny models on CPU hit denormal floats late in training; flushing them is 5-10x faster. (numpy's
+    # float limits are cached first: computed after the flush they warn that the subnormal is zero.)
+    np.finfo(np.float32).smallest_subnormal, np.finfo(np.float64).smallest_subnormal  # noqa: B018
     torch.set_flush_denormal(True)
     threads = cfg.threads or min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.data is not None:
         corpus = load_user_data(cfg.data, cfg.seq_len)
     else:
         corpus = build_corpus(cfg.corpus_config(), cfg.cache, quiet=cfg.quiet)
+    out.mkdir(parents=True, exist_ok=True)
     mcfg = cfg.model_config(corpus.seq_len)
     va = read_mds(corpus.val_dir)
     val_ids, val_labels = tokens_tensor(va["tokens"], corpus.seq_len)
