@@ -74,8 +74,7 @@ class LossTable:
         if indices.size == 0:
             empty = np.zeros(0, dtype=np.float32)
             return indices, empty, empty
-        order = np.argsort(indices, kind="stable")
-        srt = indices[order]
+        order, srt = _stable_order(indices, self.num_samples)
         first = np.empty(srt.size, dtype=bool)
         first[0] = True
         np.not_equal(srt[1:], srt[:-1], out=first[1:])
@@ -148,6 +147,24 @@ class LossTable:
         self.losses, self.counts, self.last_step = losses, counts, last_step
         self.num_seen = int(np.count_nonzero(counts))
         self.num_skipped = int(state.get("num_skipped", 0))
+
+
+def _stable_order(indices: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """``order = argsort(indices, kind="stable")`` and ``indices[order]``, for indices in ``[0, bound)``.
+
+    Packs (index, position) into one int64 key and sorts the keys: ~6x faster than a stable argsort
+    (numpy sorts plain int64 with SIMD; its stable argsort is a merge sort).
+    """
+    shift = max(1, (indices.size - 1).bit_length())
+    if bound > (1 << (62 - shift)):
+        order = np.argsort(indices, kind="stable")
+        return order, indices[order]
+    key = indices << shift
+    key |= np.arange(indices.size, dtype=np.int64)
+    key.sort()
+    order = key & ((1 << shift) - 1)
+    key >>= shift
+    return order, key
 
 
 def _array(value: Any, dtype: Any, n: int, name: str) -> np.ndarray:

@@ -260,7 +260,7 @@ class IRDROSampler(DistributedSampler):
         if not np.all(np.isfinite(mass)):  # a loss far above the shift: re-choose the shift
             self._rebuild(rebase=True)
             return
-        self._tree.set(uniq, mass)
+        self._tree._set(uniq, mass)  # sorted distinct in-range indices, finite masses >= 0: checked
         if not _TOTAL_RANGE[0] <= self._tree.total <= _TOTAL_RANGE[1]:
             self._rebuild(rebase=True)
 

@@ -185,7 +185,7 @@ class FanoutSumTree:
             out = self.levels[k + 1]
             for start in range(0, rows.shape[0], chunk):
                 stop = min(start + chunk, rows.shape[0])
-                out[start:stop] = _fold(rows[start:stop].T)
+                out[start:stop] = _fold(np.ascontiguousarray(rows[start:stop].T))
             out[rows.shape[0] :] = 0.0
         self._refresh_prefix()
 
@@ -206,6 +206,10 @@ class FanoutSumTree:
             return
         if leaves.min() < 0 or leaves.max() >= self.num_leaves:
             raise ValueError(f"leaves must lie in [0, {self.num_leaves})")
+        self._set(leaves, values)
+
+    def _set(self, leaves: np.ndarray, values: np.ndarray) -> None:
+        """:meth:`set` without the checks (int64 leaves in range, finite non-negative float64 values)."""
         self.levels[0][leaves] = values
         groups = leaves // self.fanout
         if groups.size > 1 and not np.all(groups[1:] >= groups[:-1]):
@@ -214,9 +218,10 @@ class FanoutSumTree:
             groups = _dedupe_sorted(groups)
             if 2 * groups.size >= rows.shape[0]:
                 # A small level: recomputing all of it is cheaper than a gather (same values).
-                self.levels[k + 1][: rows.shape[0]] = _fold(rows.T)
+                self.levels[k + 1][: rows.shape[0]] = _fold(np.ascontiguousarray(rows.T))
             else:
-                self.levels[k + 1][groups] = _fold(np.take(rows, groups, axis=0).T)
+                # (children, groups) layout: the fold then runs on contiguous rows (~3x faster).
+                self.levels[k + 1][groups] = _fold(np.ascontiguousarray(np.take(rows, groups, axis=0).T))
             groups = groups // self.fanout
         self._refresh_prefix()
 
@@ -236,8 +241,8 @@ class FanoutSumTree:
         if self.prefix[-1] <= 0.0:
             raise ValueError("cannot search a sum tree of total mass 0")
         order = None
-        if m > 1 and not np.all(t[1:] >= t[:-1]):
-            order = np.argsort(t)
+        if m > 1 and self.levels[0].size > _SORT_ABOVE and not np.all(t[1:] >= t[:-1]):
+            order = _approx_order(t)
             t = t[order]
         # Frontier: node j with prefix[j] <= t < prefix[j + 1].
         prefix = self.prefix
@@ -249,20 +254,28 @@ class FanoutSumTree:
             t[over] = prefix[node[over]]
         t -= prefix[node]
         fan = self.fanout
-        flat_pos = np.arange(m, dtype=np.int64)
-        buf = np.empty((fan + 1, m), dtype=np.float64)
+        pos = np.arange(m, dtype=np.int64)
+        buf = np.empty((fan + 1, m), dtype=np.float64)  # row 0: zeros; row i: prefix of children < i
         buf[0] = 0.0
+        flat = buf.reshape(-1)
+        le = np.empty((fan, m), dtype=bool)
+        count_dtype = np.uint8 if fan < 256 else np.int64
         for rows in reversed(self._rows):
-            # Inclusive prefix sums of each target's child row, one row of buf per child.
+            # Inclusive prefix sums of each target's child row, laid out (child, target) so every
+            # operation below runs on contiguous rows of length m.
             buf[1:] = np.take(rows, node, axis=0).T
             for i in range(2, fan + 1):
                 buf[i] += buf[i - 1]
-            child = np.add.reduce(buf[1:] <= t, axis=0, dtype=np.int64)  # count(prefix <= t)
+            np.less_equal(buf[1:], t, out=le)
+            child = np.add.reduce(le.view(np.uint8) if fan < 256 else le, axis=0, dtype=count_dtype)
+            child = child.astype(np.int64)  # count(prefix <= t): the child whose range holds t
             if child.max() >= fan:  # rounding put t at/after the row's sum: take the last positive child
                 bad = np.flatnonzero(child >= fan)
                 child[bad] = np.add.reduce(buf[1:, bad] < buf[fan, bad], axis=0, dtype=np.int64)
-                t[bad] = buf.reshape(-1)[child[bad] * m + bad]
-            t -= buf.reshape(-1)[child * m + flat_pos]
+                t[bad] = flat[child[bad] * m + bad]
+            at = child * m
+            at += pos
+            t -= flat[at]
             node *= fan
             node += child
         if order is not None:
@@ -270,6 +283,25 @@ class FanoutSumTree:
             out[order] = node
             return out
         return node
+
+
+# Above this many leaves (32 MB, more than the last-level cache) searching the targets in sorted order
+# pays: neighbouring targets share tree paths and pages.
+_SORT_ABOVE = 1 << 22
+
+
+def _approx_order(t: np.ndarray) -> np.ndarray:
+    """A permutation sorting non-negative ``t`` up to its low mantissa bits (for memory locality only).
+
+    The bits of a non-negative float64 order like the float, so the position can be packed into the
+    low bits of each key and one SIMD int64 sort replaces a (3x slower) argsort.
+    """
+    shift = max(1, (t.size - 1).bit_length())
+    key = t.view(np.int64) >> shift
+    key <<= shift
+    key |= np.arange(t.size, dtype=np.int64)
+    key.sort()
+    return key & ((1 << shift) - 1)
 
 
 def _zeros(size: int) -> np.ndarray:

@@ -261,6 +261,8 @@ def test_loss_replacing_modes_change_the_backpropagated_loss(lm_data, lm_model_t
     np.testing.assert_allclose(logged, rec.expected, rtol=1e-5)
     if mode == "reweight":
         assert algo.sampler is None and algo.table is None  # uniform data, nothing fed
+        (_, max_w), = memory.data["irdro/reweight_max_weight"]
+        assert 1 / 8 < max_w < 1  # in-batch softmax weights over 8 samples
     trainer.close()
 
 
@@ -441,3 +443,20 @@ def test_llmfoundry_entry_point_builds_the_algorithm_from_a_dict():
     assert "truncate_quantile=0.95" in repr(algo)
     yaml_like = cls(**{"kl_radius": 0.5, "mode": "importance", "loss_fn": "causal_lm", "log_interval": 100})
     assert yaml_like.mode == "importance" and yaml_like.log_interval == 100
+
+
+# --------------------------------------------------------------------------------------------- example
+@pytest.mark.parametrize("algorithm", ["none", "irdro", "irdro-importance", "irdro-reweight"])
+def test_example_script_runs_with_each_algorithm(algorithm, capsys):
+    out = ex.main(["--task", "classifier", "--algorithm", algorithm, "--steps", "6", "--num-samples", "64",
+                   "--batch-size", "8", "--log-interval", "3"])
+    assert np.isfinite(out["loss"])
+    assert sum(out["drawn"].values()) == 6 * 8
+    assert bool(out["stats"]) == (algorithm in ("irdro", "irdro-importance"))
+    assert f"algorithm={algorithm}" in capsys.readouterr().out
+
+
+def test_example_script_lm_task_with_microbatches():
+    out = ex.main(["--task", "lm", "--algorithm", "irdro", "--steps", "4", "--num-samples", "64",
+                   "--batch-size", "8", "--microbatch-size", "4"])
+    assert np.isfinite(out["loss"]) and out["stats"]["temperature"] == 1.0

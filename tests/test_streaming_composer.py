@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("streaming")
 pytest.importorskip("composer")
+from _streaming_data import fresh_local, write_mds  # noqa: E402
 from composer import Callback, Trainer  # noqa: E402
 from composer.models import ComposerModel  # noqa: E402
 
-from _streaming_data import fresh_local, write_mds  # noqa: E402
 from irdro_sampler.integrations.composer import IRDRO  # noqa: E402
 from irdro_sampler.integrations.streaming import WeightedStreamingDataset  # noqa: E402
 
@@ -85,7 +85,7 @@ def run(root, *, num_workers, save_folder=None, save_interval=None, load_path=No
 def same(a, b):
     assert np.array_equal(a["weights"], b["weights"])  # bitwise: IRDRO pushed identical weights
     assert np.array_equal(a["losses"], b["losses"], equal_nan=True)
-    for x, y in zip(a["params"], b["params"]):
+    for x, y in zip(a["params"], b["params"], strict=True):
         assert torch.equal(x, y)
 
 

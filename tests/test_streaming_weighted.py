@@ -12,10 +12,10 @@ import pytest
 import torch
 
 pytest.importorskip("streaming")
+from _streaming_data import fresh_local, write_mds  # noqa: E402
 from scipy import stats  # noqa: E402
 from streaming import StreamingDataset  # noqa: E402
 
-from _streaming_data import fresh_local, write_mds  # noqa: E402
 from irdro_sampler.integrations.streaming import (  # noqa: E402
     CacheLimitError,
     WeightedStreamingDataset,

@@ -70,8 +70,6 @@ __all__ = [
 PerSampleLossFn = Callable[[Any, Any], torch.Tensor]
 
 _MODES = ("resample", "importance", "reweight")
-_RULE_OPTIONS = ("temperature", "kl_radius", "ess_fraction", "truncate_quantile", "truncate_zscore", "uniform_mix")
-_TABLE_OPTIONS = ("ema", "prior")
 _STATE_VERSION = 1
 
 
@@ -291,7 +289,8 @@ class IRDRO(Algorithm):
             ERM objective), or ``'reweight'`` (the paper's original: uniform data, loss
             ``sum_i softmax(l/tau)_i * l_i`` within each microbatch on each rank, weights detached; needs
             no IRDROSampler, but if one is present it is fed too).
-        log_interval: log ``irdro/*`` metrics every this many batches (0 disables).
+        log_interval: log ``irdro/*`` metrics every this many batches (0 disables). The sampler's
+            diagnostics cost O(N) (a pass over the probabilities), so keep it coarse for large N.
     """
 
     def __init__(
@@ -308,7 +307,7 @@ class IRDRO(Algorithm):
         loss_fn: PerSampleLossFn | str | None = None,
         index_key: str | int = "sample_idx",
         mode: str = "resample",
-        log_interval: int = 50,
+        log_interval: int = 100,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -353,6 +352,10 @@ class IRDRO(Algorithm):
         self._checked_first_batch = False
         self._drawn_sum = 0.0
         self._drawn_count = 0
+        self._nonfinite_weights = 0
+        self._reweight_max_sum = 0.0
+        self._reweight_ess_sum = 0.0
+        self._reweight_count = 0
 
     def __repr__(self) -> str:
         opts = {**self.rule_options, **self.table_options}
@@ -442,6 +445,15 @@ class IRDRO(Algorithm):
             raise ValueError(
                 f"the IRDROSampler has batch_size={sampler.batch_size} but the DataLoader has "
                 f"batch_size={batch_size}: they must be equal (the per-rank batch size)"
+            )
+        depth = int(getattr(dataloader, "num_workers", 0) or 0) * int(getattr(dataloader, "prefetch_factor", 2) or 2)
+        if depth >= sampler.feedback_delay:
+            warnings.warn(
+                f"IRDROSampler(feedback_delay={sampler.feedback_delay}) does not exceed the DataLoader's prefetch "
+                f"depth (num_workers x prefetch_factor = {depth}): feedback will often arrive after its batch was "
+                "drawn (counted as late_feedback) and runs will not be exactly reproducible or resumable; "
+                "raise feedback_delay",
+                stacklevel=2,
             )
         rule_cfg = sampler.rule.config()
         if all(rule_cfg.get(k) is None for k in ("temperature", "kl_radius", "ess_fraction")):
@@ -556,9 +568,19 @@ class IRDRO(Algorithm):
                     self.sampler.importance_weights(indices.detach().cpu().numpy(), step=self._step), dtype=np.float64
                 )
             ).to(device=safe.device, dtype=safe.dtype)
+            if not bool(torch.isfinite(weights).all()):
+                # Only possible when a batch's draw probabilities are no longer buffered and a sample has
+                # since been cut (p = 0): leave it out rather than poison the step.
+                self._nonfinite_weights += int((~torch.isfinite(weights)).sum())
+                weights = torch.where(torch.isfinite(weights), weights, torch.zeros_like(weights))
             new = (weights * safe).sum() / max(n_valid, 1)
         else:  # reweight
-            weights = self._softmax_weights(losses.detach(), finite).to(device=safe.device, dtype=safe.dtype)
+            weights = self._softmax_weights(losses.detach(), finite)
+            if n_valid:
+                self._reweight_max_sum += float(weights.max())
+                self._reweight_ess_sum += float(1.0 / (weights * weights).sum() / n_valid)
+                self._reweight_count += 1
+            weights = weights.to(device=safe.device, dtype=safe.dtype)
             new = (weights * safe).sum()
         state.loss = new.to(state.loss.dtype)
 
@@ -621,6 +643,13 @@ class IRDRO(Algorithm):
         if fed and self._drawn_count:
             metrics["irdro/drawn_loss_mean"] = self._drawn_sum / self._drawn_count
         self._drawn_sum, self._drawn_count = 0.0, 0
+        if self._reweight_count:
+            metrics["irdro/reweight_max_weight"] = self._reweight_max_sum / self._reweight_count
+            metrics["irdro/reweight_ess_fraction"] = self._reweight_ess_sum / self._reweight_count
+            self._reweight_max_sum = self._reweight_ess_sum = 0.0
+            self._reweight_count = 0
+        if self.mode == "importance":
+            metrics["irdro/importance_weights_nonfinite"] = float(self._nonfinite_weights)
         if metrics:
             logger.log_metrics(metrics)
 

@@ -60,6 +60,7 @@ _MAX_WORKERS_PER_NODE = 4096
 _ERR_BYTES = 4096
 
 _DONE_FLAG_NAME = "irdro_done"
+_NOTHING = object()
 _HEADER_NAME = "irdro_hdr"
 _WEIGHTS_NAME = "irdro_w"
 _ERRMSG_NAME = "irdro_err"
@@ -352,24 +353,39 @@ class WeightedStreamingDataset(StreamingDataset):
         ids grouped by shard (sorted within a shard); ``shuffle_units`` are the sizes of the shard runs.
         """
         rng = np.random.default_rng([self.weight_seed, int(round_idx), 0x1D20])
-        offsets = self.sample_offset_per_shard
-        sizes = self.samples_per_shard
+        offsets = np.asarray(self.sample_offset_per_shard, np.int64)
+        sizes = np.asarray(self.samples_per_shard, np.int64)
+        ends = offsets + sizes
+        # Stage 1: per-shard counts ~ Multinomial(round_size, shard masses).
         mass = np.add.reduceat(p, offsets)
         mass = np.where(sizes > 0, mass, 0.0)
         shard_counts = rng.multinomial(self.round_size, mass / mass.sum())
-        units: list[np.ndarray] = []
-        ids: list[np.ndarray] = []
-        for s in np.flatnonzero(shard_counts):
-            c, n, off = int(shard_counts[s]), int(sizes[s]), int(offsets[s])
-            within = p[off : off + n]
-            counts = rng.multinomial(c, within / within.sum())
-            ids.append(off + np.repeat(np.arange(n, dtype=np.int64), counts))
-            # Like streaming's upsampling: units of at most a shard's size, so the shuffle can place them.
-            full, rem = divmod(c, n)
-            units.append(np.full(full + (1 if rem else 0), n, np.int64))
-            if rem:
-                units[-1][-1] = rem
-        return np.concatenate(units), np.concatenate(ids)
+        # Stage 2: within each shard, i.i.d. draws proportional to p, by inverting the CDF: a draw of shard s
+        # is u ~ U[C[start-1], C[end-1]) mapped to the sample whose interval [C[i-1], C[i]) holds it. O(N) for
+        # the cumulative sum plus O(round_size log N), vectorized over all shards. A sample of probability 0
+        # has an empty interval and is never drawn; `u` is kept below the shard's upper edge so a draw cannot
+        # leave its shard.
+        cdf = np.cumsum(p)
+        lo = np.where(offsets > 0, cdf[np.maximum(offsets - 1, 0)], 0.0)
+        hi = cdf[np.maximum(ends - 1, 0)]
+        shard_of_draw = np.repeat(np.arange(len(sizes)), shard_counts)
+        d_lo, d_hi = lo[shard_of_draw], hi[shard_of_draw]
+        u = d_lo + (d_hi - d_lo) * rng.random(shard_of_draw.size)
+        u = np.minimum(np.maximum(u, d_lo), np.nextafter(d_hi, -np.inf))
+        # Sorting keeps every draw in its shard's range of u (the ranges are ordered like the shards) and
+        # makes the binary searches cache-friendly; the ids come out grouped by shard, ascending.
+        u.sort()
+        ids = np.searchsorted(cdf, u, side="right").astype(np.int64)
+        ids = np.clip(ids, offsets[shard_of_draw], ends[shard_of_draw] - 1)
+        # Shuffle units: each shard's run, split like streaming's upsampling into pieces of at most one
+        # shard's size so that the shuffle can place them.
+        nz = np.flatnonzero(shard_counts)
+        full, rem = np.divmod(shard_counts[nz], sizes[nz])
+        pieces = full + (rem > 0)
+        units = np.repeat(sizes[nz], pieces)
+        last = np.cumsum(pieces) - 1
+        units[last[rem > 0]] = rem[rem > 0]
+        return units.astype(np.int64), ids
 
     def resample_streams(self, epoch: int, stream_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Streaming's per-epoch hook, replaced by the weighted draws of round ``epoch``."""
@@ -468,12 +484,21 @@ class WeightedStreamingDataset(StreamingDataset):
         return sample
 
     def __iter__(self):  # type: ignore[override]
-        yield from super().__iter__()
-        # This worker yielded its whole share of the round: lets state_dict tell "round finished,
-        # counter reset by the trainer" from "round started, nothing consumed yet".
+        # Look one sample ahead so this worker can record that it has handed out its whole share of the
+        # round *before* yielding the last sample: trainers stop after len(dataloader) batches (Composer
+        # uses islice) and never ask for more. state_dict uses the flags to tell "round finished, counter
+        # reset by the trainer" from "round started, nothing consumed yet".
+        it = super().__iter__()
+        prev: Any = _NOTHING
+        for sample in it:
+            if prev is not _NOTHING:
+                yield prev
+            prev = sample
         world = self._unique_worker_world
         if world.worker_of_node < _MAX_WORKERS_PER_NODE:
             self._done.numpy()[world.worker_of_node] = 1
+        if prev is not _NOTHING:
+            yield prev
 
     def _round_exhausted(self, round_idx: int) -> bool:
         hdr = self._hdr.numpy()

@@ -1,0 +1,242 @@
+"""Throughput and shard downloads: native StreamingDataset vs WeightedStreamingDataset vs map-style view.
+
+Writes a real MDS dataset (streaming.MDSWriter) into a temp folder used as ``remote`` and measures,
+with and without ``cache_limit`` and with 0 and 2 DataLoader workers, in the same run:
+
+* native ``StreamingDataset`` (shuffle py1e, the same ``shuffle_block_size``; ``epoch_size`` = round),
+* ``WeightedStreamingDataset`` with uniform weights and with skewed (loss-tilted) weights,
+* ``as_map_dataset`` + core ``IRDROSampler`` (i.i.d. random access, feedback every step),
+
+reporting samples/s, shard downloads per round (counted at ``Stream._download_file``), distinct shards
+per batch, and the working-set bytes the round needs (``working_set_bytes``). Results go to a markdown
+snippet. Usage::
+
+    python benchmarks/bench_streaming.py                # ~5 minutes on 2 busy cores
+    python benchmarks/bench_streaming.py --quick        # tiny smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+
+import numpy as np
+import streaming
+import torch
+from streaming import MDSWriter, StreamingDataset
+from streaming.base.batching import generate_work
+from streaming.base.stream import Stream
+from streaming.base.util import clean_stale_shared_memory
+from streaming.base.world import World
+from tqdm import tqdm
+
+from irdro_sampler import IRDROSampler
+from irdro_sampler.integrations.streaming import WeightedStreamingDataset, as_map_dataset, working_set_bytes
+
+DOWNLOADS = mp.Value("q", 0)  # shared with forked DataLoader workers
+_orig_download = Stream._download_file
+
+
+def _counting_download(self, from_basename, to_basename=None):
+    if from_basename.endswith(".mds"):
+        with DOWNLOADS.get_lock():
+            DOWNLOADS.value += 1
+    return _orig_download(self, from_basename, to_basename)
+
+
+Stream._download_file = _counting_download
+
+
+def write_dataset(root: str, num_samples: int, num_shards: int, payload: int) -> str:
+    out = os.path.join(root, "remote")
+    per_shard = -(-num_samples // num_shards)
+    per_sample = 12 + payload + 4
+    with MDSWriter(out=out, columns={"x": "int64", "pad": "bytes"}, size_limit=per_sample * per_shard + 64) as w:
+        pad = b"\1" * payload
+        for i in tqdm(range(num_samples), desc="write MDS", leave=False):
+            w.write({"x": np.int64(i), "pad": pad})
+    return out
+
+
+def local_dir(root: str) -> str:
+    d = os.path.join(root, "local-" + uuid.uuid4().hex[:8])
+    os.makedirs(d)
+    return d
+
+
+def skewed_weights(n: int, seed: int = 0) -> np.ndarray:
+    """exp(loss / tau) of gamma-distributed 'losses' with a uniform floor: ESS around half of n."""
+    rng = np.random.default_rng(seed)
+    loss = rng.gamma(2.0, 1.0, n)
+    p = np.exp((loss - loss.max()) / 1.5)
+    p /= p.sum()
+    return 0.9 * p + 0.1 / n
+
+
+def shards_per_batch(ds: StreamingDataset, ids: np.ndarray, batch: int) -> float:
+    shard = np.searchsorted(ds.sample_offset_per_shard, ids, side="right") - 1
+    nb = len(shard) // batch
+    return float(np.mean([len(np.unique(b)) for b in shard[: nb * batch].reshape(nb, batch)]))
+
+
+def run_streaming(ds, num_workers: int, batch: int, rounds: int, label: str):
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=num_workers, persistent_workers=num_workers > 0)
+    per_round = []
+    all_ids = []
+    for r in range(rounds):
+        DOWNLOADS.value = 0
+        n = 0
+        ids = []
+        t0 = time.perf_counter()
+        for b in tqdm(dl, desc=f"{label} round {r}", leave=False):
+            n += len(b["x"])
+            ids.append(b["x"].numpy())
+        dt = time.perf_counter() - t0
+        per_round.append((n / dt, DOWNLOADS.value, n))
+        all_ids.append(np.concatenate(ids))
+    del dl
+    return per_round, np.concatenate(all_ids)
+
+
+def run_map(base: StreamingDataset, num_workers: int, batch: int, num_samples: int, label: str):
+    view = as_map_dataset(base)
+    sampler = IRDROSampler(view, batch, seed=0, num_replicas=1, rank=0, num_samples=num_samples)
+    dl = torch.utils.data.DataLoader(view, batch_size=batch, sampler=sampler, num_workers=num_workers)
+    DOWNLOADS.value = 0
+    n, ids = 0, []
+    t0 = time.perf_counter()
+    for step, b in enumerate(tqdm(dl, desc=label, leave=False)):
+        idx = b["sample_idx"]
+        # Synthetic per-sample losses: deterministic in the id, so the weights drift away from uniform.
+        sampler.update(idx, ((idx * 2654435761) % 1000).double() / 250.0, step=step)
+        n += len(idx)
+        ids.append(idx.numpy())
+    dt = time.perf_counter() - t0
+    return (n / dt, DOWNLOADS.value, n), np.concatenate(ids)
+
+
+def node_working_set(ds, num_workers: int, epoch: int) -> int:
+    world = copy.copy(World.detect())
+    w = max(num_workers, 1)
+    world.workers_per_rank, world.num_workers, world.workers_per_node = w, w, w
+    ds._resume(world, epoch)
+    plan = generate_work("random", ds, world, epoch, 0)
+    window = int(ds.predownload) + int(ds.batch_size)
+    peak, _ = working_set_bytes(ds, plan[0], window)
+    return peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=120_000)
+    ap.add_argument("--shards", type=int, default=60)
+    ap.add_argument("--payload", type=int, default=200, help="bytes per sample besides the id")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--round", type=int, default=30_720, help="samples per round/epoch (multiple of batch)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--block", type=int, default=2_048, help="shuffle_block_size for every streaming arm")
+    ap.add_argument("--map-samples", type=int, default=10_240)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS_streaming.md"))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.samples, args.shards, args.round, args.rounds, args.map_samples = 20_000, 20, 5_120, 2, 1_280
+        args.block = 512
+
+    warnings.simplefilter("ignore")  # streaming logs shuffle/predownload hints per dataset
+    clean_stale_shared_memory()
+    root = tempfile.mkdtemp(prefix="bench_streaming_")
+    try:
+        remote = write_dataset(root, args.samples, args.shards, args.payload)
+        common = dict(remote=remote, batch_size=args.batch, shuffle=True, shuffle_block_size=args.block)
+        probe = WeightedStreamingDataset(round_size=args.round, local=local_dir(root), cache_check="off", **common)
+        n_shards = probe.num_shards
+        shard_bytes = int(max(s.get_max_size() for s in probe.shards))
+        probe.set_weights(skewed_weights(probe.num_samples))
+        native_probe = StreamingDataset(local=local_dir(root), epoch_size=args.round, **common)
+        ws = {}
+        for nw in (0, 2):
+            ws[("weighted", nw)] = node_working_set(probe, nw, 5)
+            ws[("native", nw)] = node_working_set(native_probe, nw, 5)
+        # The same cache limit for every arm: 1.5x the largest working set (+ one shard being downloaded).
+        cache_limit = int(1.5 * max(ws.values())) + 2 * shard_bytes
+        cache_limit = max(cache_limit, 4 * shard_bytes + 4096)
+        del probe, native_probe
+
+        rows = []
+        configs = [(None, 0), (None, 2), (cache_limit, 0), (cache_limit, 2)]
+        for limit, nw in tqdm(configs, desc="configs"):
+            kw = dict(common, cache_limit=limit)
+            res = {}
+            ds = StreamingDataset(local=local_dir(root), epoch_size=args.round, **kw)
+            res["native"] = run_streaming(ds, nw, args.batch, args.rounds, f"native nw={nw} cache={limit}") + (ds,)
+            ds = WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **kw)
+            res["weighted-uniform"] = run_streaming(ds, nw, args.batch, args.rounds, "weighted-uniform") + (ds,)
+            ds = WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **kw)
+            ds.set_weights(skewed_weights(ds.num_samples))
+            res["weighted-skewed"] = run_streaming(ds, nw, args.batch, args.rounds, "weighted-skewed") + (ds,)
+            base = StreamingDataset(local=local_dir(root), **kw)
+            m, mids = run_map(base, nw, args.batch, args.map_samples, "map+IRDROSampler")
+            res["map+IRDROSampler"] = ([m], mids, base)
+            native_sps = np.median([x[0] for x in res["native"][0][1:]] or [res["native"][0][0][0]])
+            for arm, (per_round, ids, d) in res.items():
+                steady = per_round[1:] or per_round  # round 0 includes the first downloads
+                sps = float(np.median([x[0] for x in steady]))
+                dls = [x[1] for x in per_round]
+                per_sample = [x[1] / x[2] for x in per_round]
+                rows.append(dict(
+                    arm=arm, workers=nw, cache=limit, sps=sps, ratio=sps / native_sps, downloads=dls,
+                    dl_per_round=float(np.mean(per_sample[1:] or per_sample)) * args.round,
+                    spb=shards_per_batch(d, ids, args.batch),
+                ))
+            iid = np.random.default_rng(0).permutation(res["native"][1])
+            rows.append(dict(arm="(i.i.d. order, reference)", workers=nw, cache=limit, sps=float("nan"),
+                             ratio=float("nan"), downloads=[], dl_per_round=float("nan"),
+                             spb=shards_per_batch(res["native"][2], iid, args.batch)))
+            del res
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    lines = [
+        "## Streaming integration (`benchmarks/bench_streaming.py`)",
+        "",
+        f"Command: `{cmd}` (mosaicml-streaming {streaming.__version__}, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs shared with other jobs).",
+        f"Dataset: {args.samples:,} samples ({args.payload + 8} B each) in {n_shards} MDS shards of "
+        f"{shard_bytes:,} B, local folder as remote. Round/epoch = {args.round:,} samples, batch {args.batch}, "
+        f"shuffle py1e with shuffle_block_size={args.block}, {args.rounds} rounds per arm; map-style arm: "
+        f"{args.map_samples:,} samples drawn i.i.d. by IRDROSampler. cache_limit = {cache_limit:,} B "
+        f"({cache_limit / shard_bytes:.1f} shards; 1.5x the largest planned working set).",
+        "",
+        "Working set per node (peak bytes of distinct shards within predownload+batch samples per worker), "
+        "round 5: " + ", ".join(f"{k[0]} nw={k[1]}: {v / shard_bytes:.1f} shards" for k, v in ws.items()) + ".",
+        "",
+        "| arm | workers | cache_limit | samples/s (median of rounds >= 1) | vs native | downloads per round (each round) "
+        "| downloads per round-size samples | shards per batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cache = "none" if r["cache"] is None else f"{r['cache'] / 1e6:.1f} MB"
+        sps = "" if np.isnan(r["sps"]) else f"{r['sps']:,.0f}"
+        ratio = "" if np.isnan(r["ratio"]) else f"{r['ratio']:.2f}"
+        dl = " / ".join(str(x) for x in r["downloads"])
+        dpr = "" if np.isnan(r["dl_per_round"]) else f"{r['dl_per_round']:,.0f}"
+        lines.append(f"| {r['arm']} | {r['workers']} | {cache} | {sps} | {ratio} | {dl} | {dpr} | {r['spb']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
