@@ -228,7 +228,10 @@ def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
                str(o["refresh_interval"]), "-" if o["refresh_s"] is None else f"{o['refresh_s']:.2f}",
                f"{o['alloc_s'] + o['build_s']:.2f}", f"{o['bytes_per_sample']:.2f}"]
         for m in NAIVE:
-            row += [fmt_ms(r["naive"].get(m)), ratio(r["naive"].get(m), o["median_ms"])]
+            if m not in r["naive"]:
+                row += ["not run", "-"]
+            else:
+                row += [fmt_ms(r["naive"][m]), ratio(r["naive"][m], o["median_ms"])]
         rows.append(row)
     return head, rows
 

@@ -11,7 +11,7 @@ reporting samples/s, shard downloads per round (counted at ``Stream._download_fi
 per batch, and the working-set bytes the round needs (``working_set_bytes``). Results go to a markdown
 snippet. Usage::
 
-    python benchmarks/bench_streaming.py                # ~5 minutes on 2 busy cores
+    python benchmarks/bench_streaming.py                # ~6 minutes on 2 busy cores
     python benchmarks/bench_streaming.py --quick        # tiny smoke run
 """
 
@@ -87,23 +87,27 @@ def shards_per_batch(ds: StreamingDataset, ids: np.ndarray, batch: int) -> float
     return float(np.mean([len(np.unique(b)) for b in shard[: nb * batch].reshape(nb, batch)]))
 
 
-def run_streaming(ds, num_workers: int, batch: int, rounds: int, label: str):
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=num_workers, persistent_workers=num_workers > 0)
-    per_round = []
-    all_ids = []
+def run_streaming_interleaved(arms: dict, num_workers: int, batch: int, rounds: int) -> dict:
+    """Run the arms round by round in turn (A0 B0 C0 A1 B1 C1 ...), so load drift hits them alike."""
+    loaders = {
+        name: torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=num_workers,
+                                          persistent_workers=num_workers > 0)
+        for name, ds in arms.items()
+    }
+    out = {name: ([], []) for name in arms}
     for r in range(rounds):
-        DOWNLOADS.value = 0
-        n = 0
-        ids = []
-        t0 = time.perf_counter()
-        for b in tqdm(dl, desc=f"{label} round {r}", leave=False):
-            n += len(b["x"])
-            ids.append(b["x"].numpy())
-        dt = time.perf_counter() - t0
-        per_round.append((n / dt, DOWNLOADS.value, n))
-        all_ids.append(np.concatenate(ids))
-    del dl
-    return per_round, np.concatenate(all_ids)
+        for name, dl in loaders.items():
+            DOWNLOADS.value = 0
+            n, ids = 0, []
+            t0 = time.perf_counter()
+            for b in tqdm(dl, desc=f"{name} nw={num_workers} round {r}", leave=False):
+                n += len(b["x"])
+                ids.append(b["x"].numpy())
+            dt = time.perf_counter() - t0
+            out[name][0].append((n / dt, DOWNLOADS.value, n))
+            out[name][1].append(np.concatenate(ids))
+    del loaders
+    return {name: (per_round, np.concatenate(ids)) for name, (per_round, ids) in out.items()}
 
 
 def run_map(base: StreamingDataset, num_workers: int, batch: int, num_samples: int, label: str):
@@ -140,10 +144,10 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=60)
     ap.add_argument("--payload", type=int, default=200, help="bytes per sample besides the id")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--round", type=int, default=30_720, help="samples per round/epoch (multiple of batch)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--round", type=int, default=15_360, help="samples per round/epoch (multiple of batch)")
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--block", type=int, default=2_048, help="shuffle_block_size for every streaming arm")
-    ap.add_argument("--map-samples", type=int, default=10_240)
+    ap.add_argument("--map-samples", type=int, default=3_200)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS_streaming.md"))
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -175,14 +179,14 @@ def main() -> None:
         configs = [(None, 0), (None, 2), (cache_limit, 0), (cache_limit, 2)]
         for limit, nw in tqdm(configs, desc="configs"):
             kw = dict(common, cache_limit=limit)
-            res = {}
-            ds = StreamingDataset(local=local_dir(root), epoch_size=args.round, **kw)
-            res["native"] = run_streaming(ds, nw, args.batch, args.rounds, f"native nw={nw} cache={limit}") + (ds,)
-            ds = WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **kw)
-            res["weighted-uniform"] = run_streaming(ds, nw, args.batch, args.rounds, "weighted-uniform") + (ds,)
-            ds = WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **kw)
-            ds.set_weights(skewed_weights(ds.num_samples))
-            res["weighted-skewed"] = run_streaming(ds, nw, args.batch, args.rounds, "weighted-skewed") + (ds,)
+            arms = {
+                "native": StreamingDataset(local=local_dir(root), epoch_size=args.round, **kw),
+                "weighted-uniform": WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **kw),
+                "weighted-skewed": WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **kw),
+            }
+            arms["weighted-skewed"].set_weights(skewed_weights(arms["weighted-skewed"].num_samples))
+            runs = run_streaming_interleaved(arms, nw, args.batch, args.rounds)
+            res = {name: runs[name] + (arms[name],) for name in arms}
             base = StreamingDataset(local=local_dir(root), **kw)
             m, mids = run_map(base, nw, args.batch, args.map_samples, "map+IRDROSampler")
             res["map+IRDROSampler"] = ([m], mids, base)
@@ -195,11 +199,12 @@ def main() -> None:
                 rows.append(dict(
                     arm=arm, workers=nw, cache=limit, sps=sps, ratio=sps / native_sps, downloads=dls,
                     dl_per_round=float(np.mean(per_sample[1:] or per_sample)) * args.round,
+                    dl_per_10k=float(np.mean(per_sample[1:] or per_sample)) * 10_000,
                     spb=shards_per_batch(d, ids, args.batch),
                 ))
             iid = np.random.default_rng(0).permutation(res["native"][1])
             rows.append(dict(arm="(i.i.d. order, reference)", workers=nw, cache=limit, sps=float("nan"),
-                             ratio=float("nan"), downloads=[], dl_per_round=float("nan"),
+                             ratio=float("nan"), downloads=[], dl_per_round=float("nan"), dl_per_10k=float("nan"),
                              spb=shards_per_batch(res["native"][2], iid, args.batch)))
             del res
     finally:
@@ -213,16 +218,17 @@ def main() -> None:
         f"{os.cpu_count()} CPUs shared with other jobs).",
         f"Dataset: {args.samples:,} samples ({args.payload + 8} B each) in {n_shards} MDS shards of "
         f"{shard_bytes:,} B, local folder as remote. Round/epoch = {args.round:,} samples, batch {args.batch}, "
-        f"shuffle py1e with shuffle_block_size={args.block}, {args.rounds} rounds per arm; map-style arm: "
+        f"shuffle py1e with shuffle_block_size={args.block}, {args.rounds} rounds per arm, arms interleaved "
+        f"round by round; map-style arm: "
         f"{args.map_samples:,} samples drawn i.i.d. by IRDROSampler. cache_limit = {cache_limit:,} B "
         f"({cache_limit / shard_bytes:.1f} shards; 1.5x the largest planned working set).",
         "",
         "Working set per node (peak bytes of distinct shards within predownload+batch samples per worker), "
         "round 5: " + ", ".join(f"{k[0]} nw={k[1]}: {v / shard_bytes:.1f} shards" for k, v in ws.items()) + ".",
         "",
-        "| arm | workers | cache_limit | samples/s (median of rounds >= 1) | vs native | downloads per round (each round) "
-        "| downloads per round-size samples | shards per batch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | workers | cache_limit | samples/s (median of rounds >= 1) | vs native | downloads (each round) "
+        "| downloads per round (rounds >= 1) | downloads per 10k samples | shards per batch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cache = "none" if r["cache"] is None else f"{r['cache'] / 1e6:.1f} MB"
@@ -230,7 +236,8 @@ def main() -> None:
         ratio = "" if np.isnan(r["ratio"]) else f"{r['ratio']:.2f}"
         dl = " / ".join(str(x) for x in r["downloads"])
         dpr = "" if np.isnan(r["dl_per_round"]) else f"{r['dl_per_round']:,.0f}"
-        lines.append(f"| {r['arm']} | {r['workers']} | {cache} | {sps} | {ratio} | {dl} | {dpr} | {r['spb']:.1f} |")
+        d10 = "" if np.isnan(r["dl_per_10k"]) else f"{r['dl_per_10k']:,.0f}"
+        lines.append(f"| {r['arm']} | {r['workers']} | {cache} | {sps} | {ratio} | {dl} | {dpr} | {d10} | {r['spb']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(args.out, "w") as f:

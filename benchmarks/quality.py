@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
@@ -162,4 +161,3 @@ def _describe(arm: str) -> str:
 if __name__ == "__main__":
     assert RECOMMENDED  # the irdro arm uses the library's recommended options
     sys.exit(main())
-    _ = math  # keep import for doc examples

@@ -217,6 +217,23 @@ def build_trainer(
     )
 
 
+def evaluate_per_group(model: Any, dataset: Dataset, groups: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Mean per-sample loss of every group over the whole data set (the model in eval mode, no grad)."""
+    from torch.utils.data import default_collate
+
+    from irdro_sampler.integrations.composer import default_per_sample_loss
+
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = default_collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            losses.append(default_per_sample_loss(model(batch), batch))
+    per = torch.cat(losses).numpy()
+    model.train()
+    return np.array([per[groups == g].mean() for g in range(int(groups.max()) + 1)])
+
+
 def DrawCounter(groups: np.ndarray) -> Any:
     """A Composer callback counting the trained samples per group (from ``batch['sample_idx']``)."""
     from composer.core import Callback
@@ -288,11 +305,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     losses = [v for _, v in memory.data.get("loss/train/total", [])]
     tail = float(np.mean(losses[-20:])) if losses else float("nan")
     total = sum(drawn.counts.values()) or 1
+    group_loss = evaluate_per_group(model, data, groups)
     print(f"task={args.task} algorithm={args.algorithm} steps={args.steps} time={elapsed:.1f}s")
-    print(f"train loss (mean of the last 20 batches, as optimized): {tail:.4f}")
-    print("share of draws per group vs share of data:")
+    print(f"train loss as optimized (mean of the last 20 batches; weighted in importance/reweight): {tail:.4f}")
+    print("per group: share of draws vs share of data, and final loss over all its samples:")
     for g, name in enumerate(names):
-        print(f"  {name:>8}: drawn {drawn.counts[g] / total:6.1%}   data {np.mean(groups == g):6.1%}")
+        print(f"  {name:>8}: drawn {drawn.counts[g] / total:6.1%}   data {np.mean(groups == g):6.1%}"
+              f"   loss {group_loss[g]:.4f}")
+    clean = [g for g, name in enumerate(names) if name != "noise"]
+    print(f"  worst clean group loss {group_loss[clean].max():.4f}; "
+          f"mean clean loss {np.average(group_loss[clean], weights=[np.sum(groups == g) for g in clean]):.4f}")
     algo = trainer.state.algorithms[0] if trainer.state.algorithms else None
     stats: dict[str, float] = {}
     if algo is not None and algo.sampler is not None:
@@ -300,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         keys = ("ess_fraction", "kl_to_uniform", "temperature", "max_prob", "seen_fraction", "truncated_fraction")
         print("sampler: " + ", ".join(f"{k}={stats[k]:.4g}" for k in keys))
     trainer.close()
-    return {"loss": tail, "drawn": dict(drawn.counts), "stats": stats, "elapsed": elapsed}
+    return {"loss": tail, "drawn": dict(drawn.counts), "stats": stats, "elapsed": elapsed,
+            "group_loss": dict(zip(names, group_loss.tolist(), strict=True))}
 
 
 if __name__ == "__main__":

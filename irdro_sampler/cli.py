@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-interval", type=_positive_int("--eval-interval"), default=50,
                    help="held-out evaluation every this many steps (50)")
     d.add_argument("--threads", type=_positive_int("--threads"), default=None,
-                   help="torch threads (default: torch's choice)")
+                   help="torch threads (default 1: fastest for this tiny model)")
     d.add_argument("--tiny", action="store_true", help="a tiny corpus and model (for tests; seconds)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -78,11 +79,10 @@ class IRDROSampler(DistributedSampler):
 
     **Cost.** Updates and draws are O(B log N) through a sum tree whose leaves are the per-sample
     masses and whose nodes have ``block_size`` children (:class:`FanoutSumTree`; 1 counts as 2). Every
-    ``refresh_interval`` global batches (default ``max(1, N // (64 * global_batch))``) the prior, cut
+    ``refresh_interval`` global batches (default ``max(4, N // (16 * global_batch))``) the prior, cut
     threshold and temperature are recomputed and the tree is rebuilt, O(N). Memory: 12 bytes per
     sample for the table plus ``8 * block_size / (block_size - 1)`` for the tree (21.1 bytes in all at
-    the default 8). At N = 1e8, B = 4096 one step (update + draw) takes about 2 ms on 2 CPU cores
-    (``benchmarks/bench_sampler.py``).
+    the default 8). Measured costs at N = 1e5..1e8: ``benchmarks/RESULTS_sampler.md``.
 
     **Bad input.** :meth:`update` raises ``ValueError``/``TypeError`` (and changes nothing) for indices
     out of range or not integers, and length mismatches; NaN/inf losses are skipped and counted
@@ -151,7 +151,9 @@ class IRDROSampler(DistributedSampler):
         self.table = LossTable(size, ema=ema, prior=prior)
         self.feedback_delay = check_int(feedback_delay, "feedback_delay", minimum=1)
         if refresh_interval is None:
-            refresh_interval = max(1, size // (64 * self.global_batch_size))
+            # Recalibrate after ~1/16 of the data set has been drawn, at least every 4 batches: the
+            # O(N) refresh then costs a fraction of a step, and prior/cut/temperature move slowly.
+            refresh_interval = max(4, size // (16 * self.global_batch_size))
         self.refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
         self.block_size = check_int(block_size, "block_size", minimum=1)
         self._tree = FanoutSumTree(size, fanout=max(2, self.block_size))
@@ -198,6 +200,14 @@ class IRDROSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         epoch, start = self.epoch, self._start_batch
         self._start_batch = 0
+        if (epoch + 1) * self.batches_per_epoch - 1 <= self._max_reported_step:
+            # Every batch of this epoch was already trained: the loop forgot set_epoch(), and the
+            # feedback of later steps would never come due.
+            warnings.warn(
+                f"IRDROSampler: epoch {epoch} was already trained (feedback reported up to step "
+                f"{self._max_reported_step}); call sampler.set_epoch(epoch) before each epoch",
+                stacklevel=2,
+            )
         for j in range(start, self.batches_per_epoch):
             n = min(self.batch_size, self.num_samples - j * self.batch_size)
             indices, _ = self._batch(epoch * self.batches_per_epoch + j, n * self.num_replicas)

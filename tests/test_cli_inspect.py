@@ -112,12 +112,11 @@ def test_inspect_composer_checkpoint(tmp_path, capsys):
     """A real Composer checkpoint of a run with the IRDRO algorithm and an IRDROSampler."""
     pytest.importorskip("composer")
     from composer import Trainer
+    from composer.models import ComposerModel
     from torch.utils.data import DataLoader, TensorDataset
 
     from irdro_sampler import IndexedDataset
     from irdro_sampler.integrations.composer import IRDRO
-
-    from composer.models import ComposerModel
 
     class Tiny(ComposerModel):
         def __init__(self) -> None:

@@ -454,6 +454,7 @@ def test_example_script_runs_with_each_algorithm(algorithm, capsys):
     assert sum(out["drawn"].values()) == 6 * 8
     assert bool(out["stats"]) == (algorithm in ("irdro", "irdro-importance"))
     assert f"algorithm={algorithm}" in capsys.readouterr().out
+    assert set(out["group_loss"]) == {"class0", "class1", "class2", "class3", "noise"}
 
 
 def test_example_script_lm_task_with_microbatches():

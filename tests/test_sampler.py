@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -500,3 +501,16 @@ def test_draw_terminates_when_every_sample_is_cut_between_refreshes():
         signal.signal(signal.SIGALRM, old)
     p = s.probabilities()
     assert math.isclose(p.sum(), 1.0) and np.all(p[batch] > 0)
+
+
+def test_forgetting_set_epoch_warns():
+    """Re-iterating an epoch whose batches were all trained means set_epoch() was forgotten."""
+    s = IRDROSampler(40, 10, feedback_delay=1, seed=0)
+    for step, idx in enumerate(torch.utils.data.DataLoader(range(40), batch_size=10, sampler=s)):
+        s.update(idx, torch.ones(len(idx)), step=step)
+    with pytest.warns(UserWarning, match="set_epoch"):
+        next(iter(s))
+    s.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        next(iter(s))

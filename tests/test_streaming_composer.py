@@ -19,7 +19,7 @@ from composer.models import ComposerModel  # noqa: E402
 from irdro_sampler.integrations.composer import IRDRO  # noqa: E402
 from irdro_sampler.integrations.streaming import WeightedStreamingDataset  # noqa: E402
 
-N, BATCH, ROUND = 1200, 10, 200  # 20 batches per round
+N, BATCH, ROUND = 20_000, 10, 200  # 20 batches per round; 160 KB of weights per tensor
 
 
 class Tiny(ComposerModel):
@@ -56,7 +56,7 @@ def data_root(tmp_path_factory):
 
     clean_stale_shared_memory()
     root = str(tmp_path_factory.mktemp("mds_composer"))
-    write_mds(root, N, 50)  # 24 shards
+    write_mds(root, N, 500)  # 40 shards
     return root
 
 

@@ -94,8 +94,10 @@ def format_table(results: Mapping[str, Sequence[Mapping]], *, markdown: bool = T
         lines += ["| " + " | ".join(r) + " |" for r in rows]
     else:
         widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
-        fmt = "  ".join("{:<%d}" % w for w in widths)
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
+        def line(cells):
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+
+        lines = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     lines.append(
         f"(held-out loss in nats/byte, mean ± std over {n_seeds} seed(s); Δ = paired difference to uniform, "
         "negative is better; mean = weighted by each domain's share of the training data)"
@@ -151,7 +153,8 @@ def plot_probability_vs_loss(
     if math.isfinite(threshold):
         ax.axvline(threshold, color="red", ls="--", lw=1, label=f"cut at {threshold:.2f}")
     ax.axhline(1.0, color="gray", ls=":", lw=1, label="uniform")
-    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_yscale("symlog", linthresh=0.1)  # linear near 0, so cut samples (p = 0) show on the axis
+    ax.set_ylim(bottom=0.0)
     ax.set_xlabel("running loss of the sample (nats/byte)")
     ax.set_ylabel("draw probability x N")
     ax.set_title(title, fontsize=10)

@@ -459,8 +459,6 @@ class IRDRO(Algorithm):
         if all(rule_cfg.get(k) is None for k in ("temperature", "kl_radius", "ess_fraction")):
             rule_cfg["temperature"] = 1.0
         mine = dict(self.rule_options)
-        if mine.get("temperature") is not None and rule_cfg.get("temperature") is None:
-            rule_cfg["temperature"] = None  # calibrated sampler vs fixed temperature: a conflict, reported below
         conflicts = [f"{k}={v!r} (sampler: {rule_cfg.get(k)!r})" for k, v in mine.items() if rule_cfg.get(k) != v]
         table = sampler.table
         for k, v in self.table_options.items():

@@ -356,18 +356,18 @@ class WeightedStreamingDataset(StreamingDataset):
         offsets = np.asarray(self.sample_offset_per_shard, np.int64)
         sizes = np.asarray(self.samples_per_shard, np.int64)
         ends = offsets + sizes
-        # Stage 1: per-shard counts ~ Multinomial(round_size, shard masses).
-        mass = np.add.reduceat(p, offsets)
-        mass = np.where(sizes > 0, mass, 0.0)
+        # Stage 1: per-shard counts ~ Multinomial(round_size, shard masses). The masses are differences of
+        # the cumulative sum used in stage 2, so a shard that gets draws always has a non-empty range.
+        cdf = np.cumsum(p)
+        lo = np.where(offsets > 0, cdf[np.maximum(offsets - 1, 0)], 0.0)
+        hi = np.where(sizes > 0, cdf[np.maximum(ends - 1, 0)], lo)
+        mass = np.maximum(hi - lo, 0.0)
         shard_counts = rng.multinomial(self.round_size, mass / mass.sum())
         # Stage 2: within each shard, i.i.d. draws proportional to p, by inverting the CDF: a draw of shard s
         # is u ~ U[C[start-1], C[end-1]) mapped to the sample whose interval [C[i-1], C[i]) holds it. O(N) for
         # the cumulative sum plus O(round_size log N), vectorized over all shards. A sample of probability 0
         # has an empty interval and is never drawn; `u` is kept below the shard's upper edge so a draw cannot
         # leave its shard.
-        cdf = np.cumsum(p)
-        lo = np.where(offsets > 0, cdf[np.maximum(offsets - 1, 0)], 0.0)
-        hi = cdf[np.maximum(ends - 1, 0)]
         shard_of_draw = np.repeat(np.arange(len(sizes)), shard_counts)
         d_lo, d_hi = lo[shard_of_draw], hi[shard_of_draw]
         u = d_lo + (d_hi - d_lo) * rng.random(shard_of_draw.size)
