@@ -200,18 +200,21 @@ class IRDROSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         epoch, start = self.epoch, self._start_batch
         self._start_batch = 0
-        if (epoch + 1) * self.batches_per_epoch - 1 <= self._max_reported_step:
-            # Every batch of this epoch was already trained: the loop forgot set_epoch(), and the
-            # feedback of later steps would never come due.
-            warnings.warn(
-                f"IRDROSampler: epoch {epoch} was already trained (feedback reported up to step "
-                f"{self._max_reported_step}); call sampler.set_epoch(epoch) before each epoch",
-                stacklevel=2,
-            )
+        already_trained = (epoch + 1) * self.batches_per_epoch - 1 <= self._max_reported_step
         for j in range(start, self.batches_per_epoch):
             n = min(self.batch_size, self.num_samples - j * self.batch_size)
             indices, _ = self._batch(epoch * self.batches_per_epoch + j, n * self.num_replicas)
             yield from indices[self.rank * n : (self.rank + 1) * n].tolist()
+        if already_trained:
+            # A whole epoch re-iterated after it was trained: the loop forgot set_epoch(), and the
+            # feedback of later steps never comes due. (Composer's spin over finished epochs on
+            # resume reads only their first batches, so it does not get here.)
+            warnings.warn(
+                f"IRDROSampler: epoch {epoch} was iterated again after it was trained (feedback "
+                f"reported up to step {self._max_reported_step}); call sampler.set_epoch(epoch) "
+                "before each epoch",
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------------------------ feedback
     def update(self, indices: Any, losses: Any, step: int | None = None) -> None:
@@ -310,7 +313,8 @@ class IRDROSampler(DistributedSampler):
         if b in self._drawn:
             return self._drawn[b]
         if b <= self._last_drawn:
-            self._counters["stale_replays"] += 1
+            if b > self._max_reported_step:  # not yet trained, yet no longer buffered
+                self._counters["stale_replays"] += 1
             self._ensure_params()
             return self._draw(b, size)
         self._advance_to(b)
