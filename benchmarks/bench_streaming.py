@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--payload", type=int, default=200, help="bytes per sample besides the id")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--round", type=int, default=15_360, help="samples per round/epoch (multiple of batch)")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--block", type=int, default=2_048, help="shuffle_block_size for every streaming arm")
     ap.add_argument("--map-samples", type=int, default=3_200)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS_streaming.md"))
@@ -198,6 +198,7 @@ def main() -> None:
                 per_sample = [x[1] / x[2] for x in per_round]
                 rows.append(dict(
                     arm=arm, workers=nw, cache=limit, sps=sps, ratio=sps / native_sps, downloads=dls,
+                    sps_range=(min(x[0] for x in steady), max(x[0] for x in steady)),
                     dl_per_round=float(np.mean(per_sample[1:] or per_sample)) * args.round,
                     dl_per_10k=float(np.mean(per_sample[1:] or per_sample)) * 10_000,
                     spb=shards_per_batch(d, ids, args.batch),
@@ -205,6 +206,7 @@ def main() -> None:
             iid = np.random.default_rng(0).permutation(res["native"][1])
             rows.append(dict(arm="(i.i.d. order, reference)", workers=nw, cache=limit, sps=float("nan"),
                              ratio=float("nan"), downloads=[], dl_per_round=float("nan"), dl_per_10k=float("nan"),
+                             sps_range=None,
                              spb=shards_per_batch(res["native"][2], iid, args.batch)))
             del res
     finally:
@@ -226,9 +228,9 @@ def main() -> None:
         "Working set per node (peak bytes of distinct shards within predownload+batch samples per worker), "
         "round 5: " + ", ".join(f"{k[0]} nw={k[1]}: {v / shard_bytes:.1f} shards" for k, v in ws.items()) + ".",
         "",
-        "| arm | workers | cache_limit | samples/s (median of rounds >= 1) | vs native | downloads (each round) "
-        "| downloads per round (rounds >= 1) | downloads per 10k samples | shards per batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | workers | cache_limit | samples/s (median of rounds >= 1) | min-max | vs native "
+        "| downloads (each round) | downloads per round (rounds >= 1) | downloads per 10k samples | shards per batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cache = "none" if r["cache"] is None else f"{r['cache'] / 1e6:.1f} MB"
@@ -237,7 +239,24 @@ def main() -> None:
         dl = " / ".join(str(x) for x in r["downloads"])
         dpr = "" if np.isnan(r["dl_per_round"]) else f"{r['dl_per_round']:,.0f}"
         d10 = "" if np.isnan(r["dl_per_10k"]) else f"{r['dl_per_10k']:,.0f}"
-        lines.append(f"| {r['arm']} | {r['workers']} | {cache} | {sps} | {ratio} | {dl} | {dpr} | {d10} | {r['spb']:.1f} |")
+        rng = "" if r["sps_range"] is None else f"{r['sps_range'][0]:,.0f}-{r['sps_range'][1]:,.0f}"
+        lines.append(
+            f"| {r['arm']} | {r['workers']} | {cache} | {sps} | {rng} | {ratio} | {dl} | {dpr} | {d10} | {r['spb']:.1f} |"
+        )
+    for arm in ("weighted-uniform", "weighted-skewed"):
+        ratios = [r["ratio"] for r in rows if r["arm"] == arm]
+        dl_ratio = [
+            r["dl_per_round"] / n["dl_per_round"]
+            for r in rows for n in rows
+            if r["arm"] == arm and n["arm"] == "native" and r["cache"] is not None
+            and (n["workers"], n["cache"]) == (r["workers"], r["cache"])
+        ]
+        lines.append("")
+        lines.append(
+            f"{arm}: throughput vs native, geometric mean over the 4 configurations: "
+            f"{float(np.exp(np.mean(np.log(ratios)))):.2f} (each: {', '.join(f'{x:.2f}' for x in ratios)}); "
+            f"downloads per round vs native with cache_limit: {', '.join(f'{x:.2f}' for x in dl_ratio)}."
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     with open(args.out, "w") as f:

@@ -22,6 +22,7 @@ import copy
 import gc
 import json
 import math
+import random
 import shutil
 import sys
 import tempfile
@@ -41,7 +42,7 @@ from .model import ModelConfig, build_composer_model, evaluate_domains, summariz
 
 #: The recommended IR-DRO options the demo's ``irdro`` arm uses (chosen on benchmarks/quality.py;
 #: see docs/demo.md for why).
-RECOMMENDED: dict[str, Any] = {"temperature": 1.0, "truncate_zscore": 2.0, "uniform_mix": 0.1, "ema": 0.5}
+RECOMMENDED: dict[str, Any] = {"temperature": 1.0, "truncate_zscore": 3.5, "uniform_mix": 0.1, "ema": 0.5}
 
 #: Arm name -> how it is wired. ``data``: 'uniform' (plain StreamingDataset) or 'weighted'.
 ARMS: dict[str, dict[str, Any]] = {
@@ -170,10 +171,23 @@ def _dataloader(corpus: Corpus, spec: dict[str, Any], batch_size: int, seed: int
 
         # A round (one streaming epoch) per `round_batches` batches: the weights computed from the loss
         # table are pushed at each round boundary, so a short round keeps them fresh.
-        ds = WeightedStreamingDataset(round_size=batch_size * round_batches, seed=seed, **common)
+        def make():
+            return WeightedStreamingDataset(round_size=batch_size * round_batches, seed=seed, **common)
     else:
-        ds = StreamingDataset(**common)
-    return DataLoader(ds, batch_size=batch_size, num_workers=0,
+        def make():
+            return StreamingDataset(**common)
+    # Streaming picks a shared-memory prefix by scanning /dev/shm; two processes creating datasets at
+    # the same moment (parallel benchmark runs) can pick the same one and one gets FileExistsError.
+    for attempt in range(8):
+        try:
+            ds = make()
+            break
+        except FileExistsError:
+            if attempt == 7:
+                raise
+            time.sleep(0.2 + random.random())
+    # drop_last: a plain streaming epoch is not a multiple of the batch; every arm trains full batches.
+    return DataLoader(ds, batch_size=batch_size, num_workers=0, drop_last=True,
                       collate_fn=partial(collate_bytes, seq_len=corpus.seq_len)), ds
 
 
@@ -317,6 +331,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     val = (val_ids, val_labels, va["domain"])
     train_domains = read_mds(corpus.train_dir)["domain"]
 
+    if cfg.tiny:
+        cfg = copy.copy(cfg)
+        cfg.round_batches = min(cfg.round_batches, 5)  # a few rounds even in a 20-step run
     workdir = Path(tempfile.mkdtemp(prefix="irdro-demo-"))
     results: dict[str, list[dict[str, Any]]] = {a: [] for a in cfg.arms}
     pretrain: list[dict[str, Any]] = []

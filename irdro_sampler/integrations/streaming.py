@@ -268,7 +268,11 @@ class WeightedStreamingDataset(StreamingDataset):
         self.weight_seed = int(self.shuffle_seed if seed is None else seed)
         self.cache_check = cache_check
         world = self._parallel_rank_world
-        canonical = self.num_canonical_nodes or world.num_nodes
+        # The canonical node count streaming will use (it is set lazily, in `_resume`): rows of the partition
+        # that are not equally long get padded with repeats, so the round must divide evenly.
+        canonical = self.num_canonical_nodes or (
+            64 * world.num_nodes if self.shuffle_algo in ("py1s", "py2s") else world.num_nodes
+        )
         unit = math.lcm(int(world.num_ranks) * int(self.batch_size), int(canonical))
         requested = int(round_size)
         rounded = -(-requested // unit) * unit
