@@ -244,7 +244,7 @@ def _fraction(name: str):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from irdro_sampler.demo.run import ARMS, DemoConfig, run_demo
+    from irdro_sampler.demo.run import ARMS, DemoConfig, DemoInputError, run_demo
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
@@ -269,7 +269,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     try:
         run_demo(cfg)
-    except ValueError as e:  # configuration problems found while building data/loaders
+    except DemoInputError as e:  # bad options or data layout (training errors keep their traceback)
         raise UserError(str(e).splitlines()[0]) from None
     return 0
 

@@ -255,6 +255,9 @@ def test_guards(data_root):
     with pytest.warns(UserWarning, match="rounding up to 1000"):
         ds = make(data_root, round_size=995)
     assert ds.round_size == 1000 and len(ds) == 1000
+    with pytest.warns(UserWarning, match="rounding up to 1280"):  # py1s: 64 canonical nodes per node
+        ds = make(data_root, round_size=1000, shuffle_algo="py1s")
+    assert len(take(loader(ds))) == 1280
     ds = make(data_root)
     with pytest.raises(ValueError, match="saved for a dataset of 5 samples"):
         ds.load_state_dict({**make(data_root).state_dict(0, True), "irdro": {**ds.state_dict(0, True)["irdro"], "num_samples": 5}})

@@ -57,6 +57,10 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 
 
+class DemoInputError(ValueError):
+    """Bad demo input (options, ``--data`` layout): the CLI reports it in one line, without a traceback."""
+
+
 @dataclass
 class DemoConfig:
     """Options of :func:`run_demo` (the CLI's ``demo`` flags)."""
@@ -309,7 +313,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t_start = time.time()
     for arm in cfg.arms:
         if arm not in ARMS and arm not in cfg.arm_options:
-            raise ValueError(f"arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+            raise DemoInputError(f"arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     _quiet_libraries()
     # Tiny models on CPU hit denormal floats late in training; flushing them is 5-10x faster. (numpy's
     # float limits are cached first: computed after the flush they warn that the subnormal is zero.)
@@ -320,10 +324,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads or 1)
 
     out = Path(cfg.out)
-    if cfg.data is not None:
-        corpus = load_user_data(cfg.data, cfg.seq_len)
-    else:
-        corpus = build_corpus(cfg.corpus_config(), cfg.cache, quiet=cfg.quiet)
+    try:
+        if cfg.data is not None:
+            corpus = load_user_data(cfg.data, cfg.seq_len)
+        else:
+            corpus = build_corpus(cfg.corpus_config(), cfg.cache, quiet=cfg.quiet)
+    except ValueError as e:  # bad options or data layout; errors of training itself keep their traceback
+        raise DemoInputError(str(e)) from e
     out.mkdir(parents=True, exist_ok=True)
     mcfg = cfg.model_config(corpus.seq_len)
     va = read_mds(corpus.val_dir)
