@@ -350,7 +350,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             ckpt = workdir / f"pretrain-seed{seed}.pt"
             pre = _train(corpus=corpus, mcfg=mcfg, spec=ARMS["uniform"], steps=cfg.pretrain_steps, lr=cfg.lr_pretrain,
                          warmup=warm_pre, seed=seed, batch_size=cfg.batch_size, load_path=None, save_path=str(ckpt),
-                         val=val, eval_interval=max(cfg.pretrain_steps, 1), desc=f"pretrain seed {seed}",
+                         val=val, eval_interval=max(1, cfg.pretrain_steps // 4), desc=f"pretrain seed {seed}",
                          progress=cfg.progress, workdir=workdir, round_batches=cfg.round_batches)
             pretrain.append({"summary": pre["summary"], "final": pre["final"]})
             if not cfg.quiet:
