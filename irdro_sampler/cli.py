@@ -101,7 +101,7 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
     """
     import torch
 
-    from irdro_sampler import DROWeighting, IRDROSampler, LossTable
+    from irdro_sampler import DROWeighting, IRDROSampler, LossTable, distribution_stats
 
     p = Path(path)
     if not p.exists():
@@ -115,14 +115,7 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
     sd, holder = _find_states(obj)
     if sd is not None:
         try:
-            sampler = IRDROSampler(
-                int(sd["dataset_size"]),
-                int(sd["batch_size"]),
-                num_samples=int(sd["num_samples"]),
-                num_replicas=int(sd["num_replicas"]),
-                rank=0,
-            )
-            sampler.load_state_dict(sd)
+            sampler = IRDROSampler.from_state_dict(sd)
             pending = int(sampler.stats()["pending_feedback"])
             # Feedback still buffered (the sampler's delay) is part of what the run has learned: apply it,
             # so the report shows the distribution the next refreshed draws will come from.
@@ -143,15 +136,8 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
             raise UserError(f"{path}: loss-table state is malformed ({type(e).__name__}: {e})") from None
         params = rule.fit(table)
         probs = rule.probabilities(table, params)
-        from irdro_sampler import effective_sample_size, kl_to_uniform
-
-        nz = probs[probs > 0]
         stats = {
-            "ess_fraction": effective_sample_size(probs) / probs.size,
-            "kl_to_uniform": kl_to_uniform(probs),
-            "entropy": float(-np.sum(nz * np.log(nz))),
-            "max_prob": float(probs.max()),
-            "max_prob_ratio": float(probs.max() * probs.size),
+            **distribution_stats(probs),
             "seen_fraction": table.num_seen / table.num_samples,
             "truncated_fraction": float(np.mean(probs == 0)),
             "temperature": params.temperature,

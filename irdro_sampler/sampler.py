@@ -18,8 +18,7 @@ from .sum_tree import FanoutSumTree
 from .weights import (
     DROWeighting,
     WeightParams,
-    effective_sample_size,
-    kl_to_uniform,
+    distribution_stats,
     masses,
     max_kept_loss,
     mixture_probabilities,
@@ -401,15 +400,10 @@ class IRDROSampler(DistributedSampler):
     def stats(self) -> dict[str, float]:
         """Diagnostics of the current distribution (O(N)) and of the feedback stream."""
         p = self.probabilities()
-        nz = p[p > 0]
         params = self._params or self.rule.fit(self.table)
         n_kept = self._n_kept if self._params else int(np.count_nonzero(p))
         return {
-            "ess_fraction": effective_sample_size(p) / p.size,
-            "kl_to_uniform": kl_to_uniform(p),
-            "entropy": float(-np.sum(nz * np.log(nz))),
-            "max_prob": float(p.max()),
-            "max_prob_ratio": float(p.max() * p.size),
+            **distribution_stats(p),
             "seen_fraction": self.table.num_seen / self.dataset_size,
             "truncated_fraction": 1.0 - n_kept / self.dataset_size,
             "temperature": params.temperature,
@@ -454,6 +448,21 @@ class IRDROSampler(DistributedSampler):
             "pending": _pack([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
             "drawn": _pack([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
         }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], *, rank: int = 0) -> IRDROSampler:
+        """A sampler rebuilt from :meth:`state_dict` alone (for inspection, or to resume on ``rank``)."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("state is not an IRDROSampler state_dict (missing format marker)")
+        sampler = cls(
+            int(state["dataset_size"]),
+            int(state["batch_size"]),
+            num_samples=int(state["num_samples"]),
+            num_replicas=int(state["num_replicas"]),
+            rank=rank,
+        )
+        sampler.load_state_dict(state)
+        return sampler
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; the run then continues exactly.

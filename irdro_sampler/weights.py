@@ -135,6 +135,19 @@ def effective_sample_size(p: np.ndarray) -> float:
     return float(1.0 / np.dot(p, p))
 
 
+def distribution_stats(p: np.ndarray) -> dict[str, float]:
+    """Diagnostics of a probability vector: ESS fraction, KL to uniform, entropy, largest probability."""
+    p = np.asarray(p, dtype=np.float64)
+    nz = p[p > 0]
+    return {
+        "ess_fraction": effective_sample_size(p) / p.size,
+        "kl_to_uniform": kl_to_uniform(p),
+        "entropy": float(-np.sum(nz * np.log(nz))),
+        "max_prob": float(p.max()),
+        "max_prob_ratio": float(p.max() * p.size),
+    }
+
+
 def _kl_and_ess(losses: np.ndarray, tau: float) -> tuple[float, float]:
     z = losses / tau
     z -= z.max()

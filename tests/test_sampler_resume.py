@@ -197,3 +197,16 @@ def test_not_a_state_raises():
         s.load_state_dict({"foo": 1})
     with pytest.raises(ValueError, match="state"):
         s.load_state_dict(s.table.state_dict())
+
+
+def test_from_state_dict_rebuilds_an_equal_sampler():
+    s = IRDROSampler(100, 10, truncate_quantile=0.9, feedback_delay=2, seed=3)
+    for b, idx in enumerate(torch.utils.data.DataLoader(range(100), batch_size=10, sampler=s)):
+        s.update(idx, idx.double() / 10, step=b)
+    rebuilt = IRDROSampler.from_state_dict(s.state_dict())
+    assert_state_equal(rebuilt.state_dict(), s.state_dict())
+    s.set_epoch(1)
+    rebuilt.set_epoch(1)
+    assert list(rebuilt) == list(s)
+    with pytest.raises(ValueError, match="not an IRDROSampler state_dict"):
+        IRDROSampler.from_state_dict({"table": {}})

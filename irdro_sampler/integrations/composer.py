@@ -678,8 +678,9 @@ class IRDRO(Algorithm):
             out["sampler"] = self.sampler.state_dict()
         elif self.table is not None:
             out["table"] = self.table.state_dict()
+            out["rule"] = self._rule.config()  # how the table becomes weights (read by `inspect`)
         elif self._pending_state is not None:  # loaded but not applied yet (saved before FIT_START)
-            out.update({k: v for k, v in self._pending_state.items() if k in ("sampler", "table")})
+            out.update({k: v for k, v in self._pending_state.items() if k in ("sampler", "table", "rule")})
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
