@@ -16,6 +16,7 @@ from ._validation import as_indices, check_int, check_step, validate_feedback
 from .loss_table import LossTable
 from .sum_tree import FanoutSumTree
 from .weights import (
+    DEFAULT_ZSCORE,
     DROWeighting,
     WeightParams,
     distribution_stats,
@@ -99,7 +100,7 @@ class IRDROSampler(DistributedSampler):
         kl_radius: float | None = None,
         ess_fraction: float | None = None,
         truncate_quantile: float | None = None,
-        truncate_zscore: float | None = None,
+        truncate_zscore: float | None = DEFAULT_ZSCORE,
         uniform_mix: float = 0.1,
         ema: float = 0.5,
         prior: float | str = "mean",

@@ -367,7 +367,7 @@ def test_large_n_tree_consistency():
 
 
 def test_kl_radius_sampler_calibrates():
-    s = IRDROSampler(2000, 100, kl_radius=0.2, uniform_mix=0.0, feedback_delay=1, refresh_interval=1)
+    s = IRDROSampler(2000, 100, kl_radius=0.2, uniform_mix=0.0, truncate_zscore=None, feedback_delay=1, refresh_interval=1)
     rng = np.random.default_rng(8)
     s.update(np.arange(2000), rng.gamma(2.0, 1.0, 2000), step=0)
     loop = Endless(s)

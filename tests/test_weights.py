@@ -362,9 +362,23 @@ def test_drow_kl_radius_calibrates_kept_distribution():
     rng = np.random.default_rng(10)
     table = LossTable(2000, ema=0.0)
     table.update(np.arange(2000), rng.gamma(2.0, 1.0, size=2000))
-    rule = DROWeighting(kl_radius=0.3, uniform_mix=0.0)
+    rule = DROWeighting(kl_radius=0.3, uniform_mix=0.0, truncate_zscore=None)
     p = rule.probabilities(table)
     assert math.isclose(kl_to_uniform(p), 0.3, rel_tol=2e-3)
-    rule = DROWeighting(ess_fraction=0.4, uniform_mix=0.0)
+    rule = DROWeighting(ess_fraction=0.4, uniform_mix=0.0, truncate_zscore=None)
     p = rule.probabilities(table)
     assert math.isclose(effective_sample_size(p) / 2000, 0.4, rel_tol=2e-3)
+
+
+def test_default_rule_cuts_gross_outliers_only():
+    """The default adaptive cut (z = 3.5) removes a far tail and nothing of a clean distribution."""
+    rng = np.random.default_rng(0)
+    clean = rng.normal(2.0, 0.3, 10_000)
+    table = LossTable(10_500, ema=0.0)
+    table.update(np.arange(10_500), np.concatenate([clean, np.full(500, 5.55)]))
+    p = DROWeighting().probabilities(table)
+    assert np.all(p[10_000:] == 0)  # the noise is cut
+    assert np.mean(p[:10_000] == 0) < 0.002  # a normal tail beyond 3.5 sigma is ~2e-4
+    no_cut = DROWeighting(truncate_zscore=float("inf")).probabilities(table)
+    assert np.all(no_cut > 0)
+    assert np.array_equal(no_cut, DROWeighting(truncate_zscore=None).probabilities(table))
