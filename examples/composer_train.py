@@ -157,6 +157,9 @@ def build_dataloader(
 
     data = IndexedDataset(dataset)
     if algorithm in ("irdro", "irdro-importance"):
+        if algorithm == "irdro-importance":
+            # Unbiased ERM needs every sample drawable: no loss cut.
+            sampler_kwargs = {"truncate_zscore": None, **(sampler_kwargs or {})}
         # Ranks from the launcher's environment: the sampler is built before the Trainer starts torch.distributed.
         sampler = IRDROSampler(
             data,

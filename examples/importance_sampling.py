@@ -66,8 +66,9 @@ def train(
         # The temperature is calibrated from a target effective sample size (the constrained DRO form):
         # squared errors span orders of magnitude here, and a fixed temperature would either do nothing
         # or put every draw on a handful of samples.
+        # No cut: importance weights 1/(N p_i) are unbiased for ERM only if every sample can be drawn.
         sampler = IRDROSampler(dataset, args.batch_size, ess_fraction=args.ess_fraction, uniform_mix=0.1,
-                               seed=args.seed)
+                               truncate_zscore=None, seed=args.seed)
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler)
     step, epoch = 0, 0
     while step < args.steps:

@@ -52,7 +52,11 @@ ARMS: dict[str, dict[str, Any]] = {
         "data": "weighted",
         "algorithm": {"temperature": 1.0, "truncate_quantile": 0.95, "uniform_mix": 0.1, "ema": 0.5},
     },
-    "irdro-nocut": {"data": "weighted", "algorithm": {"temperature": 1.0, "uniform_mix": 0.1, "ema": 0.5}},
+    # truncate_zscore=inf disables the default adaptive cut (IRDRO reads None as "the default").
+    "irdro-nocut": {
+        "data": "weighted",
+        "algorithm": {"temperature": 1.0, "truncate_zscore": math.inf, "uniform_mix": 0.1, "ema": 0.5},
+    },
     "reweight": {"data": "uniform", "algorithm": {"mode": "reweight", "temperature": 1.0}},
 }
 
