@@ -7,11 +7,9 @@ agreement live in test_composer_resume.py and test_composer_multirank.py.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import subprocess
 import sys
 from importlib.metadata import entry_points
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ import torch
 pytest.importorskip("composer")
 pytest.importorskip("transformers")
 
+from _composer_example import ex  # noqa: E402
 from composer.core import Callback, Event  # noqa: E402
 from composer.loggers import InMemoryLogger  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
@@ -34,19 +33,7 @@ from irdro_sampler.integrations.composer import (  # noqa: E402
     gather_feedback,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("composer_train_example", ROOT / "examples" / "composer_train.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = _load_example()
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,6 @@ plain DataLoader (and spins one batch of every earlier epoch); the sampler must 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,24 +14,14 @@ import torch
 pytest.importorskip("composer")
 pytest.importorskip("transformers")
 
+from _composer_example import ex  # noqa: E402
+
 from irdro_sampler.integrations.composer import IRDRO  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 STEPS = 12  # 64 samples / batch 8 = 8 batches per epoch: the run crosses an epoch boundary
 CHECKPOINTS = (3, 9)  # epoch 0 batch 3, and epoch 1 batch 1 (needs the spin of epoch 0)
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("composer_train_example", ROOT / "examples" / "composer_train.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = _load_example()
 
 
 @pytest.fixture(scope="module")
