@@ -71,11 +71,9 @@ def batch_losses(rng: np.random.Generator, size: int) -> np.ndarray:
 def state_nbytes(sampler: IRDROSampler) -> int:
     """Bytes of the sampler's O(N) state: the loss table's arrays and every array of the tree."""
     total = sum(a.nbytes for a in (sampler.table.losses, sampler.table.counts, sampler.table.last_step))
-    for value in vars(sampler._tree).values():
-        items = value if isinstance(value, list) else [value]
-        # Only arrays that own their memory (the tree also keeps reshaped views of its levels).
-        total += sum(a.nbytes for a in items if isinstance(a, np.ndarray) and a.base is None)
-    return total
+    # The tree's own count (its levels are 64-byte-aligned views into slightly larger buffers, plus
+    # reshaped views of them, so counting arrays that own their memory would miss them).
+    return total + sampler._tree.nbytes
 
 
 def machine() -> str:

@@ -342,7 +342,13 @@ class IRDROSampler(DistributedSampler):
         # Every drawn sample is kept (a tilted draw has mass > 0, a floor draw is kept by
         # construction) and its mass is its tree leaf, bitwise masses() of its loss.
         mass = self._tree.leaves()[out]
-        probs = mixture_probabilities(mass, np.ones(size, dtype=bool), self._tree.total, self._n_kept, mix)
+        total = self._tree.total
+        if 0.0 < mix < 1.0 and total > 0 and self._n_kept > 0:
+            # mixture_probabilities(mass, all kept, ...) in two in-place passes, bitwise the same.
+            probs = np.multiply(mass, (1.0 - mix) / total, out=mass)
+            probs += mix / self._n_kept
+        else:
+            probs = mixture_probabilities(mass, np.ones(size, dtype=bool), total, self._n_kept, mix)
         return out, probs
 
     def _draw_tilted(self, rng: np.random.Generator, m: int) -> np.ndarray:

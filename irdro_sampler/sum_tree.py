@@ -12,6 +12,7 @@ Masses cannot go negative or NaN unless a leaf is set to such a value, which :me
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 class SumTree:
@@ -191,7 +192,9 @@ class FanoutSumTree:
 
     def _refresh_prefix(self) -> None:
         self.prefix[0] = 0.0
-        np.cumsum(self.levels[-1], out=self.prefix[1:])
+        # torch's CPU cumsum: the same sequential float64 additions as np.cumsum (bitwise equal), ~3x
+        # faster. Views are made per call (cached ones would not survive a copy of the tree).
+        torch.cumsum(torch.from_numpy(self.levels[-1]), 0, out=torch.from_numpy(self.prefix[1:]))
 
     # -- updates -------------------------------------------------------------------------------------
     def set(self, leaves: np.ndarray, values: np.ndarray) -> None:
@@ -206,14 +209,17 @@ class FanoutSumTree:
             return
         if leaves.min() < 0 or leaves.max() >= self.num_leaves:
             raise ValueError(f"leaves must lie in [0, {self.num_leaves})")
+        if leaves.size > 1 and not np.all(leaves[1:] >= leaves[:-1]):
+            order = np.argsort(leaves, kind="stable")  # stable: the last value of a leaf still wins
+            leaves, values = leaves[order], np.broadcast_to(values, leaves.shape)[order]
         self._set(leaves, values)
 
     def _set(self, leaves: np.ndarray, values: np.ndarray) -> None:
-        """:meth:`set` without the checks (int64 leaves in range, finite non-negative float64 values)."""
+        """:meth:`set` without the checks (sorted int64 leaves in range, finite non-negative float64 values)."""
         self.levels[0][leaves] = values
-        groups = leaves // self.fanout
-        if groups.size > 1 and not np.all(groups[1:] >= groups[:-1]):
-            groups = np.sort(groups)
+        shift = self.fanout.bit_length() - 1
+        pow2 = self.fanout == 1 << shift  # a shift is ~3x cheaper than an int64 division
+        groups = leaves >> shift if pow2 else leaves // self.fanout
         for k, rows in enumerate(self._rows):
             groups = _dedupe_sorted(groups)
             if 2 * groups.size >= rows.shape[0]:
@@ -222,7 +228,7 @@ class FanoutSumTree:
             else:
                 # (children, groups) layout: the fold then runs on contiguous rows (~3x faster).
                 self.levels[k + 1][groups] = _fold(np.ascontiguousarray(np.take(rows, groups, axis=0).T))
-            groups = groups // self.fanout
+            groups = groups >> shift if pow2 else groups // self.fanout
         self._refresh_prefix()
 
     # -- search --------------------------------------------------------------------------------------
@@ -241,7 +247,8 @@ class FanoutSumTree:
         if self.prefix[-1] <= 0.0:
             raise ValueError("cannot search a sum tree of total mass 0")
         order = None
-        if m > 1 and self.levels[0].size > _SORT_ABOVE and not np.all(t[1:] >= t[:-1]):
+        sort = self.levels[0].size > _SORT_ABOVE or (m >= 64 and self.prefix.size > _SORT_PREFIX_ABOVE)
+        if m > 1 and sort and not np.all(t[1:] >= t[:-1]):
             order = _approx_order(t)
             t = t[order]
         # Frontier: node j with prefix[j] <= t < prefix[j + 1].
@@ -288,6 +295,9 @@ class FanoutSumTree:
 # Above this many leaves (32 MB, more than the last-level cache) searching the targets in sorted order
 # pays: neighbouring targets share tree paths and pages.
 _SORT_ABOVE = 1 << 22
+# Above this many prefix sums, sorting pays for the frontier's searchsorted alone: with sorted keys its
+# binary searches are far better predicted (~3x faster for 4k targets over 16k-32k sums).
+_SORT_PREFIX_ABOVE = 1 << 10
 
 
 def _approx_order(t: np.ndarray) -> np.ndarray:
@@ -307,7 +317,11 @@ def _approx_order(t: np.ndarray) -> np.ndarray:
 def _zeros(size: int) -> np.ndarray:
     # np.empty + fill rather than np.zeros: the pages are touched now (not faulted in one by one by
     # random updates later) and large arrays get transparent huge pages (fewer TLB misses).
-    arr = np.empty(size, dtype=np.float64)
+    # Aligned to 64 bytes: a row of 8 float64 is then exactly one cache line (malloc's 16-byte offset
+    # made every row straddle two lines, doubling the cache misses of a row gather).
+    raw = np.empty(size + 8, dtype=np.float64)
+    skip = (-raw.ctypes.data % 64) // 8
+    arr = raw[skip : skip + size]
     arr.fill(0.0)
     return arr
 
