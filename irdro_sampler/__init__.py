@@ -8,7 +8,7 @@ The core imports only numpy and torch; framework integrations live in ``irdro_sa
 from .indexed import IndexedDataset
 from .loss_table import LossTable
 from .sampler import IRDROSampler
-from .sum_tree import SumTree
+from .sum_tree import FanoutSumTree
 from .weights import (
     DROWeighting,
     WeightParams,
@@ -26,10 +26,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DROWeighting",
+    "FanoutSumTree",
     "IRDROSampler",
     "IndexedDataset",
     "LossTable",
-    "SumTree",
     "WeightParams",
     "cut_threshold",
     "distribution_stats",
