@@ -279,15 +279,17 @@ class DROWeighting:
             seen_losses, truncate_quantile=self.truncate_quantile, truncate_zscore=self.truncate_zscore
         )
         eff = np.where(seen, view, prior)
-        calib = eff[~seen | (eff <= threshold)]
-        if self.kl_radius is not None:
-            tau = temperature_for_kl(calib, self.kl_radius)
-        elif self.ess_fraction is not None:
-            tau = temperature_for_ess(calib, self.ess_fraction)
-        else:
-            tau = 1.0 if self.temperature is None else float(self.temperature)
+        tau = self.temperature_for(eff[~seen | (eff <= threshold)])
         shift = max_kept_loss(table.losses, WeightParams(tau, threshold, prior, 0.0))
         return WeightParams(float(tau), float(threshold), float(prior), float(shift))
+
+    def temperature_for(self, kept_losses: np.ndarray) -> float:
+        """The temperature this rule uses for these (kept) losses: the fixed one, or calibrated."""
+        if self.kl_radius is not None and kept_losses.size > 1:
+            return temperature_for_kl(kept_losses, self.kl_radius)
+        if self.ess_fraction is not None and kept_losses.size > 1:
+            return temperature_for_ess(kept_losses, self.ess_fraction)
+        return 1.0 if self.temperature is None else float(self.temperature)
 
     # -- masses and probabilities -------------------------------------------------------------------
     def probabilities(self, table: LossTable, params: WeightParams | None = None) -> np.ndarray:

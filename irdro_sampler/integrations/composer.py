@@ -54,8 +54,7 @@ from irdro_sampler import (
     IndexedDataset,
     IRDROSampler,
     LossTable,
-    temperature_for_ess,
-    temperature_for_kl,
+    kl_dro_weights,
 )
 
 __all__ = [
@@ -599,13 +598,8 @@ class IRDRO(Algorithm):
         if not bool(ok.any()):
             return weights
         kept = values[ok].numpy()
-        if self.rule_options.get("kl_radius") is not None:
-            tau = temperature_for_kl(kept, self.rule_options["kl_radius"]) if kept.size > 1 else 1.0
-        elif self.rule_options.get("ess_fraction") is not None:
-            tau = temperature_for_ess(kept, self.rule_options["ess_fraction"]) if kept.size > 1 else 1.0
-        else:
-            tau = float(self.rule_options.get("temperature", 1.0))
-        weights[ok] = torch.softmax(values[ok] / tau, dim=0)
+        # The paper's in-batch rule is the closed form itself, over this batch: the core computes it.
+        weights[ok] = torch.from_numpy(kl_dro_weights(kept, self._rule.temperature_for(kept)))
         return weights
 
     # ------------------------------------------------------------------ commit and log
