@@ -20,6 +20,7 @@ from .weights import (
     DROWeighting,
     WeightParams,
     distribution_stats,
+    kept_mask,
     masses,
     max_kept_loss,
     mixture_probabilities,
@@ -260,7 +261,7 @@ class IRDROSampler(DistributedSampler):
             uniq, old, new = self.table._apply(idx, val, step)
             if params is not None and uniq.size:
                 # Entries are applied in order, so each one's old/new kept flags give the exact change.
-                self._n_kept += int(np.count_nonzero(_kept(new, params))) - int(np.count_nonzero(_kept(old, params)))
+                self._n_kept += int(np.count_nonzero(kept_mask(new, params))) - int(np.count_nonzero(kept_mask(old, params)))
                 touched.append((uniq, new))
         if params is None or not touched:
             return
@@ -363,7 +364,7 @@ class IRDROSampler(DistributedSampler):
         while filled < m:
             need = m - filled
             cand = rng.integers(0, self.dataset_size, size=int(need / accept_rate * 1.1) + 16)
-            cand = cand[_kept(self.table.losses[cand], self._params)][:need]
+            cand = cand[kept_mask(self.table.losses[cand], self._params)][:need]
             out[filled : filled + cand.size] = cand
             filled += cand.size
         return out
@@ -522,12 +523,6 @@ class IRDROSampler(DistributedSampler):
         if state["params"] is not None:
             self._params = WeightParams(*[float(x) for x in state["params"]])
             self._rebuild(rebase=False)
-
-
-def _kept(losses: np.ndarray, params: WeightParams) -> np.ndarray:
-    """The kept flags of :func:`masses` (same rule, compared in float64) without computing the masses."""
-    loss = losses.astype(np.float64)
-    return np.isnan(loss) | (loss <= params.threshold)
 
 
 def _pack(keys: list[tuple[int, int]], indices: list[np.ndarray], values: list[np.ndarray]) -> dict[str, Any]:

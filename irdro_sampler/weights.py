@@ -307,13 +307,22 @@ def masses(losses: np.ndarray, params: WeightParams) -> tuple[np.ndarray, np.nda
     both call it, so they agree bit for bit.
     """
     loss = losses.astype(np.float64)
-    unseen = np.isnan(loss)
-    loss[unseen] = params.prior
-    kept = unseen | (loss <= params.threshold)
+    kept = _kept64(loss, params.threshold)
+    loss[np.isnan(loss)] = params.prior
     with np.errstate(over="ignore"):
         mass = np.exp((loss - params.shift) / params.temperature)
     mass[~kept] = 0.0
     return mass, kept
+
+
+def kept_mask(losses: np.ndarray, params: WeightParams) -> np.ndarray:
+    """The kept flags of :func:`masses` without computing the masses."""
+    return _kept64(losses.astype(np.float64), params.threshold)
+
+
+def _kept64(loss: np.ndarray, threshold: float) -> np.ndarray:
+    """Unseen samples (NaN) are never cut; seen ones are kept up to the threshold (float64 compare)."""
+    return np.isnan(loss) | (loss <= threshold)
 
 
 def max_kept_loss(losses: np.ndarray, params: WeightParams, chunk: int = 1 << 22) -> float:
@@ -321,10 +330,10 @@ def max_kept_loss(losses: np.ndarray, params: WeightParams, chunk: int = 1 << 22
     best = -math.inf
     has_unseen = False
     for start in range(0, losses.size, chunk):
-        part = losses[start : start + chunk]
+        part = losses[start : start + chunk].astype(np.float64)
         nan = np.isnan(part)
         has_unseen = has_unseen or bool(nan.any())
-        kept = part[~nan & (part <= params.threshold)]
+        kept = part[_kept64(part, params.threshold) & ~nan]
         if kept.size:
             best = max(best, float(kept.max()))
     if has_unseen:
