@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
+        index = operator.index(index)  # an int (numpy and 0-d tensor indices too); TypeError otherwise
         sample = self.dataset[index]
         if isinstance(sample, Mapping):
             if self.index_key in sample:

@@ -31,6 +31,8 @@ from streaming.base.batching import generate_work
 from streaming.base.shared import SharedMemory
 from streaming.base.shared.prefix import _get_path
 
+from irdro_sampler.indexed import IndexedDataset
+
 __all__ = [
     "WeightedStreamingDataset",
     "StreamingMapDataset",
@@ -600,13 +602,29 @@ class WeightedStreamingDataset(StreamingDataset):
             hdr[_ERROR] = 0
 
 
-class StreamingMapDataset(torch.utils.data.Dataset):
+class _StreamingItems:
+    """A StreamingDataset's ``get_item`` as a checked sequence (``len`` = number of samples)."""
+
+    def __init__(self, dataset: StreamingDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return int(self.dataset.num_samples)
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index: {i} out of range for a dataset of {len(self)} samples")
+        return self.dataset.get_item(i)
+
+
+class StreamingMapDataset(IndexedDataset):
     """Map-style view of a StreamingDataset: ``len`` = number of samples, ``view[i]`` = sample ``i``.
 
-    Dict samples get ``index_key`` (default ``"sample_idx"``) set to ``i``; other samples are returned
-    as ``(sample, i)``. Reads go through ``StreamingDataset.get_item``, which downloads the shard if
-    it is missing (and evicts the coldest shard when ``cache_limit`` is reached): random access over
-    many shards with a small ``cache_limit`` re-downloads shards many times.
+    The samples carry their index as :class:`~irdro_sampler.IndexedDataset` adds it (dict samples get
+    ``index_key``, default ``"sample_idx"``). Reads go through ``StreamingDataset.get_item``, which
+    downloads the shard if it is missing (and evicts the coldest shard when ``cache_limit`` is
+    reached): random access over many shards with a small ``cache_limit`` re-downloads shards many
+    times.
     """
 
     def __init__(self, dataset: StreamingDataset, index_key: str = "sample_idx") -> None:
@@ -614,26 +632,7 @@ class StreamingMapDataset(torch.utils.data.Dataset):
             raise TypeError(f"dataset: expected a streaming.StreamingDataset, got {type(dataset)!r}")
         if not isinstance(index_key, str):
             raise TypeError(f"index_key: expected a str, got {type(index_key)!r}")
-        self.dataset = dataset
-        self.index_key = index_key
-
-    def __len__(self) -> int:
-        return int(self.dataset.num_samples)
-
-    def __getitem__(self, index: int) -> Any:
-        if isinstance(index, torch.Tensor):
-            index = index.item()
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"index: expected an int, got {type(index)!r}")
-        i = int(index)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index: {i} out of range for a dataset of {len(self)} samples")
-        sample = self.dataset.get_item(i)
-        if isinstance(sample, dict):
-            sample = dict(sample)
-            sample[self.index_key] = i
-            return sample
-        return (sample, i)
+        super().__init__(_StreamingItems(dataset), index_key)
 
 
 def as_map_dataset(dataset: StreamingDataset, index_key: str = "sample_idx") -> StreamingMapDataset:
