@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import streaming
@@ -138,6 +139,48 @@ def node_working_set(ds, num_workers: int, epoch: int) -> int:
     return peak
 
 
+def replay_downloads(ds, num_workers: int, rounds: int, cache_shards: int) -> np.ndarray:
+    """Shard downloads per round when streaming's own plans are replayed through an LRU shard cache.
+
+    The real counts above depend on thread timing (the prefetch thread races the reader), so a few rounds
+    cannot separate two arms. This replays the exact sample order streaming plans for each round
+    (``generate_work``, the same call the node leader makes) through a model of streaming's cache: a
+    shard is downloaded when a sample of it is touched and it is not cached; when more than
+    ``cache_shards`` shards are cached the least recently touched one is evicted (streaming's
+    ``_evict_coldest_shard``). Each worker's prefetch touches the sample ``predownload`` ahead of the one
+    it reads; workers' batches are interleaved as the DataLoader yields them; the cache persists
+    across rounds. Returns downloads per round for rounds 1.. (round 0 fills the empty cache).
+    """
+    world = copy.copy(World.detect())
+    w = max(num_workers, 1)
+    world.workers_per_rank, world.num_workers, world.workers_per_node = w, w, w
+    ahead = int(ds.predownload)
+    cache: OrderedDict[int, None] = OrderedDict()
+    per_round = []
+    for epoch in range(rounds):
+        ds._resume(world, epoch)
+        plan = generate_work("random", ds, world, epoch, 0)[0, 0]  # (workers, batches, batch)
+        shards = [np.searchsorted(ds.sample_offset_per_shard, plan[k].reshape(-1), side="right") - 1
+                  for k in range(plan.shape[0])]
+        downloads = 0
+        for b in range(plan.shape[1]):
+            for seq in shards:
+                lo, hi = b * plan.shape[2], (b + 1) * plan.shape[2]
+                touches = np.empty(2 * (hi - lo), dtype=np.int64)
+                touches[1::2] = seq[lo:hi]
+                touches[0::2] = seq[np.minimum(np.arange(lo, hi) + ahead, len(seq) - 1)]
+                for s in touches.tolist():
+                    if s in cache:
+                        cache.move_to_end(s)
+                        continue
+                    downloads += 1
+                    cache[s] = None
+                    if len(cache) > cache_shards:
+                        cache.popitem(last=False)
+        per_round.append(downloads)
+    return np.array(per_round[1:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=120_000)
@@ -145,7 +188,8 @@ def main() -> None:
     ap.add_argument("--payload", type=int, default=200, help="bytes per sample besides the id")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--round", type=int, default=15_360, help="samples per round/epoch (multiple of batch)")
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--replay-rounds", type=int, default=41, help="rounds of the planned-order cache replay")
     ap.add_argument("--block", type=int, default=2_048, help="shuffle_block_size for every streaming arm")
     ap.add_argument("--map-samples", type=int, default=3_200)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS_streaming.md"))
@@ -154,6 +198,7 @@ def main() -> None:
     if args.quick:
         args.samples, args.shards, args.round, args.rounds, args.map_samples = 20_000, 20, 5_120, 2, 1_280
         args.block = 512
+        args.replay_rounds = 6
 
     warnings.simplefilter("ignore")  # streaming logs shuffle/predownload hints per dataset
     clean_stale_shared_memory()
@@ -200,6 +245,8 @@ def main() -> None:
                     arm=arm, workers=nw, cache=limit, sps=sps, ratio=sps / native_sps, downloads=dls,
                     sps_range=(min(x[0] for x in steady), max(x[0] for x in steady)),
                     dl_per_round=float(np.mean(per_sample[1:] or per_sample)) * args.round,
+                    dl_se=float(np.std(per_sample[1:], ddof=1) / np.sqrt(len(per_sample) - 1)) * args.round
+                    if len(per_sample) > 2 else float("nan"),
                     dl_per_10k=float(np.mean(per_sample[1:] or per_sample)) * 10_000,
                     spb=shards_per_batch(d, ids, args.batch),
                 ))
@@ -209,6 +256,19 @@ def main() -> None:
                              sps_range=None,
                              spb=shards_per_batch(res["native"][2], iid, args.batch)))
             del res
+        # Planned-order replay: many rounds, exact plans, no thread timing (see replay_downloads).
+        replay = {}
+        cache_shards = int(cache_limit // shard_bytes)
+        for nw in tqdm((0, 2), desc="replay"):
+            for cap in (cache_shards, max(4, cache_shards * 2 // 3)):
+                dsets = {
+                    "native": StreamingDataset(local=local_dir(root), epoch_size=args.round, **common),
+                    "weighted-uniform": WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **common),
+                    "weighted-skewed": WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **common),
+                }
+                dsets["weighted-skewed"].set_weights(skewed_weights(dsets["weighted-skewed"].num_samples))
+                for name, d in dsets.items():
+                    replay[(nw, cap, name)] = replay_downloads(d, nw, args.replay_rounds, cap)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -229,7 +289,7 @@ def main() -> None:
         "round 5: " + ", ".join(f"{k[0]} nw={k[1]}: {v / shard_bytes:.1f} shards" for k, v in ws.items()) + ".",
         "",
         "| arm | workers | cache_limit | samples/s (median of rounds >= 1) | min-max | vs native "
-        "| downloads (each round) | downloads per round (rounds >= 1) | downloads per 10k samples | shards per batch |",
+        "| downloads (each round) | downloads per round (rounds >= 1, +- s.e.) | downloads per 10k samples | shards per batch |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -237,7 +297,9 @@ def main() -> None:
         sps = "" if np.isnan(r["sps"]) else f"{r['sps']:,.0f}"
         ratio = "" if np.isnan(r["ratio"]) else f"{r['ratio']:.2f}"
         dl = " / ".join(str(x) for x in r["downloads"])
-        dpr = "" if np.isnan(r["dl_per_round"]) else f"{r['dl_per_round']:,.0f}"
+        dpr = "" if np.isnan(r["dl_per_round"]) else f"{r['dl_per_round']:,.1f}"
+        if not np.isnan(r.get("dl_se", float("nan"))):
+            dpr += f" +- {r['dl_se']:.1f}"
         d10 = "" if np.isnan(r["dl_per_10k"]) else f"{r['dl_per_10k']:,.0f}"
         rng = "" if r["sps_range"] is None else f"{r['sps_range'][0]:,.0f}-{r['sps_range'][1]:,.0f}"
         lines.append(
@@ -257,6 +319,26 @@ def main() -> None:
             f"{float(np.exp(np.mean(np.log(ratios)))):.2f} (each: {', '.join(f'{x:.2f}' for x in ratios)}); "
             f"downloads per round vs native with cache_limit: {', '.join(f'{x:.2f}' for x in dl_ratio)}."
         )
+    lines += [
+        "",
+        f"### Downloads per round in the planned order ({args.replay_rounds - 1} rounds, cache replay)",
+        "",
+        "The real counts above depend on thread timing (the prefetch thread races the reader), so they vary by "
+        "about +-10 per round and a few rounds cannot compare arms. `replay_downloads` replays the exact "
+        "per-round plans streaming makes (`generate_work`) through a model of streaming's LRU shard cache "
+        "(prefetch `predownload` samples ahead per worker, workers interleaved, cache kept across rounds), "
+        "for every round after the first. Mean +- standard error over rounds; ratio = arm / native.",
+        "",
+        "| workers | cache (shards) | native | weighted-uniform | ratio | weighted-skewed | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for nw, cap in sorted({(k[0], k[1]) for k in replay}):
+        nat = replay[(nw, cap, "native")]
+        cells = [f"{nat.mean():.2f} +- {nat.std(ddof=1) / np.sqrt(nat.size):.2f}"]
+        for arm in ("weighted-uniform", "weighted-skewed"):
+            v = replay[(nw, cap, arm)]
+            cells += [f"{v.mean():.2f} +- {v.std(ddof=1) / np.sqrt(v.size):.2f}", f"{v.mean() / nat.mean():.3f}"]
+        lines.append(f"| {nw} | {cap} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     with open(args.out, "w") as f:
