@@ -147,7 +147,6 @@ def bench_ours(n: int, b: int, steps: int, seed: int) -> dict:
         "build_s": t_first,
         "bytes_per_sample": state_nbytes(sampler) / n,
         "steps": len(wall_a),
-        "redraws": sampler._counters["redraws"],
     }
     del sampler
     gc.collect()

@@ -174,7 +174,7 @@ class IRDROSampler(DistributedSampler):
         self._drawn: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # b -> (indices, probabilities)
         self._start_batch = 0
         self._counters = dict.fromkeys(
-            ("late_feedback", "skipped_nonfinite", "stale_replays", "refreshes", "rebases", "redraws"), 0
+            ("late_feedback", "skipped_nonfinite", "stale_replays", "refreshes", "rebases"), 0
         )
 
     @property

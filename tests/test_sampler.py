@@ -325,7 +325,7 @@ def test_long_run_tree_never_drifts_from_table():
     _assert_tree_is_rebuild(s)
     st = s.stats()
     assert st["refreshes"] == 1  # the tree was only ever updated incrementally (plus rebases)
-    assert st["skipped_nonfinite"] > 0 and st["redraws"] < 5
+    assert st["skipped_nonfinite"] > 0
 
 
 @pytest.mark.parametrize("tau", [1e-3, 1e-1, 1.0, 1e3])
