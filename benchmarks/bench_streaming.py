@@ -181,6 +181,43 @@ def replay_downloads(ds, num_workers: int, rounds: int, cache_shards: int) -> np
     return np.array(per_round[1:])
 
 
+def structural_overhead(native, weighted, num_workers: int, rounds: int, ids: np.ndarray, reps: int) -> dict:
+    """What the weighted path adds, measured apart from the I/O noise of whole rounds.
+
+    * planning: seconds per round for the node leader's plan (native: ``generate_work``; weighted:
+      freezing the round's weights, ``generate_work`` with our ``resample_streams``, the plan and
+      cache checks), median over ``rounds`` rounds;
+    * per sample: ``get_item`` on the same ids, native and weighted alternating ``reps`` times (the
+      weighted one adds ``sample_idx``), median seconds per sample.
+    """
+    world = copy.copy(World.detect())
+    w = max(num_workers, 1)
+    world.workers_per_rank, world.num_workers, world.workers_per_node = w, w, w
+    plan_n, plan_w = [], []
+    for epoch in range(rounds):
+        for ds, out in ((native, plan_n), (weighted, plan_w)):
+            ds._resume(world, epoch)
+            t0 = time.perf_counter()
+            if ds is weighted:
+                ds._freeze(epoch)
+            plan = generate_work("random", ds, world, epoch, 0)
+            if ds is weighted:
+                ds._check_plan(plan, epoch, 0)
+            out.append(time.perf_counter() - t0)
+    item_n, item_w = [], []
+    for ds in (native, weighted):
+        for i in ids[:64]:  # warm up: shards downloaded, files in the page cache
+            ds.get_item(int(i))
+    for _ in range(reps):
+        for ds, out in ((native, item_n), (weighted, item_w)):
+            t0 = time.perf_counter()
+            for i in ids:
+                ds.get_item(int(i))
+            out.append((time.perf_counter() - t0) / len(ids))
+    return {"plan_native": float(np.median(plan_n)), "plan_weighted": float(np.median(plan_w)),
+            "item_native": float(np.median(item_n)), "item_weighted": float(np.median(item_w))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=120_000)
@@ -256,6 +293,15 @@ def main() -> None:
                              sps_range=None,
                              spb=shards_per_batch(res["native"][2], iid, args.batch)))
             del res
+        # Structural overhead of the weighted path (planning per round, get_item per sample).
+        overhead = {}
+        ids = np.random.default_rng(1).integers(0, args.samples, 3_000)
+        for nw in (0, 2):
+            kw = dict(common, cache_limit=cache_limit)  # the weighted plan then includes the cache check
+            nat = StreamingDataset(local=local_dir(root), epoch_size=args.round, **kw)
+            wds = WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **kw)
+            wds.set_weights(skewed_weights(wds.num_samples))
+            overhead[nw] = structural_overhead(nat, wds, nw, 5, ids, 9)
         # Planned-order replay: many rounds, exact plans, no thread timing (see replay_downloads).
         replay = {}
         cache_shards = int(cache_limit // shard_bytes)
@@ -318,6 +364,31 @@ def main() -> None:
             f"{arm}: throughput vs native, geometric mean over the 4 configurations: "
             f"{float(np.exp(np.mean(np.log(ratios)))):.2f} (each: {', '.join(f'{x:.2f}' for x in ratios)}); "
             f"downloads per round vs native with cache_limit: {', '.join(f'{x:.2f}' for x in dl_ratio)}."
+        )
+    lines += [
+        "",
+        "### What the weighted path costs, measured apart from I/O noise",
+        "",
+        "Whole-round throughput on this shared 2-core machine varies by about +-15% from round to round (the "
+        "file reads dominate: `io.open`/`read`/`seek` per sample), so the ratios above scatter around 1. "
+        "`structural_overhead` measures what the weighted path adds: the node leader's planning per round "
+        "(freeze the weights, our `resample_streams`, streaming's partition and shuffle, our plan and cache "
+        "checks; native: streaming's planning) and `get_item` per sample on the same ids, alternating arms "
+        "(the weighted one adds `sample_idx`). `expected ratio` = native round time / (native round time + "
+        "extra planning + round_size x extra per-sample time), with the native round time from the median "
+        "throughput above (no cache limit).",
+        "",
+        "| workers | planning native ms | planning weighted ms | get_item native us | get_item weighted us "
+        "| extra per round ms | expected throughput ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for nw, o in overhead.items():
+        native_sps = next(r["sps"] for r in rows if r["arm"] == "native" and r["workers"] == nw and r["cache"] is None)
+        extra = (o["plan_weighted"] - o["plan_native"]) + args.round * (o["item_weighted"] - o["item_native"])
+        t_round = args.round / native_sps
+        lines.append(
+            f"| {nw} | {1e3 * o['plan_native']:.1f} | {1e3 * o['plan_weighted']:.1f} | {1e6 * o['item_native']:.1f} "
+            f"| {1e6 * o['item_weighted']:.1f} | {1e3 * extra:.0f} | {t_round / (t_round + max(extra, 0.0)):.3f} |"
         )
     lines += [
         "",

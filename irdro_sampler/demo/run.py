@@ -84,6 +84,7 @@ class DemoConfig:
     threads: int | None = None
     lr_pretrain: float = 3e-3
     lr: float = 1e-3
+    continual_schedule: str = "constant"  # continual-phase LR after warmup: "constant" or "cosine" (to 0.1 lr)
     round_batches: int = 10  # WeightedStreamingDataset round = this many batches (weights refresh per round)
     seq_len: int = 64
     arm_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides (benchmarks)
@@ -225,6 +226,7 @@ def _train(
     progress: bool,
     workdir: Path,
     round_batches: int,
+    schedule: str = "cosine",
 ) -> dict[str, Any]:
     """One Composer run; returns the held-out curve, final per-domain losses, draws per domain and,
     for IR-DRO arms, the final loss table and probabilities."""
@@ -240,7 +242,7 @@ def _train(
     loader, ds = _dataloader(corpus, spec, batch_size, seed, steps, local, round_batches)
     algorithms = _algorithms(spec)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    if load_path is None:
+    if schedule == "cosine":
         sched = CosineAnnealingWithWarmupScheduler(t_warmup=f"{warmup}ba", alpha_f=0.1)
     else:
         sched = ConstantWithWarmupScheduler(t_warmup=f"{warmup}ba")
@@ -365,7 +367,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 r = _train(corpus=corpus, mcfg=mcfg, spec=spec, steps=cfg.steps, lr=cfg.lr, warmup=max(1, cfg.steps // 20),
                            seed=seed, batch_size=cfg.batch_size, load_path=str(ckpt), save_path=None, val=val,
                            eval_interval=cfg.eval_interval, desc=f"{arm} seed {seed}", progress=cfg.progress,
-                           workdir=workdir, round_batches=cfg.round_batches)
+                           workdir=workdir, round_batches=cfg.round_batches, schedule=cfg.continual_schedule)
                 results[arm].append(r)
                 if not cfg.quiet:
                     s = r["summary"]
