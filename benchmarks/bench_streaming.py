@@ -89,15 +89,18 @@ def shards_per_batch(ds: StreamingDataset, ids: np.ndarray, batch: int) -> float
 
 
 def run_streaming_interleaved(arms: dict, num_workers: int, batch: int, rounds: int) -> dict:
-    """Run the arms round by round in turn (A0 B0 C0 A1 B1 C1 ...), so load drift hits them alike."""
+    """Run the arms round by round in turn, rotating who goes first (A0 B0 C0 B1 C1 A1 C2 A2 B2 ...), so
+    load drift and any cost of following another arm (its workers and threads winding down) hit them alike."""
     loaders = {
         name: torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=num_workers,
                                           persistent_workers=num_workers > 0)
         for name, ds in arms.items()
     }
     out = {name: ([], []) for name in arms}
+    names = list(loaders)
     for r in range(rounds):
-        for name, dl in loaders.items():
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            dl = loaders[name]
             DOWNLOADS.value = 0
             n, ids = 0, []
             t0 = time.perf_counter()
