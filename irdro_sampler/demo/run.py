@@ -48,9 +48,11 @@ RECOMMENDED: dict[str, Any] = {"temperature": 0.5, "truncate_zscore": 3.5, "unif
 ARMS: dict[str, dict[str, Any]] = {
     "uniform": {"data": "uniform", "algorithm": None},
     "irdro": {"data": "weighted", "algorithm": dict(RECOMMENDED)},
+    # The fixed-quantile cut alone: the default z-score cut is switched off (both given, the lower wins).
     "irdro-quantile": {
         "data": "weighted",
-        "algorithm": {"temperature": 0.5, "truncate_quantile": 0.95, "uniform_mix": 0.1, "ema": 0.5},
+        "algorithm": {"temperature": 0.5, "truncate_quantile": 0.95, "truncate_zscore": math.inf,
+                      "uniform_mix": 0.1, "ema": 0.5},
     },
     # truncate_zscore=inf disables the default adaptive cut (IRDRO reads None as "the default").
     "irdro-nocut": {
