@@ -22,12 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import sysconfig
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -254,6 +258,22 @@ def build_corpus(
     return Corpus.from_root(root)
 
 
+def create_streaming_dataset(make: Callable[[], Any], attempts: int = 8) -> Any:
+    """``make()`` (a StreamingDataset constructor call), retried when it loses the shared-memory race.
+
+    Streaming picks a shared-memory prefix by scanning /dev/shm; two processes creating datasets at the
+    same moment (parallel benchmark runs) can pick the same one, and one of them gets FileExistsError.
+    """
+    for attempt in range(attempts):
+        try:
+            return make()
+        except FileExistsError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
+
+
 def read_mds(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a whole local MDS folder into memory (``tokens`` as an (n, seq_len) uint8 array or a list
     of byte strings if lengths differ, ``domain`` as int64 if present, ``text`` kept as given).
@@ -262,7 +282,7 @@ def read_mds(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     from streaming import StreamingDataset
 
-    ds = StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
+    ds = create_streaming_dataset(lambda: StreamingDataset(local=str(folder), shuffle=False, batch_size=1))
     toks, doms = [], []
     for i in range(ds.num_samples):
         s = ds.get_item(i)

@@ -22,7 +22,6 @@ import copy
 import gc
 import json
 import math
-import random
 import shutil
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import Corpus, CorpusConfig, build_corpus, load_user_data, read_mds
+from .data import Corpus, CorpusConfig, build_corpus, create_streaming_dataset, load_user_data, read_mds
 from .model import ModelConfig, build_composer_model, evaluate_domains, summarize, tokens_tensor
 
 #: The recommended IR-DRO options the demo's ``irdro`` arm uses (chosen on benchmarks/quality.py;
@@ -187,16 +186,7 @@ def _dataloader(corpus: Corpus, spec: dict[str, Any], batch_size: int, seed: int
     else:
         def make():
             return StreamingDataset(**common)
-    # Streaming picks a shared-memory prefix by scanning /dev/shm; two processes creating datasets at
-    # the same moment (parallel benchmark runs) can pick the same one and one gets FileExistsError.
-    for attempt in range(8):
-        try:
-            ds = make()
-            break
-        except FileExistsError:
-            if attempt == 7:
-                raise
-            time.sleep(0.2 + random.random())
+    ds = create_streaming_dataset(make)
     # drop_last: a plain streaming epoch is not a multiple of the batch; every arm trains full batches.
     return DataLoader(ds, batch_size=batch_size, num_workers=0, drop_last=True,
                       collate_fn=partial(collate_bytes, seq_len=corpus.seq_len)), ds
@@ -228,7 +218,7 @@ def _train(
     progress: bool,
     workdir: Path,
     round_batches: int,
-    schedule: str = "cosine",
+    schedule: str,
 ) -> dict[str, Any]:
     """One Composer run; returns the held-out curve, final per-domain losses, draws per domain and,
     for IR-DRO arms, the final loss table and probabilities."""
@@ -322,6 +312,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for arm in cfg.arms:
         if arm not in ARMS and arm not in cfg.arm_options:
             raise DemoInputError(f"arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    if cfg.continual_schedule not in ("constant", "cosine"):
+        raise DemoInputError(f"continual_schedule: expected 'constant' or 'cosine', got {cfg.continual_schedule!r}")
     _quiet_libraries()
     # Tiny models on CPU hit denormal floats late in training; flushing them is 5-10x faster. (numpy's
     # float limits are cached first: computed after the flush they warn that the subnormal is zero.)
@@ -359,7 +351,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             pre = _train(corpus=corpus, mcfg=mcfg, spec=ARMS["uniform"], steps=cfg.pretrain_steps, lr=cfg.lr_pretrain,
                          warmup=warm_pre, seed=seed, batch_size=cfg.batch_size, load_path=None, save_path=str(ckpt),
                          val=val, eval_interval=max(1, cfg.pretrain_steps // 4), desc=f"pretrain seed {seed}",
-                         progress=cfg.progress, workdir=workdir, round_batches=cfg.round_batches)
+                         progress=cfg.progress, workdir=workdir, round_batches=cfg.round_batches, schedule="cosine")
             pretrain.append({"summary": pre["summary"], "final": pre["final"]})
             if not cfg.quiet:
                 print(f"seed {seed}: pretrained {cfg.pretrain_steps} steps, held-out mean "
