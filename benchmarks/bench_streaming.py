@@ -131,10 +131,16 @@ def run_map(base: StreamingDataset, num_workers: int, batch: int, num_samples: i
     return (n / dt, DOWNLOADS.value, n), np.concatenate(ids)
 
 
-def node_working_set(ds, num_workers: int, epoch: int) -> int:
+def worker_world(num_workers: int) -> World:
+    """This process's World as one rank with ``num_workers`` DataLoader workers (at least one) sees it."""
     world = copy.copy(World.detect())
     w = max(num_workers, 1)
     world.workers_per_rank, world.num_workers, world.workers_per_node = w, w, w
+    return world
+
+
+def node_working_set(ds, num_workers: int, epoch: int) -> int:
+    world = worker_world(num_workers)
     ds._resume(world, epoch)
     plan = generate_work("random", ds, world, epoch, 0)
     window = int(ds.predownload) + int(ds.batch_size)
@@ -154,9 +160,7 @@ def replay_downloads(ds, num_workers: int, rounds: int, cache_shards: int) -> np
     it reads; workers' batches are interleaved as the DataLoader yields them; the cache persists
     across rounds. Returns downloads per round for rounds 1.. (round 0 fills the empty cache).
     """
-    world = copy.copy(World.detect())
-    w = max(num_workers, 1)
-    world.workers_per_rank, world.num_workers, world.workers_per_node = w, w, w
+    world = worker_world(num_workers)
     ahead = int(ds.predownload)
     cache: OrderedDict[int, None] = OrderedDict()
     per_round = []
@@ -193,9 +197,7 @@ def structural_overhead(native, weighted, num_workers: int, rounds: int, ids: np
     * per sample: ``get_item`` on the same ids, native and weighted alternating ``reps`` times (the
       weighted one adds ``sample_idx``), median seconds per sample.
     """
-    world = copy.copy(World.detect())
-    w = max(num_workers, 1)
-    world.workers_per_rank, world.num_workers, world.workers_per_node = w, w, w
+    world = worker_world(num_workers)
     plan_n, plan_w = [], []
     for epoch in range(rounds):
         for ds, out in ((native, plan_n), (weighted, plan_w)):

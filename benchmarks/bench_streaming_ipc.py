@@ -17,7 +17,6 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -56,16 +55,8 @@ def main() -> None:
             "weighted": WeightedStreamingDataset(round_size=15_360, local=bs.local_dir(root), **common),
             "weighted without sample_idx": WeightedWithoutIndex(round_size=15_360, local=bs.local_dir(root), **common),
         }
-        loaders = {k: torch.utils.data.DataLoader(d, batch_size=64, num_workers=args.workers,
-                                                  persistent_workers=args.workers > 0) for k, d in arms.items()}
-        times: dict[str, list[float]] = {k: [] for k in arms}
-        names = list(arms)
-        for r in range(args.rounds):
-            for k in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                for _ in loaders[k]:
-                    pass
-                times[k].append(time.perf_counter() - t0)
+        runs = bs.run_streaming_interleaved(arms, args.workers, 64, args.rounds)  # rotating order
+        times = {k: [n / sps for sps, _, n in per_round] for k, (per_round, _) in runs.items()}
         strategy = torch.multiprocessing.get_sharing_strategy()
         print(f"workers={args.workers}, sharing strategy {strategy}, median s per round of 15,360 samples "
               f"(rounds >= 1), ratio = native / arm:")
