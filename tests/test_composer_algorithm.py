@@ -32,6 +32,7 @@ from irdro_sampler.integrations.composer import (  # noqa: E402
     default_per_sample_loss,
     gather_feedback,
 )
+from irdro_sampler.weights import DEFAULT_TEMPERATURE  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -415,6 +416,16 @@ def test_options_must_agree_with_the_sampler(clf_data):
     trainer = ex.build_trainer(ex.build_classifier_model(), dl, [IRDRO(temperature=1.0, truncate_quantile=0.9)],
                                steps=1)
     trainer.fit()  # agreeing options are fine
+    trainer.close()
+    # A sampler left at the default temperature agrees with IRDRO(temperature=DEFAULT_TEMPERATURE) only.
+    dl = ex.build_dataloader(data, "irdro", 8)
+    trainer = ex.build_trainer(ex.build_classifier_model(), dl, [IRDRO(temperature=DEFAULT_TEMPERATURE)], steps=1)
+    trainer.fit()
+    trainer.close()
+    dl = ex.build_dataloader(data, "irdro", 8)
+    trainer = ex.build_trainer(ex.build_classifier_model(), dl, [IRDRO(temperature=2 * DEFAULT_TEMPERATURE)], steps=1)
+    with pytest.raises(ValueError, match="temperature="):
+        trainer.fit()
     trainer.close()
 
 

@@ -56,6 +56,7 @@ from irdro_sampler import (
     LossTable,
     kl_dro_weights,
 )
+from irdro_sampler.weights import DEFAULT_TEMPERATURE
 
 __all__ = [
     "IRDRO",
@@ -466,7 +467,7 @@ class IRDRO(Algorithm):
             )
         rule_cfg = sampler.rule.config()
         if all(rule_cfg.get(k) is None for k in ("temperature", "kl_radius", "ess_fraction")):
-            rule_cfg["temperature"] = 1.0
+            rule_cfg["temperature"] = DEFAULT_TEMPERATURE  # what the sampler's rule uses when none is given
         mine = dict(self.rule_options)
         conflicts = [f"{k}={v!r} (sampler: {rule_cfg.get(k)!r})" for k, v in mine.items() if rule_cfg.get(k) != v]
         table = sampler.table
