@@ -7,6 +7,9 @@ with and without ``cache_limit`` and with 0 and 2 DataLoader workers, in the sam
 * ``WeightedStreamingDataset`` with uniform weights and with skewed (loss-tilted) weights,
 * ``as_map_dataset`` + core ``IRDROSampler`` (i.i.d. random access, feedback every step),
 
+the IR-DRO arms batched with ``IndexListCollate`` (sample ids as a list, as docs/streaming.md advises
+for DataLoader workers; ``bench_streaming_ipc.py`` shows the default collate's cost),
+
 reporting samples/s, shard downloads per round (counted at ``Stream._download_file``), distinct shards
 per batch, and the working-set bytes the round needs (``working_set_bytes``). Results go to a markdown
 snippet. Usage::
@@ -39,7 +42,7 @@ from streaming.base.util import clean_stale_shared_memory
 from streaming.base.world import World
 from tqdm import tqdm
 
-from irdro_sampler import IRDROSampler
+from irdro_sampler import IndexListCollate, IRDROSampler
 from irdro_sampler.integrations.streaming import WeightedStreamingDataset, as_map_dataset, working_set_bytes
 
 DOWNLOADS = mp.Value("q", 0)  # shared with forked DataLoader workers
@@ -88,12 +91,15 @@ def shards_per_batch(ds: StreamingDataset, ids: np.ndarray, batch: int) -> float
     return float(np.mean([len(np.unique(b)) for b in shard[: nb * batch].reshape(nb, batch)]))
 
 
-def run_streaming_interleaved(arms: dict, num_workers: int, batch: int, rounds: int) -> dict:
+def run_streaming_interleaved(arms: dict, num_workers: int, batch: int, rounds: int,
+                              collate: dict | None = None) -> dict:
     """Run the arms round by round in turn, rotating who goes first (A0 B0 C0 B1 C1 A1 C2 A2 B2 ...), so
-    load drift and any cost of following another arm (its workers and threads winding down) hit them alike."""
+    load drift and any cost of following another arm (its workers and threads winding down) hit them alike.
+    ``collate``: arm name -> collate_fn for the arms that do not use the default one."""
+    collate = collate or {}
     loaders = {
         name: torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=num_workers,
-                                          persistent_workers=num_workers > 0)
+                                          persistent_workers=num_workers > 0, collate_fn=collate.get(name))
         for name, ds in arms.items()
     }
     out = {name: ([], []) for name in arms}
@@ -117,12 +123,13 @@ def run_streaming_interleaved(arms: dict, num_workers: int, batch: int, rounds: 
 def run_map(base: StreamingDataset, num_workers: int, batch: int, num_samples: int, label: str):
     view = as_map_dataset(base)
     sampler = IRDROSampler(view, batch, seed=0, num_replicas=1, rank=0, num_samples=num_samples)
-    dl = torch.utils.data.DataLoader(view, batch_size=batch, sampler=sampler, num_workers=num_workers)
+    dl = torch.utils.data.DataLoader(view, batch_size=batch, sampler=sampler, num_workers=num_workers,
+                                     collate_fn=IndexListCollate())
     DOWNLOADS.value = 0
     n, ids = 0, []
     t0 = time.perf_counter()
     for step, b in enumerate(tqdm(dl, desc=label, leave=False)):
-        idx = b["sample_idx"]
+        idx = torch.as_tensor(b["sample_idx"])
         # Synthetic per-sample losses: deterministic in the id, so the weights drift away from uniform.
         sampler.update(idx, ((idx * 2654435761) % 1000).double() / 250.0, step=step)
         n += len(idx)
@@ -273,7 +280,9 @@ def main() -> None:
                 "weighted-skewed": WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **kw),
             }
             arms["weighted-skewed"].set_weights(skewed_weights(arms["weighted-skewed"].num_samples))
-            runs = run_streaming_interleaved(arms, nw, args.batch, args.rounds)
+            # The weighted arms as documented for workers: ids as a list, not a fourth tensor per batch.
+            runs = run_streaming_interleaved(arms, nw, args.batch, args.rounds,
+                                             collate={k: IndexListCollate() for k in arms if k != "native"})
             res = {name: runs[name] + (arms[name],) for name in arms}
             base = StreamingDataset(local=local_dir(root), **kw)
             m, mids = run_map(base, nw, args.batch, args.map_samples, "map+IRDROSampler")

@@ -5,7 +5,9 @@ Every IR-DRO path must report which samples a batch held, so ``WeightedStreaming
 workers, every batch tensor crosses into the main process through shared memory; under torch's default
 ``file_descriptor`` sharing strategy that costs a few syscalls and a file-descriptor transfer per tensor.
 This runs, round by round with a rotating order, native ``StreamingDataset``, ``WeightedStreamingDataset``
-and the same weighted dataset with ``sample_idx`` removed, and prints the median seconds per round::
+with the default collate, the same with ``IndexListCollate`` (the ids travel as a list pickled with the
+batch: the remedy docs/streaming.md advises) and the weighted dataset with ``sample_idx`` removed (the
+floor: it cannot report losses), and prints the median seconds per round::
 
     python benchmarks/bench_streaming_ipc.py --workers 2
     python benchmarks/bench_streaming_ipc.py --workers 2 --sharing-strategy file_system
@@ -27,6 +29,7 @@ from streaming import StreamingDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_streaming as bs  # noqa: E402
 
+from irdro_sampler import IndexListCollate  # noqa: E402
 from irdro_sampler.integrations.streaming import WeightedStreamingDataset  # noqa: E402
 
 
@@ -52,10 +55,13 @@ def main() -> None:
         common = dict(remote=remote, batch_size=64, shuffle=True, shuffle_block_size=2048)
         arms = {
             "native": StreamingDataset(local=bs.local_dir(root), epoch_size=15_360, **common),
-            "weighted": WeightedStreamingDataset(round_size=15_360, local=bs.local_dir(root), **common),
+            "weighted, default collate": WeightedStreamingDataset(round_size=15_360, local=bs.local_dir(root), **common),
+            "weighted + IndexListCollate": WeightedStreamingDataset(round_size=15_360, local=bs.local_dir(root),
+                                                                    **common),
             "weighted without sample_idx": WeightedWithoutIndex(round_size=15_360, local=bs.local_dir(root), **common),
         }
-        runs = bs.run_streaming_interleaved(arms, args.workers, 64, args.rounds)  # rotating order
+        runs = bs.run_streaming_interleaved(arms, args.workers, 64, args.rounds,  # rotating order
+                                            collate={"weighted + IndexListCollate": IndexListCollate()})
         times = {k: [n / sps for sps, _, n in per_round] for k, (per_round, _) in runs.items()}
         strategy = torch.multiprocessing.get_sharing_strategy()
         print(f"workers={args.workers}, sharing strategy {strategy}, median s per round of 15,360 samples "
@@ -63,7 +69,7 @@ def main() -> None:
         base = float(np.median(times["native"][1:]))
         for k, t in times.items():
             m = float(np.median(t[1:]))
-            print(f"  {k:28s} {m:.3f} s   ratio {base / m:.2f}")
+            print(f"  {k:30s} {m:.3f} s   ratio {base / m:.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

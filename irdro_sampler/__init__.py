@@ -5,7 +5,7 @@ draws the next samples with probability proportional to closed-form KL-DRO (IR-D
 The core imports only numpy and torch; framework integrations live in ``irdro_sampler.integrations``.
 """
 
-from .indexed import IndexedDataset
+from .indexed import IndexedDataset, IndexListCollate
 from .loss_table import LossTable
 from .sampler import IRDROSampler
 from .sum_tree import FanoutSumTree
@@ -28,6 +28,7 @@ __all__ = [
     "DROWeighting",
     "FanoutSumTree",
     "IRDROSampler",
+    "IndexListCollate",
     "IndexedDataset",
     "LossTable",
     "WeightParams",

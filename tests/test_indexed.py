@@ -1,12 +1,13 @@
-"""IndexedDataset: every sample carries its index, in the documented form, through default collate."""
+"""IndexedDataset: every sample carries its index, in the documented form; IndexListCollate keeps ids a list."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from irdro_sampler import IndexedDataset, IRDROSampler
+from irdro_sampler import IndexedDataset, IndexListCollate, IRDROSampler
 
 
 class DictDataset(Dataset):
@@ -85,3 +86,49 @@ def test_indices_reach_the_sampler_update():
     assert seen == drawn
     sampler.flush()  # the last step's feedback is still buffered (feedback_delay=1)
     assert sampler.table.num_seen == len(set(seen))
+
+
+def test_index_list_collate_keeps_ids_a_list_of_ints():
+    ds = IndexedDataset(DictDataset())
+    samples = [ds[i] for i in (3, 1, 3)]  # repeated ids are fine: draws are with replacement
+    samples[1]["sample_idx"] = np.int64(1)  # numpy and 0-d tensor ids become ints
+    samples[2]["sample_idx"] = torch.tensor(3)
+    batch = IndexListCollate()(samples)
+    assert batch["sample_idx"] == [3, 1, 3] and all(type(i) is int for i in batch["sample_idx"])
+    assert torch.equal(batch["x"][:, 0], torch.tensor([3.0, 1.0, 3.0]))
+    assert batch["y"].tolist() == [1, 1, 1]
+    assert "sample_idx" in samples[0]  # the samples are not mutated
+
+
+def test_index_list_collate_wraps_another_collate_and_key():
+    def first_only(samples):
+        return {"x": samples[0]["x"]}
+
+    batch = IndexListCollate(first_only, index_key="uid")([{"x": 1, "uid": 5}, {"x": 2, "uid": 6}])
+    assert batch == {"x": 1, "uid": [5, 6]}
+
+
+def test_index_list_collate_bad_input():
+    collate = IndexListCollate()
+    with pytest.raises(TypeError, match="'sample_idx'.*tuple"):
+        collate([(torch.zeros(2), 0)])
+    with pytest.raises(TypeError, match="keys \\['x'\\]"):
+        collate([{"x": torch.zeros(2)}])
+    with pytest.raises(TypeError, match="1.5"):
+        collate([{"x": torch.zeros(2), "sample_idx": 1.5}])
+    with pytest.raises(TypeError, match="mutable mapping.*list"):
+        IndexListCollate(lambda s: [0])([{"x": 0, "sample_idx": 0}])
+    with pytest.raises(TypeError, match="collate_fn must be callable"):
+        IndexListCollate(collate_fn=3)
+
+
+def test_index_list_collate_with_workers_reaches_the_sampler():
+    ds = IndexedDataset(DictDataset())
+    sampler = IRDROSampler(ds, 4, seed=3)
+    loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, collate_fn=IndexListCollate())
+    for step, batch in enumerate(loader):
+        assert isinstance(batch["sample_idx"], list)
+        assert batch["x"][:, 0].long().tolist() == batch["sample_idx"]  # ids match contents
+        sampler.update(batch["sample_idx"], batch["x"][:, 0], step=step)
+    sampler.flush()
+    assert sampler.table.num_seen > 0

@@ -16,6 +16,7 @@ from _streaming_data import fresh_local, write_mds  # noqa: E402
 from composer import Callback, Trainer  # noqa: E402
 from composer.models import ComposerModel  # noqa: E402
 
+from irdro_sampler import IndexListCollate  # noqa: E402
 from irdro_sampler.integrations.composer import IRDRO  # noqa: E402
 from irdro_sampler.integrations.streaming import WeightedStreamingDataset  # noqa: E402
 
@@ -47,7 +48,7 @@ class RecordIds(Callback):
         self.ids: list[np.ndarray] = []
 
     def after_dataloader(self, state, logger) -> None:
-        self.ids.append(state.batch["sample_idx"].numpy().copy())
+        self.ids.append(torch.as_tensor(state.batch["sample_idx"]).numpy().copy())  # tensor or list (IndexListCollate)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +61,13 @@ def data_root(tmp_path_factory):
     return root
 
 
-def run(root, *, num_workers, save_folder=None, save_interval=None, load_path=None, max_duration="3ep"):
+def run(root, *, num_workers, save_folder=None, save_interval=None, load_path=None, max_duration="3ep",
+        collate_fn=None, microbatch=None):
     ds = WeightedStreamingDataset(
         round_size=ROUND, remote=os.path.join(root, "remote"), local=fresh_local(root), batch_size=BATCH,
         shuffle=True, shuffle_block_size=300, seed=1,
     )
-    dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=num_workers)
+    dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=num_workers, collate_fn=collate_fn)
     algo = IRDRO(temperature=0.5, uniform_mix=0.1, loss_fn=per_sample_loss, log_interval=0)
     rec = RecordIds()
     model = Tiny()
@@ -73,11 +75,12 @@ def run(root, *, num_workers, save_folder=None, save_interval=None, load_path=No
         model=model, train_dataloader=dl, max_duration=max_duration, algorithms=[algo], callbacks=[rec],
         optimizers=torch.optim.SGD(model.parameters(), lr=0.5), device="cpu", seed=3,
         save_folder=save_folder, save_interval=save_interval, save_overwrite=True, load_path=load_path,
-        progress_bar=False, log_to_console=False,
+        progress_bar=False, log_to_console=False, device_train_microbatch_size=microbatch,
     )
     trainer.fit()
     params = [p.detach().clone() for p in model.parameters()]
-    out = dict(ids=np.concatenate(rec.ids), weights=ds.pending_weights(), losses=algo.table.losses.copy(), params=params)
+    out = dict(ids=np.concatenate(rec.ids), weights=ds.pending_weights(), losses=algo.table.losses.copy(), params=params,
+               counts=algo.table.counts.copy())
     trainer.close()
     return out
 
@@ -118,3 +121,22 @@ def test_composer_resumes_at_round_boundary_without_replay(data_root, tmp_path):
     resumed = run(data_root, num_workers=2, load_path=ckpt[0])
     assert np.array_equal(resumed["ids"], full["ids"][ROUND:])
     same(full, resumed)
+
+
+@pytest.mark.slow
+def test_index_list_collate_trains_like_the_default_collate(data_root):
+    """Ids as a list (the advised collate with workers) change nothing: same batches, weights, model."""
+    default = run(data_root, num_workers=2, max_duration="2ep")
+    listed = run(data_root, num_workers=2, max_duration="2ep", collate_fn=IndexListCollate())
+    assert np.array_equal(default["ids"], listed["ids"])
+    same(default, listed)
+
+
+@pytest.mark.slow
+def test_index_list_collate_splits_into_microbatches(data_root):
+    """Composer splits the id list with the tensors: 10 = 3 + 3 + 3 + 1, every sample reported once."""
+    out = run(data_root, num_workers=0, max_duration="1ep", collate_fn=IndexListCollate(), microbatch=3)
+    assert len(out["ids"]) == ROUND
+    expected = np.bincount(out["ids"], minlength=N)
+    assert np.array_equal(out["counts"], expected)
+    assert np.isfinite(out["losses"][out["ids"]]).all()
