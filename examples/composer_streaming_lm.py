@@ -5,7 +5,8 @@ documents, with 5% random-byte documents standing for corrupt data, written as M
 "remote"), then streamed into a local cache. The wiring is what a user writes:
 
     dataset = WeightedStreamingDataset(round_size=..., remote=..., local=..., batch_size=..., shuffle=True)
-    trainer = Trainer(model=..., train_dataloader=DataLoader(dataset, ...), algorithms=[IRDRO()])
+    loader = DataLoader(dataset, ..., collate_fn=IndexListCollate(my_collate))  # ids as a list of ints
+    trainer = Trainer(model=..., train_dataloader=loader, algorithms=[IRDRO()])
 
 IRDRO computes each sequence's loss from the forward pass Composer already ran, keeps a running loss
 per document, and at every round boundary (EPOCH_END) pushes the closed-form KL-DRO weights to the
@@ -46,12 +47,9 @@ def write_mds(remote: Path, num_docs: int, noise: float, seed: int) -> np.ndarra
 
 
 def collate(samples: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
-    """Bytes -> ``input_ids``/``labels``; ``sample_idx`` (added by the weighted dataset) is passed on."""
+    """Bytes -> ``input_ids``/``labels`` (``IndexListCollate`` adds the weighted dataset's ``sample_idx``)."""
     ids = torch.stack([torch.from_numpy(np.frombuffer(s["tokens"], dtype=np.uint8)[:seq_len].astype(np.int64)) for s in samples])
-    batch = {"input_ids": ids, "labels": ids.clone()}
-    if "sample_idx" in samples[0]:
-        batch["sample_idx"] = torch.as_tensor([int(s["sample_idx"]) for s in samples])
-    return batch
+    return {"input_ids": ids, "labels": ids.clone()}
 
 
 def build_model(seed: int):
@@ -73,8 +71,8 @@ class CountDraws:
 
         class _Callback(Callback):
             def after_dataloader(self, state, logger) -> None:
-                idx = state.batch["sample_idx"].numpy() if "sample_idx" in state.batch else None
-                if idx is not None:
+                if "sample_idx" in state.batch:  # a list of ints (IndexListCollate)
+                    idx = np.asarray(state.batch["sample_idx"], dtype=np.int64)
                     outer.noise += int(is_noise[idx].sum())
                     outer.total += idx.size
 
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     from streaming import StreamingDataset
     from torch.utils.data import DataLoader
 
-    from irdro_sampler import DROWeighting
+    from irdro_sampler import DROWeighting, IndexListCollate
     from irdro_sampler.integrations.composer import IRDRO
     from irdro_sampler.integrations.streaming import WeightedStreamingDataset
 
@@ -112,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             dataset = StreamingDataset(**common)
             algorithms = [IRDRO(mode="reweight", log_interval=0)] if args.algorithm == "irdro-reweight" else []
-        loader = DataLoader(dataset, batch_size=args.batch_size, drop_last=True,
-                            collate_fn=partial(collate, seq_len=SEQ_LEN))
+        collate_fn = partial(collate, seq_len=SEQ_LEN)
+        if args.algorithm == "irdro":  # the ids IRDRO reports losses for, kept a list (cheap with workers)
+            collate_fn = IndexListCollate(collate_fn)
+        loader = DataLoader(dataset, batch_size=args.batch_size, drop_last=True, collate_fn=collate_fn)
         counter = CountDraws(is_noise)
         trainer = Trainer(model=build_model(args.seed), train_dataloader=loader, max_duration=f"{args.steps}ba",
                           optimizers=None, algorithms=algorithms, callbacks=[counter.callback], device="cpu",
