@@ -92,7 +92,7 @@ def test_import_irdro_sampler_does_not_import_streaming():
 
 def test_plan_round_is_exact_multinomial(data_root):
     """The two-stage (shard, then within-shard) draws have the distribution of flat i.i.d. draws."""
-    ds = make(data_root, round_size=300_000)
+    ds = make(data_root, round_size=300_000, draws="iid")
     w = skewed_weights(1)
     p = w / w.sum()
     units, ids = ds.plan_round(p, 0)
@@ -111,9 +111,10 @@ def test_plan_round_is_exact_multinomial(data_root):
     assert not np.array_equal(ds.plan_round(p, 1)[1], ids)
 
 
+@pytest.mark.parametrize("draws", ["balanced", "iid"])
 @pytest.mark.parametrize("num_workers,persistent", [(0, False), (2, False), (2, True)])
-def test_rounds_follow_weights(data_root, num_workers, persistent):
-    ds = make(data_root)
+def test_rounds_follow_weights(data_root, num_workers, persistent, draws):
+    ds = make(data_root, draws=draws)
     dl = loader(ds, num_workers, persistent)
     r0 = take(dl)
     assert len(r0) == ROUND
@@ -125,6 +126,40 @@ def test_rounds_follow_weights(data_root, num_workers, persistent):
     assert binned_chi2(r1, w / w.sum()) > ALPHA
     # The draws are those of the plan (shuffled): same multiset as plan_round with the frozen weights.
     assert np.array_equal(np.sort(r1), np.sort(ds.plan_round(w / w.sum(), 1)[1]))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_balanced_rounds_are_epochs_and_track_the_weights(data_root, num_workers):
+    """Balanced draws (the default): with uniform weights and round_size = N a round is an epoch without
+    replacement; then, with changing weights, every sample's cumulative count stays within two draws of
+    its expectation (phase + round_size * sum of its probabilities), through real DataLoader rounds."""
+    from irdro_sampler.balanced import initial_carry
+
+    ds = make(data_root)  # round_size = N, seed 7
+    assert ds.draws == "balanced"
+    dl = loader(ds, num_workers, persistent=True)
+    r0 = take(dl)
+    assert np.array_equal(np.sort(r0), np.arange(N))
+    drawn = np.bincount(r0, minlength=N).astype(float)
+    expected = initial_carry(N, 7) + ROUND / N
+    for r in range(1, 4):
+        w = skewed_weights(10 + r)
+        ds.set_weights(w)
+        ids = take(dl)
+        assert np.array_equal(np.sort(ids), np.sort(ds.plan_round(w / w.sum(), r)[1]))
+        drawn += np.bincount(ids, minlength=N)
+        expected += ROUND * w / w.sum()
+        assert np.abs(drawn - expected).max() < 2.0
+        assert np.bincount(ids, minlength=N)[w == 0].sum() == 0
+
+
+def test_draws_scheme_must_match_on_resume(data_root):
+    ds = make(data_root, draws="iid")
+    sd = ds.state_dict(0, True)
+    with pytest.raises(ValueError, match="draws='iid'"):
+        make(data_root).load_state_dict(sd)
+    with pytest.raises(ValueError, match="draws: expected 'balanced' or 'iid'"):
+        make(data_root, draws="sobol")
 
 
 def test_weight_change_mid_round_affects_only_next_round(data_root):

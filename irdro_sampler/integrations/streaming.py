@@ -31,6 +31,7 @@ from streaming.base.batching import generate_work
 from streaming.base.shared import SharedMemory
 from streaming.base.shared.prefix import _get_path
 
+from irdro_sampler.balanced import balanced_counts, initial_carry
 from irdro_sampler.indexed import IndexedDataset
 
 __all__ = [
@@ -57,6 +58,7 @@ _PENDING_VERSION = 3  # number of accepted `set_weights` calls (diagnostics)
 _ERROR = 4  # 0, or an error code set by the planner for every worker of the node to raise
 _PLANNED_ROUND = 5  # last round planned on this node
 _WORKERS_PER_NODE = 6  # workers (processes iterating) per node in the last planned round
+_CARRY_ROUND = 7  # round whose starting carry the carry block holds (balanced draws); -1: none yet
 _HEADER_LEN = 8
 _MAX_WORKERS_PER_NODE = 4096
 _ERR_BYTES = 4096
@@ -65,6 +67,7 @@ _DONE_FLAG_NAME = "irdro_done"
 _NOTHING = object()
 _HEADER_NAME = "irdro_hdr"
 _WEIGHTS_NAME = "irdro_w"
+_CARRY_NAME = "irdro_carry"
 _ERRMSG_NAME = "irdro_err"
 
 
@@ -190,15 +193,25 @@ def working_set_bytes(
 class WeightedStreamingDataset(StreamingDataset):
     """A StreamingDataset whose epochs are IR-DRO rounds of weighted draws with replacement.
 
-    Round ``r`` (= streaming epoch ``r``) consists of ``round_size`` sample ids drawn i.i.d. with
-    replacement from the probabilities frozen at its start (uniform until the first ``set_weights``).
-    The draw is two-stage for shard locality -- per-shard counts ~ Multinomial(round_size, shard masses),
-    then per-sample counts within each shard ~ Multinomial(count, within-shard probabilities) -- which is
-    exactly the multinomial of flat i.i.d. draws. Each shard's draws form shuffle units (at most a shard's
-    size each, as streaming does for upsampling) that streaming's own shuffle (``shuffle_algo``,
-    ``shuffle_block_size``) spreads and interleaves, so a batch touches about as few shards as native
-    streaming. The plan is a deterministic function of (``seed``, round, frozen weights), so every node's
-    local leader computes bitwise the same plan for the whole world.
+    Round ``r`` (= streaming epoch ``r``) consists of ``round_size`` sample ids drawn with replacement
+    from the probabilities frozen at its start (uniform until the first ``set_weights``), by one of two
+    schemes (``draws``):
+
+    * ``'balanced'`` (default): per-sample counts from :func:`irdro_sampler.balanced.balanced_counts`,
+      which carries each sample's undrawn expectation to the next round, so every sample's cumulative
+      count stays within about one draw of ``round_size * sum_r p_i(r)`` (plus a random phase). Round 0's
+      expected counts are ``round_size * p`` as for i.i.d. draws; the variance is far lower, and with
+      uniform weights a pass over the data is an epoch without replacement, as in native streaming.
+    * ``'iid'``: i.i.d. draws, two-stage for shard locality -- per-shard counts ~ Multinomial(round_size,
+      shard masses), then per-sample counts within each shard ~ Multinomial(count, within-shard
+      probabilities) -- which is exactly the multinomial of flat i.i.d. draws.
+
+    Each shard's draws form shuffle units (at most a shard's size each, as streaming does for
+    upsampling) that streaming's own shuffle (``shuffle_algo``, ``shuffle_block_size``) spreads and
+    interleaves, so a batch touches about as few shards as native streaming. The plan is a deterministic
+    function of (``seed``, round, frozen weights, and for balanced draws the carry, itself a function of
+    ``seed`` and the earlier rounds' frozen weights), so every node's local leader computes bitwise the
+    same plan for the whole world.
 
     Every sample is returned with its global sample id under ``"sample_idx"`` (for loss reporting).
 
@@ -207,6 +220,7 @@ class WeightedStreamingDataset(StreamingDataset):
             ``num_ranks * batch_size`` (and of the canonical node count) so that streaming's
             partitioner neither repeats nor drops samples; ``strict_round_size=True`` raises instead.
         seed: seed of the weighted draws (default: ``shuffle_seed``).
+        draws: ``'balanced'`` (default) or ``'iid'``, see above.
         cache_check: ``'raise'`` (default), ``'warn'`` or ``'off'``: what to do when ``cache_limit`` is
             set and the planned round's shard working set (see :func:`working_set_bytes`) does not fit.
         strict_round_size: refuse a ``round_size`` that needs rounding.
@@ -217,8 +231,9 @@ class WeightedStreamingDataset(StreamingDataset):
 
     ``set_weights`` is called from the training loop's main process with identical weights on every
     rank; the weights live in node-local shared memory, so persistent DataLoader workers see them.
-    ``state_dict``/``load_state_dict`` carry the frozen and pending weights as float64 torch tensors next
-    to streaming's resume block (which is limited to 4 KiB of JSON), so a Composer checkpoint carries them.
+    ``state_dict``/``load_state_dict`` carry the frozen and pending weights (and the balanced draws'
+    carry) as float64 torch tensors next to streaming's resume block (which is limited to 4 KiB of JSON),
+    so a Composer checkpoint carries them.
     """
 
     def __init__(
@@ -226,12 +241,15 @@ class WeightedStreamingDataset(StreamingDataset):
         *,
         round_size: int,
         seed: int | None = None,
+        draws: str = "balanced",
         cache_check: str = "raise",
         strict_round_size: bool = False,
         **streaming_kwargs: Any,
     ) -> None:
         if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
             raise ValueError(f"round_size: expected a positive int, got {round_size!r}")
+        if draws not in ("balanced", "iid"):
+            raise ValueError(f"draws: expected 'balanced' or 'iid', got {draws!r}")
         if cache_check not in ("raise", "warn", "off"):
             raise ValueError(f"cache_check: expected 'raise', 'warn' or 'off', got {cache_check!r}")
         batching = streaming_kwargs.get("batching_method", "random")
@@ -268,6 +286,7 @@ class WeightedStreamingDataset(StreamingDataset):
         super().__init__(**streaming_kwargs)
 
         self.weight_seed = int(self.shuffle_seed if seed is None else seed)
+        self.draws = draws
         self.cache_check = cache_check
         world = self._parallel_rank_world
         # The canonical node count streaming will use (it is set lazily, in `_resume`): rows of the partition
@@ -294,16 +313,20 @@ class WeightedStreamingDataset(StreamingDataset):
         n = int(self.num_samples)
         leader = self._unique_rank_world.is_local_leader
         prefix = self._shm_prefix_int
-        names = {k: _get_path(prefix, k) for k in (_HEADER_NAME, _WEIGHTS_NAME, _ERRMSG_NAME, _DONE_FLAG_NAME)}
+        names = {k: _get_path(prefix, k) for k in (_HEADER_NAME, _WEIGHTS_NAME, _ERRMSG_NAME, _DONE_FLAG_NAME,
+                                                    _CARRY_NAME)}
+        carry_len = n if draws == "balanced" else 1
         if leader:
             self._hdr = _ShmArray(names[_HEADER_NAME], (_HEADER_LEN,), np.int64, create=True)
             self._w = _ShmArray(names[_WEIGHTS_NAME], (2, n), np.float64, create=True)
             self._err = _ShmArray(names[_ERRMSG_NAME], (_ERR_BYTES,), np.uint8, create=True)
             self._done = _ShmArray(names[_DONE_FLAG_NAME], (_MAX_WORKERS_PER_NODE,), np.uint8, create=True)
+            self._carry = _ShmArray(names[_CARRY_NAME], (carry_len,), np.float64, create=True)
             hdr = self._hdr.numpy()
             hdr[:] = 0
             hdr[_FROZEN_ROUND] = -1
             hdr[_PLANNED_ROUND] = -1
+            hdr[_CARRY_ROUND] = -1
             self._w.numpy()[0] = 1.0 / n  # uniform until the first set_weights
         from torch import distributed as dist
 
@@ -314,6 +337,7 @@ class WeightedStreamingDataset(StreamingDataset):
             self._w = _ShmArray(names[_WEIGHTS_NAME], (2, n), np.float64, create=False)
             self._err = _ShmArray(names[_ERRMSG_NAME], (_ERR_BYTES,), np.uint8, create=False)
             self._done = _ShmArray(names[_DONE_FLAG_NAME], (_MAX_WORKERS_PER_NODE,), np.uint8, create=False)
+            self._carry = _ShmArray(names[_CARRY_NAME], (carry_len,), np.float64, create=False)
 
     # ------------------------------------------------------------------ weights
     def set_weights(self, weights: Any) -> None:
@@ -345,23 +369,59 @@ class WeightedStreamingDataset(StreamingDataset):
         slot = int(hdr[_FROZEN_SLOT]) if int(hdr[_FROZEN_ROUND]) == round_idx else int(hdr[_PENDING_SLOT])
         return self._w.numpy()[slot].copy()
 
+    def round_carry(self, round_idx: int) -> np.ndarray:
+        """The balanced draws' carry at the start of round ``round_idx`` (a copy).
+
+        Known for the round the stored carry belongs to, the round after it (advanced by that round's
+        frozen weights) and, before any round was planned, any round (the seeded initial phases).
+        """
+        hdr = self._hdr.numpy()
+        have, frozen = int(hdr[_CARRY_ROUND]), int(hdr[_FROZEN_ROUND])
+        if have == -1:
+            return initial_carry(int(self.num_samples), self.weight_seed)
+        if have == round_idx:
+            return self._carry.numpy().copy()
+        if have == round_idx - 1 and frozen == have:
+            p = self._w.numpy()[int(hdr[_FROZEN_SLOT])]
+            return balanced_counts(self._carry.numpy(), p, self.round_size)[1]
+        raise RuntimeError(
+            f"round {round_idx}: the balanced draws' carry is known for round {have} only (rounds must be "
+            "planned in order; resume from a checkpoint of this run to jump)"
+        )
+
     def _freeze(self, round_idx: int) -> None:
         hdr = self._hdr.numpy()
         if int(hdr[_FROZEN_ROUND]) != round_idx:
+            if self.draws == "balanced" and int(hdr[_CARRY_ROUND]) != round_idx:
+                # Advance the carry with the weights of the round that ended, before they are replaced.
+                self._carry.numpy()[:] = self.round_carry(round_idx)
+                hdr[_CARRY_ROUND] = round_idx
             hdr[_FROZEN_SLOT] = hdr[_PENDING_SLOT]
             hdr[_FROZEN_ROUND] = round_idx
 
     # ------------------------------------------------------------------ planning
-    def plan_round(self, p: np.ndarray, round_idx: int) -> tuple[np.ndarray, np.ndarray]:
+    def plan_round(
+        self, p: np.ndarray, round_idx: int, carry: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Draw round ``round_idx`` from probabilities ``p``: ``(shuffle_units, small_per_big)``.
 
-        Deterministic in (``seed``, ``round_idx``, ``p``). ``small_per_big`` holds ``round_size`` sample
-        ids grouped by shard (sorted within a shard); ``shuffle_units`` are the sizes of the shard runs.
+        Deterministic in (``seed``, ``round_idx``, ``p``) for i.i.d. draws, in (``p``, ``carry``) for
+        balanced ones (``carry`` defaults to :meth:`round_carry`). ``small_per_big`` holds ``round_size``
+        sample ids grouped by shard (sorted within a shard); ``shuffle_units`` are the sizes of the runs.
         """
-        rng = np.random.default_rng([self.weight_seed, int(round_idx), 0x1D20])
         offsets = np.asarray(self.sample_offset_per_shard, np.int64)
         sizes = np.asarray(self.samples_per_shard, np.int64)
         ends = offsets + sizes
+        if self.draws == "balanced":
+            counts = balanced_counts(self.round_carry(round_idx) if carry is None else carry, p, self.round_size)[0]
+            ids = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
+            cum = np.concatenate([[0], np.cumsum(counts)])
+            return self._shard_units(cum[ends] - cum[offsets], sizes), ids
+        return self._plan_iid(p, round_idx, offsets, sizes, ends)
+
+    def _plan_iid(self, p: np.ndarray, round_idx: int, offsets: np.ndarray, sizes: np.ndarray,
+                  ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.weight_seed, int(round_idx), 0x1D20])
         # Stage 1: per-shard counts ~ Multinomial(round_size, shard masses). The masses are differences of
         # the cumulative sum used in stage 2, so a shard that gets draws always has a non-empty range.
         cdf = np.cumsum(p)
@@ -383,15 +443,19 @@ class WeightedStreamingDataset(StreamingDataset):
         u.sort()
         ids = np.searchsorted(cdf, u, side="right").astype(np.int64)
         ids = np.clip(ids, offsets[shard_of_draw], ends[shard_of_draw] - 1)
-        # Shuffle units: each shard's run, split like streaming's upsampling into pieces of at most one
-        # shard's size so that the shuffle can place them.
+        return self._shard_units(shard_counts, sizes), ids
+
+    @staticmethod
+    def _shard_units(shard_counts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Shuffle units: each shard's run, split like streaming's upsampling into pieces of at most one
+        shard's size so that the shuffle can place them."""
         nz = np.flatnonzero(shard_counts)
         full, rem = np.divmod(shard_counts[nz], sizes[nz])
         pieces = full + (rem > 0)
         units = np.repeat(sizes[nz], pieces)
         last = np.cumsum(pieces) - 1
         units[last[rem > 0]] = rem[rem > 0]
-        return units.astype(np.int64), ids
+        return units.astype(np.int64)
 
     def resample_streams(self, epoch: int, stream_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Streaming's per-epoch hook, replaced by the weighted draws of round ``epoch``."""
@@ -515,13 +579,14 @@ class WeightedStreamingDataset(StreamingDataset):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
-        """Streaming's resume state plus ``"irdro"``: the round's frozen and the pending weights.
+        """Streaming's resume state plus ``"irdro"``: the round's frozen and pending weights and carry.
 
         Same arguments as :meth:`streaming.StreamingDataset.state_dict` (Composer passes the samples
         trained in the current epoch and ``from_beginning=True``). When the round has been fully
         iterated and the count is back at 0 (Composer checkpoints after an epoch ends), the state points
         at the start of the next round, so resuming does not replay the finished round. The weights are
-        float64 torch tensors (``pending_weights`` is None when equal to the frozen ones).
+        float64 torch tensors (``pending_weights`` is None when equal to the frozen ones); ``carry`` is
+        the balanced draws' carry at the start of round ``carry_round`` (None: the initial phases).
         """
         sd = super().state_dict(num_samples, from_beginning)
         epoch = max(int(sd["epoch"]), 0)
@@ -538,14 +603,20 @@ class WeightedStreamingDataset(StreamingDataset):
         pending = None
         if frozen is None or int(hdr[_PENDING_SLOT]) != int(hdr[_FROZEN_SLOT]):
             pending = torch.from_numpy(w[int(hdr[_PENDING_SLOT])].copy())
+        carry, carry_round = None, -1
+        if self.draws == "balanced" and int(hdr[_CARRY_ROUND]) != -1:
+            carry, carry_round = torch.from_numpy(self.round_carry(epoch)), epoch
         sd["irdro"] = {
-            "version": 1,
+            "version": 2,
             "num_samples": int(self.num_samples),
             "round_size": int(self.round_size),
             "seed": int(self.weight_seed),
+            "draws": self.draws,
             "frozen_round": frozen_round if frozen is not None else -1,
             "frozen_weights": frozen,
             "pending_weights": pending,
+            "carry_round": carry_round,
+            "carry": carry,
         }
         return sd
 
@@ -568,6 +639,18 @@ class WeightedStreamingDataset(StreamingDataset):
                 f"obj: saved with round_size={ir['round_size']}, seed={ir['seed']}; this dataset has "
                 f"round_size={self.round_size}, seed={self.weight_seed}; exact resumption needs the same"
             )
+        saved_draws = ir.get("draws", "iid")  # version 1 knew only i.i.d. draws
+        if saved_draws != self.draws:
+            raise ValueError(
+                f"obj: saved with draws={saved_draws!r}, this dataset has draws={self.draws!r}; exact "
+                f"resumption needs the same (construct it with draws={saved_draws!r})"
+            )
+        carry = ir.get("carry")
+        carry_np = None
+        if carry is not None:
+            carry_np = np.asarray(carry.numpy() if isinstance(carry, torch.Tensor) else carry, np.float64)
+            if carry_np.shape != (n,) or not np.isfinite(carry_np).all():
+                raise ValueError(f"obj: 'carry' must hold {n} finite values, got shape {carry_np.shape}")
         frozen = ir.get("frozen_weights")
         pending = ir.get("pending_weights")
         frozen_np = None if frozen is None else _as_weight_vector(frozen, n)
@@ -600,6 +683,11 @@ class WeightedStreamingDataset(StreamingDataset):
                 hdr[_FROZEN_ROUND] = -1
             hdr[_PLANNED_ROUND] = -1
             hdr[_ERROR] = 0
+            if carry_np is not None:
+                self._carry.numpy()[:] = carry_np
+                hdr[_CARRY_ROUND] = int(ir["carry_round"])
+            else:
+                hdr[_CARRY_ROUND] = -1
 
 
 class _StreamingItems:
