@@ -173,6 +173,8 @@ def replay_downloads(ds, num_workers: int, rounds: int, cache_shards: int) -> np
     per_round = []
     for epoch in range(rounds):
         ds._resume(world, epoch)
+        if isinstance(ds, WeightedStreamingDataset):
+            ds._freeze(epoch)  # what the node leader does first: freeze the weights, advance the carry
         plan = generate_work("random", ds, world, epoch, 0)[0, 0]  # (workers, batches, batch)
         shards = [np.searchsorted(ds.sample_offset_per_shard, plan[k].reshape(-1), side="right") - 1
                   for k in range(plan.shape[0])]
