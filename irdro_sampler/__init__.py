@@ -5,6 +5,7 @@ draws the next samples with probability proportional to closed-form KL-DRO (IR-D
 The core imports only numpy and torch; framework integrations live in ``irdro_sampler.integrations``.
 """
 
+from .balanced import balanced_counts, initial_carry
 from .indexed import IndexedDataset, IndexListCollate
 from .loss_table import LossTable
 from .sampler import IRDROSampler
@@ -32,9 +33,11 @@ __all__ = [
     "IndexedDataset",
     "LossTable",
     "WeightParams",
+    "balanced_counts",
     "cut_threshold",
     "distribution_stats",
     "effective_sample_size",
+    "initial_carry",
     "kl_dro_weights",
     "kl_to_uniform",
     "midrank_weights",
