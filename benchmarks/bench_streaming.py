@@ -246,6 +246,9 @@ def main() -> None:
     ap.add_argument("--map-samples", type=int, default=3_200)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS_streaming.md"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--configs", default="none:0,none:2,cache:0,cache:2",
+                    help="which cache_limit:workers configurations to run (e.g. cache:2 for a longer look at one); "
+                         "the overhead and replay sections need none:0,none:2 and --replay-rounds > 1")
     args = ap.parse_args()
     if args.quick:
         args.samples, args.shards, args.round, args.rounds, args.map_samples = 20_000, 20, 5_120, 2, 1_280
@@ -273,7 +276,8 @@ def main() -> None:
         del probe, native_probe
 
         rows = []
-        configs = [(None, 0), (None, 2), (cache_limit, 0), (cache_limit, 2)]
+        configs = [(None if c == "none" else cache_limit, int(w))
+                   for c, w in (x.split(":") for x in args.configs.split(","))]
         for limit, nw in tqdm(configs, desc="configs"):
             kw = dict(common, cache_limit=limit)
             arms = {
@@ -314,7 +318,7 @@ def main() -> None:
         overhead = {}
         # Ids within the first shards: random access over all shards would measure cache evictions.
         ids = np.random.default_rng(1).permutation(3_000)
-        for nw in (0, 2):
+        for nw in [w for c, w in configs if c is None]:
             kw = dict(common, cache_limit=cache_limit)  # the weighted plan then includes the cache check
             nat = StreamingDataset(local=local_dir(root), epoch_size=args.round, **kw)
             wds = WeightedStreamingDataset(round_size=args.round, local=local_dir(root), **kw)
@@ -323,7 +327,7 @@ def main() -> None:
         # Planned-order replay: many rounds, exact plans, no thread timing (see replay_downloads).
         replay = {}
         cache_shards = int(cache_limit // shard_bytes)
-        for nw in tqdm((0, 2), desc="replay"):
+        for nw in tqdm((0, 2) if args.replay_rounds > 1 else (), desc="replay"):
             for cap in (cache_shards, max(4, cache_shards * 2 // 3)):
                 dsets = {
                     "native": StreamingDataset(local=local_dir(root), epoch_size=args.round, **common),
