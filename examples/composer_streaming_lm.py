@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         common = dict(remote=str(remote), local=str(local), batch_size=args.batch_size, shuffle=True, shuffle_seed=args.seed)
         if args.algorithm == "irdro":
             dataset = WeightedStreamingDataset(round_size=args.round_batches * args.batch_size, **common)
-            algorithms = [IRDRO(log_interval=0)]  # defaults: tau = 0.7, adaptive cut, 10% uniform floor
+            algorithms = [IRDRO(log_interval=0)]  # defaults: tau = 1, adaptive cut, 10% uniform floor
         else:
             dataset = StreamingDataset(**common)
             algorithms = [IRDRO(mode="reweight", log_interval=0)] if args.algorithm == "irdro-reweight" else []
