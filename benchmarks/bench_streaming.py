@@ -383,7 +383,7 @@ def main() -> None:
         ]
         lines.append("")
         lines.append(
-            f"{arm}: throughput vs native, geometric mean over the 4 configurations: "
+            f"{arm}: throughput vs native, geometric mean over the {len(ratios)} configuration(s): "
             f"{float(np.exp(np.mean(np.log(ratios)))):.2f} (each: {', '.join(f'{x:.2f}' for x in ratios)}); "
             f"downloads per round vs native with cache_limit: {', '.join(f'{x:.2f}' for x in dl_ratio)}."
         )
