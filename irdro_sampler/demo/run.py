@@ -36,12 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..weights import DEFAULT_TEMPERATURE, DEFAULT_ZSCORE
 from .data import Corpus, CorpusConfig, build_corpus, create_streaming_dataset, load_user_data, read_mds
 from .model import ModelConfig, build_composer_model, evaluate_domains, summarize, tokens_tensor
 
 #: The recommended IR-DRO options the demo's ``irdro`` arm uses (chosen on benchmarks/quality.py;
 #: see docs/demo.md for why).
-RECOMMENDED: dict[str, Any] = {"temperature": 1.0, "truncate_zscore": 3.5, "uniform_mix": 0.1, "ema": 0.5}
+RECOMMENDED: dict[str, Any] = {"temperature": DEFAULT_TEMPERATURE, "truncate_zscore": DEFAULT_ZSCORE,
+                               "uniform_mix": 0.1, "ema": 0.5}
 
 #: Arm name -> how it is wired. ``data``: 'uniform' (plain StreamingDataset) or 'weighted'.
 ARMS: dict[str, dict[str, Any]] = {
@@ -50,13 +52,12 @@ ARMS: dict[str, dict[str, Any]] = {
     # The fixed-quantile cut alone: the default z-score cut is switched off (both given, the lower wins).
     "irdro-quantile": {
         "data": "weighted",
-        "algorithm": {"temperature": 1.0, "truncate_quantile": 0.95, "truncate_zscore": math.inf,
-                      "uniform_mix": 0.1, "ema": 0.5},
+        "algorithm": {**RECOMMENDED, "truncate_zscore": math.inf, "truncate_quantile": 0.95},
     },
     # truncate_zscore=inf disables the default adaptive cut (IRDRO reads None as "the default").
     "irdro-nocut": {
         "data": "weighted",
-        "algorithm": {"temperature": 1.0, "truncate_zscore": math.inf, "uniform_mix": 0.1, "ema": 0.5},
+        "algorithm": {**RECOMMENDED, "truncate_zscore": math.inf},
     },
     "reweight": {"data": "uniform", "algorithm": {"mode": "reweight", "temperature": 1.0}},
 }

@@ -108,6 +108,11 @@ class _ShmArray:
         self.__init__(state["name"], state["shape"], state["dtype"], create=False)
 
 
+def _saved_float64(value: Any) -> np.ndarray:
+    """A vector from a state dict (torch tensor or array-like) as float64, bit for bit."""
+    return np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value, np.float64)
+
+
 def _as_weight_vector(weights: Any, num_samples: int) -> np.ndarray:
     """Validate ``weights`` and return them normalized to float64 probabilities (a new array)."""
     if isinstance(weights, torch.Tensor):
@@ -199,7 +204,7 @@ class WeightedStreamingDataset(StreamingDataset):
 
     * ``'balanced'`` (default): per-sample counts from :func:`irdro_sampler.balanced.balanced_counts`,
       which carries each sample's undrawn expectation to the next round, so every sample's cumulative
-      count stays within about one draw of ``round_size * sum_r p_i(r)`` (plus a random phase). Round 0's
+      count stays within two draws of ``round_size * sum_r p_i(r)`` (plus a random phase). Round 0's
       expected counts are ``round_size * p`` as for i.i.d. draws; the variance is far lower, and with
       uniform weights a pass over the data is an epoch without replacement, as in native streaming.
     * ``'iid'``: i.i.d. draws, two-stage for shard locality -- per-shard counts ~ Multinomial(round_size,
@@ -648,7 +653,7 @@ class WeightedStreamingDataset(StreamingDataset):
         carry = ir.get("carry")
         carry_np = None
         if carry is not None:
-            carry_np = np.asarray(carry.numpy() if isinstance(carry, torch.Tensor) else carry, np.float64)
+            carry_np = _saved_float64(carry)
             if carry_np.shape != (n,) or not np.isfinite(carry_np).all():
                 raise ValueError(f"obj: 'carry' must hold {n} finite values, got shape {carry_np.shape}")
         frozen = ir.get("frozen_weights")
@@ -659,9 +664,9 @@ class WeightedStreamingDataset(StreamingDataset):
             raise ValueError("obj: the 'irdro' entry holds no weights")
         # Bitwise restore: the vectors were normalized when set; re-normalizing could change the last bit.
         if frozen is not None:
-            frozen_np = np.asarray(frozen.numpy() if isinstance(frozen, torch.Tensor) else frozen, np.float64)
+            frozen_np = _saved_float64(frozen)
         if pending is not None:
-            pending_np = np.asarray(pending.numpy() if isinstance(pending, torch.Tensor) else pending, np.float64)
+            pending_np = _saved_float64(pending)
         super().load_state_dict(obj)
         if self._unique_rank_world.is_local_leader:
             hdr = self._hdr.numpy()
