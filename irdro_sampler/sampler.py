@@ -48,10 +48,11 @@ class IRDROSampler(DistributedSampler):
             sampler.update(batch["sample_idx"], per_sample.detach(), step=step)
 
     **Distribution.** Indices are drawn i.i.d. *with replacement* from
-    ``p_i = (1 - uniform_mix) * softmax(l / tau)_i + uniform_mix / n_kept`` over kept samples (see
-    :class:`DROWeighting`): ``l`` is each sample's running loss (:class:`LossTable`), seen samples whose
-    loss is above the cut (``truncate_quantile`` / ``truncate_zscore``) get 0. :meth:`probabilities`
-    returns the exact distribution the next batch is drawn from.
+    ``p_i = (1 - uniform_mix) * softmax(l / tau)_i + uniform_mix / N`` (see :class:`DROWeighting`):
+    ``l`` is each sample's running loss (:class:`LossTable`); seen samples whose loss is above the cut
+    get no tilted mass, only the floor ``uniform_mix / N``, so they are measured again now and then
+    and come back when their loss is ordinary (counted as ``remeasured_cut`` and ``readmitted`` in
+    :meth:`stats`). :meth:`probabilities` returns the exact distribution the next batch is drawn from.
 
     **Order contract.** Global batch ``b`` (counted from 0 over all epochs,
     ``b = epoch * batches_per_epoch + batch_in_epoch``) is drawn with a random stream keyed by
@@ -174,7 +175,9 @@ class IRDROSampler(DistributedSampler):
         self._drawn: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # b -> (indices, probabilities)
         self._start_batch = 0
         self._counters = dict.fromkeys(
-            ("late_feedback", "skipped_nonfinite", "stale_replays", "refreshes", "rebases"), 0
+            ("late_feedback", "skipped_nonfinite", "stale_replays", "refreshes", "rebases", "remeasured_cut",
+             "readmitted"),
+            0,
         )
 
     @property
@@ -261,7 +264,10 @@ class IRDROSampler(DistributedSampler):
             uniq, old, new = self.table._apply(idx, val, step)
             if params is not None and uniq.size:
                 # Entries are applied in order, so each one's old/new kept flags give the exact change.
-                self._n_kept += int(np.count_nonzero(kept_mask(new, params))) - int(np.count_nonzero(kept_mask(old, params)))
+                was_cut, now_kept = ~kept_mask(old, params), kept_mask(new, params)
+                self._n_kept += int(np.count_nonzero(now_kept)) - (uniq.size - int(np.count_nonzero(was_cut)))
+                self._counters["remeasured_cut"] += int(np.count_nonzero(was_cut))
+                self._counters["readmitted"] += int(np.count_nonzero(was_cut & now_kept))
                 touched.append((uniq, new))
         if params is None or not touched:
             return
@@ -331,47 +337,30 @@ class IRDROSampler(DistributedSampler):
         rng = np.random.default_rng([self.seed, b])
         mix = self.rule.uniform_mix
         out = np.empty(size, dtype=np.int64)
-        from_floor = rng.random(size) < mix if 0.0 < mix < 1.0 else np.full(size, mix >= 1.0)
+        total = self._tree.total
+        if total <= 0:  # no tilted mass (cannot happen after a refresh, which keeps the median): all floor
+            from_floor = np.ones(size, dtype=bool)
+        else:
+            from_floor = rng.random(size) < mix if 0.0 < mix < 1.0 else np.full(size, mix >= 1.0)
         n_floor = int(np.count_nonzero(from_floor))
         if n_floor == size:
-            out[:] = self._draw_kept_uniform(rng, size)
+            out[:] = rng.integers(0, self.dataset_size, size=size)
         elif n_floor:
-            out[from_floor] = self._draw_kept_uniform(rng, n_floor)
+            out[from_floor] = rng.integers(0, self.dataset_size, size=n_floor)
             out[~from_floor] = self._draw_tilted(rng, size - n_floor)
         else:
             out[:] = self._draw_tilted(rng, size)
-        # Every drawn sample is kept (a tilted draw has mass > 0, a floor draw is kept by
-        # construction) and its mass is its tree leaf, bitwise masses() of its loss.
-        mass = self._tree.leaves()[out]
-        total = self._tree.total
-        if 0.0 < mix < 1.0 and total > 0 and self._n_kept > 0:
-            # mixture_probabilities(mass, all kept, ...) in two in-place passes, bitwise the same.
-            probs = np.multiply(mass, (1.0 - mix) / total, out=mass)
-            probs += mix / self._n_kept
-        else:
-            probs = mixture_probabilities(mass, np.ones(size, dtype=bool), total, self._n_kept, mix)
+        # A drawn sample's tree leaf is bitwise masses() of its loss (0 for a cut one).
+        probs = mixture_probabilities(self._tree.leaves()[out], total, self.dataset_size, mix)
         return out, probs
 
     def _draw_tilted(self, rng: np.random.Generator, m: int) -> np.ndarray:
         """``m`` draws proportional to the tilted masses (one tree search; never a sample of mass 0)."""
         return self._tree.find(rng.random(m) * self._tree.total)
 
-    def _draw_kept_uniform(self, rng: np.random.Generator, m: int) -> np.ndarray:
-        """``m`` draws uniform over kept samples, by rejection (kept fraction is known exactly)."""
-        out = np.empty(m, dtype=np.int64)
-        filled = 0
-        accept_rate = max(self._n_kept / self.dataset_size, 1e-6)
-        while filled < m:
-            need = m - filled
-            cand = rng.integers(0, self.dataset_size, size=int(need / accept_rate * 1.1) + 16)
-            cand = cand[kept_mask(self.table.losses[cand], self._params)][:need]
-            out[filled : filled + cand.size] = cand
-            filled += cand.size
-        return out
-
     def _point_probabilities(self, indices: np.ndarray) -> np.ndarray:
-        mass, kept = masses(self.table.losses[indices], self._params)
-        return mixture_probabilities(mass, kept, self._tree.total, self._n_kept, self.rule.uniform_mix)
+        mass = masses(self.table.losses[indices], self._params)[0]
+        return mixture_probabilities(mass, self._tree.total, self.dataset_size, self.rule.uniform_mix)
 
     # ------------------------------------------------------------------------------------ queries
     def probabilities(self) -> np.ndarray:
@@ -382,15 +371,15 @@ class IRDROSampler(DistributedSampler):
         """
         if self._params is None:
             return self.rule.probabilities(self.table)
-        mass, kept = masses(self.table.losses, self._params)
-        return mixture_probabilities(mass, kept, self._tree.total, self._n_kept, self.rule.uniform_mix)
+        mass = masses(self.table.losses, self._params)[0]
+        return mixture_probabilities(mass, self._tree.total, self.dataset_size, self.rule.uniform_mix)
 
     def importance_weights(self, indices: Any, step: int | None = None) -> np.ndarray:
         """``1 / (N p_i)`` for ``indices``: multiply per-sample losses by these to train the ERM objective.
 
         With ``step`` (the global batch the indices were drawn in, while it is still buffered) the
         probabilities the batch was actually drawn with are used; otherwise those of
-        :meth:`probabilities`. A cut sample gets ``inf``.
+        :meth:`probabilities`. Finite for every sample while ``uniform_mix > 0`` (the floor reaches cut samples too).
         """
         idx = as_indices(indices, self.dataset_size)
         if step is not None and check_step(step) in self._drawn:
@@ -409,7 +398,7 @@ class IRDROSampler(DistributedSampler):
         """Diagnostics of the current distribution (O(N)) and of the feedback stream."""
         p = self.probabilities()
         params = self._params or self.rule.fit(self.table)
-        n_kept = self._n_kept if self._params else int(np.count_nonzero(p))
+        n_kept = self._n_kept if self._params else int(np.count_nonzero(kept_mask(self.table.losses, params)))
         return {
             **distribution_stats(p),
             "seen_fraction": self.table.num_seen / self.dataset_size,

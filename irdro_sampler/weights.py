@@ -88,10 +88,10 @@ def _tilted(losses: np.ndarray, temperature: float, kept: np.ndarray) -> np.ndar
     return w / w.sum()
 
 
-def _mix_uniform(p: np.ndarray, kept: np.ndarray, uniform_mix: float) -> np.ndarray:
+def _mix_uniform(p: np.ndarray, uniform_mix: float) -> np.ndarray:
     if uniform_mix == 0.0:
         return p
-    return (1.0 - uniform_mix) * p + uniform_mix * kept / kept.sum()
+    return (1.0 - uniform_mix) * p + uniform_mix / p.size
 
 
 def kl_dro_weights(
@@ -104,8 +104,9 @@ def kl_dro_weights(
     """Closed-form KL-DRO probabilities of ``losses``.
 
     ``p_i ∝ exp(l_i / temperature)`` over the kept samples (losses ``<=`` the ``truncate_quantile``
-    quantile; all when ``None``), then ``p = (1 - uniform_mix) * p + uniform_mix / n_kept`` over the
-    kept samples. Returns float64 summing to 1. Equal losses give the uniform distribution.
+    quantile; all when ``None``), then ``p = (1 - uniform_mix) * p + uniform_mix / n`` over *all*
+    samples (the floor also reaches cut samples, so no cut is permanent). Returns float64 summing to 1.
+    Equal losses give the uniform distribution.
 
     Raises ``ValueError`` for empty or non-finite losses, a temperature that is not a finite
     positive number, or fractions outside their ranges.
@@ -114,7 +115,7 @@ def kl_dro_weights(
     tau = check_positive(temperature, "temperature")
     mix = check_fraction(uniform_mix, "uniform_mix", low_open=False, high_open=False)
     kept = arr <= cut_threshold(arr, truncate_quantile=truncate_quantile)
-    return _mix_uniform(_tilted(arr, tau, kept), kept, mix)
+    return _mix_uniform(_tilted(arr, tau, kept), mix)
 
 
 def midrank_weights(losses: Any, *, skip_top: float, keep: float) -> np.ndarray:
@@ -232,11 +233,12 @@ class WeightParams(NamedTuple):
 class DROWeighting:
     """How a :class:`LossTable` becomes sampling probabilities.
 
-    ``p_i = (1 - uniform_mix) * exp((l_i - shift) / tau) / S + uniform_mix * kept_i / n_kept``
+    ``p_i = (1 - uniform_mix) * kept_i * exp((l_i - shift) / tau) / S + uniform_mix / N``
 
     where ``l_i`` is the running loss (the prior for unseen samples), ``kept_i`` is false for seen
     samples whose loss exceeds the cut threshold, and ``S`` sums the tilted masses of kept samples.
-    Unseen samples are never cut: there is no evidence against them.
+    Unseen samples are never cut: there is no evidence against them. The floor covers cut samples
+    too, so a cut sample is re-measured now and then and re-admitted when its loss has come down.
 
     The temperature is ``temperature`` (default :data:`DEFAULT_TEMPERATURE`, 0.5), or calibrated from ``kl_radius`` (the
     constrained DRO form: KL(tilted || uniform) = radius over the kept samples) or ``ess_fraction``
@@ -300,8 +302,8 @@ class DROWeighting:
     def probabilities(self, table: LossTable, params: WeightParams | None = None) -> np.ndarray:
         """Probabilities over all N samples (float64, sums to 1); ``params`` default to ``fit(table)``."""
         params = self.fit(table) if params is None else params
-        mass, kept = masses(table.losses, params)
-        return mixture_probabilities(mass, kept, mass.sum(), int(kept.sum()), self.uniform_mix)
+        mass = masses(table.losses, params)[0]
+        return mixture_probabilities(mass, mass.sum(), mass.size, self.uniform_mix)
 
 
 def masses(losses: np.ndarray, params: WeightParams) -> tuple[np.ndarray, np.ndarray]:
@@ -346,13 +348,16 @@ def max_kept_loss(losses: np.ndarray, params: WeightParams, chunk: int = 1 << 22
     return best if math.isfinite(best) else 0.0
 
 
-def mixture_probabilities(
-    mass: np.ndarray, kept: np.ndarray, mass_total: float, n_kept: int, uniform_mix: float
-) -> np.ndarray:
-    """``(1 - u) * mass / mass_total + u * kept / n_kept``, the sampler's draw distribution."""
-    p = np.zeros(mass.shape, dtype=np.float64)
-    if uniform_mix < 1.0 and mass_total > 0:
-        p += (1.0 - uniform_mix) / mass_total * mass
-    if uniform_mix > 0.0 and n_kept > 0:
-        p += (uniform_mix / n_kept) * kept
+def mixture_probabilities(mass: np.ndarray, mass_total: float, num_samples: int, uniform_mix: float) -> np.ndarray:
+    """``(1 - u) * mass / mass_total + u / num_samples``, the sampler's draw distribution.
+
+    The floor ``u`` is spread over *all* samples, cut or not: a cut sample keeps probability
+    ``u / N``, so it is measured again now and then and comes back when its loss has become ordinary
+    (a cut is never permanent). With no tilted mass at all the floor takes everything.
+    """
+    if mass_total <= 0:
+        return np.full(mass.shape, 1.0 / num_samples)
+    p = mass * ((1.0 - uniform_mix) / mass_total)
+    if uniform_mix > 0.0:
+        p += uniform_mix / num_samples
     return p

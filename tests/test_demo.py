@@ -131,14 +131,14 @@ def test_demo_tiny_end_to_end(tmp_path):
     pooled = (p_nocut + p_cut) / 2
     z = (p_nocut - p_cut) / math.sqrt(2 * pooled * (1 - pooled) / (30 * 32))
     assert z > 3, (p_nocut, p_cut, z)
-    # The saved IR-DRO state: every noise document seen has probability 0 (cut), and inspect reads it.
+    # The saved IR-DRO state: every noise document seen is cut (only the floor reaches it), and inspect reads it.
     from irdro_sampler.cli import load_inspection
 
     ins = load_inspection(out / "irdro_state_irdro.pt")
     dom = read_mds(tmp_path / "cache" / os.listdir(tmp_path / "cache")[0] / "train")["domain"]
     noise_id = res["corpus"]["noise_domain"]
     seen_noise = (dom == noise_id) & ~np.isnan(ins.losses)
-    assert seen_noise.sum() > 0 and np.all(ins.probs[seen_noise] == 0)
+    assert seen_noise.sum() > 0 and np.all(ins.probs[seen_noise] <= 0.1 / ins.probs.size * (1 + 1e-9))
     assert elapsed < 120, f"tiny demo took {elapsed:.0f} s"
 
 

@@ -96,11 +96,11 @@ def test_uniform_mix_formula():
     u = 0.25
     base = softmax_direct(losses, 0.5)
     np.testing.assert_allclose(kl_dro_weights(losses, 0.5, uniform_mix=u), (1 - u) * base + u / 50, rtol=1e-12)
-    # With truncation the uniform part covers only the kept samples.
+    # With truncation the tilted part covers the kept samples, the floor all of them (no cut is final).
     p = kl_dro_weights(losses, 0.5, truncate_quantile=0.5, uniform_mix=u)
     kept = losses <= np.quantile(losses, 0.5)
-    expect = np.zeros(50)
-    expect[kept] = (1 - u) * softmax_direct(losses[kept], 0.5) + u / kept.sum()
+    expect = np.full(50, u / 50)
+    expect[kept] += (1 - u) * softmax_direct(losses[kept], 0.5)
     np.testing.assert_allclose(p, expect, rtol=1e-12, atol=0)
     np.testing.assert_allclose(kl_dro_weights(losses, 0.5, uniform_mix=1.0), np.full(50, 1 / 50), rtol=1e-14)
 
@@ -376,9 +376,11 @@ def test_default_rule_cuts_gross_outliers_only():
     clean = rng.normal(2.0, 0.3, 10_000)
     table = LossTable(10_500, ema=0.0)
     table.update(np.arange(10_500), np.concatenate([clean, np.full(500, 5.55)]))
-    p = DROWeighting().probabilities(table)
-    assert np.all(p[10_000:] == 0)  # the noise is cut
-    assert np.mean(p[:10_000] == 0) < 0.002  # a normal tail beyond 3.5 sigma is ~2e-4
+    rule = DROWeighting()
+    p = rule.probabilities(table)
+    floor = rule.uniform_mix / 10_500
+    assert np.all(p[10_000:] == floor)  # the noise is cut: only the floor reaches it
+    assert np.mean(p[:10_000] == floor) < 0.002  # a normal tail beyond 3.5 sigma is ~2e-4
     no_cut = DROWeighting(truncate_zscore=float("inf")).probabilities(table)
     assert np.all(no_cut > 0)
     assert np.array_equal(no_cut, DROWeighting(truncate_zscore=None).probabilities(table))

@@ -413,16 +413,6 @@ class IRDRO(Algorithm):
         if self.sampler is not None:
             self._check_sampler(dataloader, self.sampler)
             self._tuple_index_last = isinstance(dataset, IndexedDataset)
-            rule = self.sampler.rule
-            if self.mode == "importance" and (rule.truncate_zscore is not None or rule.truncate_quantile is not None):
-                # A cut sample has p = 0: it is never drawn, so the weighted loss estimates the ERM
-                # objective over the kept samples only.
-                warnings.warn(
-                    "IRDRO(mode='importance') with a loss cut on the sampler: the importance-weighted loss is "
-                    "unbiased for the kept samples only; build the IRDROSampler with truncate_zscore=None "
-                    "(and no truncate_quantile) for the full-data ERM objective",
-                    stacklevel=2,
-                )
         elif _is_weighted_stream(dataset):
             if self.mode == "importance":
                 raise ValueError(
