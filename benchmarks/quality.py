@@ -1,6 +1,11 @@
-"""Training-effect benchmark: the demo's arms over several seeds and noise shares.
+"""Training-effect benchmark over three task families, several seeds and noise shares.
 
-For each noise share (share of random-byte documents in the training data) and each seed: uniform
+Families: ``lm`` (the demo's byte-level LM, below), ``digits-symmetric`` / ``digits-pair`` (image
+classification on scikit-learn's bundled digits with rare classes and flipped labels) and ``diabetes``
+(regression in raw target units with a rare group and heavy-tailed target noise); the last three are
+in ``quality_tasks.py`` / ``tasks.py`` and run in ``--jobs`` processes.
+
+For the LM family, for each noise share (share of random-byte documents in the training data) and each seed: uniform
 pretraining, then continual training under every arm from the same checkpoint, with the same steps,
 batch, optimizer and seed (see ``irdro_sampler/demo/run.py``; everything goes through Composer, the
 ``IRDRO`` algorithm and ``WeightedStreamingDataset``). Reports mean ± std over seeds of the held-out
@@ -14,6 +19,7 @@ Writes ``benchmarks/RESULTS_quality.md`` (with the exact command) and one JSON p
 be resumed. Run it in the background on a shared machine::
 
     nice -n 10 python benchmarks/quality.py --seeds 3 --noise 0,0.05,0.1
+    python benchmarks/quality.py --families digits-symmetric,digits-pair,diabetes --task-seeds 5
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import quality_tasks
 
 from irdro_sampler.demo import report
-from irdro_sampler.demo.run import ARMS, RECOMMENDED, DemoConfig, run_demo
+from irdro_sampler.demo.run import ARMS, DemoConfig, run_demo
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,15 +83,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(HERE / "RESULTS_quality.md"))
     ap.add_argument("--cache", default=None)
     ap.add_argument("--fresh", action="store_true", help="recompute noise shares that already have results")
+    ap.add_argument("--families", default="lm,digits-symmetric,digits-pair,diabetes")
+    ap.add_argument("--task-seeds", type=int, default=5, help="seeds of the map-style families")
+    ap.add_argument("--task-noise", default="0,0.1,0.2", help="noise shares of the map-style families")
+    ap.add_argument("--task-arms", default=",".join(quality_tasks.TASK_ARMS))
+    ap.add_argument("--jobs", type=int, default=2, help="processes for the map-style families")
     args = ap.parse_args(argv)
     command = "nice -n 10 python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
     arms = args.arms.split(",")
+    families = args.families.split(",")
     noises = [float(x) for x in args.noise.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     all_results: dict[float, dict[str, list[dict]]] = {}
     timings: dict[float, float] = {}
+    task_noises = [float(x) for x in args.task_noise.split(",")]
+    args.task_results = {
+        fam: quality_tasks.load_or_run(fam, task_noises, args.task_seeds, args.task_arms.split(","), out,
+                                       args.jobs, args.fresh)
+        for fam in families if fam != "lm"
+    }
     for noise in noises:
         folder = out / f"noise{noise:g}"
         saved = folder / "results.json"
@@ -97,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 timings[noise] = data["elapsed_seconds"]
                 print(f"noise {noise:g}: reusing {saved}", file=sys.stderr)
                 continue
+        if "lm" not in families:
+            continue  # only reuse LM results that exist
         t0 = time.time()
         cfg = DemoConfig(steps=args.steps, pretrain_steps=args.pretrain_steps, seeds=args.seeds, arms=arms,
                          noise_share=noise, out=folder, cache=Path(args.cache) if args.cache else None,
@@ -145,6 +166,15 @@ def write_results(args, command, arms, all_results, timings) -> None:
                    if "beats_reweight" in v else "")
             )
         lines += ["Targets (beat uniform by > 2x the seed spread on worst and rare, mean no worse):", *checks, ""]
+    if args.task_results:
+        lines += ["## Map-style families (benchmarks/quality_tasks.py, tasks.py)", "",
+                  "Plain PyTorch loop with `IRDROSampler` (classifiers pass their labels as `groups`); "
+                  "`uniform` = `DataLoader(shuffle=True)`; `oracle` = shuffled epochs over the clean samples "
+                  "only; Δ = paired difference to uniform (same seed, data and initial model), ± the larger "
+                  "of uniform's seed spread and the paired differences' spread. Arms: "
+                  + "; ".join(f"`{a}` = {o}" for a, o in quality_tasks.TASK_ARMS.items()), ""]
+        for fam, data in args.task_results.items():
+            lines += quality_tasks.format_family(fam, data, args.task_seeds)
     Path(args.results).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -159,5 +189,4 @@ def _describe(arm: str) -> str:
 
 
 if __name__ == "__main__":
-    assert RECOMMENDED  # the irdro arm uses the library's recommended options
     sys.exit(main())

@@ -47,6 +47,19 @@ def as_indices(indices: Any, num_samples: int, name: str = "indices") -> np.ndar
     return arr
 
 
+def as_groups(groups: Any, num_samples: int, name: str = "groups") -> np.ndarray:
+    """Validate per-sample group ids: ``num_samples`` integers in ``[0, 65536)``; returns uint16."""
+    arr = to_numpy(groups, name)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.size != num_samples:
+        raise ValueError(f"{name} must have one id per sample ({num_samples}), got {arr.size}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 16):
+        bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
+        raise ValueError(f"{name} must lie in [0, 65536), got {bad}")
+    return arr.astype(np.uint16)
+
+
 def validate_feedback(indices: Any, losses: Any, num_samples: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Check one feedback call and drop non-finite losses.
 

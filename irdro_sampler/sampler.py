@@ -16,7 +16,6 @@ from ._validation import as_indices, check_int, check_step, validate_feedback
 from .loss_table import LossTable
 from .sum_tree import FanoutSumTree
 from .weights import (
-    DEFAULT_ZSCORE,
     DROWeighting,
     WeightParams,
     distribution_stats,
@@ -98,12 +97,7 @@ class IRDROSampler(DistributedSampler):
         data_source_or_size: Sized | int,
         batch_size: int,
         *,
-        temperature: float | None = None,
-        kl_radius: float | None = None,
-        ess_fraction: float | None = None,
-        truncate_quantile: float | None = None,
-        truncate_zscore: float | None = DEFAULT_ZSCORE,
-        uniform_mix: float = 0.1,
+        groups: Any = None,
         ema: float = 0.5,
         prior: float | str = "mean",
         feedback_delay: int = 32,
@@ -113,6 +107,7 @@ class IRDROSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
         block_size: int = 8,
+        **rule_options: Any,
     ) -> None:
         if isinstance(data_source_or_size, bool):
             raise TypeError(f"data_source_or_size must be a sized data set or an int, got {data_source_or_size!r}")
@@ -142,15 +137,8 @@ class IRDROSampler(DistributedSampler):
         self.batches_per_epoch = math.ceil(self.num_samples / self.batch_size)
         self.global_batch_size = self.batch_size * num_replicas
 
-        self.rule = DROWeighting(
-            temperature=temperature,
-            kl_radius=kl_radius,
-            ess_fraction=ess_fraction,
-            truncate_quantile=truncate_quantile,
-            truncate_zscore=truncate_zscore,
-            uniform_mix=uniform_mix,
-        )
-        self.table = LossTable(size, ema=ema, prior=prior)
+        self.rule = DROWeighting(**rule_options)
+        self.table = LossTable(size, ema=ema, prior=prior, groups=groups)
         self.feedback_delay = check_int(feedback_delay, "feedback_delay", minimum=1)
         if refresh_interval is None:
             # Recalibrate after ~1/16 of the data set has been drawn, at least every 4 batches: the
@@ -264,7 +252,8 @@ class IRDROSampler(DistributedSampler):
             uniq, old, new = self.table._apply(idx, val, step)
             if params is not None and uniq.size:
                 # Entries are applied in order, so each one's old/new kept flags give the exact change.
-                was_cut, now_kept = ~kept_mask(old, params), kept_mask(new, params)
+                grp = self._groups_of(uniq)
+                was_cut, now_kept = ~kept_mask(old, params, grp), kept_mask(new, params, grp)
                 self._n_kept += int(np.count_nonzero(now_kept)) - (uniq.size - int(np.count_nonzero(was_cut)))
                 self._counters["remeasured_cut"] += int(np.count_nonzero(was_cut))
                 self._counters["readmitted"] += int(np.count_nonzero(was_cut & now_kept))
@@ -276,7 +265,7 @@ class IRDROSampler(DistributedSampler):
         else:
             uniq = np.unique(np.concatenate([u for u, _ in touched]))
             new = self.table.losses[uniq]
-        mass = masses(new, params)[0]
+        mass = masses(new, params, self._groups_of(uniq))[0]
         if not np.all(np.isfinite(mass)):  # a loss far above the shift: re-choose the shift
             self._rebuild(rebase=True)
             return
@@ -303,12 +292,14 @@ class IRDROSampler(DistributedSampler):
     def _rebuild(self, *, rebase: bool) -> None:
         """Recompute every mass from the table (O(N)); ``rebase`` re-chooses only the shift."""
         if rebase:
-            self._params = self._params._replace(shift=max_kept_loss(self.table.losses, self._params))
+            shift = max_kept_loss(self.table.losses, self._params, self.table.groups)
+            self._params = self._params._replace(shift=shift)
             self._counters["rebases"] += 1
         leaves = self._tree.leaf_buffer()  # masses are written straight into the tree (no N-sized temporary)
         n_kept = 0
         for start in range(0, self.dataset_size, _REBUILD_CHUNK):
-            mass, kept = masses(self.table.losses[start : start + _REBUILD_CHUNK], self._params)
+            part = slice(start, start + _REBUILD_CHUNK)
+            mass, kept = masses(self.table.losses[part], self._params, self._groups_of(part))
             n_kept += int(np.count_nonzero(kept))
             leaves[start : start + mass.size] = mass
         self._n_kept = n_kept
@@ -358,8 +349,11 @@ class IRDROSampler(DistributedSampler):
         """``m`` draws proportional to the tilted masses (one tree search; never a sample of mass 0)."""
         return self._tree.find(rng.random(m) * self._tree.total)
 
+    def _groups_of(self, selection: Any) -> np.ndarray | None:
+        return None if self.table.groups is None else self.table.groups[selection]
+
     def _point_probabilities(self, indices: np.ndarray) -> np.ndarray:
-        mass = masses(self.table.losses[indices], self._params)[0]
+        mass = masses(self.table.losses[indices], self._params, self._groups_of(indices))[0]
         return mixture_probabilities(mass, self._tree.total, self.dataset_size, self.rule.uniform_mix)
 
     # ------------------------------------------------------------------------------------ queries
@@ -371,7 +365,7 @@ class IRDROSampler(DistributedSampler):
         """
         if self._params is None:
             return self.rule.probabilities(self.table)
-        mass = masses(self.table.losses, self._params)[0]
+        mass = masses(self.table.losses, self._params, self.table.groups)[0]
         return mixture_probabilities(mass, self._tree.total, self.dataset_size, self.rule.uniform_mix)
 
     def importance_weights(self, indices: Any, step: int | None = None) -> np.ndarray:
@@ -398,7 +392,7 @@ class IRDROSampler(DistributedSampler):
         """Diagnostics of the current distribution (O(N)) and of the feedback stream."""
         p = self.probabilities()
         params = self._params or self.rule.fit(self.table)
-        n_kept = self._n_kept if self._params else int(np.count_nonzero(kept_mask(self.table.losses, params)))
+        n_kept = self._n_kept if self._params else int(np.count_nonzero(kept_mask(self.table.losses, params, self.table.groups)))
         return {
             **distribution_stats(p),
             "seen_fraction": self.table.num_seen / self.dataset_size,
@@ -431,7 +425,9 @@ class IRDROSampler(DistributedSampler):
             "block_size": self.block_size,
             "rule": self.rule.config(),
             "table": self.table.state_dict(),
-            "params": None if self._params is None else list(self._params),
+            "params": None if self._params is None else list(self._params[:4]),
+            "group_threshold": None if self._params is None or self._params.group_threshold is None
+            else torch.from_numpy(self._params.group_threshold.copy()),
             "schedule": {
                 "seq": self._seq,
                 "next_auto_step": self._next_auto_step,
@@ -510,7 +506,11 @@ class IRDROSampler(DistributedSampler):
         self._pending = [(k[0], k[1], i, v) for k, i, v in _unpack(state["pending"], np.float64)]
         self._drawn = {k[0]: (i, p) for k, i, p in _unpack(state["drawn"], np.float64)}
         if state["params"] is not None:
-            self._params = WeightParams(*[float(x) for x in state["params"]])
+            group_threshold = state.get("group_threshold")
+            self._params = WeightParams(
+                *[float(x) for x in state["params"]],
+                group_threshold=None if group_threshold is None else np.asarray(group_threshold, dtype=np.float64),
+            )
             self._rebuild(rebase=False)
 
 

@@ -23,11 +23,19 @@ if TYPE_CHECKING:
 # rule). Tuned on benchmarks/quality.py: it cuts all random-byte noise at 0-10% noise shares while
 # cutting only 3-5% of the hardest rare-domain documents.
 DEFAULT_ZSCORE = 3.5
-# The default temperature. Tuned on benchmarks/quality.py with balanced streaming draws: tau = 1 beat
-# uniform on the worst and rare domains by more than twice the seed spread at 0-10% noise with the
-# training-weighted mean within a seed spread everywhere; tau = 0.7 gained more but missed the mean at 5%
-# noise, tau = 0.5 cost +0.015 on the mean at 0% (see README).
+# The default temperature rule: tau such that the tilted weights of the kept samples have an effective
+# sample size of 80% of them. Scale-free (losses in nats, squared target units or anything else give the
+# same distribution), and on the byte-level LM of benchmarks/quality.py it lands where the hand-tuned
+# tau = 1 was (ESS 0.81 there); see README "Defaults and why".
+DEFAULT_ESS_FRACTION = 0.8
+# The temperature of the paper's in-batch reweighting and of ``temperature_for`` on a single loss.
 DEFAULT_TEMPERATURE = 1.0
+# How the adaptive cut is computed from the seen losses (per group when groups are known).
+CUT_RULES = ("zscore", "log-zscore", "mixture")
+# A group with fewer seen samples than this is never cut: its median and MAD are not yet evidence.
+MIN_GROUP_SEEN = 8
+# Group ids are stored as uint16 (2 bytes per sample).
+MAX_GROUPS = 1 << 16
 # 1.4826 * MAD estimates the standard deviation of a normal distribution.
 _MAD_TO_SIGMA = 1.4826
 # Temperature searches run over [range / _TAU_LO_DIV, range * _TAU_HI_MUL] in log space. Below
@@ -42,20 +50,29 @@ def cut_threshold(
     *,
     truncate_quantile: float | None = None,
     truncate_zscore: float | None = None,
+    cut_rule: str = "zscore",
 ) -> float:
-    """Loss above which samples are cut (weight 0); ``inf`` when no cut is configured.
+    """Loss above which samples are cut (tilted weight 0); ``inf`` when no cut is configured.
 
     * ``truncate_quantile=q`` keeps losses ``<= quantile(losses, q)`` (numpy's linear rule).
-    * ``truncate_zscore=z`` is the adaptive cut: keeps losses ``<= median + z * 1.4826 * MAD``.
-      It follows the noise share instead of assuming one: a fixed quantile cut must exceed the
-      (unknown) share of corrupt data, a robust z-score does not. With MAD = 0 (most losses equal)
-      it cuts nothing.
+    * ``truncate_zscore=z`` switches on the adaptive cut, computed by ``cut_rule``:
+
+      - ``"zscore"`` (default): keeps losses ``<= median + z * 1.4826 * MAD``. It follows the noise
+        share instead of assuming one (a fixed quantile must exceed the unknown share of corrupt data).
+        With MAD = 0 (most losses equal) it cuts nothing.
+      - ``"log-zscore"``: the same on ``log(loss)`` (losses <= 0 count as 1e-12): scale-free, and
+        lenient where the losses are right-skewed.
+      - ``"mixture"``: a two-component Gaussian mixture fitted to ``log(loss)`` (as DivideMix does for
+        noisy labels); cuts where the upper component becomes the likelier one, only if the two are
+        well separated (Ashman's D >= 2) and the upper one holds less than half the samples. ``z`` is
+        not used beyond switching the cut on.
 
     Both may be given; the lower threshold wins. ``losses`` should be the *seen* losses only:
     filling unseen samples with a prior and including them would pull the quantile towards the prior.
     """
     q = check_fraction(truncate_quantile, "truncate_quantile", low_open=True, high_open=False, allow_none=True)
     z = _check_zscore(truncate_zscore)
+    _check_cut_rule(cut_rule)
     if q is None and z is None:
         return math.inf
     arr = np.asarray(losses, dtype=np.float64)
@@ -65,11 +82,80 @@ def cut_threshold(
     if q is not None and q < 1.0:
         threshold = float(np.quantile(arr, q))
     if z is not None:
-        median = float(np.median(arr))
-        mad = float(np.median(np.abs(arr - median)))
-        if mad > 0:
-            threshold = min(threshold, median + z * _MAD_TO_SIGMA * mad)
+        threshold = min(threshold, _ADAPTIVE_CUTS[cut_rule](arr, z))
     return threshold
+
+
+def _robust_z_threshold(x: np.ndarray, z: float) -> float:
+    median = float(np.median(x))
+    mad = float(np.median(np.abs(x - median)))
+    return median + z * _MAD_TO_SIGMA * mad if mad > 0 else math.inf
+
+
+def _log_losses(x: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(x, 1e-12))
+
+
+def _log_z_threshold(x: np.ndarray, z: float) -> float:
+    return float(np.exp(min(_robust_z_threshold(_log_losses(x), z), 700.0)))
+
+
+def _mixture_threshold(x: np.ndarray, z: float, iterations: int = 60) -> float:
+    """Two-component 1-D Gaussian mixture on log-losses by EM from a quantile start (deterministic)."""
+    lx = _log_losses(x)
+    if lx.size < MIN_GROUP_SEEN or float(lx.max() - lx.min()) == 0.0:
+        return math.inf
+    mu = np.quantile(lx, [0.25, 0.95])
+    var = np.full(2, max(float(lx.var()) / 4.0, 1e-12))
+    weight = np.array([0.8, 0.2])
+    for _ in range(iterations):
+        log_r = -0.5 * (lx[:, None] - mu) ** 2 / var - 0.5 * np.log(var) + np.log(weight)
+        log_r -= log_r.max(axis=1, keepdims=True)
+        r = np.exp(log_r)
+        r /= r.sum(axis=1, keepdims=True)
+        nk = r.sum(axis=0) + 1e-300
+        weight = np.maximum(nk / lx.size, 1e-12)
+        mu = (r * lx[:, None]).sum(axis=0) / nk
+        var = np.maximum((r * (lx[:, None] - mu) ** 2).sum(axis=0) / nk, 1e-12)
+    lo, hi = (0, 1) if mu[0] <= mu[1] else (1, 0)
+    separation = (mu[hi] - mu[lo]) / math.sqrt(0.5 * (var[lo] + var[hi]))
+    if separation < 2.0 or weight[hi] >= 0.5:
+        return math.inf
+    # Where the upper component's log-density overtakes the lower one's, between the two means.
+    grid = np.linspace(mu[lo], mu[hi], 1025)
+    dens = [-0.5 * (grid - mu[k]) ** 2 / var[k] - 0.5 * math.log(var[k]) + math.log(weight[k]) for k in (lo, hi)]
+    above = np.flatnonzero(dens[1] > dens[0])
+    return float(np.exp(grid[above[0]])) if above.size else math.inf
+
+
+_ADAPTIVE_CUTS = {"zscore": _robust_z_threshold, "log-zscore": _log_z_threshold, "mixture": _mixture_threshold}
+
+
+def _check_cut_rule(rule: Any) -> str:
+    if rule not in CUT_RULES:
+        raise ValueError(f"cut_rule must be one of {CUT_RULES}, got {rule!r}")
+    return rule
+
+
+def group_cut_thresholds(
+    losses: np.ndarray, groups: np.ndarray, *, num_groups: int, truncate_quantile: float | None = None,
+    truncate_zscore: float | None = None, cut_rule: str = "zscore",
+) -> np.ndarray:
+    """:func:`cut_threshold` of each group's ``losses`` (seen ones); index the result by group id.
+
+    Groups with fewer than :data:`MIN_GROUP_SEEN` samples get ``inf`` (not enough evidence to cut).
+    """
+    groups = np.asarray(groups)
+    out = np.full(num_groups, math.inf)
+    if groups.size == 0:
+        return out
+    order = np.argsort(groups, kind="stable")
+    ids, starts = np.unique(groups[order], return_index=True)
+    for g, part in zip(ids, np.split(losses[order], starts[1:]), strict=True):
+        if part.size >= MIN_GROUP_SEEN:
+            out[g] = cut_threshold(part, truncate_quantile=truncate_quantile, truncate_zscore=truncate_zscore,
+                                   cut_rule=cut_rule)
+    return out
 
 
 def _check_zscore(z: Any) -> float | None:
@@ -224,9 +310,18 @@ class WeightParams(NamedTuple):
     """The quantities a rule fixes at a refresh; per-sample masses are a pure function of these."""
 
     temperature: float
-    threshold: float  # seen samples with running loss above it are cut
+    threshold: float  # seen samples with running loss above it are cut (inf when cut per group)
     prior: float  # running loss assumed for unseen samples
     shift: float  # subtracted before exp; the largest kept loss at the refresh
+    group_threshold: np.ndarray | None = None  # per-group thresholds, indexed by group id
+
+    def thresholds(self, groups: np.ndarray | None) -> float | np.ndarray:
+        """The cut threshold of each sample of ``groups`` (the global one when there are no groups)."""
+        if self.group_threshold is None:
+            return self.threshold
+        if groups is None:
+            raise ValueError("these parameters cut per group: pass the samples' groups")
+        return self.group_threshold[groups]
 
 
 @dataclass(frozen=True)
@@ -240,9 +335,20 @@ class DROWeighting:
     Unseen samples are never cut: there is no evidence against them. The floor covers cut samples
     too, so a cut sample is re-measured now and then and re-admitted when its loss has come down.
 
-    The temperature is ``temperature`` (default :data:`DEFAULT_TEMPERATURE`, 0.5), or calibrated from ``kl_radius`` (the
+    The temperature is ``temperature`` if given, or calibrated at every refresh from ``kl_radius`` (the
     constrained DRO form: KL(tilted || uniform) = radius over the kept samples) or ``ess_fraction``
-    (effective sample size as a fraction of the kept samples). At most one of the three may be given.
+    (effective sample size of the tilted weights as a fraction of the kept samples; default
+    :data:`DEFAULT_ESS_FRACTION` = 0.8 when none of the three is given, which makes the rule
+    scale-free). At most one of the three may be given.
+
+    The cut (``truncate_zscore`` with ``cut_rule``, and/or ``truncate_quantile``; see
+    :func:`cut_threshold`) is computed over the seen samples, per group when the table has groups
+    (:class:`LossTable` ``groups``, e.g. class labels): a sample is then judged against its own
+    group, so a rare class whose losses are all high is not mistaken for noise.
+
+    This class is the one place where the rule's options, their defaults and their checks live;
+    ``IRDROSampler``, the Composer ``IRDRO`` algorithm and the streaming path take the same keywords
+    and pass them here.
 
     Calibration statistics (prior, cut threshold, temperature) are computed on a fixed strided
     subsample of at most ``calibration_size`` samples (exact below that size); the standard error of
@@ -254,6 +360,7 @@ class DROWeighting:
     ess_fraction: float | None = None
     truncate_quantile: float | None = None
     truncate_zscore: float | None = DEFAULT_ZSCORE
+    cut_rule: str = "zscore"
     uniform_mix: float = 0.1
     calibration_size: int = 2**20
 
@@ -266,6 +373,7 @@ class DROWeighting:
         check_fraction(self.ess_fraction, "ess_fraction", low_open=True, high_open=False, allow_none=True)
         check_fraction(self.truncate_quantile, "truncate_quantile", low_open=True, high_open=False, allow_none=True)
         _check_zscore(self.truncate_zscore)
+        _check_cut_rule(self.cut_rule)
         check_fraction(self.uniform_mix, "uniform_mix", low_open=False, high_open=False)
         if isinstance(self.calibration_size, bool) or not isinstance(self.calibration_size, int) or self.calibration_size < 1:
             raise ValueError(f"calibration_size must be an int >= 1, got {self.calibration_size!r}")
@@ -282,39 +390,49 @@ class DROWeighting:
         seen = ~np.isnan(view)
         seen_losses = view[seen]
         prior = table.prior_value(sample=seen_losses)
-        threshold = cut_threshold(
-            seen_losses, truncate_quantile=self.truncate_quantile, truncate_zscore=self.truncate_zscore
-        )
+        cut = dict(truncate_quantile=self.truncate_quantile, truncate_zscore=self.truncate_zscore, cut_rule=self.cut_rule)
+        if table.groups is None:
+            params = WeightParams(1.0, cut_threshold(seen_losses, **cut), prior, 0.0)
+        else:
+            group_view = table.groups[::stride]
+            per_group = group_cut_thresholds(seen_losses, group_view[seen], num_groups=table.num_groups, **cut)
+            params = WeightParams(1.0, math.inf, prior, 0.0, per_group)
+        groups = None if table.groups is None else group_view
         eff = np.where(seen, view, prior)
-        tau = self.temperature_for(eff[~seen | (eff <= threshold)])
-        shift = max_kept_loss(table.losses, WeightParams(tau, threshold, prior, 0.0))
-        return WeightParams(float(tau), float(threshold), float(prior), float(shift))
+        tau = float(self.temperature_for(eff[~seen | (eff <= params.thresholds(groups))]))
+        shift = max_kept_loss(table.losses, params, table.groups)
+        return params._replace(temperature=tau, shift=float(shift))
 
     def temperature_for(self, kept_losses: np.ndarray) -> float:
         """The temperature this rule uses for these (kept) losses: the fixed one, or calibrated."""
-        if self.kl_radius is not None and kept_losses.size > 1:
+        if self.temperature is not None:
+            return float(self.temperature)
+        if kept_losses.size <= 1:
+            return DEFAULT_TEMPERATURE  # one or no loss: every temperature gives the same weights
+        if self.kl_radius is not None:
             return temperature_for_kl(kept_losses, self.kl_radius)
-        if self.ess_fraction is not None and kept_losses.size > 1:
-            return temperature_for_ess(kept_losses, self.ess_fraction)
-        return DEFAULT_TEMPERATURE if self.temperature is None else float(self.temperature)
+        return temperature_for_ess(kept_losses, self.ess_fraction or DEFAULT_ESS_FRACTION)
 
     # -- masses and probabilities -------------------------------------------------------------------
     def probabilities(self, table: LossTable, params: WeightParams | None = None) -> np.ndarray:
         """Probabilities over all N samples (float64, sums to 1); ``params`` default to ``fit(table)``."""
         params = self.fit(table) if params is None else params
-        mass = masses(table.losses, params)[0]
+        mass = masses(table.losses, params, table.groups)[0]
         return mixture_probabilities(mass, mass.sum(), mass.size, self.uniform_mix)
 
 
-def masses(losses: np.ndarray, params: WeightParams) -> tuple[np.ndarray, np.ndarray]:
+def masses(
+    losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Tilted mass ``exp((l - shift) / tau)`` (0 if cut) and the kept mask, for raw table losses.
 
-    ``losses`` are the table's float32 running losses with NaN for unseen samples. This is the one
+    ``losses`` are the table's float32 running losses with NaN for unseen samples, ``groups`` the
+    same samples' group ids (needed when ``params`` cut per group). This is the one
     place where a loss becomes a mass: the sampler's tree and :meth:`DROWeighting.probabilities`
     both call it, so they agree bit for bit.
     """
     loss = losses.astype(np.float64)
-    kept = _kept64(loss, params.threshold)
+    kept = _kept64(loss, params, groups)
     loss[np.isnan(loss)] = params.prior
     with np.errstate(over="ignore"):
         mass = np.exp((loss - params.shift) / params.temperature)
@@ -322,17 +440,19 @@ def masses(losses: np.ndarray, params: WeightParams) -> tuple[np.ndarray, np.nda
     return mass, kept
 
 
-def kept_mask(losses: np.ndarray, params: WeightParams) -> np.ndarray:
+def kept_mask(losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None) -> np.ndarray:
     """The kept flags of :func:`masses` without computing the masses."""
-    return _kept64(losses.astype(np.float64), params.threshold)
+    return _kept64(losses.astype(np.float64), params, groups)
 
 
-def _kept64(loss: np.ndarray, threshold: float) -> np.ndarray:
-    """Unseen samples (NaN) are never cut; seen ones are kept up to the threshold (float64 compare)."""
-    return np.isnan(loss) | (loss <= threshold)
+def _kept64(loss: np.ndarray, params: WeightParams, groups: np.ndarray | None) -> np.ndarray:
+    """Unseen samples (NaN) are never cut; seen ones are kept up to their threshold (float64 compare)."""
+    return np.isnan(loss) | (loss <= params.thresholds(groups))
 
 
-def max_kept_loss(losses: np.ndarray, params: WeightParams, chunk: int = 1 << 22) -> float:
+def max_kept_loss(
+    losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, chunk: int = 1 << 22
+) -> float:
     """Largest effective loss among kept samples (chunked to bound temporaries at large N)."""
     best = -math.inf
     has_unseen = False
@@ -340,7 +460,8 @@ def max_kept_loss(losses: np.ndarray, params: WeightParams, chunk: int = 1 << 22
         part = losses[start : start + chunk].astype(np.float64)
         nan = np.isnan(part)
         has_unseen = has_unseen or bool(nan.any())
-        kept = part[_kept64(part, params.threshold) & ~nan]
+        part_groups = None if groups is None else groups[start : start + chunk]
+        kept = part[_kept64(part, params, part_groups) & ~nan]
         if kept.size:
             best = max(best, float(kept.max()))
     if has_unseen:

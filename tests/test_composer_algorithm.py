@@ -32,7 +32,7 @@ from irdro_sampler.integrations.composer import (  # noqa: E402
     default_per_sample_loss,
     gather_feedback,
 )
-from irdro_sampler.weights import DEFAULT_TEMPERATURE  # noqa: E402
+from irdro_sampler.weights import DEFAULT_ZSCORE  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -417,16 +417,19 @@ def test_options_must_agree_with_the_sampler(clf_data):
                                steps=1)
     trainer.fit()  # agreeing options are fine
     trainer.close()
-    # A sampler left at the default temperature agrees with IRDRO(temperature=DEFAULT_TEMPERATURE) only.
-    dl = ex.build_dataloader(data, "irdro", 8)
-    trainer = ex.build_trainer(ex.build_classifier_model(), dl, [IRDRO(temperature=DEFAULT_TEMPERATURE)], steps=1)
-    trainer.fit()
-    trainer.close()
-    dl = ex.build_dataloader(data, "irdro", 8)
-    trainer = ex.build_trainer(ex.build_classifier_model(), dl, [IRDRO(temperature=2 * DEFAULT_TEMPERATURE)], steps=1)
-    with pytest.raises(ValueError, match="temperature="):
+    # A sampler left at its defaults agrees with IRDRO() and with the defaults spelled out, and with
+    # nothing else: a fixed temperature is not the default (which calibrates tau from the ESS).
+    for agreeing in (IRDRO(), IRDRO(truncate_zscore=DEFAULT_ZSCORE, cut_rule="zscore")):
+        dl = ex.build_dataloader(data, "irdro", 8)
+        trainer = ex.build_trainer(ex.build_classifier_model(), dl, [agreeing], steps=1)
         trainer.fit()
-    trainer.close()
+        trainer.close()
+    for bad, match in ((IRDRO(temperature=1.0), "temperature=1.0"), (IRDRO(cut_rule="mixture"), "cut_rule")):
+        dl = ex.build_dataloader(data, "irdro", 8)
+        trainer = ex.build_trainer(ex.build_classifier_model(), dl, [bad], steps=1)
+        with pytest.raises(ValueError, match=match):
+            trainer.fit()
+        trainer.close()
 
 
 # --------------------------------------------------------------------------------------------- llm-foundry

@@ -36,14 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..weights import DEFAULT_TEMPERATURE, DEFAULT_ZSCORE
 from .data import Corpus, CorpusConfig, build_corpus, create_streaming_dataset, load_user_data, read_mds
 from .model import ModelConfig, build_composer_model, evaluate_domains, summarize, tokens_tensor
 
-#: The recommended IR-DRO options the demo's ``irdro`` arm uses (chosen on benchmarks/quality.py;
-#: see docs/demo.md for why).
-RECOMMENDED: dict[str, Any] = {"temperature": DEFAULT_TEMPERATURE, "truncate_zscore": DEFAULT_ZSCORE,
-                               "uniform_mix": 0.1, "ema": 0.5}
+#: The options the demo's ``irdro`` arm uses: the library's defaults (chosen on benchmarks/quality.py;
+#: see README "Defaults and why"), so the demo shows what a user gets without tuning.
+RECOMMENDED: dict[str, Any] = {}
 
 #: Arm name -> how it is wired. ``data``: 'uniform' (plain StreamingDataset) or 'weighted'.
 ARMS: dict[str, dict[str, Any]] = {
@@ -54,7 +52,7 @@ ARMS: dict[str, dict[str, Any]] = {
         "data": "weighted",
         "algorithm": {**RECOMMENDED, "truncate_zscore": math.inf, "truncate_quantile": 0.95},
     },
-    # truncate_zscore=inf disables the default adaptive cut (IRDRO reads None as "the default").
+    # truncate_zscore=inf (or None) disables the default adaptive cut.
     "irdro-nocut": {
         "data": "weighted",
         "algorithm": {**RECOMMENDED, "truncate_zscore": math.inf},

@@ -56,7 +56,7 @@ from irdro_sampler import (
     LossTable,
     kl_dro_weights,
 )
-from irdro_sampler.weights import DEFAULT_TEMPERATURE
+from irdro_sampler._validation import as_groups
 
 __all__ = [
     "IRDRO",
@@ -270,13 +270,15 @@ class IRDRO(Algorithm):
     dataset, and add ``IRDRO()`` to ``Trainer(algorithms=[...])``.
 
     Args:
-        temperature, kl_radius, ess_fraction, truncate_quantile, truncate_zscore, uniform_mix, ema, prior:
-            the sampler's options (see :class:`~irdro_sampler.DROWeighting` and
-            :class:`~irdro_sampler.LossTable`); ``None`` means the core default. With an
-            ``IRDROSampler`` the sampler's own options decide: any option given here must agree with it,
-            else ``FIT_START`` raises (one source of truth). With a streaming dataset they configure the
-            loss table and rule this algorithm keeps. In ``reweight`` mode, ``temperature`` (or
-            ``kl_radius``/``ess_fraction`` calibrated per microbatch) sets the in-batch softmax.
+        **rule_options: the weighting rule's options, exactly those of
+            :class:`~irdro_sampler.DROWeighting` (``temperature``, ``ess_fraction``, ``truncate_zscore``,
+            ``cut_rule``, ``uniform_mix``, ...; validated there). With an ``IRDROSampler`` the sampler's
+            own options decide: any option given here must agree with it, else ``FIT_START`` raises (one
+            source of truth). With a streaming dataset they configure the rule this algorithm keeps. In
+            ``reweight`` mode the rule's temperature (fixed, or calibrated per microbatch) sets the
+            in-batch softmax.
+        ema, prior, groups: the loss table's options (:class:`~irdro_sampler.LossTable`), for the
+            streaming path's table (with an ``IRDROSampler`` its own table decides and they must agree).
         loss_fn: ``(outputs, batch) -> 1-D tensor`` with one loss per sample of the microbatch, computed
             from ``state.outputs`` (no extra forward); a name (``'auto'``, ``'causal_lm'``,
             ``'classification'``) or ``'package.module:function'`` for YAML. Default ``'auto'``
@@ -296,18 +298,14 @@ class IRDRO(Algorithm):
     def __init__(
         self,
         *,
-        temperature: float | None = None,
-        kl_radius: float | None = None,
-        ess_fraction: float | None = None,
-        truncate_quantile: float | None = None,
-        truncate_zscore: float | None = None,
-        uniform_mix: float | None = None,
         ema: float | None = None,
         prior: float | str | None = None,
         loss_fn: PerSampleLossFn | str | None = None,
         index_key: str | int = "sample_idx",
         mode: str = "resample",
         log_interval: int = 100,
+        groups: Any = None,
+        **rule_options: Any,
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -315,22 +313,14 @@ class IRDRO(Algorithm):
             raise ValueError(f"log_interval must be an int >= 0, got {log_interval!r}")
         if isinstance(index_key, bool) or not isinstance(index_key, (str, int)):
             raise TypeError(f"index_key must be a str (dict batches) or int (tuple batches), got {index_key!r}")
-        self.rule_options = {
-            k: v
-            for k, v in dict(
-                temperature=temperature,
-                kl_radius=kl_radius,
-                ess_fraction=ess_fraction,
-                truncate_quantile=truncate_quantile,
-                truncate_zscore=truncate_zscore,
-                uniform_mix=uniform_mix,
-            ).items()
-            if v is not None
-        }
+        self.rule_options = dict(rule_options)
         self.table_options = {k: v for k, v in dict(ema=ema, prior=prior).items() if v is not None}
+        self.groups = groups
         # Validate now (a YAML typo fails at construction, not at the first batch).
         self._rule = DROWeighting(**self.rule_options)
         LossTable(1, **self.table_options)
+        if groups is not None:
+            as_groups(groups, len(groups))
         self.loss_fn_spec = loss_fn
         self.loss_fn = _resolve_loss_fn(loss_fn)
         self.index_key = index_key
@@ -422,7 +412,7 @@ class IRDRO(Algorithm):
             self.dataset = dataset
             num = int(dataset.num_samples)
             if self.table is None or self.table.num_samples != num:
-                self.table = LossTable(num, **self.table_options)
+                self.table = LossTable(num, **self.table_options, groups=self.groups)
         elif self.mode != "reweight":
             raise ValueError(
                 f"IRDRO(mode={self.mode!r}) found nothing to feed in the train DataLoader "
@@ -456,14 +446,16 @@ class IRDRO(Algorithm):
                 stacklevel=2,
             )
         rule_cfg = sampler.rule.config()
-        if all(rule_cfg.get(k) is None for k in ("temperature", "kl_radius", "ess_fraction")):
-            rule_cfg["temperature"] = DEFAULT_TEMPERATURE  # what the sampler's rule uses when none is given
         mine = dict(self.rule_options)
         conflicts = [f"{k}={v!r} (sampler: {rule_cfg.get(k)!r})" for k, v in mine.items() if rule_cfg.get(k) != v]
         table = sampler.table
         for k, v in self.table_options.items():
             if getattr(table, k, v) != v:
                 conflicts.append(f"{k}={v!r} (sampler: {getattr(table, k)!r})")
+        if self.groups is not None and (
+            table.groups is None or not np.array_equal(as_groups(self.groups, table.num_samples), table.groups)
+        ):
+            conflicts.append("groups (the sampler has other groups or none)")
         if conflicts and self.mode != "reweight":
             raise ValueError(
                 "IRDRO options disagree with the IRDROSampler in the train DataLoader: "
