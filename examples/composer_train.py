@@ -262,8 +262,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--microbatch-size", type=int, default=None)
     parser.add_argument("--num-samples", type=int, default=1024)
     parser.add_argument("--noise-fraction", type=float, default=0.05)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--truncate-quantile", type=float, default=0.9)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--log-interval", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -281,13 +279,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         data, groups, names = make_classifier_data(args.num_samples, noise_fraction=args.noise_fraction, seed=args.seed)
         model = build_classifier_model(seed=args.seed)
-    sampler_kwargs = {"temperature": args.temperature, "truncate_quantile": args.truncate_quantile}
+    # The library's defaults. A classifier passes its labels as groups: each sample's loss is then judged
+    # against its own class, so a rare class whose losses are all high is not mistaken for noise.
+    sampler_kwargs = {} if args.task == "lm" else {"groups": data.columns["labels"]}
     dataloader = build_dataloader(
         data, args.algorithm, args.batch_size, num_workers=args.num_workers, seed=args.seed, sampler_kwargs=sampler_kwargs
     )
     irdro_kwargs: dict[str, Any] = {"log_interval": args.log_interval}
-    if args.algorithm == "irdro-reweight":
-        irdro_kwargs["temperature"] = args.temperature
     memory = InMemoryLogger()
     drawn = DrawCounter(groups)
     trainer = build_trainer(

@@ -1,12 +1,20 @@
 """IR-DRO sampling in a plain PyTorch loop: DataLoader + IndexedDataset + IRDROSampler.
 
-The data is made here: a 2-D classification task with a common easy group, a rare hard group, and
-a share of samples with random labels (noise). Uniform sampling under-trains the rare group; IR-DRO
-draws it more often while the loss cut keeps the noise out. Per-sample losses go back to the sampler
-after every step. Runs in seconds on a CPU:
+The data is made here: a 2-D classification task with a common easy group, a rare hard group (5%,
+its own decision boundary), and 2% of samples with random labels (noise). Uniform sampling
+under-trains the rare group; IR-DRO with the library's defaults draws it more often while the loss cut
+keeps the noise out: at the default seed the rare group's test loss ends lower than with uniform
+sampling, and the noise gets a smaller share of the draws than its 2% share of the data
+(``tests/test_examples.py`` checks both). Per-sample losses go back to the sampler after every step.
+
+The sampler is told which group each sample belongs to (``groups=``: here common or rare, as a data
+source would be known; the noise is not known). Each loss is then judged against its own group, so the
+rare group, whose losses are all high, is not mistaken for noise. ``--no-groups`` shows why this
+matters: without groups the cut cannot tell the rare group from noise and starves it. Runs in seconds:
 
     python examples/plain_pytorch.py --epochs 5
     python examples/plain_pytorch.py --sampler uniform      # the baseline
+    python examples/plain_pytorch.py --no-groups            # what happens without groups
 """
 
 from __future__ import annotations
@@ -43,8 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--sampler", choices=["irdro", "uniform"], default="irdro")
-    ap.add_argument("--temperature", type=float, default=0.5)
-    ap.add_argument("--truncate-quantile", type=float, default=0.97)
+    ap.add_argument("--no-groups", action="store_true", help="do not pass the labels as groups")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -55,13 +62,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     test, test_group = make_data(20_000, args.seed + 1)
     dataset = IndexedDataset(base)  # each sample becomes (x, y, index)
     if args.sampler == "irdro":
-        sampler = IRDROSampler(
-            dataset,
-            args.batch_size,
-            temperature=args.temperature,
-            truncate_quantile=args.truncate_quantile,
-            seed=args.seed,
-        )
+        # The library's defaults; the labels as groups, so each sample's loss is judged against its class.
+        groups = None if args.no_groups else (group == 1).long()
+        sampler = IRDROSampler(dataset, args.batch_size, groups=groups, seed=args.seed)
     else:
         sampler = RandomSampler(dataset, replacement=True, generator=torch.Generator().manual_seed(args.seed))
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers)
@@ -69,10 +72,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     step = 0
+    drawn = torch.zeros(3)  # draws per group over the whole run so far
     for epoch in range(args.epochs):
         if isinstance(sampler, IRDROSampler):
             sampler.set_epoch(epoch)
-        drawn = torch.zeros(3)
         for x, y, idx in loader:
             per_sample = F.cross_entropy(model(x), y, reduction="none")
             opt.zero_grad()
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             drawn += torch.bincount(group[idx], minlength=3)
             step += 1
         result = evaluate(model, test, test_group)
+        result.update(drawn_rare=float(drawn[1] / drawn.sum()), drawn_noise=float(drawn[2] / drawn.sum()))
         line = (
             f"epoch {epoch}: test loss common {result['common']:.3f} rare {result['rare']:.3f} | "
             f"drawn rare {drawn[1] / drawn.sum():.1%} noise {drawn[2] / drawn.sum():.1%}"
