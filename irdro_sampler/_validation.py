@@ -187,4 +187,4 @@ def check_range(arr: np.ndarray, name: str, low: float, high: float) -> None:
         bad = ~((arr >= low) & (arr <= high))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {arr[i]!r} at position {i}")
+        raise ValueError(f"{name} must lie in [{low:.8g}, {high:.8g}], got {arr[i].item()!r} at position {i}")

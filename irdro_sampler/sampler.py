@@ -608,8 +608,8 @@ def _check_state(state: Any) -> dict[str, Any]:
         raise ValueError(f"{w}['rule'] must be a dict of DROWeighting options, got {type(rule).__name__}")
     try:
         out["rule"] = DROWeighting(**rule)  # validates its own fields, whatever they are
-    except TypeError as e:
-        raise ValueError(f"{w}['rule'] is not a DROWeighting config: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{w}['rule'] is not a valid DROWeighting config: {e}") from None
     out["table_state"] = state_entry(state, "table", w)
     losses = check_table_state(out["table_state"], n, f"{w}['table']")["losses"]
     out["params"] = params = _check_params(state_entry(state, "params", w))
