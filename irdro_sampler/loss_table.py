@@ -187,8 +187,7 @@ def check_table_state(state: Any, num_samples: int | None, where: str = "state_d
     seen = counts > 0
     check_range(losses[seen], f"{where}['losses'] of seen samples (counts > 0)", -MAX_LOSS, MAX_LOSS)
     check_range(last_step[seen], f"{where}['last_step'] of seen samples (counts > 0)", 0, MAX_STEP)
-    losses = losses.astype(np.float32)
-    losses[~seen] = np.nan
+    losses = np.where(seen, losses, np.nan).astype(np.float32)  # unseen: NaN, whatever was saved
     skipped = state_int(state, "num_skipped", where, minimum=0) if "num_skipped" in state else 0
     return {
         "ema": ema,
