@@ -456,8 +456,7 @@ class IRDROSampler(DistributedSampler):
             self.feedback_delay, self.refresh_interval, self.block_size,
             sorted(self.rule.config().items()), self.table.ema, self.table.prior,
         )  # fmt: skip
-        h = hashlib.blake2b(repr(options).encode(), digest_size=8, key=self._feedback_digest)
-        return int.from_bytes(h.digest(), "little", signed=True)
+        return digest_to_int(repr(options).encode(), key=self._feedback_digest)
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -513,6 +512,12 @@ class IRDROSampler(DistributedSampler):
         sampler._commit_state(checked)
         return sampler
 
+    @staticmethod
+    def check_state_dict(state: Any) -> None:
+        """Raise ``ValueError`` naming the entry unless ``state`` is a well-formed :meth:`state_dict`
+        (every entry checked, as :meth:`load_state_dict` does, except the match with a sampler)."""
+        _check_state(state)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; the run then continues exactly.
 
@@ -557,13 +562,18 @@ class IRDROSampler(DistributedSampler):
         self._counters.update({k: v for k, v in checked["counters"].items() if k in self._counters})
         self._pending = checked["pending"]
         self._drawn = checked["drawn"]
-        self._feedback_digest = checked["feedback_digest"] or _table_digest(table)
+        self._feedback_digest = checked["feedback_digest"] or table_digest(table)
         if checked["params"] is not None:
             self._params = checked["params"]
             self._rebuild(rebase=False)
 
 
 _EMPTY_DIGEST = bytes(16)
+
+
+def digest_to_int(data: bytes, key: bytes = b"") -> int:
+    """A signed 64-bit blake2b digest of ``data`` (fits an int64 tensor for an all-gather)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little", signed=True)
 
 
 def _chain_digest(prev: bytes, step: int, indices: np.ndarray, losses: np.ndarray) -> bytes:
@@ -575,9 +585,9 @@ def _chain_digest(prev: bytes, step: int, indices: np.ndarray, losses: np.ndarra
     return h.digest()
 
 
-def _table_digest(table: LossTable) -> bytes:
-    """Digest of a loaded table, standing in for the feedback digest of states saved before it existed
-    (O(N), once): ranks that load the same old state still agree."""
+def table_digest(table: LossTable) -> bytes:
+    """Digest of a table's contents (O(N)): the feedback digest of states saved before it existed (ranks
+    that load the same old state still agree), and the streaming path's fingerprint."""
     h = hashlib.blake2b(b"irdro-table", digest_size=16)
     for arr in (table.losses, table.counts, table.last_step):
         h.update(np.ascontiguousarray(arr).tobytes())
