@@ -76,12 +76,12 @@ def _remove_stale_temporaries(target: Path) -> None:
     for leftover in target.parent.glob(f".{target.name}.*{_TMP_SUFFIX}"):
         rest = leftover.name[len(prefix) :] if leftover.name.startswith(prefix) else ""
         pid = rest.split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not _process_alive(int(pid)):
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
 
-def _alive(pid: int) -> bool:
+def _process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
