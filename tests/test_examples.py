@@ -85,3 +85,20 @@ def test_llmfoundry_yaml_builds_irdro_through_the_entry_point():
 
     block = cfg["algorithms"]["irdro"]
     assert {k: block[k] for k in RECOMMENDED} == RECOMMENDED
+
+
+@pytest.mark.slow
+def test_plain_example_checkpoints_and_resumes(tmp_path):
+    """--checkpoint: save_state after every epoch; a rerun resumes after the last saved epoch."""
+    import torch
+
+    ckpt = tmp_path / "run.pt"
+    first = _run("plain_pytorch.py", "--checkpoint", str(ckpt))  # 1 epoch
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 0 and state["sampler"]["format"] == "irdro_sampler.IRDROSampler"
+    second = _run("plain_pytorch.py", "--checkpoint", str(ckpt), "--epochs", "2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed after epoch 0" in second.stdout and "epoch 1:" in second.stdout and "epoch 0:" not in second.stdout
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
