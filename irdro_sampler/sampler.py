@@ -99,10 +99,13 @@ class IRDROSampler(DistributedSampler):
     the default 8). Measured costs at N = 1e5..1e8: ``benchmarks/RESULTS_sampler.md``.
 
     **Bad input.** :meth:`update` raises ``ValueError``/``TypeError`` (and changes nothing) for indices
-    out of range or not integers, and length mismatches; NaN/inf losses are skipped and counted
-    (``skipped_nonfinite``). Constructor options are validated (non-positive temperature, conflicting
-    ``temperature``/``kl_radius``/``ess_fraction``...). :meth:`load_state_dict` refuses a state from a
-    data set of another size or another batch geometry.
+    out of range or not integers, and length mismatches; NaN/inf losses and finite ones beyond float32's
+    range are skipped and counted (``skipped_nonfinite``). Constructor options are validated
+    (non-positive temperature, conflicting ``temperature``/``kl_radius``/``ess_fraction``...).
+    :meth:`load_state_dict` checks the whole state first and refuses (changing nothing) a malformed one
+    or one from a data set of another size or another batch geometry.
+
+    **Ranks that agree** have equal :meth:`fingerprint` values; compare them across ranks now and then.
     """
 
     def __init__(
