@@ -450,8 +450,9 @@ class IRDROSampler(DistributedSampler):
         and every feedback record applied to the table so far (step, indices, losses, in the order
         applied); not the rank. O(1) per call: the feedback part is a running blake2b digest extended
         by O(B) per applied record. It is saved in :meth:`state_dict`, so a resumed sampler has the
-        fingerprint of the uninterrupted one. Loading a table directly into ``sampler.table`` bypasses
-        it. Compare it across ranks to catch diverging samplers: the Composer ``IRDRO`` algorithm does;
+        fingerprint of the uninterrupted one; a state saved before fingerprints existed starts the chain
+        from a digest of its loss table (O(N) once), so ranks loading the same old state still agree.
+        Loading a table directly into ``sampler.table`` bypasses it. Compare it across ranks to catch diverging samplers: the Composer ``IRDRO`` algorithm does;
         in a plain loop, ``dist.all_gather_object(out, sampler.fingerprint())`` and compare.
         """
         options = (
