@@ -4,7 +4,9 @@ test_composer_multirank.py) run a real Composer Trainer with the IRDRO algorithm
 * samplers built with different temperatures: IRDRO raises at FIT_START, naming both ranks;
 * samplers that agree until rank 1's temperature changes after batch 3: raised at the next check,
   batch 4 (check_interval=2), not before;
-* ranks that agree train to the end (test_composer_multirank.py covers that too, with checks on).
+* ranks that agree train to the end (test_composer_multirank.py covers that too, with checks on);
+* the same three cases on the streaming path (WeightedStreamingDataset + IRDRO), where the fingerprint
+  digests the loss table, the rule and the round weights.
 """
 
 from __future__ import annotations
@@ -168,3 +170,108 @@ def test_streaming_fingerprint_follows_table_and_weights():
     c.table, c.dataset = a.table, a.dataset
     assert c.fingerprint() != a.fingerprint()
     assert IRDRO().fingerprint() is None
+
+
+STREAM_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    from composer import Trainer
+    from composer.core import Callback
+    from composer.devices import DeviceCPU
+    from composer.models import ComposerModel
+    from composer.utils import dist
+
+    from irdro_sampler.integrations.composer import IRDRO
+    from irdro_sampler.integrations.streaming import WeightedStreamingDataset
+
+    root = Path(sys.argv[1])
+    dist.initialize_dist(DeviceCPU())
+    rank = dist.get_global_rank()
+
+
+    class Tiny(ComposerModel):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = torch.nn.Embedding(64, 4)
+
+        def forward(self, batch):
+            return self.emb(batch["x"] % 64)
+
+        def loss(self, outputs, batch, *args, **kwargs):
+            return F.cross_entropy(outputs, batch["x"] % 4)
+
+
+    class Diverge(Callback):
+        # After batch `at`, rank 1 alone records an extra loss in its table.
+        def __init__(self, algo, at):
+            self.algo, self.at, self.batches = algo, at, []
+
+        def batch_end(self, state, logger):
+            self.batches.append(int(state.timestamp.batch))
+            if int(state.timestamp.batch) == self.at and rank == 1:
+                self.algo.table.update([0], [123.0], step=999)
+
+
+    def attempt(name, temperature, diverge_at):
+        ds = WeightedStreamingDataset(round_size=80, remote=str(root / "remote"), local=str(root / f"local-{name}"),
+                                      batch_size=8, shuffle=True, shuffle_block_size=100, seed=1)
+        dl = torch.utils.data.DataLoader(ds, batch_size=8)
+        algo = IRDRO(temperature=temperature, loss_fn=lambda out, batch: F.cross_entropy(out, batch["x"] % 4, reduction="none"),
+                     log_interval=0, check_interval=2)
+        cb = Diverge(algo, diverge_at)
+        model = Tiny()
+        trainer = Trainer(model=model, train_dataloader=dl, max_duration="8ba", algorithms=[algo], callbacks=[cb],
+                          optimizers=torch.optim.SGD(model.parameters(), lr=0.1), device="cpu", seed=3,
+                          progress_bar=False, log_to_console=False)
+        try:
+            trainer.fit()
+            error = None
+        except RuntimeError as e:
+            error = str(e)
+        finally:
+            trainer.close()
+        return {"error": error, "batches": cb.batches}
+
+
+    results = {
+        "start": attempt("start", 0.5 + 0.2 * rank, None),
+        "mid": attempt("mid", 0.5, 3),
+        "agree": attempt("agree", 0.5, None),
+    }
+    (root / f"rank{rank}.json").write_text(json.dumps(results))
+    """
+)
+
+
+@pytest.mark.slow
+def test_streaming_ranks_that_diverge_raise(tmp_path):
+    pytest.importorskip("streaming")
+    from _streaming_data import write_mds
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    write_mds(str(tmp_path), 400, 50)
+    script = tmp_path / "stream_ranks.py"
+    script.write_text(STREAM_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    for r in (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)):
+        assert r["start"]["batches"] == [] and "FIT_START" in r["start"]["error"]
+        assert "loss table / stream weights" in r["start"]["error"] and "ranks [1]" in r["start"]["error"]
+        assert r["mid"]["batches"] == [1, 2, 3] and "batch 4" in r["mid"]["error"], r["mid"]
+        assert r["agree"]["error"] is None and r["agree"]["batches"] == list(range(1, 9))
