@@ -452,8 +452,9 @@ class IRDROSampler(DistributedSampler):
         by O(B) per applied record. It is saved in :meth:`state_dict`, so a resumed sampler has the
         fingerprint of the uninterrupted one; a state saved before fingerprints existed starts the chain
         from a digest of its loss table (O(N) once), so ranks loading the same old state still agree.
-        Loading a table directly into ``sampler.table`` bypasses it. Compare it across ranks to catch diverging samplers: the Composer ``IRDRO`` algorithm does;
-        in a plain loop, ``dist.all_gather_object(out, sampler.fingerprint())`` and compare.
+        Loading a table directly into ``sampler.table`` bypasses it. Compare it across ranks to catch
+        diverging samplers: the Composer ``IRDRO`` algorithm does; in a plain loop,
+        ``dist.all_gather_object(out, sampler.fingerprint())`` and compare.
         """
         options = (
             self.seed, self.dataset_size, self.num_samples, self.batch_size, self.num_replicas,
