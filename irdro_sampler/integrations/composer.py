@@ -374,6 +374,8 @@ class IRDRO(Algorithm):
         opts = {**self.rule_options, **self.table_options}
         args = ", ".join(f"{k}={v!r}" for k, v in opts.items())
         extra = f"mode={self.mode!r}, index_key={self.index_key!r}, log_interval={self.log_interval}"
+        if self.check_interval != self.log_interval:
+            extra += f", check_interval={self.check_interval}"
         if isinstance(self.loss_fn_spec, str):
             extra += f", loss_fn={self.loss_fn_spec!r}"
         return f"IRDRO({args + ', ' if args else ''}{extra})"
