@@ -15,17 +15,19 @@ matters: without groups the cut cannot tell the rare group from noise and starve
     python examples/plain_pytorch.py --epochs 5
     python examples/plain_pytorch.py --sampler uniform      # the baseline
     python examples/plain_pytorch.py --no-groups            # what happens without groups
+    python examples/plain_pytorch.py --checkpoint run.pt    # crash-safe checkpoints; rerun to resume
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from irdro_sampler import IndexedDataset, IRDROSampler
+from irdro_sampler import IndexedDataset, IRDROSampler, save_state
 
 
 def make_data(n: int, seed: int) -> tuple[TensorDataset, torch.Tensor]:
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--no-groups", action="store_true", help="do not pass the labels as groups")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint", default=None,
+                    help="after every epoch save model, optimizer and sampler here (crash-safe: save_state); "
+                    "resume from it when it exists")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -71,9 +76,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    step = 0
-    drawn = torch.zeros(3)  # draws per group over the whole run so far
-    for epoch in range(args.epochs):
+    step = start_epoch = 0
+    if args.checkpoint and os.path.exists(args.checkpoint):
+        ckpt = torch.load(args.checkpoint, weights_only=True)  # tensors and primitives only
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if isinstance(sampler, IRDROSampler):
+            sampler.load_state_dict(ckpt["sampler"])  # checked in full; a bad state changes nothing
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        print(f"resumed after epoch {ckpt['epoch']} (step {step})", flush=True)
+    result = evaluate(model, test, test_group)
+    drawn = torch.zeros(3)  # draws per group over the whole run (since the resume)
+    for epoch in range(start_epoch, args.epochs):
         if isinstance(sampler, IRDROSampler):
             sampler.set_epoch(epoch)
         for x, y, idx in loader:
@@ -95,6 +109,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             s = sampler.stats()
             line += f" | ESS {s['ess_fraction']:.2f} KL {s['kl_to_uniform']:.3f} cut {s['truncated_fraction']:.1%}"
         print(line, flush=True)
+        if args.checkpoint:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step}
+            if isinstance(sampler, IRDROSampler):
+                state["sampler"] = sampler.state_dict()
+            # Temporary file + fsync + os.replace: a kill mid-save keeps the previous checkpoint intact.
+            save_state(state, args.checkpoint)
     return result
 
 

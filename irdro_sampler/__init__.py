@@ -9,6 +9,7 @@ from .balanced import balanced_counts, initial_carry
 from .indexed import IndexedDataset, IndexListCollate
 from .loss_table import LossTable
 from .sampler import IRDROSampler
+from .saving import save_state
 from .sum_tree import FanoutSumTree
 from .weights import (
     DROWeighting,
@@ -41,6 +42,7 @@ __all__ = [
     "kl_dro_weights",
     "kl_to_uniform",
     "midrank_weights",
+    "save_state",
     "temperature_for_ess",
     "temperature_for_kl",
 ]

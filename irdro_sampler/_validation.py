@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,17 @@ except ImportError:  # pragma: no cover
 
 # Steps are stored as int32 in the loss table (4 bytes per sample instead of 8).
 MAX_STEP = 2**31 - 1
+# Running losses are stored as float32: a finite float64 loss above this would become inf in the table.
+MAX_LOSS = float(np.finfo(np.float32).max)
 
 
 def to_numpy(x: Any, name: str) -> np.ndarray:
     """Return ``x`` (array-like, list, or torch tensor on any device) as a 1-D numpy array."""
     if torch is not None and isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu").numpy()
+        x = x.detach().to("cpu")
+        if x.is_floating_point() and x.dtype not in (torch.float16, torch.float32, torch.float64):
+            x = x.to(torch.float32)  # bfloat16 / float8 have no numpy dtype; float32 holds them exactly
+        x = x.numpy()
     arr = np.asarray(x)
     if arr.ndim == 0:
         arr = arr.reshape(1)
@@ -65,7 +71,8 @@ def validate_feedback(indices: Any, losses: Any, num_samples: int) -> tuple[np.n
 
     Returns ``(indices int64, losses float64, num_skipped)``. NaN and +-inf losses are not errors
     (a diverging sample should not crash training) but they are never stored: they are removed
-    here and counted by the caller.
+    here and counted by the caller. So are finite losses whose magnitude exceeds float32's range
+    (:data:`MAX_LOSS`, about 3.4e38): the table stores float32, where they would become inf.
     """
     idx = as_indices(indices, num_samples, "indices")
     val = to_numpy(losses, "losses")
@@ -74,7 +81,7 @@ def validate_feedback(indices: Any, losses: Any, num_samples: int) -> tuple[np.n
     if val.shape != idx.shape:
         raise ValueError(f"indices and losses must have the same length, got {idx.shape[0]} and {val.shape[0]}")
     val = val.astype(np.float64, copy=True)
-    finite = np.isfinite(val)
+    finite = np.abs(val) <= MAX_LOSS  # False for NaN and +-inf too
     skipped = int(finite.size - finite.sum())
     if skipped:
         idx, val = idx[finite], val[finite]
@@ -137,3 +144,60 @@ def as_loss_vector(losses: Any, name: str = "losses") -> np.ndarray:
         bad = arr[~np.isfinite(arr)][0]
         raise ValueError(f"{name} must be finite, got {bad}")
     return arr
+
+
+# ------------------------------------------------------------------------------------ saved states
+def state_entry(state: Any, key: str, where: str) -> Any:
+    """``state[key]``; ``ValueError`` naming ``where`` if ``state`` is no dict or lacks ``key``."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where} must be a dict, got {type(state).__name__}")
+    if key not in state:
+        raise ValueError(f"{where} is missing the entry {key!r}")
+    return state[key]
+
+
+def state_int(state: Any, key: str, where: str, *, minimum: int, maximum: int | None = None) -> int:
+    """An int entry of a saved state within ``[minimum, maximum]`` (a 0-d integer tensor is accepted)."""
+    value = state_entry(state, key, where)
+    if torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{where}[{key!r}] must be an int, got {value!r}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{where}[{key!r}] must be {allowed}, got {value}")
+    return value
+
+
+def state_array(value: Any, name: str, *, kind: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A saved array (torch tensor or numpy array) as a numpy copy, checked for ``kind`` and ``shape``.
+
+    ``kind`` is ``"int"`` (integer dtypes) or ``"float"`` (floating dtypes; bfloat16 becomes float32).
+    Lists and other objects are refused: a state_dict stores tensors.
+    """
+    if torch is not None and isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.dtype not in (torch.float16, torch.float32, torch.float64):
+            value = value.to(torch.float32)
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a {kind} tensor, got dtype {value.dtype}")
+        arr = value.detach().cpu().numpy().copy()
+    elif isinstance(value, np.ndarray):
+        arr = value.copy()
+    else:
+        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    ok = np.issubdtype(arr.dtype, np.integer) if kind == "int" else np.issubdtype(arr.dtype, np.floating)
+    if not ok:
+        raise ValueError(f"{name} must hold {kind}s, got dtype {arr.dtype}")
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
+    return arr
+
+
+def check_range(arr: np.ndarray, name: str, low: float, high: float) -> None:
+    """Every entry of ``arr`` in ``[low, high]`` (NaN fails); the error shows the first offender."""
+    with np.errstate(invalid="ignore"):
+        bad = ~((arr >= low) & (arr <= high))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name} must lie in [{low:.8g}, {high:.8g}], got {arr[i].item()!r} at position {i}")

@@ -4,18 +4,25 @@
                           (uniform, IR-DRO resampling with and without the cut, in-batch reweighting)
                           and report held-out losses, draws on noise documents and plots.
 ``irdro-sampler inspect``  print what a sampler state (a Composer checkpoint with the IRDRO algorithm,
-                          or ``torch.save(sampler.state_dict(), path)``) is focusing on.
+                          or ``save_state(sampler.state_dict(), path)``) is focusing on.
 
 Errors the user can fix (bad paths, files without a sampler state, bad option values) print one line
 on stderr and exit with status 2, without a traceback.
+
+``inspect`` runs no code from the file: it loads with ``torch.load(weights_only=True)`` and allows
+only the few extra types a Composer checkpoint holds (:func:`_inspect_safe_globals`); a file that needs
+anything else is refused, naming the type.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import datetime
 import math
 import os
+import re
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +39,51 @@ class UserError(Exception):
 
 # =================================================================================== inspect
 SAMPLER_FORMAT = "irdro_sampler.IRDROSampler"
+
+
+def _inspect_safe_globals() -> list[Any]:
+    """What ``torch.load(weights_only=True)`` must also accept to read a Composer 0.32 checkpoint.
+
+    Composer stores the run's wall-clock times (``datetime.timedelta``), the torch version
+    (``TorchVersion``, a ``str`` subclass) and numpy RNG states (plain numeric arrays and their dtypes).
+    None of these runs code when rebuilt; ``numpy``'s ``_reconstruct`` only allocates an array whose
+    contents go through the same restricted unpickler.
+    """
+    import numpy.dtypes as nd
+    import torch.torch_version
+
+    multiarray = getattr(np, "_core", None) or np.core
+    numeric = [nd.BoolDType, nd.Float16DType, nd.Float32DType, nd.Float64DType,
+               *(getattr(nd, f"{s}Int{b}DType") for s in ("", "U") for b in (8, 16, 32, 64))]  # fmt: skip
+    return [
+        datetime.timedelta,
+        torch.torch_version.TorchVersion,
+        multiarray.multiarray._reconstruct,
+        (multiarray.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),  # files written by numpy 1.x
+        np.ndarray,
+        np.dtype,
+        *numeric,
+    ]
+
+
+def _safe_torch_load(p: Path) -> Any:
+    """``torch.load`` that never runs code from the file; :class:`UserError` naming a refused type."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_inspect_safe_globals()):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip/EOF errors of all kinds
+        text = str(e)
+        needed = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"but got (<class '[^']+'>)", text)
+        if needed:
+            raise UserError(
+                f"{p}: refused: loading it needs {needed.group(1)}, which inspect does not allow (it runs no code "
+                "from files: only tensors, numbers, strings, containers, timedelta, torch versions and numpy arrays)"
+            ) from None
+        first = next((ln for ln in text.splitlines() if "WeightsUnpickler error" in ln), text.splitlines()[0] if text else "")
+        first = first.split("WeightsUnpickler error:")[-1].strip()
+        raise UserError(f"{p}: not a readable torch file ({type(e).__name__}: {first[:160]}); nothing in it was run") from None
 
 
 def _find_states(obj: Any, depth: int = 0) -> tuple[dict | None, dict | None]:
@@ -99,41 +151,45 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
     Raises :class:`UserError` with a one-line message for a missing/unreadable file or one without
     a sampler state.
     """
-    import torch
-
     from irdro_sampler import DROWeighting, IRDROSampler, LossTable, distribution_stats
 
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"{path}: no such file")
-    if p.is_dir():
-        raise UserError(f"{path}: is a directory; give a checkpoint file or a saved sampler state")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # pickle/zip/EOF errors of all kinds: the file is not a torch save
-        raise UserError(f"{path}: not a readable torch file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path}: is a directory; give a checkpoint file or a saved sampler state")
+    if not stat.S_ISREG(mode):
+        # Reading a named pipe or a device would block or never end.
+        raise UserError(f"{path}: not a regular file (a pipe, socket or device); give a checkpoint file")
+    obj = _safe_torch_load(p)
     sd, holder = _find_states(obj)
     if sd is not None:
         try:
+            # Checked in full before anything is allocated: a small file cannot claim a huge data set.
             sampler = IRDROSampler.from_state_dict(sd)
             pending = int(sampler.stats()["pending_feedback"])
             # Feedback still buffered (the sampler's delay) is part of what the run has learned: apply it,
             # so the report shows the distribution the next refreshed draws will come from.
             sampler.flush()
-        except (KeyError, ValueError, TypeError) as e:
-            raise UserError(f"{path}: sampler state is malformed ({type(e).__name__}: {e})") from None
+        except (KeyError, ValueError, TypeError, MemoryError) as e:
+            raise UserError(f"{path}: sampler state is malformed ({type(e).__name__}: {_one_line(e)})") from None
         stats = sampler.stats()
         source = "IRDROSampler state" + (f" ({pending} buffered updates applied)" if pending else "")
         return Inspection(sampler.table.losses.astype(np.float64), sampler.probabilities(), stats, source)
     if holder is not None:
         # The streaming path: the IRDRO algorithm keeps a loss table; its rule options are in the repr.
         try:
-            table = LossTable(int(holder["table"]["num_samples"]))
-            table.load_state_dict(holder["table"])
+            table = LossTable.from_state_dict(holder["table"])
             opts = holder.get("rule") or _rule_from_repr(str(holder.get("repr", "")))
+            if not isinstance(opts, Mapping):
+                raise ValueError(f"'rule' must be a dict of options, got {type(opts).__name__}")
             rule = DROWeighting(**opts)
-        except (KeyError, ValueError, TypeError) as e:
-            raise UserError(f"{path}: loss-table state is malformed ({type(e).__name__}: {e})") from None
+        except (KeyError, ValueError, TypeError, MemoryError) as e:
+            raise UserError(f"{path}: loss-table state is malformed ({type(e).__name__}: {_one_line(e)})") from None
         params = rule.fit(table)
         probs = rule.probabilities(table, params)
         stats = {
@@ -148,6 +204,11 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
         return Inspection(table.losses.astype(np.float64), probs, stats, "IRDRO loss table (weighted streaming)")
     raise UserError(f"{path}: no IR-DRO sampler state found (expected an IRDROSampler state_dict or a Composer "
                     "checkpoint trained with the IRDRO algorithm)")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300]
 
 
 def format_inspection(ins: Inspection, top: int = 10) -> str:
@@ -300,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="diagnostics of a sampler state or a Composer checkpoint with IRDRO",
                        description="Prints ESS fraction, KL to uniform, temperature, cut threshold, seen "
                        "fraction, the largest probabilities with their sample ids, and loss quantiles.")
-    i.add_argument("path", help="a Composer checkpoint (trained with IRDRO) or torch.save(sampler.state_dict())")
+    i.add_argument("path", help="a Composer checkpoint (trained with IRDRO) or save_state(sampler.state_dict(), path); "
+                   "loaded without running code from it")
     i.add_argument("--top", type=int, default=10, help="how many of the largest probabilities to list (10)")
     i.add_argument("--plot", default=None, metavar="PNG", help="write loss and probability histograms here")
     i.set_defaults(func=cmd_inspect)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from typing import Any
@@ -9,7 +10,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validation import as_groups, check_fraction, check_step, validate_feedback
+from ._validation import (
+    MAX_LOSS,
+    MAX_STEP,
+    as_groups,
+    check_fraction,
+    check_range,
+    check_step,
+    state_array,
+    state_entry,
+    state_int,
+    validate_feedback,
+)
 
 
 class LossTable:
@@ -55,6 +67,14 @@ class LossTable:
         self.num_seen = 0
         self.num_skipped = 0
         self.groups: np.ndarray | None = None if groups is None else as_groups(groups, self.num_samples)
+
+    def groups_digest(self) -> str:
+        """A digest of the group ids ("" without groups); computed once per assignment of ``groups``."""
+        if self.groups is None:
+            return ""
+        if getattr(self, "_groups_digest", (None, ""))[0] is not self.groups:
+            self._groups_digest = (self.groups, hashlib.blake2b(self.groups.tobytes(), digest_size=16).hexdigest())
+        return self._groups_digest[1]
 
     @property
     def num_groups(self) -> int:
@@ -144,22 +164,64 @@ class LossTable:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a table of the same size; ``ValueError`` (and no change) on a size mismatch."""
-        n = int(state["num_samples"])
-        if n != self.num_samples:
-            raise ValueError(
-                f"state_dict['num_samples'] is {n} but this table has num_samples={self.num_samples}: "
-                "the state comes from a data set of a different size"
-            )
-        losses = _array(state["losses"], np.float32, n, "losses")
-        counts = _array(state["counts"], np.uint32, n, "counts")
-        last_step = _array(state["last_step"], np.int32, n, "last_step")
-        groups = None if state.get("groups") is None else as_groups(state["groups"], n, "state_dict['groups']")
-        self.ema = float(state["ema"])
-        self.prior = state["prior"]
-        self.losses, self.counts, self.last_step, self.groups = losses, counts, last_step, groups
-        self.num_seen = int(np.count_nonzero(counts))
-        self.num_skipped = int(state.get("num_skipped", 0))
+        """Restore a table of the same size; ``ValueError`` (and no change) on any malformed entry.
+
+        Everything is checked before anything changes: the size, dtypes and shapes, ``ema`` and
+        ``prior``, counts >= 0, and finite losses and steps >= 0 wherever counts > 0. Samples with
+        count 0 are unseen whatever loss was saved for them (NaN or a placeholder) and load as NaN.
+        """
+        checked = check_table_state(state, self.num_samples)
+        self.ema, self.prior = checked["ema"], checked["prior"]
+        self.losses, self.counts, self.last_step = checked["losses"], checked["counts"], checked["last_step"]
+        self.groups = checked["groups"]
+        self.num_seen = int(np.count_nonzero(self.counts))
+        self.num_skipped = checked["num_skipped"]
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> LossTable:
+        """A table rebuilt from :meth:`state_dict` alone (checked before any N-sized allocation)."""
+        checked = check_table_state(state, None)
+        table = cls(int(checked["losses"].size), ema=checked["ema"], prior=checked["prior"], groups=checked["groups"])
+        table.load_state_dict(state)
+        return table
+
+
+def check_table_state(state: Any, num_samples: int | None, where: str = "state_dict") -> dict[str, Any]:
+    """Validate a :meth:`LossTable.state_dict` and return its entries converted for the table.
+
+    ``num_samples`` is the size it must have (``None``: the size it claims, which its arrays must
+    match, so a small file cannot make anyone allocate a huge table).
+    """
+    n = state_int(state, "num_samples", where, minimum=1)
+    if num_samples is not None and n != num_samples:
+        raise ValueError(
+            f"{where}['num_samples'] is {n} but this table has num_samples={num_samples}: "
+            "the state comes from a data set of a different size"
+        )
+    ema = check_fraction(state_entry(state, "ema", where), f"{where}['ema']", low_open=False, high_open=True)
+    prior = state_entry(state, "prior", where)
+    if prior != "mean" and (isinstance(prior, bool) or not isinstance(prior, numbers.Real) or not math.isfinite(prior)):
+        raise ValueError(f"{where}['prior'] must be 'mean' or a finite number, got {prior!r}")
+    losses = state_array(state_entry(state, "losses", where), f"{where}['losses']", kind="float", shape=(n,))
+    counts = state_array(state_entry(state, "counts", where), f"{where}['counts']", kind="int", shape=(n,))
+    last_step = state_array(state_entry(state, "last_step", where), f"{where}['last_step']", kind="int", shape=(n,))
+    check_range(counts, f"{where}['counts']", 0, np.iinfo(np.uint32).max)
+    check_range(last_step, f"{where}['last_step']", -1, MAX_STEP)
+    seen = counts > 0
+    check_range(losses[seen], f"{where}['losses'] of seen samples (counts > 0)", -MAX_LOSS, MAX_LOSS)
+    check_range(last_step[seen], f"{where}['last_step'] of seen samples (counts > 0)", 0, MAX_STEP)
+    losses = np.where(seen, losses, np.nan).astype(np.float32)  # unseen: NaN, whatever was saved
+    skipped = state_int(state, "num_skipped", where, minimum=0) if "num_skipped" in state else 0
+    groups = None if state.get("groups") is None else as_groups(state["groups"], n, f"{where}['groups']")
+    return {
+        "ema": ema,
+        "prior": prior if isinstance(prior, str) else float(prior),
+        "losses": losses,
+        "counts": counts.astype(np.uint32),
+        "last_step": last_step.astype(np.int32),
+        "num_skipped": skipped,
+        "groups": groups,
+    }
 
 
 def _stable_order(indices: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,9 +241,3 @@ def _stable_order(indices: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarr
     key >>= shift
     return order, key
 
-
-def _array(value: Any, dtype: Any, n: int, name: str) -> np.ndarray:
-    arr = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    if arr.shape != (n,):
-        raise ValueError(f"state_dict['{name}'] must have shape ({n},), got {tuple(arr.shape)}")
-    return arr.astype(dtype, copy=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import numbers
 import warnings
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import numpy as np
@@ -12,8 +14,19 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from ._validation import as_indices, check_int, check_step, validate_feedback
-from .loss_table import LossTable
+from ._validation import (
+    MAX_LOSS,
+    MAX_STEP,
+    as_indices,
+    check_int,
+    check_range,
+    check_step,
+    state_array,
+    state_entry,
+    state_int,
+    validate_feedback,
+)
+from .loss_table import LossTable, check_table_state
 from .sum_tree import FanoutSumTree
 from .weights import (
     DROWeighting,
@@ -86,10 +99,13 @@ class IRDROSampler(DistributedSampler):
     the default 8). Measured costs at N = 1e5..1e8: ``benchmarks/RESULTS_sampler.md``.
 
     **Bad input.** :meth:`update` raises ``ValueError``/``TypeError`` (and changes nothing) for indices
-    out of range or not integers, and length mismatches; NaN/inf losses are skipped and counted
-    (``skipped_nonfinite``). Constructor options are validated (non-positive temperature, conflicting
-    ``temperature``/``kl_radius``/``ess_fraction``...). :meth:`load_state_dict` refuses a state from a
-    data set of another size or another batch geometry.
+    out of range or not integers, and length mismatches; NaN/inf losses and finite ones beyond float32's
+    range are skipped and counted (``skipped_nonfinite``). Constructor options are validated
+    (non-positive temperature, conflicting ``temperature``/``kl_radius``/``ess_fraction``...).
+    :meth:`load_state_dict` checks the whole state first and refuses (changing nothing) a malformed one
+    or one from a data set of another size or another batch geometry.
+
+    **Ranks that agree** have equal :meth:`fingerprint` values; compare them across ranks now and then.
     """
 
     def __init__(
@@ -167,6 +183,7 @@ class IRDROSampler(DistributedSampler):
              "readmitted"),
             0,
         )
+        self._feedback_digest = _EMPTY_DIGEST  # chained over every applied feedback record
 
     @property
     def dataset_size(self) -> int:
@@ -182,9 +199,10 @@ class IRDROSampler(DistributedSampler):
         For training loops that resume mid-epoch without replaying the batches already trained.
         Composer replays them, so it does not need this.
         """
-        self._start_batch = check_int(batch_in_epoch, "batch_in_epoch", minimum=0)
-        if self._start_batch > self.batches_per_epoch:
+        start = check_int(batch_in_epoch, "batch_in_epoch", minimum=0)
+        if start > self.batches_per_epoch:
             raise ValueError(f"batch_in_epoch must be <= {self.batches_per_epoch}, got {batch_in_epoch}")
+        self._start_batch = start
 
     def __len__(self) -> int:
         return self.num_samples
@@ -249,6 +267,7 @@ class IRDROSampler(DistributedSampler):
         params = self._params
         touched = []
         for step, _, idx, val in due:
+            self._feedback_digest = _chain_digest(self._feedback_digest, step, idx, val)
             uniq, old, new = self.table._apply(idx, val, step)
             if params is not None and uniq.size:
                 # Entries are applied in order, so each one's old/new kept flags give the exact change.
@@ -406,6 +425,27 @@ class IRDROSampler(DistributedSampler):
             **{k: float(v) for k, v in self._counters.items()},
         }
 
+    def fingerprint(self) -> int:
+        """A signed 64-bit digest of everything that decides the sample order; equal on ranks that agree.
+
+        It covers the seed, the data set size and batch geometry, every option of the weighting rule,
+        the loss table's ``ema``, ``prior`` and ``groups``, ``feedback_delay``, ``refresh_interval``, ``block_size``,
+        and every feedback record applied to the table so far (step, indices, losses, in the order
+        applied); not the rank. O(1) per call: the feedback part is a running blake2b digest extended
+        by O(B) per applied record. It is saved in :meth:`state_dict`, so a resumed sampler has the
+        fingerprint of the uninterrupted one; a state saved before fingerprints existed starts the chain
+        from a digest of its loss table (O(N) once), so ranks loading the same old state still agree.
+        Loading a table directly into ``sampler.table`` bypasses it. Compare it across ranks to catch
+        diverging samplers: the Composer ``IRDRO`` algorithm does; in a plain loop,
+        ``dist.all_gather_object(out, sampler.fingerprint())`` and compare.
+        """
+        options = (
+            self.seed, self.dataset_size, self.num_samples, self.batch_size, self.num_replicas,
+            self.feedback_delay, self.refresh_interval, self.block_size,
+            sorted(self.rule.config().items()), self.table.ema, self.table.prior, self.table.groups_digest(),
+        )  # fmt: skip
+        return digest_to_int(repr(options).encode(), key=self._feedback_digest)
+
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides the future sample order: tensors and primitives only."""
@@ -438,80 +478,233 @@ class IRDROSampler(DistributedSampler):
                 "start_batch": self._start_batch,
             },
             "counters": dict(self._counters),
+            "feedback_digest": self._feedback_digest.hex(),
             "pending": _pack([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
             "drawn": _pack([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], *, rank: int = 0) -> IRDROSampler:
-        """A sampler rebuilt from :meth:`state_dict` alone (for inspection, or to resume on ``rank``)."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError("state is not an IRDROSampler state_dict (missing format marker)")
+        """A sampler rebuilt from :meth:`state_dict` alone (for inspection, or to resume on ``rank``).
+
+        The state is checked in full before anything is allocated: its sizes must match its arrays,
+        so a small file cannot claim a huge data set.
+        """
+        checked = _check_state(state)
         sampler = cls(
-            int(state["dataset_size"]),
-            int(state["batch_size"]),
-            num_samples=int(state["num_samples"]),
-            num_replicas=int(state["num_replicas"]),
+            checked["dataset_size"],
+            checked["batch_size"],
+            num_samples=checked["num_samples"],
+            num_replicas=checked["num_replicas"],
             rank=rank,
+            block_size=checked["block_size"],
         )
-        sampler.load_state_dict(state)
+        sampler._commit_state(checked)
         return sampler
+
+    @staticmethod
+    def check_state_dict(state: Any) -> None:
+        """Raise ``ValueError`` naming the entry unless ``state`` is a well-formed :meth:`state_dict`
+        (every entry checked, as :meth:`load_state_dict` does, except the match with a sampler)."""
+        _check_state(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; the run then continues exactly.
 
         Every option that decides the order (seed, weighting rule, delays, refresh interval) is taken
-        from the state. The data set size and the batch geometry must match this sampler's:
-        ``ValueError`` otherwise, with nothing changed. To keep only the learned losses under new
-        options, load ``state["table"]`` into ``sampler.table`` instead.
+        from the state. The whole state is checked before anything changes (types, ranges, shapes,
+        finite losses, indices in range; the data set size and the batch geometry must match this
+        sampler's): ``ValueError`` naming the entry, and the sampler is left exactly as it was. To keep
+        only the learned losses under new options, load ``state["table"]`` into ``sampler.table`` instead.
         """
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError("state is not an IRDROSampler state_dict (missing format marker)")
-        if int(state["version"]) > STATE_VERSION:
-            raise ValueError(f"state version {state['version']} is newer than supported ({STATE_VERSION})")
+        checked = _check_state(state)
         for key, mine in (
             ("dataset_size", self.dataset_size),
             ("num_samples", self.num_samples),
             ("batch_size", self.batch_size),
             ("num_replicas", self.num_replicas),
         ):
-            if int(state[key]) != mine:
+            if checked[key] != mine:
                 raise ValueError(
-                    f"state_dict['{key}'] is {int(state[key])} but this sampler has {key}={mine}; "
+                    f"state_dict['{key}'] is {checked[key]} but this sampler has {key}={mine}; "
                     "a sampler state only resumes a run over the same data set and batch geometry"
                 )
+        self._commit_state(checked)
+
+    def _commit_state(self, checked: dict[str, Any]) -> None:
+        """Apply a state checked by :func:`_check_state` (nothing here can fail but allocation, done first)."""
+        block_size = checked["block_size"]
+        tree = self._tree if block_size == self.block_size else FanoutSumTree(self.dataset_size, fanout=max(2, block_size))
         table = LossTable(self.dataset_size)
-        table.load_state_dict(state["table"])
-        rule = DROWeighting(**state["rule"])
-        block_size = int(state["block_size"])
-        # -- nothing below can fail on a well-formed state; commit
-        self.table, self.rule = table, rule
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self.feedback_delay = int(state["feedback_delay"])
-        self.refresh_interval = int(state["refresh_interval"])
-        if block_size != self.block_size:
-            self.block_size = block_size
-            self._tree = FanoutSumTree(self.dataset_size, fanout=max(2, block_size))
+        table.load_state_dict(checked["table_state"])
+        self.table, self.rule, self._tree, self.block_size = table, checked["rule"], tree, block_size
+        for key in ("seed", "epoch", "feedback_delay", "refresh_interval"):
+            setattr(self, key, checked[key])
         self._reset_schedule()
-        sched = state["schedule"]
-        self._seq = int(sched["seq"])
-        self._next_auto_step = int(sched["next_auto_step"])
-        self._applied_through = int(sched["applied_through"])
-        self._last_drawn = int(sched["last_drawn"])
-        self._refresh_block = int(sched["refresh_block"])
-        self._max_reported_step = int(sched["max_reported_step"])
-        self._start_batch = int(sched["start_batch"])
-        self._counters.update({k: int(v) for k, v in state["counters"].items()})
-        self._pending = [(k[0], k[1], i, v) for k, i, v in _unpack(state["pending"], np.float64)]
-        self._drawn = {k[0]: (i, p) for k, i, p in _unpack(state["drawn"], np.float64)}
-        if state["params"] is not None:
-            group_threshold = state.get("group_threshold")
-            self._params = WeightParams(
-                *[float(x) for x in state["params"]],
-                group_threshold=None if group_threshold is None else np.asarray(group_threshold, dtype=np.float64),
-            )
+        sched = checked["schedule"]
+        self._seq = sched["seq"]
+        self._next_auto_step = sched["next_auto_step"]
+        self._applied_through = sched["applied_through"]
+        self._last_drawn = sched["last_drawn"]
+        self._refresh_block = sched["refresh_block"]
+        self._max_reported_step = sched["max_reported_step"]
+        self._start_batch = sched["start_batch"]
+        self._counters.update({k: v for k, v in checked["counters"].items() if k in self._counters})
+        self._pending = checked["pending"]
+        self._drawn = checked["drawn"]
+        self._feedback_digest = checked["feedback_digest"] or table_digest(table)
+        if checked["params"] is not None:
+            self._params = checked["params"]
             self._rebuild(rebase=False)
+
+
+_EMPTY_DIGEST = bytes(16)
+
+
+def digest_to_int(data: bytes, key: bytes = b"") -> int:
+    """A signed 64-bit blake2b digest of ``data`` (fits an int64 tensor for an all-gather)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little", signed=True)
+
+
+def _chain_digest(prev: bytes, step: int, indices: np.ndarray, losses: np.ndarray) -> bytes:
+    """The running feedback digest extended by one applied record (O(B))."""
+    h = hashlib.blake2b(prev, digest_size=16)
+    h.update(int(step).to_bytes(8, "little", signed=True))
+    h.update(np.ascontiguousarray(indices, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(losses, dtype="<f8").tobytes())
+    return h.digest()
+
+
+def table_digest(table: LossTable) -> bytes:
+    """Digest of a table's contents (O(N)): the feedback digest of states saved before it existed (ranks
+    that load the same old state still agree), and the streaming path's fingerprint."""
+    h = hashlib.blake2b(b"irdro-table", digest_size=16)
+    for arr in (table.losses, table.counts, table.last_step):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.digest()
+
+
+def _check_state(state: Any) -> dict[str, Any]:
+    """Validate an :meth:`IRDROSampler.state_dict` completely; return its entries converted.
+
+    Raises ``ValueError`` naming the entry. Allocates nothing beyond copies of the state's own arrays.
+    """
+    w = "state_dict"
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+        raise ValueError("state is not an IRDROSampler state_dict (missing format marker)")
+    version = state_int(state, "version", w, minimum=1)
+    if version > STATE_VERSION:
+        raise ValueError(f"state version {version} is newer than supported ({STATE_VERSION})")
+    out: dict[str, Any] = {
+        key: state_int(state, key, w, minimum=1)
+        for key in ("dataset_size", "num_samples", "batch_size", "num_replicas", "feedback_delay",
+                    "refresh_interval", "block_size")
+    }  # fmt: skip
+    out["seed"] = state_int(state, "seed", w, minimum=0)
+    out["epoch"] = state_int(state, "epoch", w, minimum=0)
+    n = out["dataset_size"]
+    rule = state_entry(state, "rule", w)
+    if not isinstance(rule, Mapping):
+        raise ValueError(f"{w}['rule'] must be a dict of DROWeighting options, got {type(rule).__name__}")
+    try:
+        out["rule"] = DROWeighting(**rule)  # validates its own fields, whatever they are
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{w}['rule'] is not a valid DROWeighting config: {e}") from None
+    out["table_state"] = state_entry(state, "table", w)
+    table = check_table_state(out["table_state"], n, f"{w}['table']")
+    losses, groups = table["losses"], table["groups"]
+    out["params"] = params = _check_params(state_entry(state, "params", w), state.get("group_threshold"), groups)
+    if params is not None:
+        # A saved run keeps its largest mass within about e^+-600 (it rebases otherwise); beyond e^700 the
+        # masses would overflow or vanish, so such params were not saved by a sampler.
+        top = (max_kept_loss(losses, params, groups) - params.shift) / params.temperature
+        if not -700.0 <= top <= 700.0:
+            raise ValueError(
+                f"{w}['params'] do not fit the table: the largest kept loss gives log-mass {top:.4g} "
+                f"(shift {params.shift!r}, temperature {params.temperature!r})"
+            )
+    batches_per_epoch = math.ceil(out["num_samples"] / out["batch_size"])
+    out["schedule"] = sched = _check_schedule(state_entry(state, "schedule", w), batches_per_epoch)
+    counters = state_entry(state, "counters", w)
+    if not isinstance(counters, Mapping):
+        raise ValueError(f"{w}['counters'] must be a dict, got {type(counters).__name__}")
+    out["counters"] = {str(k): state_int(counters, k, f"{w}['counters']", minimum=0) for k in counters}
+    pending = _check_records(state_entry(state, "pending", w), f"{w}['pending']", n, -MAX_LOSS, MAX_LOSS)
+    for (step, seq), _, _ in pending:
+        if not (0 <= step <= MAX_STEP and 0 <= seq < sched["seq"]):
+            raise ValueError(f"{w}['pending'] holds a record with step {step}, seq {seq}: outside [0, {MAX_STEP}] / "
+                             f"[0, {sched['seq']})")
+    out["pending"] = [(k[0], k[1], i, v) for k, i, v in pending]
+    drawn = _check_records(state_entry(state, "drawn", w), f"{w}['drawn']", n, 0.0, 1.0 + 1e-9)
+    for (b, _), _, _ in drawn:
+        if not 0 <= b <= sched["last_drawn"]:
+            raise ValueError(f"{w}['drawn'] holds batch {b}, outside [0, last_drawn={sched['last_drawn']}]")
+    out["drawn"] = {k[0]: (i, p) for k, i, p in drawn}
+    digest = state.get("feedback_digest")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 32 and _is_hex(digest)):
+        raise ValueError(f"{w}['feedback_digest'] must be 32 hex digits, got {digest!r}")
+    out["feedback_digest"] = None if digest is None else bytes.fromhex(digest)
+    return out
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def _check_params(params: Any, group_threshold: Any, groups: np.ndarray | None) -> WeightParams | None:
+    if params is None:
+        return None
+    if not isinstance(params, (list, tuple)) or len(params) != 4:
+        raise ValueError(f"state_dict['params'] must be None or 4 numbers, got {params!r}")
+    values = []
+    for name, x in zip(WeightParams._fields[:4], params, strict=True):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise ValueError(f"state_dict['params'] {name} must be a number, got {x!r}")
+        values.append(float(x))
+    tau, threshold, prior, shift = values
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"state_dict['params'] temperature must be finite and > 0, got {tau!r}")
+    if math.isnan(threshold) or not (math.isfinite(prior) and math.isfinite(shift)):
+        raise ValueError(f"state_dict['params'] must hold a threshold (not NaN), a finite prior and shift; got {params!r}")
+    if group_threshold is None:
+        return WeightParams(*values)
+    num_groups = 1 if groups is None or groups.size == 0 else int(groups.max()) + 1
+    per_group = state_array(group_threshold, "state_dict['group_threshold']", kind="float", shape=(num_groups,))
+    if groups is None or np.isnan(per_group).any():
+        raise ValueError("state_dict['group_threshold'] needs a table with groups and holds no NaN")
+    return WeightParams(*values, group_threshold=per_group.astype(np.float64))
+
+
+def _check_schedule(sched: Any, batches_per_epoch: int) -> dict[str, int]:
+    w = "state_dict['schedule']"
+    limits = {
+        "seq": (0, None),
+        "next_auto_step": (0, MAX_STEP + 1),
+        "applied_through": (-1, MAX_STEP),
+        "last_drawn": (-1, None),
+        "refresh_block": (-1, None),
+        "max_reported_step": (-1, MAX_STEP),
+        "start_batch": (0, batches_per_epoch),
+    }
+    return {k: state_int(sched, k, w, minimum=lo, maximum=hi) for k, (lo, hi) in limits.items()}
+
+
+def _check_records(packed: Any, name: str, n: int, low: float, high: float) -> list[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
+    """Validate packed ragged records (see :func:`_pack`) and unpack them."""
+    keys = state_array(state_entry(packed, "keys", name), f"{name}['keys']", kind="int")
+    if keys.ndim != 2 or keys.shape[1] != 2:
+        raise ValueError(f"{name}['keys'] must have shape (k, 2), got {tuple(keys.shape)}")
+    offsets = state_array(state_entry(packed, "offsets", name), f"{name}['offsets']", kind="int", shape=(keys.shape[0] + 1,))
+    indices = state_array(state_entry(packed, "indices", name), f"{name}['indices']", kind="int")
+    if indices.ndim != 1:
+        raise ValueError(f"{name}['indices'] must be 1-D, got shape {tuple(indices.shape)}")
+    values = state_array(state_entry(packed, "values", name), f"{name}['values']", kind="float", shape=indices.shape)
+    if offsets[0] != 0 or offsets[-1] != indices.size or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{name}['offsets'] must rise from 0 to {indices.size}, got {offsets.tolist()[:8]}...")
+    check_range(indices, f"{name}['indices']", 0, n - 1)
+    values = values.astype(np.float64)
+    check_range(values, f"{name}['values']", low, high)
+    return [_unpack_one(keys, offsets, indices, values, i) for i in range(keys.shape[0])]
 
 
 def _pack(keys: list[tuple[int, int]], indices: list[np.ndarray], values: list[np.ndarray]) -> dict[str, Any]:
@@ -525,13 +718,8 @@ def _pack(keys: list[tuple[int, int]], indices: list[np.ndarray], values: list[n
     }
 
 
-def _unpack(packed: dict[str, Any], dtype: Any) -> list[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
-    keys = np.asarray(packed["keys"]).reshape(-1, 2)
-    off = np.asarray(packed["offsets"])
-    idx = np.asarray(packed["indices"]).astype(np.int64)
-    val = np.asarray(packed["values"]).astype(dtype)
-    return [
-        ((int(k[0]), int(k[1])), idx[off[i] : off[i + 1]].copy(), val[off[i] : off[i + 1]].copy())
-        for i, k in enumerate(keys)
-    ]
-
+def _unpack_one(
+    keys: np.ndarray, offsets: np.ndarray, indices: np.ndarray, values: np.ndarray, i: int
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    lo, hi = offsets[i], offsets[i + 1]
+    return (int(keys[i, 0]), int(keys[i, 1])), indices[lo:hi].astype(np.int64), values[lo:hi].copy()

@@ -42,6 +42,10 @@ _MAD_TO_SIGMA = 1.4826
 # range/700 the weights are one-hot in float64; above range*1e6 they are uniform to 1e-6.
 _TAU_LO_DIV = 700.0
 _TAU_HI_MUL = 1e6
+# Bisection steps are bounded (the default rtol needs about 18); and the answer stays a positive finite float.
+_MAX_BISECTIONS = 200
+_TINY = math.ulp(0.0)
+_HUGE = float(np.finfo(np.float64).max)
 
 
 # --------------------------------------------------------------------------------------------- cut
@@ -167,9 +171,13 @@ def _check_zscore(z: Any) -> float | None:
 
 # ------------------------------------------------------------------------------------ pure weights
 def _tilted(losses: np.ndarray, temperature: float, kept: np.ndarray) -> np.ndarray:
-    """softmax(losses / temperature) over ``kept``, 0 elsewhere (log domain)."""
-    z = np.where(kept, losses / temperature, -np.inf)
-    z -= z[kept].max()
+    """softmax(losses / temperature) over ``kept``, 0 elsewhere (log domain).
+
+    The largest kept loss is subtracted *before* dividing, so ``l / tau`` never overflows: every
+    exponent is <= 0 and one is exactly 0 (a gap too large for float64 becomes -inf, weight 0).
+    """
+    with np.errstate(over="ignore"):
+        z = np.where(kept, (losses - losses[kept].max()) / temperature, -np.inf)
     w = np.exp(z)
     return w / w.sum()
 
@@ -200,7 +208,11 @@ def kl_dro_weights(
     arr = as_loss_vector(losses)
     tau = check_positive(temperature, "temperature")
     mix = check_fraction(uniform_mix, "uniform_mix", low_open=False, high_open=False)
-    kept = arr <= cut_threshold(arr, truncate_quantile=truncate_quantile)
+    with np.errstate(over="ignore"):
+        wide = not math.isfinite(float(arr.max()) - float(arr.min()))
+    # The cut is scale-free; on losses spanning more than float64's range, its interpolation would overflow.
+    ref = arr / float(np.abs(arr).max()) if wide else arr
+    kept = ref <= cut_threshold(ref, truncate_quantile=truncate_quantile)
     return _mix_uniform(_tilted(arr, tau, kept), mix)
 
 
@@ -252,8 +264,7 @@ def distribution_stats(p: np.ndarray) -> dict[str, float]:
 
 
 def _kl_and_ess(losses: np.ndarray, tau: float) -> tuple[float, float]:
-    z = losses / tau
-    z -= z.max()
+    z = (losses - losses.max()) / tau
     w = np.exp(z)
     s = w.sum()
     kl = math.log(losses.size) + float(np.dot(w, z)) / s - math.log(s)
@@ -262,22 +273,40 @@ def _kl_and_ess(losses: np.ndarray, tau: float) -> tuple[float, float]:
 
 
 def _bisect_log_tau(losses: np.ndarray, too_hot, rtol: float) -> float:
-    """Find tau with ``too_hot(tau)`` switching from True (small tau) to False, in log space."""
-    spread = float(losses.max() - losses.min())
+    """Find tau with ``too_hot(losses, tau)`` switching from True (small tau) to False, in log space.
+
+    Works on ``losses / max|losses|`` (weights depend on ``l / tau`` only, so the answer scales back
+    exactly): any finite input, spreads from subnormal to 1e308, stays finite. At most
+    :data:`_MAX_BISECTIONS` steps; the answer is clamped into the positive finite floats.
+    """
+    rtol = check_positive(rtol, "rtol")
+    scale = float(np.abs(losses).max())
+    if scale == 0.0:
+        return 1.0
+    x = losses / scale
+    spread = float(x.max() - x.min())
     if spread == 0.0:
         return 1.0  # every temperature gives the uniform distribution
-    lo, hi = spread / _TAU_LO_DIV, spread * _TAU_HI_MUL
-    if not too_hot(lo):
-        return lo
-    if too_hot(hi):
-        return hi
-    while hi / lo > 1.0 + rtol:
-        mid = math.sqrt(lo * hi)
-        if too_hot(mid):
+    lo, hi = math.log(spread / _TAU_LO_DIV), math.log(spread * _TAU_HI_MUL)
+    if not too_hot(x, math.exp(lo)):
+        return _rescale(lo, scale)
+    if too_hot(x, math.exp(hi)):
+        return _rescale(hi, scale)
+    step_tol = math.log1p(rtol)
+    for _ in range(_MAX_BISECTIONS):
+        if hi - lo <= step_tol:
+            break
+        mid = 0.5 * (lo + hi)
+        if too_hot(x, math.exp(mid)):
             lo = mid
         else:
             hi = mid
-    return math.sqrt(lo * hi)
+    return _rescale(0.5 * (lo + hi), scale)
+
+
+def _rescale(log_tau: float, scale: float) -> float:
+    """``exp(log_tau) * scale`` clamped into ``[smallest subnormal, largest float]``."""
+    return min(max(math.exp(log_tau) * scale, _TINY), _HUGE)
 
 
 def temperature_for_kl(losses: Any, kl_radius: float, *, rtol: float = 1e-4) -> float:
@@ -285,13 +314,14 @@ def temperature_for_kl(losses: Any, kl_radius: float, *, rtol: float = 1e-4) -> 
 
     KL falls monotonically from ``log(n / #argmax)`` (tau -> 0) to 0 (tau -> inf), so the answer is
     found by bisection on log(tau) to relative tolerance ``rtol`` on tau (default 1e-4, about 18
-    iterations of one O(n) pass each). Out-of-reach radii return the end of the search range
-    (``spread / 700`` for too large a radius, ``spread * 1e6`` for a radius below 1e-12); equal
-    losses return 1.0 (any temperature gives uniform weights).
+    iterations of one O(n) pass each, never more than 200). Out-of-reach radii return the end of the
+    search range (``spread / 700`` for too large a radius, ``spread * 1e6`` for a radius below 1e-12);
+    equal losses return 1.0 (any temperature gives uniform weights). For any finite losses (spreads
+    up to 1e308 or down to subnormal) the answer is a finite float > 0.
     """
     arr = as_loss_vector(losses)
     radius = check_positive(kl_radius, "kl_radius")
-    return _bisect_log_tau(arr, lambda t: _kl_and_ess(arr, t)[0] > radius, rtol)
+    return _bisect_log_tau(arr, lambda x, t: _kl_and_ess(x, t)[0] > radius, rtol)
 
 
 def temperature_for_ess(losses: Any, ess_fraction: float, *, rtol: float = 1e-4) -> float:
@@ -302,7 +332,7 @@ def temperature_for_ess(losses: Any, ess_fraction: float, *, rtol: float = 1e-4)
     """
     arr = as_loss_vector(losses)
     frac = check_fraction(ess_fraction, "ess_fraction", low_open=True, high_open=False)
-    return _bisect_log_tau(arr, lambda t: _kl_and_ess(arr, t)[1] < frac, rtol)
+    return _bisect_log_tau(arr, lambda x, t: _kl_and_ess(x, t)[1] < frac, rtol)
 
 
 # ------------------------------------------------------------------------- the rule on a loss table

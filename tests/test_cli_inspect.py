@@ -177,3 +177,140 @@ def test_inspect_usage_errors(capsys):
         main(["inspect"])
     assert e.value.code == 2
     assert main(["inspect", "x.pt", "--top", "0"]) == 2
+
+
+# ------------------------------------------------------------------- untrusted files (issue 12, item 1)
+class _Evil:
+    """Unpickling this runs a shell command that creates the marker file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _inspect_subprocess(path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "irdro_sampler.cli", "inspect", str(path)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def _composer_checkpoint(tmp_path):
+    """A real Composer checkpoint (a tiny Trainer run with IRDRO)."""
+    from composer import Trainer
+    from composer.models import ComposerModel
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from irdro_sampler import IndexedDataset
+    from irdro_sampler.integrations.composer import IRDRO
+
+    class Tiny(ComposerModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 2)
+
+        def forward(self, batch):
+            return self.net(batch[0])
+
+        def loss(self, outputs, batch):
+            return torch.nn.functional.cross_entropy(outputs, batch[1])
+
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    ds = IndexedDataset(TensorDataset(x, (x[:, 0] > 0).long()))
+    loader = DataLoader(ds, batch_size=8, sampler=IRDROSampler(ds, 8, seed=0))
+    model = Tiny()
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration="6ba", algorithms=[IRDRO(log_interval=0)],
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+                      device="cpu", progress_bar=False, log_to_console=False, loggers=[], seed=0)
+    trainer.fit()
+    ckpt = tmp_path / "ckpt.pt"
+    trainer.save_checkpoint(str(ckpt))
+    trainer.close()
+    return ckpt
+
+
+@pytest.mark.slow
+def test_inspect_never_runs_code_from_the_file(tmp_path):
+    import pickle
+
+    pytest.importorskip("composer")
+    marker = tmp_path / "PWNED"
+    state = _trained_sampler().state_dict()
+    ckpt = _composer_checkpoint(tmp_path)
+    # The real checkpoint inspects fine with the restricted loader.
+    proc = _inspect_subprocess(ckpt)
+    assert proc.returncode == 0, proc.stderr
+    assert "IRDROSampler state" in proc.stdout
+
+    evil = _Evil(marker)
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(evil, protocol=2))
+    raw5 = tmp_path / "raw5.pkl"
+    raw5.write_bytes(pickle.dumps(evil, protocol=5))  # opcodes torch's restricted unpickler does not read
+    assert "nothing in it was run" in _one_error_line(_inspect_subprocess(raw5))
+    alone = tmp_path / "alone.pt"
+    torch.save(evil, alone)
+    in_state = tmp_path / "in_state.pt"
+    torch.save({**state, "extra": evil}, in_state)
+    trusted = torch.load(ckpt, weights_only=False)  # our own file: fine to load fully here
+    trusted["state"]["algorithms"][0][1]["note"] = evil
+    in_ckpt = tmp_path / "in_ckpt.pt"
+    torch.save(trusted, in_ckpt)
+    for path in (raw, alone, in_state, in_ckpt):
+        line = _one_error_line(_inspect_subprocess(path))
+        assert "refused" in line and "system" in line, line
+        assert not marker.exists(), f"{path.name}: code from the file ran"
+    # The files are armed: a full unpickle does create the marker (so the checks above can fail).
+    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(in_state)!r}, weights_only=False)"],
+                   check=True, capture_output=True, timeout=120)
+    assert marker.exists()
+
+
+def test_inspect_refuses_a_named_pipe_at_once(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    line = _one_error_line(_inspect_subprocess(fifo, timeout=60))  # would block forever if opened
+    assert "not a regular file" in line
+
+
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda s: s.update(dataset_size=10**12), "dataset_size|num_samples"),
+        (lambda s: s["table"].update(num_samples=10**12), "num_samples"),
+        (lambda s: s["pending"]["indices"].__setitem__(0, 10**9), "pending"),
+        (lambda s: s["pending"]["values"].__setitem__(0, 1e39), "pending"),
+    ],
+    ids=["dataset_size", "table_size", "pending_index", "pending_loss_1e39"],
+)
+def test_inspect_absurd_states_one_line(tmp_path, mutate, words):
+    state = _trained_sampler().state_dict()
+    mutate(state)
+    path = tmp_path / "s.pt"
+    torch.save(state, path)
+    assert path.stat().st_size < 200_000
+    line = _one_error_line(_inspect_subprocess(path))
+    assert re.search(words, line), line
+
+
+def test_inspect_absurd_streaming_table_one_line(tmp_path):
+    from irdro_sampler import LossTable
+
+    table = LossTable(30).state_dict()
+    table["num_samples"] = 10**12
+    path = tmp_path / "alg.pt"
+    torch.save({"state": {"algorithms": [("IRDRO", {"repr": "IRDRO()", "table": table})]}}, path)
+    line = _one_error_line(_inspect_subprocess(path))
+    assert "loss-table state is malformed" in line and "shape" in line

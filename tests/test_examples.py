@@ -102,3 +102,20 @@ def test_plain_pytorch_example_shows_its_claim():
     assert irdro["common"] <= uniform["common"] + 0.01, (irdro, uniform)
     assert irdro["drawn_noise"] < 0.02 < uniform["drawn_noise"] + 0.005, (irdro, uniform)
     assert irdro["drawn_rare"] > uniform["drawn_rare"], (irdro, uniform)
+
+
+@pytest.mark.slow
+def test_plain_example_checkpoints_and_resumes(tmp_path):
+    """--checkpoint: save_state after every epoch; a rerun resumes after the last saved epoch."""
+    import torch
+
+    ckpt = tmp_path / "run.pt"
+    first = _run("plain_pytorch.py", "--checkpoint", str(ckpt))  # 1 epoch
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 0 and state["sampler"]["format"] == "irdro_sampler.IRDROSampler"
+    second = _run("plain_pytorch.py", "--checkpoint", str(ckpt), "--epochs", "2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed after epoch 0" in second.stdout and "epoch 1:" in second.stdout and "epoch 0:" not in second.stdout
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]

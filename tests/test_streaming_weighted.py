@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -347,3 +348,57 @@ def test_map_view_with_irdro_sampler(data_root):
         warnings.simplefilter("ignore")
         with pytest.raises(TypeError):
             as_map_dataset([1, 2, 3])
+
+
+def _stream_view(ds):
+    """What a state and the round weights of ``ds`` look like (for bitwise before/after comparisons)."""
+    sd = ds.state_dict(0, True)
+    return ({k: v for k, v in sd.items() if k != "irdro"}, sd["irdro"], ds.pending_weights().tobytes(),
+            ds.round_weights(0).tobytes(), ds.fingerprint())
+
+
+def test_rejected_state_changes_nothing_and_fingerprint_follows_weights(data_root):
+    import copy
+
+    src = make(data_root)
+    p = np.random.default_rng(3).random(N)
+    src.set_weights(p)
+    good = src.state_dict(0, True)
+    target = make(data_root)
+    target.set_weights(np.arange(1, N + 1, dtype=np.float64))
+    before = _stream_view(target)
+
+    def bad(path, value):
+        state = copy.deepcopy(good)
+        node = state
+        for key in path[:-1]:
+            node = node[key]
+        if value is None:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+        return state
+
+    cases = [
+        bad(("irdro", "frozen_round"), None),
+        bad(("irdro", "frozen_round"), -7),
+        bad(("irdro", "seed"), "7"),
+        bad(("irdro", "pending_weights"), torch.full((N,), math.nan, dtype=torch.float64)),
+        bad(("irdro", "pending_weights"), torch.full((N,), 5.0, dtype=torch.float64)),  # not probabilities
+        bad(("irdro", "carry"), torch.zeros(N - 1, dtype=torch.float64)),
+        bad(("sample_in_epoch",), 10**9),
+        bad(("epoch",), -1),
+        bad(("epoch",), None),
+    ]
+    for state in cases:
+        with pytest.raises(ValueError):
+            target.load_state_dict(state)
+        after = _stream_view(target)
+        assert after[0] == before[0] and after[2:] == before[2:]
+    # The fingerprint: equal for equal weights, different otherwise.
+    twin = make(data_root)
+    twin.set_weights(np.arange(1, N + 1, dtype=np.float64))
+    assert twin.fingerprint() == target.fingerprint()
+    twin.set_weights(np.arange(1, N + 1, dtype=np.float64)[::-1].copy())
+    assert twin.fingerprint() != target.fingerprint()
+    assert make(data_root, seed=8).fingerprint() != make(data_root).fingerprint()

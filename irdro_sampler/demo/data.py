@@ -26,7 +26,6 @@ import random
 import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .tempdirs import owned_tempdir
 
 #: Format version of the cache; bump when the layout or content rules change.
 CACHE_VERSION = 2
@@ -229,7 +230,7 @@ def build_corpus(
     tok, dom = tok[order], dom[order]
 
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    tmp = owned_tempdir(".build-", cache)  # removed below, or by the next build if this one is SIGKILLed
     try:
         _write_mds(tmp / "train", tok, dom)
         _write_mds(tmp / "val", np.concatenate(val_tok), np.concatenate(val_dom))

@@ -24,7 +24,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 import warnings
@@ -36,8 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..saving import save_state
 from .data import Corpus, CorpusConfig, build_corpus, create_streaming_dataset, load_user_data, read_mds
 from .model import ModelConfig, build_composer_model, evaluate_domains, summarize, tokens_tensor
+from .tempdirs import owned_tempdir, signals_unwind
 
 #: The options the demo's ``irdro`` arm uses: the library's defaults (chosen on benchmarks/quality.py;
 #: see README "Defaults and why"), so the demo shows what a user gets without tuning.
@@ -304,7 +305,16 @@ def _quiet_libraries() -> None:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every arm for every seed, write ``results.json``, ``table.md`` and the PNG plots into
-    ``cfg.out``, print the table, and return the results."""
+    ``cfg.out``, print the table, and return the results.
+
+    Killed with SIGINT or SIGTERM, it removes its temporary folders before exiting; after a SIGKILL
+    the next run removes them (see :mod:`irdro_sampler.demo.tempdirs`).
+    """
+    with signals_unwind():
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from . import report
 
     t_start = time.time()
@@ -340,7 +350,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.tiny:
         cfg = copy.copy(cfg)
         cfg.round_batches = min(cfg.round_batches, 5)  # a few rounds even in a 20-step run
-    workdir = Path(tempfile.mkdtemp(prefix="irdro-demo-"))
+    workdir = owned_tempdir("irdro-demo-")
     results: dict[str, list[dict[str, Any]]] = {a: [] for a in cfg.arms}
     pretrain: list[dict[str, Any]] = []
     warm_pre = max(1, min(50, cfg.pretrain_steps // 10))
@@ -385,7 +395,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         report.plot_probability_vs_loss(r0["table_losses"], r0["probs"], train_domains, corpus.domain_names,
                                         r0["threshold"], out / "probability_vs_loss.png",
                                         title=f"arm {prob_arm}, seed 0: probability vs running loss at the end")
-        torch.save(r0["state_dict"], out / f"irdro_state_{prob_arm}.pt")
+        save_state(r0["state_dict"], out / f"irdro_state_{prob_arm}.pt")
 
     serial = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},

@@ -57,6 +57,8 @@ from irdro_sampler import (
     kl_dro_weights,
 )
 from irdro_sampler._validation import as_groups
+from irdro_sampler.loss_table import check_table_state
+from irdro_sampler.sampler import digest_to_int, table_digest
 
 __all__ = [
     "IRDRO",
@@ -293,6 +295,11 @@ class IRDRO(Algorithm):
             no IRDROSampler, but if one is present it is fed too).
         log_interval: log ``irdro/*`` metrics every this many batches (0 disables). The sampler's
             diagnostics cost O(N) (a pass over the probabilities), so keep it coarse for large N.
+        check_interval: compare the ranks' fingerprints (one all-gather of one int64) at ``FIT_START``
+            and every this many batches; ranks that disagree raise ``RuntimeError`` naming them
+            (default: ``log_interval``; 0 checks at ``FIT_START`` only). With an ``IRDROSampler`` the
+            fingerprint is :meth:`~irdro_sampler.IRDROSampler.fingerprint` (O(1)); on the streaming path it
+            digests the loss table, the rule and the dataset's weights (O(N) per check).
     """
 
     def __init__(
@@ -304,9 +311,14 @@ class IRDRO(Algorithm):
         index_key: str | int = "sample_idx",
         mode: str = "resample",
         log_interval: int = 100,
+        check_interval: int | None = None,
         groups: Any = None,
         **rule_options: Any,
     ) -> None:
+        if check_interval is None:
+            check_interval = log_interval if isinstance(log_interval, int) else 0
+        if isinstance(check_interval, bool) or not isinstance(check_interval, int) or check_interval < 0:
+            raise ValueError(f"check_interval must be an int >= 0 or None, got {check_interval!r}")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 0:
@@ -326,6 +338,7 @@ class IRDRO(Algorithm):
         self.index_key = index_key
         self.mode = mode
         self.log_interval = log_interval
+        self.check_interval = check_interval
 
         # What is fed (resolved at FIT_START).
         self.sampler: IRDROSampler | None = None
@@ -351,6 +364,8 @@ class IRDRO(Algorithm):
         opts = {**self.rule_options, **self.table_options}
         args = ", ".join(f"{k}={v!r}" for k, v in opts.items())
         extra = f"mode={self.mode!r}, index_key={self.index_key!r}, log_interval={self.log_interval}"
+        if self.check_interval != self.log_interval:
+            extra += f", check_interval={self.check_interval}"
         if isinstance(self.loss_fn_spec, str):
             extra += f", loss_fn={self.loss_fn_spec!r}"
         return f"IRDRO({args + ', ' if args else ''}{extra})"
@@ -428,6 +443,7 @@ class IRDRO(Algorithm):
             self._apply_state(self._pending_state)
             self._pending_state = None
         self._checked_first_batch = False
+        self._check_ranks_agree(state, "FIT_START")
 
     def _check_sampler(self, dataloader: Any, sampler: IRDROSampler) -> None:
         batch_size = getattr(dataloader, "batch_size", None)
@@ -609,7 +625,48 @@ class IRDRO(Algorithm):
         finite = np.isfinite(loss_np)
         self._drawn_sum += float(loss_np[finite].sum(dtype=np.float64))
         self._drawn_count += int(finite.sum())
+        if self.check_interval and int(state.timestamp.batch) % self.check_interval == 0:
+            self._check_ranks_agree(state, f"batch {int(state.timestamp.batch)}")
         self._maybe_log(state, logger, True)
+
+    # ------------------------------------------------------------------ rank agreement
+    def fingerprint(self) -> int | None:
+        """What the ranks must agree on: the sampler's fingerprint, or on the streaming path a digest of
+        the loss table, the rule and the dataset's weights; ``None`` when nothing is fed."""
+        if self.sampler is not None:
+            return self.sampler.fingerprint()
+        if self.table is None:
+            return None
+        parts = [table_digest(self.table), repr(sorted(self._rule.config().items())).encode()]
+        stream_fp = getattr(self.dataset, "fingerprint", None)
+        if callable(stream_fp):
+            parts.append(int(stream_fp()).to_bytes(8, "little", signed=True))
+        return digest_to_int(b"".join(parts))
+
+    def _check_ranks_agree(self, state: State, when: str) -> None:
+        """One all-gather of the fingerprints; ``RuntimeError`` naming the ranks when they differ.
+
+        Every rank sees the same gathered values, so every rank raises together (no rank is left
+        waiting in a later collective).
+        """
+        if dist.get_world_size() == 1 or not self.feeds:
+            return
+        mine = self.fingerprint()
+        device = state.device.tensor_to_device(torch.zeros(0)).device
+        gathered = dist.all_gather(torch.tensor([mine], dtype=torch.int64, device=device))
+        values = [int(t.item()) for t in gathered]
+        if len(set(values)) == 1:
+            return
+        groups: dict[int, list[int]] = {}
+        for rank, v in enumerate(values):
+            groups.setdefault(v, []).append(rank)
+        listing = "; ".join(f"ranks {ranks} have {v:#018x}" for v, ranks in groups.items())
+        what = "IRDROSampler" if self.sampler is not None else "loss table / stream weights"
+        raise RuntimeError(
+            f"IRDRO: the ranks' {what} states diverged (checked at {when}): fingerprints differ: {listing}. "
+            "Every rank must build the sampler with the same seed and options and apply the same feedback "
+            "(IRDRO gathers it; do not call update() on one rank only), and resume from the same checkpoint"
+        )
 
     def _maybe_log(self, state: State, logger: Logger, fed: bool | None) -> None:
         if not self.log_interval or int(state.timestamp.batch) % self.log_interval:
@@ -677,6 +734,16 @@ class IRDRO(Algorithm):
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"IRDRO.load_state_dict expects a dict, got {type(state).__name__}")
+        # Check what can be checked without the DataLoader now, so a bad checkpoint fails in Trainer(...)
+        # and leaves this algorithm as it was; the sizes are checked against the sampler at FIT_START.
+        if "sampler" in state:
+            IRDROSampler.check_state_dict(state["sampler"])
+        if "table" in state:
+            check_table_state(state["table"], None, "state['table']")
+        if "rule" in state:
+            if not isinstance(state["rule"], Mapping):
+                raise ValueError(f"state['rule'] must be a dict of DROWeighting options, got {state['rule']!r}")
+            DROWeighting(**state["rule"])
         self._pending_state = dict(state)
 
     def _apply_state(self, state: Mapping[str, Any]) -> None:

@@ -31,8 +31,10 @@ from streaming.base.batching import generate_work
 from streaming.base.shared import SharedMemory
 from streaming.base.shared.prefix import _get_path
 
+from irdro_sampler._validation import state_entry, state_int
 from irdro_sampler.balanced import balanced_counts, initial_carry
 from irdro_sampler.indexed import IndexedDataset
+from irdro_sampler.sampler import digest_to_int
 
 __all__ = [
     "WeightedStreamingDataset",
@@ -363,6 +365,16 @@ class WeightedStreamingDataset(StreamingDataset):
             hdr[_PENDING_SLOT] = target
             hdr[_PENDING_VERSION] += 1
 
+    def fingerprint(self) -> int:
+        """A signed 64-bit digest of what decides the next plans: seed, round size, draws, the frozen
+        round and the frozen and pending weights (O(N)). Equal on ranks that agree; the Composer IRDRO
+        algorithm compares it across ranks."""
+        hdr = self._hdr.numpy()
+        w = self._w.numpy()
+        head = (int(self.num_samples), int(self.round_size), int(self.weight_seed), self.draws, int(hdr[_FROZEN_ROUND]))
+        data = repr(head).encode() + w[int(hdr[_FROZEN_SLOT])].tobytes() + w[int(hdr[_PENDING_SLOT])].tobytes()
+        return digest_to_int(data)
+
     def pending_weights(self) -> np.ndarray:
         """The probabilities the next round will use (a copy)."""
         hdr = self._hdr.numpy()
@@ -626,7 +638,10 @@ class WeightedStreamingDataset(StreamingDataset):
         return sd
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (call on every rank before iterating, as Composer does)."""
+        """Restore a :meth:`state_dict` (call on every rank before iterating, as Composer does).
+
+        Everything is checked first (``ValueError`` naming the entry); a rejected state changes nothing.
+        """
         if not isinstance(obj, dict):
             raise TypeError(f"obj: expected the dict returned by state_dict, got {type(obj)!r}")
         obj = dict(obj)
@@ -637,6 +652,14 @@ class WeightedStreamingDataset(StreamingDataset):
                 "weights cannot be restored"
             )
         n = int(self.num_samples)
+        state_int(obj, "epoch", "obj", minimum=0)
+        state_int(obj, "sample_in_epoch", "obj", minimum=0, maximum=self.round_size)
+        for key in ("num_samples", "round_size", "seed"):
+            state_int(ir, key, "obj['irdro']", minimum=0)
+        frozen_round = state_int(ir, "frozen_round", "obj['irdro']", minimum=-1)
+        carry_round = state_int(ir, "carry_round", "obj['irdro']", minimum=-1) if "carry_round" in ir else -1
+        state_entry(ir, "frozen_weights", "obj['irdro']")
+        state_entry(ir, "pending_weights", "obj['irdro']")
         if int(ir["num_samples"]) != n:
             raise ValueError(f"obj: saved for a dataset of {ir['num_samples']} samples, this one has {n}")
         if int(ir["round_size"]) != self.round_size or int(ir["seed"]) != self.weight_seed:
@@ -653,8 +676,10 @@ class WeightedStreamingDataset(StreamingDataset):
         carry = ir.get("carry")
         carry_np = None
         if carry is not None:
+            if not isinstance(carry, torch.Tensor | np.ndarray):
+                raise ValueError(f"obj: 'carry' must be a tensor, got {type(carry).__name__}")
             carry_np = _saved_float64(carry)
-            if carry_np.shape != (n,) or not np.isfinite(carry_np).all():
+            if carry_np.shape != (n,) or not np.isfinite(carry_np).all() or carry_round < 0:
                 raise ValueError(f"obj: 'carry' must hold {n} finite values, got shape {carry_np.shape}")
         frozen = ir.get("frozen_weights")
         pending = ir.get("pending_weights")
@@ -667,6 +692,9 @@ class WeightedStreamingDataset(StreamingDataset):
             frozen_np = _saved_float64(frozen)
         if pending is not None:
             pending_np = _saved_float64(pending)
+        for name, vec in (("frozen_weights", frozen_np), ("pending_weights", pending_np)):
+            if vec is not None and abs(float(vec.sum()) - 1.0) > 1e-9:
+                raise ValueError(f"obj: '{name}' must be probabilities summing to 1, got sum {float(vec.sum())!r}")
         super().load_state_dict(obj)
         if self._unique_rank_world.is_local_leader:
             hdr = self._hdr.numpy()
@@ -674,7 +702,7 @@ class WeightedStreamingDataset(StreamingDataset):
             if frozen_np is not None:
                 w[0] = frozen_np
                 hdr[_FROZEN_SLOT] = 0
-                hdr[_FROZEN_ROUND] = int(ir["frozen_round"])
+                hdr[_FROZEN_ROUND] = frozen_round
                 if pending_np is not None:
                     w[1] = pending_np
                     hdr[_PENDING_SLOT] = 1
@@ -690,7 +718,7 @@ class WeightedStreamingDataset(StreamingDataset):
             hdr[_ERROR] = 0
             if carry_np is not None:
                 self._carry.numpy()[:] = carry_np
-                hdr[_CARRY_ROUND] = int(ir["carry_round"])
+                hdr[_CARRY_ROUND] = carry_round
             else:
                 hdr[_CARRY_ROUND] = -1
 
