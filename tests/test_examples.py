@@ -10,6 +10,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -119,3 +120,26 @@ def test_plain_example_checkpoints_and_resumes(tmp_path):
     assert "resumed after epoch 0" in second.stdout and "epoch 1:" in second.stdout and "epoch 0:" not in second.stdout
     assert torch.load(ckpt, weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
+@pytest.mark.slow
+def test_composer_classifier_example_shows_its_claim():
+    """The classifier path at its default seed and flags, library defaults (labels as groups): the rare
+    class and every clean class end no worse than without IR-DRO, the rare class gets more than its
+    share of the draws, and the noise less than its share."""
+    pytest.importorskip("composer")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import composer_train as ex
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    base = ex.main(["--task", "classifier", "--algorithm", "none"])
+    irdro = ex.main(["--task", "classifier", "--algorithm", "irdro"])
+    data, groups, names = ex.make_classifier_data()
+    share = {g: float(np.mean(groups == g)) for g in range(len(names))}
+    total = sum(irdro["drawn"].values())
+    for name in names[:-1]:
+        assert irdro["group_loss"][name] <= base["group_loss"][name], (name, irdro, base)
+    rare = names.index("class3")
+    assert irdro["drawn"][rare] / total > share[rare], irdro["drawn"]
+    assert irdro["drawn"][len(names) - 1] / total < share[len(names) - 1], irdro["drawn"]
