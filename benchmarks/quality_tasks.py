@@ -27,7 +27,7 @@ TASK_ARMS: dict[str, dict[str, Any] | None] = {
     "irdro-logz": {"groups": "labels", "cut_rule": "log-zscore"},
     "irdro-mixture": {"groups": "labels", "cut_rule": "mixture"},
     "irdro-tau1": {"groups": "labels", "temperature": 1.0},  # the previous fixed temperature
-    "irdro-ess0.9": {"groups": "labels", "ess_fraction": 0.9},  # a milder tilt
+    "irdro-ess0.8": {"groups": "labels", "ess_fraction": 0.8},  # a stronger tilt
 }
 #: Arms that only make sense where there are labels.
 CLASSIFIER_ONLY = ("irdro-nogroups",)

@@ -158,7 +158,7 @@ def build_dataloader(
     data = IndexedDataset(dataset)
     if algorithm in ("irdro", "irdro-importance"):
         if algorithm == "irdro-importance":
-            # Unbiased ERM needs every sample drawable: no loss cut.
+            # Unbiased with a cut too (the floor reaches every sample), but a cut sample's weight 1/u is large.
             sampler_kwargs = {"truncate_zscore": None, **(sampler_kwargs or {})}
         # Ranks from the launcher's environment: the sampler is built before the Trainer starts torch.distributed.
         sampler = IRDROSampler(

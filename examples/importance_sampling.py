@@ -62,11 +62,11 @@ def train(
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(args.seed))
     else:
-        # No cut: an unbiased estimate needs p_i > 0 wherever the loss is non-zero.
-        # The temperature is calibrated from a target effective sample size (the constrained DRO form):
+        # The temperature is calibrated from a target effective sample size (the library's default rule):
         # squared errors span orders of magnitude here, and a fixed temperature would either do nothing
         # or put every draw on a handful of samples.
-        # No cut: importance weights 1/(N p_i) are unbiased for ERM only if every sample can be drawn.
+        # No cut: the estimate is unbiased with a cut too (the floor reaches every sample), but a cut
+        # sample's weight 1/(N p_i) = 1/u is large, so the cut would only add variance to plain ERM.
         sampler = IRDROSampler(dataset, args.batch_size, ess_fraction=args.ess_fraction, uniform_mix=0.1,
                                truncate_zscore=None, seed=args.seed)
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler)

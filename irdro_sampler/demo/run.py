@@ -58,6 +58,8 @@ ARMS: dict[str, dict[str, Any]] = {
         "data": "weighted",
         "algorithm": {**RECOMMENDED, "truncate_zscore": math.inf},
     },
+    # The temperature rule's ablation: a stronger tilt (ESS 0.8 of the kept samples, about tau = 1 here).
+    "irdro-ess0.8": {"data": "weighted", "algorithm": {**RECOMMENDED, "ess_fraction": 0.8}},
     "reweight": {"data": "uniform", "algorithm": {"mode": "reweight", "temperature": 1.0}},
 }
 
