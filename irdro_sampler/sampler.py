@@ -31,6 +31,7 @@ from .sum_tree import FanoutSumTree
 from .weights import (
     DROWeighting,
     WeightParams,
+    cut_transitions,
     distribution_stats,
     kept_mask,
     masses,
@@ -272,10 +273,10 @@ class IRDROSampler(DistributedSampler):
             if params is not None and uniq.size:
                 # Entries are applied in order, so each one's old/new kept flags give the exact change.
                 grp = self._groups_of(uniq)
-                was_cut, now_kept = ~kept_mask(old, params, grp), kept_mask(new, params, grp)
-                self._n_kept += int(np.count_nonzero(now_kept)) - (uniq.size - int(np.count_nonzero(was_cut)))
-                self._counters["remeasured_cut"] += int(np.count_nonzero(was_cut))
-                self._counters["readmitted"] += int(np.count_nonzero(was_cut & now_kept))
+                remeasured, readmitted = cut_transitions(old, new, params, grp)
+                self._n_kept += int(np.count_nonzero(kept_mask(new, params, grp))) - (uniq.size - remeasured)
+                self._counters["remeasured_cut"] += remeasured
+                self._counters["readmitted"] += readmitted
                 touched.append((uniq, new))
         if params is None or not touched:
             return

@@ -481,6 +481,15 @@ def _kept64(loss: np.ndarray, params: WeightParams, groups: np.ndarray | None) -
     return np.isnan(loss) | (loss <= params.thresholds(groups))
 
 
+def cut_transitions(
+    old: np.ndarray, new: np.ndarray, params: WeightParams, groups: np.ndarray | None = None
+) -> tuple[int, int]:
+    """``(re-measured, re-admitted)``: of the samples whose running loss went from ``old`` to ``new``,
+    how many were cut before the update, and how many of those are kept after it."""
+    was_cut = ~kept_mask(old, params, groups)
+    return int(np.count_nonzero(was_cut)), int(np.count_nonzero(was_cut & kept_mask(new, params, groups)))
+
+
 def max_kept_loss(
     losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, chunk: int = 1 << 22
 ) -> float:

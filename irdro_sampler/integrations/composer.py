@@ -59,6 +59,7 @@ from irdro_sampler import (
 from irdro_sampler._validation import as_groups
 from irdro_sampler.loss_table import check_table_state
 from irdro_sampler.sampler import digest_to_int, table_digest
+from irdro_sampler.weights import cut_transitions, kept_mask
 
 __all__ = [
     "IRDRO",
@@ -359,6 +360,10 @@ class IRDRO(Algorithm):
         self._reweight_max_sum = 0.0
         self._reweight_ess_sum = 0.0
         self._reweight_count = 0
+        # The streaming path's cut in force (fit when the round's weights were pushed) and its counters.
+        self._stream_params: Any = None
+        self._remeasured_cut = 0
+        self._readmitted = 0
 
     def __repr__(self) -> str:
         opts = {**self.rule_options, **self.table_options}
@@ -621,7 +626,14 @@ class IRDRO(Algorithm):
             self.sampler.update(idx_np, loss_np, step=self._step)
         else:
             assert self.table is not None
+            uniq = np.unique(idx_np)
+            old = self.table.losses[uniq]
             self.table.update(idx_np, loss_np, step=self._step)
+            if self._stream_params is not None:  # the cut in force for this round
+                groups = None if self.table.groups is None else self.table.groups[uniq]
+                remeasured, readmitted = cut_transitions(old, self.table.losses[uniq], self._stream_params, groups)
+                self._remeasured_cut += remeasured
+                self._readmitted += readmitted
         finite = np.isfinite(loss_np)
         self._drawn_sum += float(loss_np[finite].sum(dtype=np.float64))
         self._drawn_count += int(finite.sum())
@@ -698,15 +710,20 @@ class IRDRO(Algorithm):
     def _push_stream_weights(self, logger: Logger) -> None:
         if self.dataset is None or self.table is None:
             return
-        p = self._rule.probabilities(self.table)
+        self._stream_params = params = self._rule.fit(self.table)
+        p = self._rule.probabilities(self.table, params)
         self.dataset.set_weights(p)
         if self.log_interval:
             nz = p[p > 0]
+            kept = kept_mask(self.table.losses, params, self.table.groups)
             logger.log_metrics({
                 "irdro/ess_fraction": float(1.0 / np.sum(p * p) / p.size),
                 "irdro/kl_to_uniform": float(np.sum(nz * np.log(nz * p.size))),
                 "irdro/max_prob": float(p.max()),
-                "irdro/truncated_fraction": float(np.mean(p == 0)),
+                "irdro/truncated_fraction": float(1.0 - np.mean(kept)),
+                "irdro/temperature": params.temperature,
+                "irdro/remeasured_cut": float(self._remeasured_cut),
+                "irdro/readmitted": float(self._readmitted),
                 "irdro/seen_fraction": self.table.num_seen / self.table.num_samples,
                 "irdro/table_mean_loss": self.table.mean_loss(),
             })
