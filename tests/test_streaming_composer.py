@@ -17,7 +17,7 @@ from composer import Callback, Trainer  # noqa: E402
 from composer.models import ComposerModel  # noqa: E402
 
 from irdro_sampler import IndexListCollate  # noqa: E402
-from irdro_sampler.integrations.composer import IRDRO  # noqa: E402
+from irdro_sampler.integrations.composer import IRDRO, batch_sample_indices  # noqa: E402
 from irdro_sampler.integrations.streaming import WeightedStreamingDataset  # noqa: E402
 
 N, BATCH, ROUND = 20_000, 10, 200  # 20 batches per round; 160 KB of weights per tensor
@@ -48,7 +48,7 @@ class RecordIds(Callback):
         self.ids: list[np.ndarray] = []
 
     def after_dataloader(self, state, logger) -> None:
-        self.ids.append(torch.as_tensor(state.batch["sample_idx"]).numpy().copy())  # tensor or list (IndexListCollate)
+        self.ids.append(batch_sample_indices(state).numpy().copy())  # IRDRO took them out of the batch
 
 
 @pytest.fixture(scope="module")
