@@ -547,6 +547,16 @@ class IRDRO(Algorithm):
         if isinstance(batch, Mapping):
             if isinstance(key, str) and key in batch:
                 idx = batch[key]
+            elif self.dataset is not None:
+                raise KeyError(
+                    f"IRDRO: the batch has no index key {key!r} (keys: {sorted(map(str, batch))}), although "
+                    f"{type(self.dataset).__name__} adds it to every sample in get_item: it was lost on the way. "
+                    "A subclass whose __getitem__ rebuilds the sample (llm-foundry's StreamingTextDataset "
+                    f"tokenises it and keeps only the tokens) must put {key!r} back into what it returns, and a "
+                    "collate function that drops unknown keys must be wrapped in "
+                    "irdro_sampler.IndexListCollate(collate_fn). For llm-foundry, use the `irdro_text` train "
+                    "loader (irdro_sampler.integrations.llmfoundry), which does both"
+                )
             else:
                 raise KeyError(
                     f"IRDRO: the batch has no index key {key!r} (keys: {sorted(map(str, batch))}). Wrap the "
