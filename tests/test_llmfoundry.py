@@ -141,10 +141,8 @@ def _loader(tokenizer, data: Path, name: str, **extra):
 @pytest.mark.parametrize("tokens", [False, True], ids=["text", "pretokenised"])
 def test_batches_are_the_stock_text_loaders_plus_the_index(tmp_path, tokens):
     """Each irdro_text batch equals llm-foundry's own collator on the same samples, plus ``sample_idx``."""
-    from streaming.base.util import clean_stale_shared_memory
     from transformers import AutoTokenizer
 
-    clean_stale_shared_memory()
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
     setup.write_corpus(tmp_path / "data", num_docs=200, seed=1, tokens=tokens)
     spec = _loader(tokenizer, tmp_path / "data", "irdro_text", round_size=40)
@@ -170,12 +168,10 @@ def test_batches_are_the_stock_text_loaders_plus_the_index(tmp_path, tokens):
 
 
 def test_default_round_size_is_100_global_batches(tmp_path):
-    from streaming.base.util import clean_stale_shared_memory
     from transformers import AutoTokenizer
 
     from irdro_sampler.integrations.llmfoundry import DEFAULT_ROUND_BATCHES
 
-    clean_stale_shared_memory()
     setup.write_corpus(tmp_path / "data", num_docs=50, seed=2)
     spec = _loader(AutoTokenizer.from_pretrained(str(TOKENIZER)), tmp_path / "data", "irdro_text")
     assert spec.dataloader.dataset.round_size == DEFAULT_ROUND_BATCHES * 4  # world size 1, device batch 4
@@ -189,7 +185,6 @@ def test_subclass_without_the_index_fails_with_advice_that_applies(text_data, tm
     from llmfoundry.data.text_data import StreamingTextDataset
     from llmfoundry.models.mpt import ComposerMPTCausalLM
     from llmfoundry.utils.builders import build_tokenizer
-    from streaming.base.util import clean_stale_shared_memory
     from torch.utils.data import DataLoader
     from transformers import DataCollatorForLanguageModeling
 
@@ -199,7 +194,6 @@ def test_subclass_without_the_index_fails_with_advice_that_applies(text_data, tm
     class Naive(WeightedStreamingDataset, StreamingTextDataset):
         pass
 
-    clean_stale_shared_memory()
     tokenizer = build_tokenizer(str(TOKENIZER), {})
     ds = Naive(tokenizer=tokenizer, max_seq_len=64, local=str(text_data), split="train", shuffle=True,
                batch_size=4, round_size=40)
