@@ -85,3 +85,10 @@ def test_llmfoundry_yaml_builds_irdro_through_the_entry_point():
 
     block = cfg["algorithms"]["irdro"]
     assert {k: block[k] for k in RECOMMENDED} == RECOMMENDED
+    # The train loader is the registered irdro_text; its module imports without llm-foundry installed.
+    assert cfg["train_loader"]["name"] == "irdro_text"
+    loaders = {ep.name: ep for ep in entry_points(group="llmfoundry_dataloaders")}
+    assert "irdro_text" in loaders, "pip install -e . registers the llmfoundry_dataloaders entry point"
+    from irdro_sampler.integrations.llmfoundry import build_irdro_text_dataloader
+
+    assert loaders["irdro_text"].load() is build_irdro_text_dataloader
