@@ -7,12 +7,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+_SCRATCH = tempfile.mkdtemp(prefix="irdro-examples-")
 
 # script -> tiny flags (seconds on a CPU). Scripts of other engineers are included once they exist.
 TINY_FLAGS: dict[str, list[str]] = {
@@ -20,6 +22,9 @@ TINY_FLAGS: dict[str, list[str]] = {
     "importance_sampling.py": ["--samples", "2000", "--steps", "60", "--check-batches", "500"],
     "composer_train.py": ["--steps", "12", "--num-samples", "128", "--batch-size", "16", "--log-interval", "4"],
     "composer_streaming_lm.py": ["--steps", "12"],
+    # Writes into a fresh temporary folder, not into the repository's examples/llmfoundry_tokenizer.
+    "llmfoundry_setup.py": ["--docs", "50", "--data", os.path.join(_SCRATCH, "data"), "--tokenizer",
+                            os.path.join(_SCRATCH, "tokenizer")],
 }
 
 
@@ -42,6 +47,9 @@ def test_example_runs_tiny(script):
         pytest.skip(f"{script} not written yet")
     if script.startswith("composer"):
         pytest.importorskip("composer")
+    if script == "llmfoundry_setup.py":
+        pytest.importorskip("streaming")
+        pytest.importorskip("transformers")
     proc = _run(script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
