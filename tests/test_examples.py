@@ -3,8 +3,10 @@ llm-foundry YAML builds the algorithm through the registered entry point."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 _SCRATCH = tempfile.mkdtemp(prefix="irdro-examples-")
+atexit.register(shutil.rmtree, _SCRATCH, True)
 
 # script -> tiny flags (seconds on a CPU). Scripts of other engineers are included once they exist.
 TINY_FLAGS: dict[str, list[str]] = {
