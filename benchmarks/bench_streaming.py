@@ -38,7 +38,6 @@ import torch
 from streaming import MDSWriter, StreamingDataset
 from streaming.base.batching import generate_work
 from streaming.base.stream import Stream
-from streaming.base.util import clean_stale_shared_memory
 from streaming.base.world import World
 from tqdm import tqdm
 
@@ -256,7 +255,6 @@ def main() -> None:
         args.replay_rounds = 6
 
     warnings.simplefilter("ignore")  # streaming logs shuffle/predownload hints per dataset
-    clean_stale_shared_memory()
     root = tempfile.mkdtemp(prefix="bench_streaming_")
     try:
         remote = write_dataset(root, args.samples, args.shards, args.payload)

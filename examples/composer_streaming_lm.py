@@ -67,12 +67,15 @@ class CountDraws:
     def __init__(self, is_noise: np.ndarray) -> None:
         from composer.core import Callback
 
+        from irdro_sampler.integrations.composer import batch_sample_indices
+
         outer = self
 
         class _Callback(Callback):
             def after_dataloader(self, state, logger) -> None:
-                if "sample_idx" in state.batch:  # a list of ints (IndexListCollate)
-                    idx = np.asarray(state.batch["sample_idx"], dtype=np.int64)
+                ids = batch_sample_indices(state)  # IRDRO took them out of the batch
+                if ids is not None:
+                    idx = ids.numpy()
                     outer.noise += int(is_noise[idx].sum())
                     outer.total += idx.size
 

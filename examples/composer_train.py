@@ -238,15 +238,17 @@ def evaluate_per_group(model: Any, dataset: Dataset, groups: np.ndarray, batch_s
 
 
 def DrawCounter(groups: np.ndarray) -> Any:
-    """A Composer callback counting the trained samples per group (from ``batch['sample_idx']``)."""
+    """A Composer callback counting the trained samples per group (from the batch's sample indices)."""
     from composer.core import Callback
+
+    from irdro_sampler.integrations.composer import batch_sample_indices
 
     class _DrawCounter(Callback):
         def __init__(self) -> None:
             self.counts: Counter[int] = Counter()
 
         def after_dataloader(self, state: Any, logger: Any) -> None:
-            for i in state.batch["sample_idx"].tolist():
+            for i in batch_sample_indices(state).tolist():  # IRDRO took them out of the batch
                 self.counts[int(groups[i])] += 1
 
     return _DrawCounter()

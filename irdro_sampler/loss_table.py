@@ -152,11 +152,14 @@ class LossTable:
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The table as tensors and primitives. Unseen samples (``counts == 0``) are saved as loss 0.0,
+        not NaN: NaN != NaN would make two identical states compare unequal (``allclose`` at zero
+        tolerance, ``torch.equal``); :meth:`load_state_dict` restores NaN from the counts."""
         return {
             "num_samples": self.num_samples,
             "ema": self.ema,
             "prior": self.prior,
-            "losses": torch.from_numpy(self.losses.copy()),
+            "losses": torch.from_numpy(np.where(self.counts > 0, self.losses, np.float32(0.0))),
             "counts": torch.from_numpy(self.counts.astype(np.int64)),
             "last_step": torch.from_numpy(self.last_step.copy()),
             "num_skipped": self.num_skipped,

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 from irdro_sampler import IRDROSampler, LossTable  # noqa: E402
 from irdro_sampler.integrations.composer import (  # noqa: E402
     IRDRO,
+    batch_sample_indices,
     causal_lm_loss_sums,
     causal_lm_per_sample_loss,
     classification_per_sample_loss,
@@ -68,9 +69,13 @@ class Recorder(Callback):
         self.batches: list = []
         self.weights: list[np.ndarray] = []
         self.round_probs: list[np.ndarray] = []
+        self.batch_indices: list[torch.Tensor | None] = []  # per batch, as IRDRO took them out of the batch
 
     def run_event(self, event: Event, state, logger) -> None:  # noqa: D401
         self.events.append((event.value, int(state.timestamp.batch)))
+        if event == Event.AFTER_DATALOADER:
+            idx = batch_sample_indices(state)
+            self.batch_indices.append(None if idx is None else idx.clone())
         if event == Event.BEFORE_FORWARD:
             self.params_before.append({k: v.detach().clone() for k, v in state.model.state_dict().items()})
             self.batches.append(copy.deepcopy(state.batch))
@@ -82,7 +87,7 @@ class Recorder(Callback):
                 with torch.no_grad():
                     per = default_per_sample_loss(state.outputs, state.batch).double()
                 if self.algo.mode == "importance":
-                    idx = state.batch["sample_idx"].numpy()
+                    idx = self.batch_indices[-1].numpy()  # one microbatch per batch in these runs
                     w = torch.as_tensor(self.algo.sampler.importance_weights(idx, step=self.algo._step))
                     self.weights.append(w.numpy())
                     self.expected.append(float((w * per).mean()))
@@ -314,8 +319,8 @@ def test_streaming_protocol_table_and_round_weights(tmp_path):
     trainer.fit()
     assert algo.sampler is None and isinstance(algo.table, LossTable)
     expected = np.zeros(64, dtype=np.int64)  # the table counts each sample once per batch it was in
-    for batch in rec.batches:
-        expected[np.unique(batch["sample_idx"].numpy())] += 1
+    for idx in rec.batch_indices:
+        expected[np.unique(idx.numpy())] += 1
     np.testing.assert_array_equal(algo.table.counts, expected)
     assert int(algo.table.last_step.max()) == 8
     assert len(stream.pushed) == 2  # one push per finished round (EPOCH_END)

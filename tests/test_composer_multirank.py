@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(
     import composer_train as ex
     from composer.utils import dist
 
-    from irdro_sampler.integrations.composer import IRDRO, gather_feedback
+    from irdro_sampler.integrations.composer import IRDRO, batch_sample_indices, gather_feedback
 
     out = Path(sys.argv[1])
     steps = 10
@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent(
 
     class Seen(Callback):
         def after_dataloader(self, state, logger):
-            seen.append(state.batch["sample_idx"].tolist())
+            seen.append(batch_sample_indices(state).tolist())
 
     trainer = ex.build_trainer(model, dl, [algo], steps=steps, seed=11, microbatch_size=3, callbacks=[Seen()])
     trainer.fit()

@@ -87,3 +87,29 @@ def test_resumed_run_is_bitwise_equal_to_uninterrupted(lm_data, tmp_path, num_wo
         for name, value in full_weights.items():
             assert weights[name].numpy().tobytes() == value.numpy().tobytes(), f"weights {name} differ after resuming from batch {batch}"
         _assert_same(full_state, state)
+
+
+def _assert_strictly_equal(a, b, path="state"):
+    """What checkpoint comparisons do: torch.equal / allclose at zero tolerance, and == (NaN fails all)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=0, atol=0), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_strictly_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_strictly_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def test_two_identical_runs_give_equal_states_under_zero_tolerance(lm_data):
+    """Unseen samples are stored as 0.0 with count 0, so identical runs' states compare equal."""
+    _, first = _run(lm_data, num_workers=0, mode="resample")
+    _, second = _run(lm_data, num_workers=0, mode="resample")
+    assert int((first["table"]["counts"] == 0).sum()) > 0  # some samples are still unseen
+    _assert_strictly_equal(first, second)

@@ -3,10 +3,13 @@ llm-foundry YAML builds the algorithm through the registered entry point."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+_SCRATCH = tempfile.mkdtemp(prefix="irdro-examples-")
+atexit.register(shutil.rmtree, _SCRATCH, True)
 
 # script -> tiny flags (seconds on a CPU). Scripts of other engineers are included once they exist.
 TINY_FLAGS: dict[str, list[str]] = {
@@ -21,6 +26,9 @@ TINY_FLAGS: dict[str, list[str]] = {
     "importance_sampling.py": ["--samples", "2000", "--steps", "60", "--check-batches", "500"],
     "composer_train.py": ["--steps", "12", "--num-samples", "128", "--batch-size", "16", "--log-interval", "4"],
     "composer_streaming_lm.py": ["--steps", "12"],
+    # Writes into a fresh temporary folder, not into the repository's examples/llmfoundry_tokenizer.
+    "llmfoundry_setup.py": ["--docs", "50", "--data", os.path.join(_SCRATCH, "data"), "--tokenizer",
+                            os.path.join(_SCRATCH, "tokenizer")],
 }
 
 
@@ -43,6 +51,9 @@ def test_example_runs_tiny(script):
         pytest.skip(f"{script} not written yet")
     if script.startswith("composer"):
         pytest.importorskip("composer")
+    if script == "llmfoundry_setup.py":
+        pytest.importorskip("streaming")
+        pytest.importorskip("transformers")
     proc = _run(script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -86,6 +97,13 @@ def test_llmfoundry_yaml_builds_irdro_through_the_entry_point():
 
     block = cfg["algorithms"]["irdro"]
     assert {k: block[k] for k in RECOMMENDED} == RECOMMENDED
+    # The train loader is the registered irdro_text; its module imports without llm-foundry installed.
+    assert cfg["train_loader"]["name"] == "irdro_text"
+    loaders = {ep.name: ep for ep in entry_points(group="llmfoundry_dataloaders")}
+    assert "irdro_text" in loaders, "pip install -e . registers the llmfoundry_dataloaders entry point"
+    from irdro_sampler.integrations.llmfoundry import build_irdro_text_dataloader
+
+    assert loaders["irdro_text"].load() is build_irdro_text_dataloader
 
 
 @pytest.mark.slow

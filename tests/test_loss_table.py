@@ -227,3 +227,35 @@ def test_state_size_mismatch_raises_and_changes_nothing():
     with pytest.raises(ValueError, match="losses"):
         t.load_state_dict(bad)
     assert_state_equal(t.state_dict(), before)
+
+
+def test_saved_state_holds_no_nan_and_marks_unseen_by_count():
+    """Unseen samples are saved as 0.0 (counts == 0 says unseen): NaN != NaN would make two identical
+    states compare unequal under torch.equal / allclose(atol=0, rtol=0)."""
+    t = LossTable(6, ema=0.5)
+    t.update([1, 4], [2.5, 0.0], step=3)  # a seen sample whose loss is exactly 0.0 stays seen
+    sd = t.state_dict()
+    assert not torch.isnan(sd["losses"]).any()
+    assert sd["losses"].tolist() == [0.0, 2.5, 0.0, 0.0, 0.0, 0.0]
+    assert sd["counts"].tolist() == [0, 1, 0, 0, 1, 0]
+    assert torch.equal(sd["losses"], t.state_dict()["losses"])
+    assert torch.allclose(sd["losses"], t.state_dict()["losses"], rtol=0, atol=0)
+    back = LossTable(6)
+    back.load_state_dict(sd)
+    np.testing.assert_array_equal(np.isnan(back.losses), [True, False, True, True, False, True])
+    assert back.losses[4] == 0.0 and back.num_seen == 2
+    assert back.losses.tobytes() == t.losses.tobytes()  # bitwise the table that was saved, NaN included
+
+
+def test_old_state_with_nan_for_unseen_loads_the_same():
+    t = LossTable(5)
+    t.update([0, 3], [1.25, 4.0], step=7)
+    old = t.state_dict()
+    old["losses"] = torch.from_numpy(t.losses.copy())  # how states were saved before: NaN while unseen
+    assert torch.isnan(old["losses"]).sum() == 3
+    a, b = LossTable(5), LossTable(5)
+    a.load_state_dict(old)
+    b.load_state_dict(t.state_dict())
+    assert a.losses.tobytes() == b.losses.tobytes() == t.losses.tobytes()
+    assert a.num_seen == b.num_seen == 2
+    assert_state_equal(a.state_dict(), b.state_dict())

@@ -17,7 +17,7 @@ from composer import Callback, Trainer  # noqa: E402
 from composer.models import ComposerModel  # noqa: E402
 
 from irdro_sampler import IndexListCollate  # noqa: E402
-from irdro_sampler.integrations.composer import IRDRO  # noqa: E402
+from irdro_sampler.integrations.composer import IRDRO, batch_sample_indices  # noqa: E402
 from irdro_sampler.integrations.streaming import WeightedStreamingDataset  # noqa: E402
 
 N, BATCH, ROUND = 20_000, 10, 200  # 20 batches per round; 160 KB of weights per tensor
@@ -25,7 +25,6 @@ N, BATCH, ROUND = 20_000, 10, 200  # 20 batches per round; 160 KB of weights per
 
 class Tiny(ComposerModel):
     """Classifies x mod 4 from an embedding of x mod 64: some samples are harder than others."""
-
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -48,14 +47,11 @@ class RecordIds(Callback):
         self.ids: list[np.ndarray] = []
 
     def after_dataloader(self, state, logger) -> None:
-        self.ids.append(torch.as_tensor(state.batch["sample_idx"]).numpy().copy())  # tensor or list (IndexListCollate)
+        self.ids.append(batch_sample_indices(state).numpy().copy())  # IRDRO took them out of the batch
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
     root = str(tmp_path_factory.mktemp("mds_composer"))
     write_mds(root, N, 500)  # 40 shards
     return root
@@ -80,7 +76,7 @@ def run(root, *, num_workers, save_folder=None, save_interval=None, load_path=No
     trainer.fit()
     params = [p.detach().clone() for p in model.parameters()]
     out = dict(ids=np.concatenate(rec.ids), weights=ds.pending_weights(), losses=algo.table.losses.copy(), params=params,
-               counts=algo.table.counts.copy())
+               counts=algo.table.counts.copy(), state=algo.state_dict())
     trainer.close()
     return out
 
@@ -88,6 +84,10 @@ def run(root, *, num_workers, save_folder=None, save_interval=None, load_path=No
 def same(a, b):
     assert np.array_equal(a["weights"], b["weights"])  # bitwise: IRDRO pushed identical weights
     assert np.array_equal(a["losses"], b["losses"], equal_nan=True)
+    # The saved table holds no NaN (unseen: count 0), so zero-tolerance comparisons see equal states.
+    ta, tb = a["state"]["table"], b["state"]["table"]
+    for key in ("losses", "counts", "last_step"):
+        assert torch.equal(ta[key], tb[key]) and torch.allclose(ta[key].double(), tb[key].double(), rtol=0, atol=0)
     for x, y in zip(a["params"], b["params"], strict=True):
         assert torch.equal(x, y)
 

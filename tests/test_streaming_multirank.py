@@ -57,9 +57,6 @@ def _rank_main(rank: int, root: str, local: str, port: int, num_workers: int) ->
 @pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_two_ranks_same_plan_disjoint_shares(tmp_path, num_workers):
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
     root = str(tmp_path)
     write_mds(root, N, 100)
     local = os.path.join(root, "local")

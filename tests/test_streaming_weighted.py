@@ -31,9 +31,6 @@ ALPHA = 1e-3  # fixed seeds make the tests deterministic; this is the level each
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
     root = str(tmp_path_factory.mktemp("mds"))
     write_mds(root, N, 100)
     return root

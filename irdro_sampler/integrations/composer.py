@@ -7,9 +7,13 @@ Turns IR-DRO on in a Composer (or llm-foundry) run with one algorithm entry. The
   DataLoader (``sampler=`` or inside ``batch_sampler=``), or a weighted streaming dataset (anything
   with ``set_weights`` and ``round_size``, such as
   ``irdro_sampler.integrations.streaming.WeightedStreamingDataset``).
+* At ``AFTER_DATALOADER`` it takes the samples' indices out of the batch (``sample_idx``, or a tuple
+  batch's last element), so the model never sees them: a stock ``ComposerClassifier`` on ``(x, y)`` or
+  a stock ``HuggingFaceModel`` needs no change. Callbacks read them with :func:`batch_sample_indices`.
 * At ``AFTER_FORWARD`` it computes one loss per sample from ``state.outputs`` and the microbatch
-  (no extra forward pass), collects it with the samples' indices, and at ``BATCH_END`` gathers the
-  feedback of all ranks (in rank order) so every rank applies identical updates in identical order.
+  (no extra forward pass), pairs it with the microbatch's slice of the indices, and at ``BATCH_END``
+  gathers the feedback of all ranks (in rank order) so every rank applies identical updates in
+  identical order.
 * In ``importance`` and ``reweight`` modes it replaces ``state.loss`` at ``AFTER_LOSS`` (Composer
   0.32.1 backpropagates ``state.loss`` as it is after ``AFTER_LOSS``/``BEFORE_BACKWARD``).
 
@@ -21,6 +25,9 @@ Facts about Composer 0.32.1 this module relies on (checked in ``composer/trainer
   ``state.timestamp`` advances, then ``BATCH_END`` and ``BATCH_CHECKPOINT``. So the step of a batch is
   read at ``BATCH_START`` (``state.timestamp`` still points at it) and feedback is committed at
   ``BATCH_END``, before a checkpoint is written.
+* Microbatches are consecutive slices of the batch, in order (``DataSpec.split_batch``'s default; a
+  custom ``split_batch`` that reorders samples would misattribute losses), so the k-th microbatch's
+  indices are the next ``len(microbatch)`` recorded ones.
 * Auto-microbatching OOM retries (and optimizer closures) rerun ``_train_microbatches``, which fires
   ``BEFORE_TRAIN_BATCH`` each time: collected feedback is reset there, so retries never double count.
 * Checkpoints are loaded inside ``Trainer.__init__`` (algorithm ``load_state_dict`` is called there),
@@ -36,10 +43,11 @@ Importing :mod:`irdro_sampler` never imports Composer; only this module does.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -63,6 +71,7 @@ from irdro_sampler.weights import cut_transitions, kept_mask
 
 __all__ = [
     "IRDRO",
+    "batch_sample_indices",
     "causal_lm_loss_sums",
     "causal_lm_per_sample_loss",
     "classification_per_sample_loss",
@@ -252,6 +261,39 @@ def gather_feedback(indices: torch.Tensor, losses: torch.Tensor) -> tuple[torch.
 
 
 # ============================================================================ the algorithm
+def _without_key(batch: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``batch`` without ``key``, of the same mapping type where it can be copied (dict, BatchEncoding)."""
+    if isinstance(batch, MutableMapping):
+        out = copy.copy(batch)
+        del out[key]
+        return out
+    return {k: v for k, v in batch.items() if k != key}
+
+
+def _num_rows(batch: Any) -> int | None:
+    """Leading size of the first tensor in a (micro)batch: its number of samples (None if no tensor)."""
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim >= 1:
+            return int(value.shape[0])
+    return None
+
+
+def batch_sample_indices(state: State) -> torch.Tensor | None:
+    """The current training batch's sample indices (CPU int64), for callbacks.
+
+    ``IRDRO`` takes them out of the batch at ``AFTER_DATALOADER`` (callbacks run after algorithms);
+    without an IRDRO, a dict batch's ``sample_idx`` is read as it is. None when there are none.
+    """
+    for algo in state.algorithms:
+        if isinstance(algo, IRDRO) and algo.batch_indices is not None:
+            return algo.batch_indices
+    batch = state.batch
+    if isinstance(batch, Mapping) and "sample_idx" in batch:
+        return torch.as_tensor(batch["sample_idx"]).to("cpu", torch.int64)
+    return None
+
+
 def _find_sampler(dataloader: Any) -> IRDROSampler | None:
     for obj in (getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None)):
         for candidate in (obj, getattr(obj, "sampler", None)):
@@ -346,6 +388,10 @@ class IRDRO(Algorithm):
         self.dataset: Any = None  # weighted streaming dataset
         self.table: LossTable | None = None  # the streaming path's table
         self._tuple_index_last = False
+        #: The current training batch's sample indices (CPU int64), taken out of the batch at
+        #: AFTER_DATALOADER; None when the batch carried none. See :func:`batch_sample_indices`.
+        self.batch_indices: torch.Tensor | None = None
+        self._microbatch_start = 0
         self._pending_state: dict[str, Any] | None = None
         # Per-batch bookkeeping.
         self._step = 0
@@ -389,7 +435,7 @@ class IRDRO(Algorithm):
         if event in (Event.FIT_START, Event.BATCH_START, Event.BEFORE_TRAIN_BATCH, Event.AFTER_FORWARD, Event.BATCH_END):
             return True
         if event == Event.AFTER_DATALOADER:
-            return self.feeds
+            return True
         if event == Event.AFTER_LOSS:
             return self._needs_grad_losses()
         if event == Event.EPOCH_END:
@@ -400,10 +446,11 @@ class IRDRO(Algorithm):
         if event == Event.FIT_START:
             self._fit_start(state)
         elif event == Event.AFTER_DATALOADER:
-            self._indices_of(state.batch)  # fail before any forward pass if the index is missing
+            self._take_indices(state)
         elif event == Event.BATCH_START:
             self._step = self._global_step(state)
         elif event == Event.BEFORE_TRAIN_BATCH:
+            self._microbatch_start = 0  # an OOM retry starts the batch's microbatches over
             self._idx_parts.clear()
             self._loss_parts.clear()
             self._grad_losses = self._grad_indices = None
@@ -424,10 +471,11 @@ class IRDRO(Algorithm):
             self._check_sampler(dataloader, self.sampler)
             self._tuple_index_last = isinstance(dataset, IndexedDataset)
         elif _is_weighted_stream(dataset):
-            if self.mode == "importance":
+            if self.mode == "importance" and not callable(getattr(dataset, "draw_probabilities", None)):
                 raise ValueError(
-                    "IRDRO(mode='importance') needs the draw probabilities of every sample, which a weighted "
-                    "streaming dataset does not expose; use mode='resample' (or an IRDROSampler on a map-style view)"
+                    f"IRDRO(mode='importance') needs the draw probabilities of the round in progress, which "
+                    f"{type(dataset).__name__} does not expose (no draw_probabilities method); use "
+                    "WeightedStreamingDataset or mode='resample'"
                 )
             self.dataset = dataset
             num = int(dataset.num_samples)
@@ -497,6 +545,16 @@ class IRDRO(Algorithm):
         if isinstance(batch, Mapping):
             if isinstance(key, str) and key in batch:
                 idx = batch[key]
+            elif self.dataset is not None:
+                raise KeyError(
+                    f"IRDRO: the batch has no index key {key!r} (keys: {sorted(map(str, batch))}), although "
+                    f"{type(self.dataset).__name__} adds it to every sample in get_item: it was lost on the way. "
+                    "A subclass whose __getitem__ rebuilds the sample (llm-foundry's StreamingTextDataset "
+                    f"tokenises it and keeps only the tokens) must put {key!r} back into what it returns, and a "
+                    "collate function that drops unknown keys must be wrapped in "
+                    "irdro_sampler.IndexListCollate(collate_fn). For llm-foundry, use the `irdro_text` train "
+                    "loader (irdro_sampler.integrations.llmfoundry), which does both"
+                )
             else:
                 raise KeyError(
                     f"IRDRO: the batch has no index key {key!r} (keys: {sorted(map(str, batch))}). Wrap the "
@@ -523,15 +581,50 @@ class IRDRO(Algorithm):
             )
         return idx
 
+    def _take_indices(self, state: State) -> None:
+        """Record the batch's indices and remove them from ``state.batch`` (the model never sees them).
+
+        When nothing is fed (``reweight`` without a sampler), a dict batch's index key is still removed
+        if present; a tuple's last element is only known to be an index when an IndexedDataset is fed.
+        """
+        batch = state.batch
+        self.batch_indices = None
+        if not self.feeds:
+            if isinstance(batch, Mapping) and isinstance(self.index_key, str) and self.index_key in batch:
+                self.batch_indices = torch.as_tensor(batch[self.index_key]).detach().to("cpu", torch.int64)
+                state.batch = _without_key(batch, self.index_key)
+            return
+        # Fails before any forward pass if the index is missing.
+        self.batch_indices = self._indices_of(batch).detach().to("cpu", torch.int64)
+        if isinstance(batch, Mapping):
+            state.batch = _without_key(batch, self.index_key)
+        else:
+            pos = (self.index_key if isinstance(self.index_key, int) else -1) % len(batch)
+            rest = [x for i, x in enumerate(batch) if i != pos]
+            state.batch = tuple(rest) if isinstance(batch, tuple) else rest
+
+    def _microbatch_indices(self, size: int) -> torch.Tensor:
+        """The next ``size`` recorded indices: microbatches are consecutive slices of the batch."""
+        assert self.batch_indices is not None
+        start, end = self._microbatch_start, self._microbatch_start + size
+        if end > self.batch_indices.numel():
+            raise ValueError(
+                f"IRDRO: loss_fn returned {size} losses for a microbatch, but only "
+                f"{self.batch_indices.numel() - start} of the batch's {self.batch_indices.numel()} sample "
+                "indices are left; loss_fn must return one loss per sample of the microbatch"
+            )
+        self._microbatch_start = end
+        return self.batch_indices[start:end]
+
     def _after_forward(self, state: State) -> None:
         batch = state.batch
-        indices = self._indices_of(batch) if self.feeds else None
         if self._needs_grad_losses():
             losses = self.loss_fn(state.outputs, batch)
         else:
             with torch.no_grad():
                 losses = self.loss_fn(state.outputs, batch)
-        self._check_losses(losses, indices)
+        self._check_losses(losses, _num_rows(batch))
+        indices = self._microbatch_indices(int(losses.shape[0])) if self.feeds else None
         if self._needs_grad_losses():
             self._grad_losses, self._grad_indices = losses, indices
             if not losses.requires_grad and torch.is_grad_enabled() and not self._checked_first_batch:
@@ -544,11 +637,11 @@ class IRDRO(Algorithm):
             self._idx_parts.append(indices.detach())
             self._loss_parts.append(losses.detach().float())
 
-    def _check_losses(self, losses: Any, indices: torch.Tensor | None) -> None:
+    def _check_losses(self, losses: Any, size: int | None) -> None:
         if not isinstance(losses, torch.Tensor):
             raise TypeError(f"IRDRO: loss_fn must return a torch.Tensor, got {type(losses).__name__}")
-        if losses.ndim != 1 or (indices is not None and losses.shape[0] != indices.shape[0]):
-            expected = f"({indices.shape[0]},)" if indices is not None else "(batch size,)"
+        if losses.ndim != 1 or (size is not None and losses.shape[0] != size):
+            expected = f"({size},)" if size is not None else "(batch size,)"
             raise ValueError(
                 f"IRDRO: loss_fn must return one loss per sample, shape {expected}; got shape {tuple(losses.shape)}. "
                 "Use reduction='none' and reduce over tokens per sequence"
@@ -571,14 +664,8 @@ class IRDRO(Algorithm):
         safe = torch.where(finite, losses, torch.zeros_like(losses))
         n_valid = int(finite.sum().item())
         if self.mode == "importance":
-            if self.sampler is None:
-                raise ValueError("IRDRO(mode='importance') needs an IRDROSampler in the train DataLoader")
             assert indices is not None
-            weights = torch.as_tensor(
-                np.asarray(
-                    self.sampler.importance_weights(indices.detach().cpu().numpy(), step=self._step), dtype=np.float64
-                )
-            ).to(device=safe.device, dtype=safe.dtype)
+            weights = torch.as_tensor(self._importance_weights(indices.numpy())).to(device=safe.device, dtype=safe.dtype)
             if not bool(torch.isfinite(weights).all()):
                 # Only possible when a batch's draw probabilities are no longer buffered and a sample has
                 # since been cut (p = 0): leave it out rather than poison the step.
@@ -594,6 +681,20 @@ class IRDRO(Algorithm):
             weights = weights.to(device=safe.device, dtype=safe.dtype)
             new = (weights * safe).sum()
         state.loss = new.to(state.loss.dtype)
+
+    def _importance_weights(self, indices: np.ndarray) -> np.ndarray:
+        """``1 / (N p_i)`` with ``p`` the probabilities the samples were drawn from (float64).
+
+        Sampler path: the batch's draw probabilities (buffered by the sampler). Streaming path: the
+        round's frozen probabilities; a round of ``round_size`` draws holds sample ``i`` ``round_size *
+        p_i`` times in expectation (exactly for i.i.d. draws; for balanced draws over the seeded phase),
+        so the weighted loss summed over a round estimates ``round_size`` x the uniform mean loss.
+        """
+        if self.sampler is not None:
+            return np.asarray(self.sampler.importance_weights(indices, step=self._step), dtype=np.float64)
+        p = np.asarray(self.dataset.draw_probabilities(indices), dtype=np.float64)
+        with np.errstate(divide="ignore"):  # p = 0 cannot have been drawn; inf is caught by the caller
+            return 1.0 / (int(self.dataset.num_samples) * p)
 
     def _softmax_weights(self, losses: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
         values = losses.double().cpu()
@@ -611,11 +712,11 @@ class IRDRO(Algorithm):
         if not self.feeds:
             self._maybe_log(state, logger, None)
             return
+        device = state.device.tensor_to_device(torch.zeros(0)).device  # NCCL gathers CUDA tensors
         if self._idx_parts:
-            idx = torch.cat(self._idx_parts)
-            loss = torch.cat(self._loss_parts)
+            idx = torch.cat(self._idx_parts).to(device)
+            loss = torch.cat(self._loss_parts).to(device)
         else:
-            device = state.device.tensor_to_device(torch.zeros(0)).device
             idx = torch.zeros(0, dtype=torch.int64, device=device)
             loss = torch.zeros(0, dtype=torch.float32, device=device)
         self._idx_parts.clear()

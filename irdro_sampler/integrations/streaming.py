@@ -1,4 +1,4 @@
-"""IR-DRO sampling for mosaicml-streaming (``mosaicml-streaming==0.13.0``).
+"""IR-DRO sampling for mosaicml-streaming (``mosaicml-streaming>=0.12,<0.14``).
 
 Two ways in:
 
@@ -12,7 +12,9 @@ Two ways in:
   which refreshes its weights every step. Random access re-downloads shards when ``cache_limit`` is
   small; see ``docs/streaming.md``.
 
-``import irdro_sampler`` never imports this module; importing this module imports ``streaming``.
+``import irdro_sampler`` never imports this module; importing this module imports ``streaming``. Every
+private name of streaming used here comes from :mod:`irdro_sampler.integrations._streaming_compat`,
+which records the streaming versions whose internals were checked.
 """
 
 from __future__ import annotations
@@ -23,17 +25,14 @@ import warnings
 from typing import Any
 
 import numpy as np
-import streaming
 import torch
 from filelock import FileLock
 from streaming import StreamingDataset
-from streaming.base.batching import generate_work
-from streaming.base.shared import SharedMemory
-from streaming.base.shared.prefix import _get_path
 
 from irdro_sampler._validation import state_entry, state_int
 from irdro_sampler.balanced import balanced_counts, initial_carry
 from irdro_sampler.indexed import IndexedDataset
+from irdro_sampler.integrations._streaming_compat import SharedMemory, generate_work, shm_name
 from irdro_sampler.sampler import digest_to_int
 
 __all__ = [
@@ -43,14 +42,6 @@ __all__ = [
     "CacheLimitError",
     "working_set_bytes",
 ]
-
-_TESTED_STREAMING = "0.13.0"
-if streaming.__version__ != _TESTED_STREAMING:  # pragma: no cover - depends on the environment
-    warnings.warn(
-        f"irdro_sampler.integrations.streaming overrides private planning code of mosaicml-streaming "
-        f"{_TESTED_STREAMING}; found {streaming.__version__}. Check docs/streaming.md before relying on it.",
-        stacklevel=2,
-    )
 
 # Layout of the int64 header that lives in shared memory next to the weights.
 _FROZEN_SLOT = 0  # which of the two weight rows holds the weights frozen for `_FROZEN_ROUND`
@@ -320,7 +311,7 @@ class WeightedStreamingDataset(StreamingDataset):
         n = int(self.num_samples)
         leader = self._unique_rank_world.is_local_leader
         prefix = self._shm_prefix_int
-        names = {k: _get_path(prefix, k) for k in (_HEADER_NAME, _WEIGHTS_NAME, _ERRMSG_NAME, _DONE_FLAG_NAME,
+        names = {k: shm_name(prefix, k) for k in (_HEADER_NAME, _WEIGHTS_NAME, _ERRMSG_NAME, _DONE_FLAG_NAME,
                                                     _CARRY_NAME)}
         carry_len = n if draws == "balanced" else 1
         if leader:
@@ -385,6 +376,22 @@ class WeightedStreamingDataset(StreamingDataset):
         hdr = self._hdr.numpy()
         slot = int(hdr[_FROZEN_SLOT]) if int(hdr[_FROZEN_ROUND]) == round_idx else int(hdr[_PENDING_SLOT])
         return self._w.numpy()[slot].copy()
+
+    def draw_probabilities(self, sample_ids: Any) -> np.ndarray:
+        """Probabilities (float64) that the round in progress drew ``sample_ids`` from: its frozen weights.
+
+        A round holds sample ``i`` ``round_size * p_i`` times in expectation (i.i.d. draws exactly;
+        balanced draws over their seeded phase), so ``1 / (num_samples * p_i)`` are importance weights
+        for the uniform (ERM) objective. Reads only the requested entries (no O(N) copy per batch).
+        """
+        hdr = self._hdr.numpy()
+        if int(hdr[_FROZEN_ROUND]) < 0:
+            raise RuntimeError("draw_probabilities: no round has been planned yet (iterate the dataset first)")
+        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        n = int(self.num_samples)
+        if ids.size and (ids.min() < 0 or ids.max() >= n):
+            raise IndexError(f"sample_ids: out of range for a dataset of {n} samples (got {ids.min()}..{ids.max()})")
+        return self._w.numpy()[int(hdr[_FROZEN_SLOT])][ids]
 
     def round_carry(self, round_idx: int) -> np.ndarray:
         """The balanced draws' carry at the start of round ``round_idx`` (a copy).
@@ -488,7 +495,7 @@ class WeightedStreamingDataset(StreamingDataset):
         self._hdr.numpy()[_ERROR] = code
 
     def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
-        # Same protocol as StreamingDataset._get_work (0.13.0): the local leader plans the whole world
+        # Same protocol as StreamingDataset._get_work (0.12.0 = 0.13.0, see _streaming_compat): the local leader plans the whole world
         # and shares it through shared memory. Added: freezing the round's weights, checking the plan,
         # and reporting a planning error to every worker of the node (raising in the leader alone
         # would leave the others waiting at the barrier forever).
