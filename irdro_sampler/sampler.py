@@ -14,6 +14,7 @@ from torch.utils.data import DistributedSampler
 
 from ._validation import as_indices, check_int, check_step, validate_feedback
 from .loss_table import LossTable
+from .stride import StrideScheduler
 from .sum_tree import FanoutSumTree
 from .weights import (
     DEFAULT_ZSCORE,
@@ -32,6 +33,7 @@ STATE_VERSION = 1
 # (N * e^600 < 1e308 for N < 2**31) and far from the subnormal range where masses lose precision.
 _TOTAL_RANGE = (1e-250, 1e280)
 _REBUILD_CHUNK = 1 << 22
+DRAW_SCHEMES = ("balanced", "iid")
 
 
 class IRDROSampler(DistributedSampler):
@@ -113,6 +115,7 @@ class IRDROSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
         block_size: int = 8,
+        draws: str = "balanced",
     ) -> None:
         if isinstance(data_source_or_size, bool):
             raise TypeError(f"data_source_or_size must be a sized data set or an int, got {data_source_or_size!r}")
@@ -133,6 +136,8 @@ class IRDROSampler(DistributedSampler):
         if rank >= num_replicas:
             raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
         seed = check_int(seed, "seed", minimum=0)
+        if not isinstance(draws, str) or draws not in DRAW_SCHEMES:
+            raise ValueError(f"draws must be 'balanced' or 'iid', got {draws!r}")
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
 
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
@@ -159,7 +164,19 @@ class IRDROSampler(DistributedSampler):
         self.refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
         self.block_size = check_int(block_size, "block_size", minimum=1)
         self._tree = FanoutSumTree(size, fanout=max(2, self.block_size))
+        self._stride = self._new_stride() if draws == "balanced" else None
         self._reset_schedule()
+
+    def _new_stride(self, *, initial_phases: bool = True) -> StrideScheduler:
+        return StrideScheduler(
+            self.dataset_size, self.global_batch_size, self.rule.uniform_mix, self.seed,
+            lambda: self._tree.levels[0], fanout=max(2, self.block_size), initial_phases=initial_phases,
+        )
+
+    @property
+    def draws(self) -> str:
+        """The draw scheme: ``'balanced'`` (stride scheduling on credits) or ``'iid'``."""
+        return "iid" if self._stride is None else "balanced"
 
     # ------------------------------------------------------------------------------------ schedule
     def _reset_schedule(self) -> None:
@@ -280,7 +297,15 @@ class IRDROSampler(DistributedSampler):
         if not np.all(np.isfinite(mass)):  # a loss far above the shift: re-choose the shift
             self._rebuild(rebase=True)
             return
+        stride = self._stride
+        rekey = stride is not None and not stride.mass_changed(uniq, self._tree.levels[0][uniq], mass)
+        if rekey:
+            stride.rekey()  # fold every credit under the old masses
         self._tree._set(uniq, mass)  # sorted distinct in-range indices, finite masses >= 0: checked
+        if rekey:
+            stride.set_reference(self._tree.total)
+        elif stride is not None:
+            stride.keys_changed(uniq)
         if not _TOTAL_RANGE[0] <= self._tree.total <= _TOTAL_RANGE[1]:
             self._rebuild(rebase=True)
 
@@ -294,14 +319,24 @@ class IRDROSampler(DistributedSampler):
             self._params = self.rule.fit(self.table)
             self._counters["refreshes"] += 1
             self._rebuild(rebase=False)
+        elif self._stride is not None and self._stride.needs_rekey(self._tree.total):
+            # The total drifted from the one the keys assume: re-key so that due times stay accurate.
+            self._stride.rekey()
+            self._stride.set_reference(self._tree.total)
 
     def _ensure_params(self) -> None:
         if self._params is None:
             self._advance_to(self._last_drawn + 1)
 
     # ------------------------------------------------------------------------------------ structure
-    def _rebuild(self, *, rebase: bool) -> None:
-        """Recompute every mass from the table (O(N)); ``rebase`` re-chooses only the shift."""
+    def _rebuild(self, *, rebase: bool, rekey: bool = True) -> None:
+        """Recompute every mass from the table (O(N)); ``rebase`` re-chooses only the shift.
+
+        Balanced draws: the credits are first folded under the old masses and every key is rebuilt
+        after (``rekey=False`` only when a restored state brings its own credits).
+        """
+        if self._stride is not None and rekey:
+            self._stride.rekey()
         if rebase:
             self._params = self._params._replace(shift=max_kept_loss(self.table.losses, self._params))
             self._counters["rebases"] += 1
@@ -313,6 +348,8 @@ class IRDROSampler(DistributedSampler):
             leaves[start : start + mass.size] = mass
         self._n_kept = n_kept
         self._tree.refresh()
+        if self._stride is not None and rekey:
+            self._stride.set_reference(self._tree.total)
 
     # ------------------------------------------------------------------------------------ drawing
     def _batch(self, b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +360,12 @@ class IRDROSampler(DistributedSampler):
             if b > self._max_reported_step:  # not yet trained, yet no longer buffered
                 self._counters["stale_replays"] += 1
             self._ensure_params()
-            return self._draw(b, size)
+            return self._draw(b, size, commit=False)
+        if self._stride is not None:
+            # Balanced draws depend on every earlier batch: draw skipped ones first (a loop that
+            # starts late with set_start_batch / set_epoch gets the batches an uninterrupted run gets).
+            for skipped in range(self._last_drawn + 1, b):
+                self._batch(skipped, self._global_size(skipped))
         self._advance_to(b)
         out = self._draw(b, size)
         self._drawn[b] = out
@@ -333,8 +375,16 @@ class IRDROSampler(DistributedSampler):
             del self._drawn[old]
         return out
 
-    def _draw(self, b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _global_size(self, b: int) -> int:
+        """The global batch size of global batch ``b`` (the last batch of an epoch may be shorter)."""
+        j = b % self.batches_per_epoch
+        return min(self.batch_size, self.num_samples - j * self.batch_size) * self.num_replicas
+
+    def _draw(self, b: int, size: int, *, commit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Draw global batch ``b``; ``commit=False`` (a stale replay) leaves the balanced credits as they are."""
         rng = np.random.default_rng([self.seed, b])
+        if self._stride is not None:
+            return self._draw_balanced(rng, size, commit)
         mix = self.rule.uniform_mix
         out = np.empty(size, dtype=np.int64)
         total = self._tree.total
@@ -352,6 +402,19 @@ class IRDROSampler(DistributedSampler):
             out[:] = self._draw_tilted(rng, size)
         # A drawn sample's tree leaf is bitwise masses() of its loss (0 for a cut one).
         probs = mixture_probabilities(self._tree.leaves()[out], total, self.dataset_size, mix)
+        return out, probs
+
+    def _draw_balanced(self, rng: np.random.Generator, size: int, commit: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The ``size`` most overdue draws (stride scheduling, :mod:`irdro_sampler.stride`), shuffled."""
+        stride, total = self._stride, self._tree.total
+        if commit:
+            stride.advance(size, total)
+        idx, counts = stride.select(size)
+        if commit:
+            stride.commit(idx, counts)
+        out = np.repeat(idx, counts)
+        rng.shuffle(out)  # ranks take slices: spread the most overdue (and repeats) over them
+        probs = mixture_probabilities(self._tree.levels[0][out], total, self.dataset_size, self.rule.uniform_mix)
         return out, probs
 
     def _draw_tilted(self, rng: np.random.Generator, m: int) -> np.ndarray:
@@ -408,6 +471,7 @@ class IRDROSampler(DistributedSampler):
             "prior": params.prior,
             "table_mean_loss": self.table.mean_loss(),
             "pending_feedback": float(len(self._pending)),
+            "rekeys": float(self._stride.rekeys if self._stride is not None else 0),
             "last_drawn_batch": float(self._last_drawn),
             **{k: float(v) for k, v in self._counters.items()},
         }
@@ -444,6 +508,8 @@ class IRDROSampler(DistributedSampler):
             "counters": dict(self._counters),
             "pending": _pack([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
             "drawn": _pack([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
+            # The draw scheme and, for balanced draws, the credits that decide the next batches.
+            "balanced": None if self._stride is None else self._stride.state_dict(),
         }
 
     @classmethod
@@ -488,6 +554,9 @@ class IRDROSampler(DistributedSampler):
         table.load_state_dict(state["table"])
         rule = DROWeighting(**state["rule"])
         block_size = int(state["block_size"])
+        balanced = state.get("balanced")  # absent in states from before balanced draws: those drew i.i.d.
+        if balanced is not None:
+            _check_balanced_state(balanced, self.dataset_size)
         # -- nothing below can fail on a well-formed state; commit
         self.table, self.rule = table, rule
         self.seed = int(state["seed"])
@@ -497,6 +566,7 @@ class IRDROSampler(DistributedSampler):
         if block_size != self.block_size:
             self.block_size = block_size
             self._tree = FanoutSumTree(self.dataset_size, fanout=max(2, block_size))
+        self._stride = None if balanced is None else self._new_stride(initial_phases=False)
         self._reset_schedule()
         sched = state["schedule"]
         self._seq = int(sched["seq"])
@@ -511,7 +581,26 @@ class IRDROSampler(DistributedSampler):
         self._drawn = {k[0]: (i, p) for k, i, p in _unpack(state["drawn"], np.float64)}
         if state["params"] is not None:
             self._params = WeightParams(*[float(x) for x in state["params"]])
-            self._rebuild(rebase=False)
+            self._rebuild(rebase=False, rekey=False)
+        if self._stride is not None:
+            self._stride.load_state_dict(balanced)  # after the masses: the keys are built from both
+
+
+def _check_balanced_state(balanced: Any, size: int) -> None:
+    """Refuse a malformed ``state['balanced']`` before anything changes."""
+    if not isinstance(balanced, dict):
+        raise ValueError(f"state_dict['balanced'] must be None or a dict, got {type(balanced).__name__}")
+    for key, dtype in (("offsets", torch.float32), ("draws", torch.int32)):
+        value = balanced.get(key)
+        if not isinstance(value, torch.Tensor) or value.dtype != dtype or tuple(value.shape) != (size,):
+            got = f"{value.dtype}{tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"state_dict['balanced']['{key}'] must be a {dtype} tensor of shape ({size},), got {got}")
+    if not torch.isfinite(balanced["offsets"]).all():
+        raise ValueError("state_dict['balanced']['offsets'] holds non-finite credits")
+    for key in ("clock", "drift1", "drift2", "ref_total", "alpha", "beta", "rekeys"):
+        value = balanced.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"state_dict['balanced']['{key}'] must be a finite number, got {value!r}")
 
 
 def _pack(keys: list[tuple[int, int]], indices: list[np.ndarray], values: list[np.ndarray]) -> dict[str, Any]:
