@@ -65,81 +65,75 @@ def phases(seed: int, indices: np.ndarray, draws: np.ndarray) -> np.ndarray:
 
 
 class KeyMinTree:
-    """Minimum of the keys of ``fanout`` adjacent leaves, then of their groups, up to a small top level.
+    """Float32 keys of ``num_leaves`` leaves, the minimum of every ``fanout`` adjacent ones, and so on up.
 
-    The leaf keys are not stored: ``leaf_keys(indices)`` computes them (from the scheduler's offsets
-    and the sum tree's masses), so the tree costs ``8 / (fanout - 1)`` bytes per sample. Minima are
-    exact, so incremental updates equal a rebuild bit for bit.
+    ``levels[0]`` holds the keys (padded with +inf to a multiple of ``fanout``); ``levels[k + 1][g]`` is
+    the minimum of group ``g`` of ``levels[k]``, up to the first level with at most ``frontier``
+    nodes. Minima are exact, so incremental updates equal a rebuild bit for bit. Memory: about
+    ``4 * fanout / (fanout - 1)`` bytes per leaf (4.6 at fanout 8). Keys only pick the candidates of
+    a draw (the draw ranks exact credits), so float32 suffices.
     """
 
-    def __init__(self, num_leaves: int, leaf_keys: Any, *, fanout: int = 8, frontier: int = 1 << 15) -> None:
-        self.num_leaves, self.fanout, self.leaf_keys = int(num_leaves), int(fanout), leaf_keys
-        self.levels: list[np.ndarray] = []  # levels[0]: minima of leaf groups; levels[-1]: the top
-        size = self.num_leaves
-        while size > frontier:
-            size = -(-size // self.fanout)
-            padded = -(-size // self.fanout) * self.fanout
-            self.levels.append(np.full(padded, np.inf))
-        self.sizes = [-(-self.num_leaves // self.fanout ** (k + 1)) for k in range(len(self.levels))]
+    def __init__(self, num_leaves: int, *, fanout: int = 8, frontier: int = 1 << 15) -> None:
+        self.num_leaves, self.fanout = int(num_leaves), int(fanout)
+        self.sizes = [self.num_leaves]
+        while self.sizes[-1] > frontier:
+            self.sizes.append(-(-self.sizes[-1] // self.fanout))
+        self.levels = [np.full(-(-size // self.fanout) * self.fanout, np.inf, dtype=np.float32) for size in self.sizes]
+        self._rows = [level.reshape(-1, self.fanout) for level in self.levels[:-1]]
 
     @property
     def nbytes(self) -> int:
         return sum(level.nbytes for level in self.levels)
 
-    def _group_min(self, groups: np.ndarray) -> np.ndarray:
-        leaves = (groups[:, None] * self.fanout + np.arange(self.fanout)).reshape(-1)
-        return self.leaf_keys(leaves).reshape(-1, self.fanout).min(axis=1)
+    def leaf_buffer(self) -> np.ndarray:
+        """The writable keys (length ``num_leaves``): fill in place, then call :meth:`refresh`."""
+        return self.levels[0][: self.num_leaves]
 
-    def rebuild(self) -> None:
-        """Recompute every minimum from the leaf keys (O(N))."""
-        if not self.levels:
-            return
-        first = self.levels[0]
-        step = _CHUNK // self.fanout
-        for start in range(0, self.sizes[0], step):
-            stop = min(start + step, self.sizes[0])
-            first[start:stop] = self._group_min(np.arange(start, stop, dtype=np.int64))
-        first[self.sizes[0] :] = np.inf
-        for k in range(1, len(self.levels)):
-            below = self.levels[k - 1].reshape(-1, self.fanout)
-            self.levels[k][: self.sizes[k]] = below.min(axis=1)
-            self.levels[k][self.sizes[k] :] = np.inf
+    def refresh(self) -> None:
+        """Recompute every minimum from the keys (O(N))."""
+        for k, rows in enumerate(self._rows):
+            np.minimum.reduce(rows, axis=1, out=self.levels[k + 1][: rows.shape[0]])
 
-    def update(self, leaves: np.ndarray) -> None:
-        """Refresh the ancestors of ``leaves`` (sorted, distinct) after their keys changed."""
-        if not self.levels or leaves.size == 0:
-            return
-        groups = np.unique(leaves // self.fanout)
-        self.levels[0][groups] = self._group_min(groups)
-        for k in range(1, len(self.levels)):
-            groups = np.unique(groups // self.fanout)
-            self.levels[k][groups] = self.levels[k - 1].reshape(-1, self.fanout)[groups].min(axis=1)
+    def set(self, leaves: np.ndarray, keys: np.ndarray) -> None:
+        """Set the keys of ``leaves`` (sorted, distinct) and refresh their ancestors."""
+        self.levels[0][leaves] = keys
+        groups = leaves
+        for k, rows in enumerate(self._rows):
+            groups = _dedupe_sorted(groups // self.fanout)
+            block = np.ascontiguousarray(np.take(rows, groups, axis=0).T)  # (fanout, groups): contiguous rows
+            self.levels[k + 1][groups] = np.minimum.reduce(block, axis=0)
 
     def candidates(self, due: float, count: int) -> np.ndarray:
         """Sorted leaves whose key is finite and ``<= max(due, t)``, ``t`` at least the ``count``-th smallest key.
 
         Every leaf with a key ``<= due`` is returned, and at least ``count`` leaves when that many have
         finite keys. Descends from the top level, keeping the nodes whose minimum is below the
-        threshold and tightening it with the ``count``-th smallest minimum seen (a minimum belongs to
-        a distinct leaf, so that bounds the ``count``-th smallest key from above).
+        threshold and tightening it with the ``count``-th smallest minimum seen (each minimum belongs
+        to a distinct leaf, so that bounds the ``count``-th smallest key from above).
         """
         limit = math.inf
-        if self.levels:
-            nodes = np.arange(self.sizes[-1], dtype=np.int64)
-            values = self.levels[-1][: self.sizes[-1]]
-            for k in range(len(self.levels) - 1, -1, -1):
-                limit = _tighten(values, limit, due, count)
-                nodes = nodes[(values <= limit) & (values < math.inf)]  # inf: padding or rate-0 leaves only
-                if k:
-                    children = (nodes[:, None] * self.fanout + np.arange(self.fanout)).reshape(-1)
-                    values = self.levels[k - 1][children]
-                    nodes = children
-            leaves = (nodes[:, None] * self.fanout + np.arange(self.fanout)).reshape(-1)
-        else:
-            leaves = np.arange(self.num_leaves, dtype=np.int64)
-        keys = self.leaf_keys(leaves)
-        limit = _tighten(keys, limit, due, count)
-        return leaves[(keys <= limit) & np.isfinite(keys)]
+        nodes = np.arange(self.sizes[-1], dtype=np.int64)
+        values = self.levels[-1][: self.sizes[-1]]
+        for k in range(len(self.levels) - 1, -1, -1):
+            limit = _tighten(values, limit, due, count)
+            keep = (values <= limit) & (values < math.inf)  # inf: padding or rate-0 leaves only
+            nodes = nodes[keep]
+            if k == 0:
+                return nodes
+            children = (nodes[:, None] * self.fanout + np.arange(self.fanout)).reshape(-1)
+            values = self.levels[k - 1][children]
+            nodes = children
+        raise AssertionError("unreachable")
+
+
+def _dedupe_sorted(a: np.ndarray) -> np.ndarray:
+    if a.size < 2:
+        return a
+    keep = np.empty(a.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
 
 
 def _tighten(values: np.ndarray, limit: float, due: float, count: int) -> float:
@@ -168,7 +162,7 @@ class StrideScheduler:
         self.clock = self.drift1 = self.drift2 = 0.0
         self.alpha, self.beta, self.ref_total = 0.0, 0.0, 0.0
         self.rekeys = 0
-        self.keys = KeyMinTree(self.num_samples, self.leaf_keys, fanout=max(2, fanout))
+        self.keys = KeyMinTree(self.num_samples, fanout=max(2, fanout))
 
     # -- credits and keys -----------------------------------------------------------------------------
     def rates(self, mass: np.ndarray) -> np.ndarray:
@@ -180,15 +174,19 @@ class StrideScheduler:
         mass = self._masses()[indices]
         return self.offsets[indices] + (self.rates(mass) * self.clock + (mass * self.drift1 + self.drift2))
 
-    def leaf_keys(self, leaves: np.ndarray) -> np.ndarray:
-        """Model time at which each leaf's credit (ignoring drift) reaches 1; inf for rate 0 and padding."""
-        inside = leaves < self.num_samples
-        idx = np.where(inside, leaves, 0)
-        rate = self.rates(self._masses()[idx])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            key = (1.0 - self.offsets[idx].astype(np.float64)) / rate
-        key[~inside | (rate <= 0.0)] = np.inf
-        return key
+    def leaf_keys(self, indices: np.ndarray) -> np.ndarray:
+        """Model time at which each credit (ignoring drift) reaches 1, as float32; inf for rate 0."""
+        rate = self.rates(self._masses()[indices])
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            key = (1.0 - self.offsets[indices].astype(np.float64)) / rate
+        key[rate <= 0.0] = np.inf
+        return key.astype(np.float32)
+
+    def _rebuild_keys(self) -> None:
+        keys = self.keys.leaf_buffer()
+        for start in range(0, self.num_samples, _CHUNK):
+            keys[start : start + _CHUNK] = self.leaf_keys(np.arange(start, min(start + _CHUNK, self.num_samples)))
+        self.keys.refresh()
 
     def rekey(self, *, fold: bool = True) -> None:
         """Fold the clocks into the offsets (with the masses the credits accrued under), then re-key.
@@ -211,7 +209,7 @@ class StrideScheduler:
         self.alpha = self.full_batch * (1.0 - u) / total if total > 0 else 0.0
         self.beta = self.full_batch * u / self.num_samples if total > 0 else self.full_batch / self.num_samples
         self.rekeys += 1
-        self.keys.rebuild()
+        self._rebuild_keys()
 
     def needs_rekey(self, total: float) -> bool:
         ref = self.ref_total
@@ -234,7 +232,7 @@ class StrideScheduler:
         return True
 
     def keys_changed(self, indices: np.ndarray) -> None:
-        self.keys.update(indices)
+        self.keys.set(indices, self.leaf_keys(indices))
 
     # -- one batch ------------------------------------------------------------------------------------
     def advance(self, size: int, total: float) -> None:
@@ -279,7 +277,7 @@ class StrideScheduler:
         change = counts + phases(self.seed, indices, before) - phases(self.seed, indices, after)
         self.offsets[indices] = self.offsets[indices] - change
         self.draws[indices] = after
-        self.keys.update(indices)
+        self.keys_changed(indices)
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -297,7 +295,7 @@ class StrideScheduler:
         for name in ("clock", "drift1", "drift2", "ref_total", "alpha", "beta"):
             setattr(self, name, float(state[name]))
         self.rekeys = int(state["rekeys"])
-        self.keys.rebuild()
+        self._rebuild_keys()
 
 
 def _copies(credit: np.ndarray, level: float) -> np.ndarray:

@@ -216,27 +216,22 @@ def test_stale_replay_leaves_credits_alone():
 def test_key_tree_candidates_superset_and_incremental_equals_rebuild():
     rng = np.random.default_rng(0)
     n = 50_000
-    keys = rng.exponential(1.0, n)
+    keys = rng.exponential(1.0, n).astype(np.float32)
     keys[rng.random(n) < 0.1] = np.inf
-
-    def leaf_keys(leaves):
-        out = np.full(leaves.size, np.inf)
-        inside = leaves < n
-        out[inside] = keys[leaves[inside]]
-        return out
-
-    tree = KeyMinTree(n, leaf_keys, frontier=64)
-    tree.rebuild()
+    tree = KeyMinTree(n, frontier=64)
+    tree.leaf_buffer()[:] = keys
+    tree.refresh()
     for due, count in [(0.01, 100), (0.5, 10), (-1.0, 1000), (3.0, 5)]:
         got = tree.candidates(due, count)
         finite = np.sort(keys[np.isfinite(keys)])
         must = np.flatnonzero(keys <= max(due, finite[count - 1]))
-        assert np.isin(must, got).all() and np.all(np.isfinite(keys[got]))
+        assert np.isin(must, got).all() and np.all(np.isfinite(keys[got])) and got.size >= count
+        assert got.size < 3 * max(must.size, count)  # and not much more
     changed = np.sort(rng.choice(n, 500, replace=False))
     keys[changed] = rng.exponential(0.1, changed.size)
-    tree.update(changed)
+    tree.set(changed, keys[changed])
     levels = [level.copy() for level in tree.levels]
-    tree.rebuild()
+    tree.refresh()
     for a, b in zip(levels, tree.levels, strict=True):
         np.testing.assert_array_equal(a, b)
 
