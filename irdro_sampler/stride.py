@@ -112,19 +112,18 @@ class KeyMinTree:
         threshold and tightening it with the ``count``-th smallest minimum seen (each minimum belongs
         to a distinct leaf, so that bounds the ``count``-th smallest key from above).
         """
-        limit = math.inf
-        nodes = np.arange(self.sizes[-1], dtype=np.int64)
-        values = self.levels[-1][: self.sizes[-1]]
-        for k in range(len(self.levels) - 1, -1, -1):
-            limit = _tighten(values, limit, due, count)
-            keep = (values <= limit) & (values < math.inf)  # inf: padding or rate-0 leaves only
-            nodes = nodes[keep]
-            if k == 0:
-                return nodes
-            children = (nodes[:, None] * self.fanout + np.arange(self.fanout)).reshape(-1)
-            values = self.levels[k - 1][children]
-            nodes = children
-        raise AssertionError("unreachable")
+        top = self.levels[-1][: self.sizes[-1]]
+        limit = _tighten(top, math.inf, due, count)
+        nodes = np.flatnonzero((top <= limit) & (top < math.inf))  # inf: padding or rate-0 leaves only
+        for k in range(len(self._rows) - 1, -1, -1):
+            block = np.take(self._rows[k], nodes, axis=0)  # the children of `nodes`, one row each
+            keep = (block <= limit) & (block < math.inf)
+            if np.count_nonzero(keep) > 2 * count:  # the bound from above is loose here: tighten it
+                limit = _tighten(block[keep], limit, due, count)
+                keep &= block <= limit
+            row, col = np.nonzero(keep)
+            nodes = nodes[row] * self.fanout + col
+        return nodes
 
 
 def _dedupe_sorted(a: np.ndarray) -> np.ndarray:
@@ -137,7 +136,8 @@ def _dedupe_sorted(a: np.ndarray) -> np.ndarray:
 
 
 def _tighten(values: np.ndarray, limit: float, due: float, count: int) -> float:
-    finite = values[np.isfinite(values)] if not np.all(np.isfinite(values)) else values
+    """``min(limit, max(due, the count-th smallest finite value))`` (unchanged with too few values)."""
+    finite = values if np.all(np.isfinite(values)) else values[np.isfinite(values)]
     if finite.size > count:
         kth = float(np.partition(finite, count - 1)[count - 1])
         return min(limit, max(due, kth))
@@ -163,6 +163,7 @@ class StrideScheduler:
         self.alpha, self.beta, self.ref_total = 0.0, 0.0, 0.0
         self.rekeys = 0
         self.keys = KeyMinTree(self.num_samples, fanout=max(2, fanout))
+        self._stale: list[np.ndarray] = []  # samples whose key changed since the key tree last saw them
 
     # -- credits and keys -----------------------------------------------------------------------------
     def rates(self, mass: np.ndarray) -> np.ndarray:
@@ -183,6 +184,7 @@ class StrideScheduler:
         return key.astype(np.float32)
 
     def _rebuild_keys(self) -> None:
+        self._stale = []
         keys = self.keys.leaf_buffer()
         for start in range(0, self.num_samples, _CHUNK):
             keys[start : start + _CHUNK] = self.leaf_keys(np.arange(start, min(start + _CHUNK, self.num_samples)))
@@ -232,7 +234,15 @@ class StrideScheduler:
         return True
 
     def keys_changed(self, indices: np.ndarray) -> None:
-        self.keys.set(indices, self.leaf_keys(indices))
+        """Mark the keys of ``indices`` (sorted, distinct) stale; the next draw updates them all at once."""
+        self._stale.append(indices)
+
+    def _update_keys(self) -> None:
+        if not self._stale:
+            return
+        stale = self._stale[0] if len(self._stale) == 1 else np.unique(np.concatenate(self._stale))
+        self._stale = []
+        self.keys.set(stale, self.leaf_keys(stale))
 
     # -- one batch ------------------------------------------------------------------------------------
     def advance(self, size: int, total: float) -> None:
@@ -250,6 +260,7 @@ class StrideScheduler:
 
     def select(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``size`` largest copies ``c_i - j`` among the due candidates: (sorted samples, counts)."""
+        self._update_keys()
         cand = self.keys.candidates(self.clock, size)
         if cand.size == 0:
             raise RuntimeError("balanced draws: no sample has a positive probability")
