@@ -121,8 +121,8 @@ class KeyMinTree:
             if np.count_nonzero(keep) > 2 * count:  # the bound from above is loose here: tighten it
                 limit = _tighten(block[keep], limit, due, count)
                 keep &= block <= limit
-            row, col = np.nonzero(keep)
-            nodes = nodes[row] * self.fanout + col
+            flat = np.flatnonzero(keep)  # row-major: the result stays sorted
+            nodes = nodes[flat // self.fanout] * self.fanout + flat % self.fanout
         return nodes
 
 
