@@ -1,4 +1,4 @@
-"""IRDROSampler: draw training indices i.i.d. from closed-form KL-DRO weights of running losses."""
+"""IRDROSampler: draw training indices from closed-form KL-DRO weights of running losses (balanced or i.i.d.)."""
 
 from __future__ import annotations
 
@@ -49,17 +49,28 @@ class IRDROSampler(DistributedSampler):
             per_sample.mean().backward(); ...
             sampler.update(batch["sample_idx"], per_sample.detach(), step=step)
 
-    **Distribution.** Indices are drawn i.i.d. *with replacement* from
-    ``p_i = (1 - uniform_mix) * softmax(l / tau)_i + uniform_mix / N`` (see :class:`DROWeighting`):
+    **Distribution.** Batch ``b`` is drawn from
+    ``p_i(b) = (1 - uniform_mix) * softmax(l / tau)_i + uniform_mix / N`` (see :class:`DROWeighting`):
     ``l`` is each sample's running loss (:class:`LossTable`); seen samples whose loss is above the cut
     get no tilted mass, only the floor ``uniform_mix / N``, so they are measured again now and then
     and come back when their loss is ordinary (counted as ``remeasured_cut`` and ``readmitted`` in
     :meth:`stats`). :meth:`probabilities` returns the exact distribution the next batch is drawn from.
 
+    **Draws.** ``draws="balanced"`` (default): each batch takes the samples most overdue, by stride
+    scheduling on per-sample credits ``E_i - D_i + theta_i`` (owed draws ``E_i = sum_b G_b p_i(b)``,
+    drawn ``D_i``, a seeded phase replaced at every draw; :mod:`irdro_sampler.stride`). With flat
+    weights every epoch yields every sample exactly once, in a new seeded order per epoch (ranks'
+    shares disjoint); with changing weights every cumulative count stays within 2 of ``E_i``
+    (tested); ``p_i(b)`` is still each sample's expected share of batch ``b``. ``draws="iid"``: i.i.d.
+    draws with replacement from ``p(b)`` (a sample may repeat within a batch in both schemes when
+    ``G_b p_i(b) > 1``).
+
     **Order contract.** Global batch ``b`` (counted from 0 over all epochs,
     ``b = epoch * batches_per_epoch + batch_in_epoch``) is drawn with a random stream keyed by
     ``(seed, b)`` from the weights after applying exactly the feedback of steps ``<= b - feedback_delay``
-    (in step order, then call order). Hence the indices are a pure function of (seed, batch, feedback):
+    (in step order, then call order) -- and, for balanced draws, from the credits the earlier batches
+    left (batches a late-starting loop skipped are drawn first, internally). Hence the indices are a
+    pure function of (seed, batch, feedback):
     independent of DataLoader workers and prefetching, and a sampler restored with
     :meth:`load_state_dict` continues with exactly the indices the uninterrupted run drew.
     ``feedback_delay`` (default 32) must exceed the number of batches the DataLoader draws ahead of the
@@ -86,13 +97,17 @@ class IRDROSampler(DistributedSampler):
     ``refresh_interval`` global batches (default ``max(4, N // (16 * global_batch))``) the prior, cut
     threshold and temperature are recomputed and the tree is rebuilt, O(N). Memory: 12 bytes per
     sample for the table plus ``8 * block_size / (block_size - 1)`` for the tree (21.1 bytes in all at
-    the default 8). Measured costs at N = 1e5..1e8: ``benchmarks/RESULTS_sampler.md``.
+    the default 8); balanced draws add 8 bytes of state (credit offset, draw count) and a 4.6-byte key
+    tree per sample, and a batch descends a min-tree of due times instead of the sum tree (O(B log N)
+    too; an O(N) re-key at each refresh and when the tree total drifts by more than 1/8). Measured
+    costs at N = 1e5..1e8, both schemes: ``benchmarks/RESULTS_sampler.md``.
 
     **Bad input.** :meth:`update` raises ``ValueError``/``TypeError`` (and changes nothing) for indices
     out of range or not integers, and length mismatches; NaN/inf losses are skipped and counted
     (``skipped_nonfinite``). Constructor options are validated (non-positive temperature, conflicting
     ``temperature``/``kl_radius``/``ess_fraction``...). :meth:`load_state_dict` refuses a state from a
-    data set of another size or another batch geometry.
+    data set of another size or another batch geometry, or a malformed balanced-draws block. ``draws``
+    other than ``'balanced'``/``'iid'`` raises ``ValueError``.
     """
 
     def __init__(
@@ -442,7 +457,9 @@ class IRDROSampler(DistributedSampler):
 
         With ``step`` (the global batch the indices were drawn in, while it is still buffered) the
         probabilities the batch was actually drawn with are used; otherwise those of
-        :meth:`probabilities`. Finite for every sample while ``uniform_mix > 0`` (the floor reaches cut samples too).
+        :meth:`probabilities`. Under balanced draws ``p_i(b)`` is each sample's expected share of batch
+        ``b`` (counts track ``sum_b G_b p_i(b)`` within 2), so the weighted mean over many batches still
+        estimates the uniform mean, with a deterministic error bounded via the count bound. Finite for every sample while ``uniform_mix > 0`` (the floor reaches cut samples too).
         """
         idx = as_indices(indices, self.dataset_size)
         if step is not None and check_step(step) in self._drawn:
@@ -530,8 +547,9 @@ class IRDROSampler(DistributedSampler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; the run then continues exactly.
 
-        Every option that decides the order (seed, weighting rule, delays, refresh interval) is taken
-        from the state. The data set size and the batch geometry must match this sampler's:
+        Every option that decides the order (seed, weighting rule, delays, refresh interval, the draw
+        scheme and the balanced credits under ``state['balanced']``) is taken from the state; a state
+        without that key (saved before balanced draws existed) resumes i.i.d. draws. The data set size and the batch geometry must match this sampler's:
         ``ValueError`` otherwise, with nothing changed. To keep only the learned losses under new
         options, load ``state["table"]`` into ``sampler.table`` instead.
         """
