@@ -154,8 +154,9 @@ class StrideScheduler:
                  fanout: int = 8, *, initial_phases: bool = True) -> None:
         self.num_samples, self.full_batch = int(num_samples), int(full_batch)
         self.uniform_mix, self.seed, self._masses = float(uniform_mix), int(seed), masses
-        self.offsets = np.empty(self.num_samples, dtype=np.float32)
-        self.draws = np.zeros(self.num_samples, dtype=np.uint32)
+        # One 8-byte record per sample: a draw reads and writes both fields with one cache miss.
+        self._records = np.zeros(self.num_samples, dtype=[("offset", "<f4"), ("draws", "<u4")])
+        self.offsets, self.draws = self._records["offset"], self._records["draws"]
         for start in range(0, self.num_samples if initial_phases else 0, _CHUNK):
             idx = np.arange(start, min(start + _CHUNK, self.num_samples), dtype=np.int64)
             self.offsets[start : start + idx.size] = phases(self.seed, idx, self.draws[idx])
@@ -175,7 +176,7 @@ class StrideScheduler:
         mass = self._masses()[indices]
         return self.offsets[indices] + (self.rates(mass) * self.clock + (mass * self.drift1 + self.drift2))
 
-    def leaf_keys(self, indices: np.ndarray) -> np.ndarray:
+    def leaf_keys(self, indices: np.ndarray | slice) -> np.ndarray:
         """Model time at which each credit (ignoring drift) reaches 1, as float32; inf for rate 0."""
         rate = self.rates(self._masses()[indices])
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -187,7 +188,8 @@ class StrideScheduler:
         self._stale = []
         keys = self.keys.leaf_buffer()
         for start in range(0, self.num_samples, _CHUNK):
-            keys[start : start + _CHUNK] = self.leaf_keys(np.arange(start, min(start + _CHUNK, self.num_samples)))
+            stop = min(start + _CHUNK, self.num_samples)
+            keys[start:stop] = self.leaf_keys(slice(start, stop))
         self.keys.refresh()
 
     def rekey(self, *, fold: bool = True) -> None:
@@ -283,11 +285,13 @@ class StrideScheduler:
 
     def commit(self, indices: np.ndarray, counts: np.ndarray) -> None:
         """Record ``counts`` draws of ``indices`` (sorted, distinct): new phases, keys updated."""
-        before = self.draws[indices]
+        records = self._records[indices]
+        before = records["draws"]
         after = before + counts.astype(np.uint32)
         change = counts + phases(self.seed, indices, before) - phases(self.seed, indices, after)
-        self.offsets[indices] = self.offsets[indices] - change
-        self.draws[indices] = after
+        records["offset"] = records["offset"] - change
+        records["draws"] = after
+        self._records[indices] = records
         self.keys_changed(indices)
 
     # -- state ----------------------------------------------------------------------------------------
