@@ -185,7 +185,7 @@ class IRDROSampler(DistributedSampler):
     def _new_stride(self, *, initial_phases: bool = True) -> StrideScheduler:
         return StrideScheduler(
             self.dataset_size, self.global_batch_size, self.rule.uniform_mix, self.seed,
-            lambda: self._tree.levels[0], fanout=max(2, self.block_size), initial_phases=initial_phases,
+            lambda: self._tree.levels[0], initial_phases=initial_phases,
         )
 
     @property
