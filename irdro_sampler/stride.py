@@ -12,8 +12,9 @@ drawn several times), and after ``k`` draws of sample ``i`` its credit drops by 
   each epoch draws every sample exactly once, in the order of its phase: a new seeded permutation per
   epoch, the same on every rank.
 * **Changing weights are tracked.** Drawing the largest credits keeps ``|E_i - D_i|`` small whatever
-  the weights do between batches (the tests measure < 2 with weights changing every batch); a sample
-  of probability 0 is never drawn.
+  the weights do between batches (the tests measure < 2 with weights changing every batch; weights
+  swinging between an ESS of 1% and 36% every few dozen batches reached 2.01); a sample of
+  probability 0 is never drawn.
 
 **Lazy credits.** ``p_i(b) = (1 - u) m_i / S_b + u / N`` (``m_i`` the tilted mass, ``S_b`` the tree
 total). Between changes of ``m_i`` the credit is ``a_i + w_i V + m_i D1 + D2`` with a per-sample offset
@@ -30,7 +31,8 @@ predicted due time is then off by at most ~``eps`` of the time since its last ev
 extra lag to about ``eps`` draws.
 
 State: the float32 offsets and uint32 draw counts (8 bytes per sample) plus a few scalars; the key
-tree is rebuilt from them.
+tree (float32, 4.6 bytes per sample) is rebuilt from them. A mass change that would leave an offset
+beyond +-1024 (float32 would lose the credit) re-keys instead.
 """
 
 from __future__ import annotations
