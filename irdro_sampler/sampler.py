@@ -457,9 +457,10 @@ class IRDROSampler(DistributedSampler):
 
         With ``step`` (the global batch the indices were drawn in, while it is still buffered) the
         probabilities the batch was actually drawn with are used; otherwise those of
-        :meth:`probabilities`. Under balanced draws ``p_i(b)`` is each sample's expected share of batch
-        ``b`` (counts track ``sum_b G_b p_i(b)`` within 2), so the weighted mean over many batches still
-        estimates the uniform mean, with a deterministic error bounded via the count bound. Finite for every sample while ``uniform_mix > 0`` (the floor reaches cut samples too).
+        :meth:`probabilities`. Finite for every sample while ``uniform_mix > 0`` (the floor reaches cut
+        samples too). Under balanced draws ``p_i(b)`` is still each sample's expected share of batch
+        ``b`` (counts track ``sum_b G_b p_i(b)`` within 2), so the weighted mean over many batches
+        estimates the uniform mean, with a deterministic error bounded through the count bound.
         """
         idx = as_indices(indices, self.dataset_size)
         if step is not None and check_step(step) in self._drawn:
@@ -549,8 +550,8 @@ class IRDROSampler(DistributedSampler):
 
         Every option that decides the order (seed, weighting rule, delays, refresh interval, the draw
         scheme and the balanced credits under ``state['balanced']``) is taken from the state; a state
-        without that key (saved before balanced draws existed) resumes i.i.d. draws. The data set size and the batch geometry must match this sampler's:
-        ``ValueError`` otherwise, with nothing changed. To keep only the learned losses under new
+        without that key (saved before balanced draws existed) resumes i.i.d. draws. The data set size
+        and the batch geometry must match this sampler's: ``ValueError`` otherwise, with nothing changed. To keep only the learned losses under new
         options, load ``state["table"]`` into ``sampler.table`` instead.
         """
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
