@@ -12,12 +12,9 @@ from irdro_sampler import IRDROSampler
 from irdro_sampler.stride import KeyMinTree, phases
 
 # The bound the docs state: every sample's cumulative count stays within this of sum_b G_b p_i(b)
-# (measured: <= 1.9 in these regimes over three seeds each) ...
+# (measured over three seeds each: <= 1.5 in these regimes, 1.84 under near-degenerate weights that
+# swing every few dozen batches between an ESS of 1% and 36%: tau 0.2, a 20% cut, losses x (1 +- 0.5)).
 COUNT_BOUND = 2.0
-# ... except under near-degenerate weights that swing every few dozen batches between an ESS of 1% and
-# 36% (tau 0.2, a 20% cut, losses scaled by 1 +- 0.5): hundreds of samples fall due at once and wait
-# (measured 2.01 at worst).
-EXTREME_BOUND = 2.25
 
 
 def epochs(samplers: list[IRDROSampler], num_epochs: int, feedback=None) -> list[list[list[int]]]:
@@ -111,18 +108,16 @@ def run_tracking(s: IRDROSampler, num_batches: int, rng: np.random.Generator, *,
         (2000, 32, {"feedback_delay": 1}),
         (2000, 32, {}),  # the default feedback_delay (32)
         (2000, 32, {"feedback_delay": 1, "temperature": 0.3, "uniform_mix": 0.0}),
-        (2000, 32, {"feedback_delay": 1, "temperature": 0.2, "truncate_quantile": 0.8, "bound": EXTREME_BOUND}),
+        (2000, 32, {"feedback_delay": 1, "temperature": 0.2, "truncate_quantile": 0.8}),  # the swings above
         (300, 64, {"feedback_delay": 1, "temperature": 0.5}),  # heavy samples: several draws per batch
         (150, 500, {"feedback_delay": 1, "temperature": 1.0}),  # every sample drawn ~3 times per batch
         (5000, 64, {"feedback_delay": 1, "temperature": 0.5, "refresh_interval": 10**6}),  # no refresh: re-keys
     ],
 )
 def test_cumulative_counts_track_expectations(n, batch, kwargs):
-    kwargs = dict(kwargs)
-    bound = kwargs.pop("bound", COUNT_BOUND)
     s = IRDROSampler(n, batch, seed=5, **kwargs)
     worst, counts, expected = run_tracking(s, 400, np.random.default_rng(6))
-    assert worst < bound, worst
+    assert worst < COUNT_BOUND, worst
     assert counts.sum() == pytest.approx(expected.sum())
     p = s.probabilities()
     assert np.all(s.table.losses[p == 0] > s.stats()["threshold"]) if (p == 0).any() else True
