@@ -10,13 +10,15 @@ tilted masses, set the B updated entries (``w[idx] = exp((loss - shift) / tau)``
 * ``numpy.random.Generator.choice(N, B, p=w / w.sum())``,
 * ``np.cumsum(w)`` + ``np.searchsorted``,
 
-each of which is O(N) per step. Reported per (N, B): median and CPU-time median ms per step,
+each of which is O(N) per step. IRDROSampler runs with both draw schemes: ``draws="iid"`` (the sum
+tree draw) and ``draws="balanced"`` (the default: stride scheduling over a min-tree of due times), side
+by side. Reported per (N, B): median and CPU-time median ms per step,
 mean ms per step including the amortised periodic O(N) refresh (every ``refresh_interval`` steps),
 build time, bytes per sample of the whole sampler state (loss table + tree arrays, ``nbytes``), and
 the ratio naive / ours. Results go to ``benchmarks/RESULTS_sampler.md`` and a log-log plot to
 ``benchmarks/bench_sampler.png``.
 
-    python benchmarks/bench_sampler.py            # full: N in 1e5..1e8, B in {256, 4096} (~10 min)
+    python benchmarks/bench_sampler.py            # full: N in 1e5..1e8, B in {256, 4096} (~15 min)
     python benchmarks/bench_sampler.py --quick    # N in 1e5, 1e6; a few seconds
 """
 
@@ -69,8 +71,12 @@ def batch_losses(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def state_nbytes(sampler: IRDROSampler) -> int:
-    """Bytes of the sampler's O(N) state: the loss table's arrays and every array of the tree."""
+    """Bytes of the sampler's O(N) memory: the loss table's arrays, the tree, and for balanced draws
+    the credits, draw counts and key tree."""
     total = sum(a.nbytes for a in (sampler.table.losses, sampler.table.counts, sampler.table.last_step))
+    stride = sampler._stride
+    if stride is not None:
+        total += stride.offsets.nbytes + stride.draws.nbytes + stride.keys.nbytes
     # The tree's own count (its levels are 64-byte-aligned views into slightly larger buffers, plus
     # reshaped views of them, so counting arrays that own their memory would miss them).
     return total + sampler._tree.nbytes
@@ -105,12 +111,12 @@ def load() -> str:
 
 
 # ---------------------------------------------------------------------------------------- ours
-def bench_ours(n: int, b: int, steps: int, seed: int) -> dict:
+def bench_ours(n: int, b: int, steps: int, seed: int, draws: str = "iid") -> dict:
     rng = np.random.default_rng(seed)
     gc.collect()
     t0 = time.perf_counter()
     sampler = IRDROSampler(n, b, temperature=TEMPERATURE, truncate_quantile=0.99, uniform_mix=0.1,
-                           feedback_delay=32, seed=seed, num_samples=b * 10**7)
+                           feedback_delay=32, seed=seed, num_samples=b * 10**7, draws=draws)
     t_alloc = time.perf_counter() - t0
     fill_table(sampler, rng)
     t0 = time.perf_counter()
@@ -147,6 +153,7 @@ def bench_ours(n: int, b: int, steps: int, seed: int) -> dict:
         "build_s": t_first,
         "bytes_per_sample": state_nbytes(sampler) / n,
         "steps": len(wall_a),
+        "rekeys": float(sampler._stride.rekeys if sampler._stride else 0),
     }
     del sampler
     gc.collect()
@@ -214,7 +221,8 @@ def ratio(naive: float | None, ours: float) -> str:
 
 def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["N", "B", "ours median ms", "ours CPU ms", "ours mean ms (amortised refresh)", "refresh every",
-            "refresh s", "build s", "bytes/sample"]
+            "refresh s", "build s", "bytes/sample", "balanced median ms", "balanced CPU ms",
+            "balanced mean ms (amortised refresh)", "balanced / iid", "balanced refresh s", "balanced bytes/sample"]
     for m in NAIVE:
         head += [f"{m} ms", "ratio"]
     rows = []
@@ -224,6 +232,14 @@ def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
                "-" if o["mean_amortised_ms"] is None else f"{o['mean_amortised_ms']:.3f}",
                str(o["refresh_interval"]), "-" if o["refresh_s"] is None else f"{o['refresh_s']:.2f}",
                f"{o['alloc_s'] + o['build_s']:.2f}", f"{o['bytes_per_sample']:.2f}"]
+        bal = r.get("balanced")
+        if bal is None:
+            row += ["not run"] + ["-"] * 5
+        else:
+            row += [f"{bal['median_ms']:.3f}", f"{bal['cpu_median_ms']:.3f}",
+                    "-" if bal["mean_amortised_ms"] is None else f"{bal['mean_amortised_ms']:.3f}",
+                    f"{bal['median_ms'] / o['median_ms']:.2f}x",
+                    "-" if bal["refresh_s"] is None else f"{bal['refresh_s']:.2f}", f"{bal['bytes_per_sample']:.2f}"]
         for m in NAIVE:
             if m not in r["naive"]:
                 row += ["not run", "-"]
@@ -261,6 +277,10 @@ def targets(results: list[dict]) -> list[str]:
     if cs is not None:
         lines.insert(1, f"- cumsum+searchsorted / ours = {cs / o['median_ms']:.0f}x (target >= 100x): "
                         f"{'MET' if cs / o['median_ms'] >= 100 else 'NOT MET'}")
+    bal = hit[0].get("balanced")
+    if bal is not None:
+        ratio_ = bal["median_ms"] / o["median_ms"]
+        lines.append(f"- balanced / iid median step {ratio_:.2f}x (target <= 1.5x): {'MET' if ratio_ <= 1.5 else 'NOT MET'}")
     return lines
 
 
@@ -273,10 +293,12 @@ def plot(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     batches = sorted({r["b"] for r in results})
     styles = {256: "--", 4096: "-"}
-    colors = {"IRDROSampler": "C0", "torch.multinomial": "C1", "numpy choice": "C2", "cumsum+searchsorted": "C3"}
+    colors = {"IRDROSampler": "C0", "IRDROSampler balanced": "C4", "torch.multinomial": "C1", "numpy choice": "C2",
+              "cumsum+searchsorted": "C3"}
     for b in batches:
         rs = sorted((r for r in results if r["b"] == b), key=lambda r: r["n"])
-        series = {"IRDROSampler": [(r["n"], r["ours"]["median_ms"]) for r in rs]}
+        series = {"IRDROSampler": [(r["n"], r["ours"]["median_ms"]) for r in rs],
+                  "IRDROSampler balanced": [(r["n"], r["balanced"]["median_ms"]) for r in rs if "balanced" in r]}
         for m in NAIVE:
             series[m] = [(r["n"], r["naive"][m]) for r in rs if r["naive"].get(m) is not None]
         for name, pts in series.items():
@@ -302,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=str, default=None, help="comma-separated N (default 1e5,1e6,1e7,1e8)")
     parser.add_argument("--batches", type=str, default="256,4096", help="comma-separated B")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive methods")
+    parser.add_argument("--no-balanced", action="store_true", help="skip the balanced draws")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-md", type=Path, default=HERE / "RESULTS_sampler.md")
     parser.add_argument("--out-png", type=Path, default=HERE / "bench_sampler.png")
@@ -312,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     load_start = load()
 
-    jobs = [(n, b, kind) for n in sizes for b in batches for kind in ("ours", *(() if args.no_naive else NAIVE))]
+    kinds = ("ours", *(() if args.no_balanced else ("balanced",)), *(() if args.no_naive else NAIVE))
+    jobs = [(n, b, kind) for n in sizes for b in batches for kind in kinds]
     results: dict[tuple[int, int], dict] = {}
     t_start = time.perf_counter()
     for n, b, kind in tqdm(jobs, desc="bench_sampler", unit="job"):
@@ -320,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"N={n:.0e} B={b}: {kind} ...")
         if kind == "ours":
             entry["ours"] = bench_ours(n, b, our_steps(n, b, args.quick), args.seed)
+        elif kind == "balanced":
+            entry["balanced"] = bench_ours(n, b, our_steps(n, b, args.quick), args.seed, draws="balanced")
         else:
             entry["naive"][kind] = bench_naive(kind, n, b, naive_reps(kind, n, args.quick), args.seed)
     elapsed = time.perf_counter() - t_start
@@ -341,13 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         "were shared with other jobs, so wall-clock times are inflated and noisy; `ours CPU ms` is the",
         "process CPU time of a step (median), less sensitive to time slicing.",
         "",
-        "A step = update B losses + draw B indices. Ours: `sampler.update(idx, losses, step=b - 1)` then",
+        "A step = update B losses + draw B indices. Ours (`ours` columns: `draws=\"iid\"`; `balanced` columns:",
+        "`draws=\"balanced\"`, the default, same sampler otherwise): `sampler.update(idx, losses, step=b - 1)` then",
         "drawing global batch b (feedback_delay 32, so feedback of step b - 32 is applied), temperature 1,",
         "truncate_quantile 0.99, uniform_mix 0.1, table warm (every sample seen). Naive: set the B entries of a",
         "float64 weight vector, then draw over the full vector (O(N) per step). Ratios = naive median / ours",
         "median. `mean (amortised refresh)` adds the O(N) refresh (new prior, cut, shift, tree rebuild;",
         "`refresh s`) spread over its interval (default `N // (64 B)` steps). `build s` = allocation + first",
-        "fit and tree build. Bytes per sample = loss table (12) + tree arrays, from `nbytes`.",
+        "fit and tree build. Bytes per sample = loss table (12) + tree arrays (+ for balanced draws the",
+        "float32 credit offset and uint32 draw count, 8, and the float32 key tree, 4.6), from `nbytes`.",
         "",
         markdown_table(head, rows),
         "",

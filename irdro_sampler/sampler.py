@@ -1,4 +1,4 @@
-"""IRDROSampler: draw training indices i.i.d. from closed-form KL-DRO weights of running losses."""
+"""IRDROSampler: draw training indices from closed-form KL-DRO weights of running losses (balanced or i.i.d.)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ._validation import (
     validate_feedback,
 )
 from .loss_table import LossTable, check_table_state
+from .stride import StrideScheduler
 from .sum_tree import FanoutSumTree
 from .weights import (
     DROWeighting,
@@ -45,6 +46,7 @@ STATE_VERSION = 1
 # (N * e^600 < 1e308 for N < 2**31) and far from the subnormal range where masses lose precision.
 _TOTAL_RANGE = (1e-250, 1e280)
 _REBUILD_CHUNK = 1 << 22
+DRAW_SCHEMES = ("balanced", "iid")
 
 
 class IRDROSampler(DistributedSampler):
@@ -60,17 +62,28 @@ class IRDROSampler(DistributedSampler):
             per_sample.mean().backward(); ...
             sampler.update(batch["sample_idx"], per_sample.detach(), step=step)
 
-    **Distribution.** Indices are drawn i.i.d. *with replacement* from
-    ``p_i = (1 - uniform_mix) * softmax(l / tau)_i + uniform_mix / N`` (see :class:`DROWeighting`):
+    **Distribution.** Batch ``b`` is drawn from
+    ``p_i(b) = (1 - uniform_mix) * softmax(l / tau)_i + uniform_mix / N`` (see :class:`DROWeighting`):
     ``l`` is each sample's running loss (:class:`LossTable`); seen samples whose loss is above the cut
     get no tilted mass, only the floor ``uniform_mix / N``, so they are measured again now and then
     and come back when their loss is ordinary (counted as ``remeasured_cut`` and ``readmitted`` in
     :meth:`stats`). :meth:`probabilities` returns the exact distribution the next batch is drawn from.
 
+    **Draws.** ``draws="balanced"`` (default): each batch takes the samples most overdue, by stride
+    scheduling on per-sample credits ``E_i - D_i + theta_i`` (owed draws ``E_i = sum_b G_b p_i(b)``,
+    drawn ``D_i``, a seeded phase replaced at every draw; :mod:`irdro_sampler.stride`). With flat
+    weights every epoch yields every sample exactly once, in a new seeded order per epoch (ranks'
+    shares disjoint); with changing weights every cumulative count stays within 2 of ``E_i``
+    (tested; 1.84 at worst); ``p_i(b)`` is still each sample's expected share of batch ``b``. ``draws="iid"``: i.i.d.
+    draws with replacement from ``p(b)`` (a sample may repeat within a batch in both schemes when
+    ``G_b p_i(b) > 1``).
+
     **Order contract.** Global batch ``b`` (counted from 0 over all epochs,
     ``b = epoch * batches_per_epoch + batch_in_epoch``) is drawn with a random stream keyed by
     ``(seed, b)`` from the weights after applying exactly the feedback of steps ``<= b - feedback_delay``
-    (in step order, then call order). Hence the indices are a pure function of (seed, batch, feedback):
+    (in step order, then call order) -- and, for balanced draws, from the credits the earlier batches
+    left (batches a late-starting loop skipped are drawn first, internally). Hence the indices are a
+    pure function of (seed, batch, feedback):
     independent of DataLoader workers and prefetching, and a sampler restored with
     :meth:`load_state_dict` continues with exactly the indices the uninterrupted run drew.
     ``feedback_delay`` (default 32) must exceed the number of batches the DataLoader draws ahead of the
@@ -97,14 +110,18 @@ class IRDROSampler(DistributedSampler):
     ``refresh_interval`` global batches (default ``max(4, N // (16 * global_batch))``) the prior, cut
     threshold and temperature are recomputed and the tree is rebuilt, O(N). Memory: 12 bytes per
     sample for the table plus ``8 * block_size / (block_size - 1)`` for the tree (21.1 bytes in all at
-    the default 8). Measured costs at N = 1e5..1e8: ``benchmarks/RESULTS_sampler.md``.
+    the default 8); balanced draws add 8 bytes of state (credit offset, draw count) and a 4.6-byte key
+    tree per sample, and a batch descends a min-tree of due times instead of the sum tree (O(B log N)
+    too; an O(N) re-key at each refresh and when the tree total drifts by more than 1/8). Measured
+    costs at N = 1e5..1e8, both schemes: ``benchmarks/RESULTS_sampler.md``.
 
     **Bad input.** :meth:`update` raises ``ValueError``/``TypeError`` (and changes nothing) for indices
     out of range or not integers, and length mismatches; NaN/inf losses and finite ones beyond float32's
     range are skipped and counted (``skipped_nonfinite``). Constructor options are validated
     (non-positive temperature, conflicting ``temperature``/``kl_radius``/``ess_fraction``...).
     :meth:`load_state_dict` checks the whole state first and refuses (changing nothing) a malformed one
-    or one from a data set of another size or another batch geometry.
+    or one from a data set of another size or another batch geometry (a malformed balanced-draws block
+    included). ``draws`` other than ``'balanced'``/``'iid'`` raises ``ValueError``.
 
     **Ranks that agree** have equal :meth:`fingerprint` values; compare them across ranks now and then.
     """
@@ -124,6 +141,7 @@ class IRDROSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
         block_size: int = 8,
+        draws: str = "balanced",
         **rule_options: Any,
     ) -> None:
         if isinstance(data_source_or_size, bool):
@@ -145,6 +163,8 @@ class IRDROSampler(DistributedSampler):
         if rank >= num_replicas:
             raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
         seed = check_int(seed, "seed", minimum=0)
+        if not isinstance(draws, str) or draws not in DRAW_SCHEMES:
+            raise ValueError(f"draws must be 'balanced' or 'iid', got {draws!r}")
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
 
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
@@ -164,7 +184,19 @@ class IRDROSampler(DistributedSampler):
         self.refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
         self.block_size = check_int(block_size, "block_size", minimum=1)
         self._tree = FanoutSumTree(size, fanout=max(2, self.block_size))
+        self._stride = self._new_stride() if draws == "balanced" else None
         self._reset_schedule()
+
+    def _new_stride(self, *, initial_phases: bool = True) -> StrideScheduler:
+        return StrideScheduler(
+            self.dataset_size, self.global_batch_size, self.rule.uniform_mix, self.seed,
+            lambda: self._tree.levels[0], initial_phases=initial_phases,
+        )
+
+    @property
+    def draws(self) -> str:
+        """The draw scheme: ``'balanced'`` (stride scheduling on credits) or ``'iid'``."""
+        return "iid" if self._stride is None else "balanced"
 
     # ------------------------------------------------------------------------------------ schedule
     def _reset_schedule(self) -> None:
@@ -289,7 +321,15 @@ class IRDROSampler(DistributedSampler):
         if not np.all(np.isfinite(mass)):  # a loss far above the shift: re-choose the shift
             self._rebuild(rebase=True)
             return
+        stride = self._stride
+        rekey = stride is not None and not stride.mass_changed(uniq, self._tree.levels[0][uniq], mass)
+        if rekey:
+            stride.rekey()  # fold every credit under the old masses
         self._tree._set(uniq, mass)  # sorted distinct in-range indices, finite masses >= 0: checked
+        if rekey:
+            stride.set_reference(self._tree.total)
+        elif stride is not None:
+            stride.keys_changed(uniq)
         if not _TOTAL_RANGE[0] <= self._tree.total <= _TOTAL_RANGE[1]:
             self._rebuild(rebase=True)
 
@@ -303,14 +343,24 @@ class IRDROSampler(DistributedSampler):
             self._params = self.rule.fit(self.table)
             self._counters["refreshes"] += 1
             self._rebuild(rebase=False)
+        elif self._stride is not None and self._stride.needs_rekey(self._tree.total):
+            # The total drifted from the one the keys assume: re-key so that due times stay accurate.
+            self._stride.rekey()
+            self._stride.set_reference(self._tree.total)
 
     def _ensure_params(self) -> None:
         if self._params is None:
             self._advance_to(self._last_drawn + 1)
 
     # ------------------------------------------------------------------------------------ structure
-    def _rebuild(self, *, rebase: bool) -> None:
-        """Recompute every mass from the table (O(N)); ``rebase`` re-chooses only the shift."""
+    def _rebuild(self, *, rebase: bool, rekey: bool = True) -> None:
+        """Recompute every mass from the table (O(N)); ``rebase`` re-chooses only the shift.
+
+        Balanced draws: the credits are first folded under the old masses and every key is rebuilt
+        after (``rekey=False`` only when a restored state brings its own credits).
+        """
+        if self._stride is not None and rekey:
+            self._stride.rekey()
         if rebase:
             shift = max_kept_loss(self.table.losses, self._params, self.table.groups)
             self._params = self._params._replace(shift=shift)
@@ -324,6 +374,8 @@ class IRDROSampler(DistributedSampler):
             leaves[start : start + mass.size] = mass
         self._n_kept = n_kept
         self._tree.refresh()
+        if self._stride is not None and rekey:
+            self._stride.set_reference(self._tree.total)
 
     # ------------------------------------------------------------------------------------ drawing
     def _batch(self, b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -334,7 +386,12 @@ class IRDROSampler(DistributedSampler):
             if b > self._max_reported_step:  # not yet trained, yet no longer buffered
                 self._counters["stale_replays"] += 1
             self._ensure_params()
-            return self._draw(b, size)
+            return self._draw(b, size, commit=False)
+        if self._stride is not None:
+            # Balanced draws depend on every earlier batch: draw skipped ones first (a loop that
+            # starts late with set_start_batch / set_epoch gets the batches an uninterrupted run gets).
+            for skipped in range(self._last_drawn + 1, b):
+                self._batch(skipped, self._global_size(skipped))
         self._advance_to(b)
         out = self._draw(b, size)
         self._drawn[b] = out
@@ -344,8 +401,16 @@ class IRDROSampler(DistributedSampler):
             del self._drawn[old]
         return out
 
-    def _draw(self, b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _global_size(self, b: int) -> int:
+        """The global batch size of global batch ``b`` (the last batch of an epoch may be shorter)."""
+        j = b % self.batches_per_epoch
+        return min(self.batch_size, self.num_samples - j * self.batch_size) * self.num_replicas
+
+    def _draw(self, b: int, size: int, *, commit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Draw global batch ``b``; ``commit=False`` (a stale replay) leaves the balanced credits as they are."""
         rng = np.random.default_rng([self.seed, b])
+        if self._stride is not None:
+            return self._draw_balanced(rng, size, commit)
         mix = self.rule.uniform_mix
         out = np.empty(size, dtype=np.int64)
         total = self._tree.total
@@ -363,6 +428,19 @@ class IRDROSampler(DistributedSampler):
             out[:] = self._draw_tilted(rng, size)
         # A drawn sample's tree leaf is bitwise masses() of its loss (0 for a cut one).
         probs = mixture_probabilities(self._tree.leaves()[out], total, self.dataset_size, mix)
+        return out, probs
+
+    def _draw_balanced(self, rng: np.random.Generator, size: int, commit: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The ``size`` most overdue draws (stride scheduling, :mod:`irdro_sampler.stride`), shuffled."""
+        stride, total = self._stride, self._tree.total
+        if commit:
+            stride.advance(size, total)
+        idx, counts = stride.select(size)
+        if commit:
+            stride.commit(idx, counts)
+        out = np.repeat(idx, counts)
+        rng.shuffle(out)  # ranks take slices: spread the most overdue (and repeats) over them
+        probs = mixture_probabilities(self._tree.levels[0][out], total, self.dataset_size, self.rule.uniform_mix)
         return out, probs
 
     def _draw_tilted(self, rng: np.random.Generator, m: int) -> np.ndarray:
@@ -393,7 +471,10 @@ class IRDROSampler(DistributedSampler):
 
         With ``step`` (the global batch the indices were drawn in, while it is still buffered) the
         probabilities the batch was actually drawn with are used; otherwise those of
-        :meth:`probabilities`. Finite for every sample while ``uniform_mix > 0`` (the floor reaches cut samples too).
+        :meth:`probabilities`. Finite for every sample while ``uniform_mix > 0`` (the floor reaches cut
+        samples too). Under balanced draws ``p_i(b)`` is still each sample's expected share of batch
+        ``b`` (counts track ``sum_b G_b p_i(b)`` within 2), so the weighted mean over many batches
+        estimates the uniform mean, with a deterministic error bounded through the count bound.
         """
         idx = as_indices(indices, self.dataset_size)
         if step is not None and check_step(step) in self._drawn:
@@ -422,6 +503,7 @@ class IRDROSampler(DistributedSampler):
             "prior": params.prior,
             "table_mean_loss": self.table.mean_loss(),
             "pending_feedback": float(len(self._pending)),
+            "rekeys": float(self._stride.rekeys if self._stride is not None else 0),
             "last_drawn_batch": float(self._last_drawn),
             **{k: float(v) for k, v in self._counters.items()},
         }
@@ -443,7 +525,7 @@ class IRDROSampler(DistributedSampler):
         options = (
             self.seed, self.dataset_size, self.num_samples, self.batch_size, self.num_replicas,
             self.feedback_delay, self.refresh_interval, self.block_size,
-            sorted(self.rule.config().items()), self.table.ema, self.table.prior, self.table.groups_digest(),
+            sorted(self.rule.config().items()), self.table.ema, self.table.prior, self.table.groups_digest(), self.draws,
         )  # fmt: skip
         return digest_to_int(repr(options).encode(), key=self._feedback_digest)
 
@@ -482,6 +564,8 @@ class IRDROSampler(DistributedSampler):
             "feedback_digest": self._feedback_digest.hex(),
             "pending": _pack([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
             "drawn": _pack([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
+            # The draw scheme and, for balanced draws, the credits that decide the next batches.
+            "balanced": None if self._stride is None else self._stride.state_dict(),
         }
 
     @classmethod
@@ -512,11 +596,13 @@ class IRDROSampler(DistributedSampler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; the run then continues exactly.
 
-        Every option that decides the order (seed, weighting rule, delays, refresh interval) is taken
-        from the state. The whole state is checked before anything changes (types, ranges, shapes,
-        finite losses, indices in range; the data set size and the batch geometry must match this
-        sampler's): ``ValueError`` naming the entry, and the sampler is left exactly as it was. To keep
-        only the learned losses under new options, load ``state["table"]`` into ``sampler.table`` instead.
+        Every option that decides the order (seed, weighting rule, delays, refresh interval, the draw
+        scheme and the balanced credits under ``state['balanced']``) is taken from the state; a state
+        without that key (saved before balanced draws existed) resumes i.i.d. draws. The whole state is
+        checked before anything changes (types, ranges, shapes, finite losses, indices in range; the data
+        set size and the batch geometry must match this sampler's): ``ValueError`` naming the entry, and
+        the sampler is left exactly as it was. To keep only the learned losses under new options, load
+        ``state["table"]`` into ``sampler.table`` instead.
         """
         checked = _check_state(state)
         for key, mine in (
@@ -541,6 +627,8 @@ class IRDROSampler(DistributedSampler):
         self.table, self.rule, self._tree, self.block_size = table, checked["rule"], tree, block_size
         for key in ("seed", "epoch", "feedback_delay", "refresh_interval"):
             setattr(self, key, checked[key])
+        balanced = checked["balanced"]  # None in states from before balanced draws: those drew i.i.d.
+        self._stride = None if balanced is None else self._new_stride(initial_phases=False)
         self._reset_schedule()
         sched = checked["schedule"]
         self._seq = sched["seq"]
@@ -556,7 +644,26 @@ class IRDROSampler(DistributedSampler):
         self._feedback_digest = checked["feedback_digest"] or table_digest(table)
         if checked["params"] is not None:
             self._params = checked["params"]
-            self._rebuild(rebase=False)
+            self._rebuild(rebase=False, rekey=False)
+        if self._stride is not None:
+            self._stride.load_state_dict(balanced)  # after the masses: the keys are built from both
+
+
+def _check_balanced_state(balanced: Any, size: int) -> None:
+    """Refuse a malformed ``state['balanced']`` before anything changes."""
+    if not isinstance(balanced, dict):
+        raise ValueError(f"state_dict['balanced'] must be None or a dict, got {type(balanced).__name__}")
+    for key, dtype in (("offsets", torch.float32), ("draws", torch.int32)):
+        value = balanced.get(key)
+        if not isinstance(value, torch.Tensor) or value.dtype != dtype or tuple(value.shape) != (size,):
+            got = f"{value.dtype}{tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"state_dict['balanced']['{key}'] must be a {dtype} tensor of shape ({size},), got {got}")
+    if not torch.isfinite(balanced["offsets"]).all():
+        raise ValueError("state_dict['balanced']['offsets'] holds non-finite credits")
+    for key in ("clock", "drift1", "drift2", "ref_total", "alpha", "beta", "rekeys"):
+        value = balanced.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"state_dict['balanced']['{key}'] must be a finite number, got {value!r}")
 
 
 _EMPTY_DIGEST = bytes(16)
@@ -645,6 +752,9 @@ def _check_state(state: Any) -> dict[str, Any]:
     if digest is not None and not (isinstance(digest, str) and len(digest) == 32 and _is_hex(digest)):
         raise ValueError(f"{w}['feedback_digest'] must be 32 hex digits, got {digest!r}")
     out["feedback_digest"] = None if digest is None else bytes.fromhex(digest)
+    out["balanced"] = balanced = state.get("balanced")
+    if balanced is not None:
+        _check_balanced_state(balanced, n)
     return out
 
 

@@ -53,12 +53,13 @@ FIDELITY_CASES = [
 ]
 
 
+@pytest.mark.parametrize("draws", ["balanced", "iid"])
 @pytest.mark.parametrize(("tau", "mix", "quantile", "zscore", "ema"), FIDELITY_CASES)
-def test_draws_match_probabilities_chi_square(tau, mix, quantile, zscore, ema):
+def test_draws_match_probabilities_chi_square(tau, mix, quantile, zscore, ema, draws):
     n, batch = 150, 500
     s = IRDROSampler(
         n, batch, temperature=tau, uniform_mix=mix, truncate_quantile=quantile, truncate_zscore=zscore,
-        ema=ema, feedback_delay=1, refresh_interval=1, num_samples=batch * 10_000, seed=11,
+        ema=ema, feedback_delay=1, refresh_interval=1, num_samples=batch * 10_000, seed=11, draws=draws,
     )
     loop = Endless(s)
     rng = np.random.default_rng(12)
@@ -84,6 +85,8 @@ def test_draws_match_probabilities_chi_square(tau, mix, quantile, zscore, ema):
     np.testing.assert_array_equal(s.probabilities(), p)  # unchanged: same table, same refit
     pvalue = chisquare_pvalue(counts, p)
     assert pvalue > P_THRESHOLD, pvalue
+    if draws == "balanced":  # far tighter than chance: every count within 2 of its expectation
+        assert np.abs(counts - 200 * batch * p).max() < 2.0
     # The distribution is the closed form on the table (tilted part over kept samples + floor).
     if quantile is not None or zscore is not None:
         cut = p == mix / n  # cut samples keep only the floor
@@ -216,9 +219,9 @@ class _Dict(Dataset):
         return {"x": torch.tensor([float(i)])}
 
 
-def _loader_run(num_workers: int, seed: int, feedback: bool = True, epochs: int = 3) -> list[list[int]]:
+def _loader_run(num_workers: int, seed: int, feedback: bool = True, epochs: int = 3, draws: str = "balanced") -> list[list[int]]:
     ds = IndexedDataset(_Dict(300))
-    s = IRDROSampler(ds, 16, seed=seed, temperature=0.3, truncate_quantile=0.95)  # default feedback_delay
+    s = IRDROSampler(ds, 16, seed=seed, temperature=0.3, truncate_quantile=0.95, draws=draws)  # default feedback_delay
     loader = DataLoader(ds, batch_size=16, sampler=s, num_workers=num_workers)
     out = []
     for epoch in range(epochs):
@@ -232,13 +235,14 @@ def _loader_run(num_workers: int, seed: int, feedback: bool = True, epochs: int 
     return out
 
 
-def test_same_seed_same_indices_across_num_workers():
-    a = _loader_run(0, seed=5)
-    b = _loader_run(2, seed=5)
+@pytest.mark.parametrize("draws", ["balanced", "iid"])
+def test_same_seed_same_indices_across_num_workers(draws):
+    a = _loader_run(0, seed=5, draws=draws)
+    b = _loader_run(2, seed=5, draws=draws)
     assert len(a) == 3 * 19
     assert a == b
     # Plain iteration (no DataLoader) gives the same order too.
-    s = IRDROSampler(300, 16, seed=5, temperature=0.3, truncate_quantile=0.95)
+    s = IRDROSampler(300, 16, seed=5, temperature=0.3, truncate_quantile=0.95, draws=draws)
     plain = []
     for epoch in range(3):
         s.set_epoch(epoch)
@@ -249,9 +253,9 @@ def test_same_seed_same_indices_across_num_workers():
     # The feedback matters (it reaches batches >= feedback_delay) and so does the seed.
     delay = IRDROSampler(10, 1).feedback_delay
     assert delay >= 2 * 2  # the default covers a DataLoader's default prefetch (num_workers x prefetch_factor)
-    no_feedback = _loader_run(0, seed=5, feedback=False)
+    no_feedback = _loader_run(0, seed=5, feedback=False, draws=draws)
     assert no_feedback[:delay] == a[:delay] and no_feedback[delay:] != a[delay:]
-    assert _loader_run(0, seed=6, feedback=False) != no_feedback
+    assert _loader_run(0, seed=6, feedback=False, draws=draws) != no_feedback
 
 
 def test_same_seed_same_indices_without_feedback_and_epochs_differ():

@@ -25,12 +25,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, outdir: str) -> None:
+def _worker(rank: int, world: int, port: int, outdir: str, draws: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        s = IRDROSampler(N, BATCH, **OPTIONS)  # num_replicas and rank from torch.distributed
+        s = IRDROSampler(N, BATCH, draws=draws, **OPTIONS)  # num_replicas and rank from torch.distributed
         assert (s.num_replicas, s.rank) == (world, rank), (s.num_replicas, s.rank)
         shares, step = [], 0
         for epoch in range(EPOCHS):
@@ -53,9 +53,9 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _reference(world: int = 2):
+def _reference(draws: str, world: int = 2):
     """The same run in one process: one sampler per rank, fed the same gathered feedback."""
-    samplers = [IRDROSampler(N, BATCH, num_replicas=world, rank=r, **OPTIONS) for r in range(world)]
+    samplers = [IRDROSampler(N, BATCH, num_replicas=world, rank=r, draws=draws, **OPTIONS) for r in range(world)]
     shares = [[] for _ in range(world)]
     step = 0
     for epoch in range(EPOCHS):
@@ -73,10 +73,11 @@ def _reference(world: int = 2):
 
 
 @pytest.mark.slow
-def test_two_processes_identical_states_and_disjoint_shares(tmp_path):
+@pytest.mark.parametrize("draws", ["balanced", "iid"])
+def test_two_processes_identical_states_and_disjoint_shares(tmp_path, draws):
     # fork: the children inherit the imported modules (spawn would re-import torch in each, ~10 s here).
     ctx = mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="fork"
+        _worker, args=(2, _free_port(), str(tmp_path), draws), nprocs=2, join=False, start_method="fork"
     )
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):  # re-raises a child's exception
@@ -88,7 +89,7 @@ def test_two_processes_identical_states_and_disjoint_shares(tmp_path):
     shares = [json.loads((tmp_path / f"shares{r}.json").read_text()) for r in range(2)]
     assert_state_equal(states[0], states[1])
 
-    ref_samplers, ref_shares = _reference()
+    ref_samplers, ref_shares = _reference(draws)
     assert shares == ref_shares
     assert_state_equal(states[0], ref_samplers[0].state_dict())
 
@@ -110,11 +111,15 @@ def test_two_processes_identical_states_and_disjoint_shares(tmp_path):
     table = states[0]["table"]
     only_rank1 = {i for b in shares[1][:-3] for i in b} - {i for b in shares[0] for i in b}
     assert only_rank1 and all(int(table["counts"][i]) > 0 for i in only_rank1)
+    if draws == "balanced":  # the ranks' shares of the first epoch (before feedback matters) are disjoint
+        first = [i for r in range(2) for b in shares[r][:OPTIONS["feedback_delay"]] for i in b]
+        assert len(first) == len(set(first))
 
 
-def test_rank_shares_are_slices_of_one_global_batch():
+@pytest.mark.parametrize("draws", ["balanced", "iid"])
+def test_rank_shares_are_slices_of_one_global_batch(draws):
     """In-process: each rank yields its own slice of the global batch both ranks draw."""
-    samplers = [IRDROSampler(N, BATCH, num_replicas=2, rank=r, **OPTIONS) for r in range(2)]
+    samplers = [IRDROSampler(N, BATCH, num_replicas=2, rank=r, draws=draws, **OPTIONS) for r in range(2)]
     for step, parts in enumerate(zip(*[iter_batches(s) for s in samplers], strict=True)):
         glob = [s._drawn[step][0].tolist() for s in samplers]
         assert glob[0] == glob[1] == list(parts[0]) + list(parts[1])

@@ -80,10 +80,11 @@ def _without(state: dict, *keys: str) -> dict:
     return {k: v for k, v in state.items() if k not in keys}
 
 
+@pytest.mark.parametrize("draws", ["balanced", "iid"])
 @pytest.mark.parametrize("ahead", [0, AHEAD])
 @pytest.mark.parametrize("mode", ["replay", "start_batch"])
-def test_resume_continues_exactly(mode, ahead):
-    ref = make()
+def test_resume_continues_exactly(mode, ahead, draws):
+    ref = make(draws=draws)
     full, saved = run(ref, 0, TOTAL, ahead=ahead, checkpoint_at=CHECKPOINTS)
     assert sorted(full) == list(range(TOTAL))
     final = ref.state_dict()
@@ -93,7 +94,7 @@ def test_resume_continues_exactly(mode, ahead):
             # The checkpoint holds feedback not yet applied and batches drawn ahead of training.
             assert state["pending"]["keys"].shape[0] > 0
             assert state["schedule"]["last_drawn"] > k
-        fresh = make()
+        fresh = make(draws=draws)
         fresh.load_state_dict(state)
         assert_state_equal(fresh.state_dict(), state)  # loading is lossless
         cont, _ = run(fresh, k + 1, TOTAL, ahead=ahead, mode=mode)
@@ -103,15 +104,17 @@ def test_resume_continues_exactly(mode, ahead):
         assert_state_equal(fresh.state_dict(), final)
 
 
-def test_restored_state_overrides_constructor_options():
-    ref = make()
+@pytest.mark.parametrize(("draws", "other_draws"), [("balanced", "iid"), ("iid", "balanced"), ("balanced", "balanced")])
+def test_restored_state_overrides_constructor_options(draws, other_draws):
+    ref = make(draws=draws)
     full, saved = run(ref, 0, TOTAL, checkpoint_at=(40,))
     other = make(seed=99, temperature=3.0, feedback_delay=9, refresh_interval=1, truncate_quantile=None,
-                 block_size=4, ema=0.0)
+                 block_size=4, ema=0.0, uniform_mix=0.3, draws=other_draws)
     run(other, 0, 10)  # a sampler with its own history
     other.load_state_dict(saved[40])
     cont, _ = run(other, 41, TOTAL)
     assert all(cont[s] == full[s] for s in range(41, TOTAL))
+    assert other.draws == draws
 
 
 def test_resume_from_state_before_any_draw():
@@ -133,8 +136,9 @@ def test_state_dict_does_not_alias_live_arrays():
     assert_state_equal(state, snapshot)
 
 
-def test_resume_with_real_dataloader_replay():
-    """Composer's pattern with a real DataLoader (num_workers=0): restore, replay k batches, continue."""
+@pytest.mark.parametrize(("draws", "workers"), [("balanced", 0), ("balanced", 2), ("iid", 0)])
+def test_resume_with_real_dataloader_replay(draws, workers):
+    """Composer's pattern with a real DataLoader: restore, replay k batches, continue."""
     from torch.utils.data import DataLoader
 
     from irdro_sampler import IndexedDataset
@@ -142,7 +146,7 @@ def test_resume_with_real_dataloader_replay():
     ds = IndexedDataset(list(range(N)))
 
     def train(sampler, first, last, save_at=None):
-        loader = DataLoader(ds, batch_size=BATCH, sampler=sampler)
+        loader = DataLoader(ds, batch_size=BATCH, sampler=sampler, num_workers=workers)
         out, state = {}, None
         step = first
         while step < last:
@@ -160,8 +164,8 @@ def test_resume_with_real_dataloader_replay():
                     break
         return out, state
 
-    full, state = train(make(), 0, 80, save_at=44)
-    fresh = make()
+    full, state = train(make(draws=draws), 0, 80, save_at=44)
+    fresh = make(draws=draws)
     fresh.load_state_dict(state)
     cont, _ = train(fresh, 45, 80)
     assert all(cont[s] == full[s] for s in range(45, 80))
@@ -210,3 +214,43 @@ def test_from_state_dict_rebuilds_an_equal_sampler():
     assert list(rebuilt) == list(s)
     with pytest.raises(ValueError, match="not an IRDROSampler state_dict"):
         IRDROSampler.from_state_dict({"table": {}})
+
+
+def test_state_without_balanced_key_resumes_iid():
+    """States written before balanced draws existed (no 'balanced' key) drew i.i.d.: they keep doing so."""
+    ref = make(draws="iid")
+    full, saved = run(ref, 0, 60, checkpoint_at=(30,))
+    old = {k: v for k, v in saved[30].items() if k != "balanced"}
+    fresh = make()
+    fresh.load_state_dict(old)
+    assert fresh.draws == "iid"
+    cont, _ = run(fresh, 31, 60)
+    assert all(cont[s] == full[s] for s in range(31, 60))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "pattern"),
+    [
+        (lambda b: b.update(offsets=b["offsets"][:-1]), r"offsets.*shape \(500,\)"),
+        (lambda b: b.update(offsets=b["offsets"].double()), r"offsets.*torch.float32"),
+        (lambda b: b.update(draws=b["draws"].long()), r"draws.*torch.int32"),
+        (lambda b: b["offsets"].__setitem__(3, float("nan")), r"offsets.*non-finite"),
+        (lambda b: b.update(clock=float("inf")), r"clock.*finite"),
+        (lambda b: b.pop("alpha"), r"alpha.*finite"),
+        (lambda b: b.update(rekeys="3"), r"rekeys"),
+    ],
+)
+def test_malformed_balanced_state_raises_and_changes_nothing(mutate, pattern):
+    src = make()
+    run(src, 0, 12)
+    state = roundtrip(src.state_dict())
+    mutate(state["balanced"])
+    target = make()
+    run(target, 0, 5)
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=pattern):
+        target.load_state_dict(state)
+    assert_state_equal(target.state_dict(), before)
+    with pytest.raises(ValueError, match="balanced"):
+        target.load_state_dict({**roundtrip(src.state_dict()), "balanced": [1, 2]})
+    assert_state_equal(target.state_dict(), before)

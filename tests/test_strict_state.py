@@ -64,10 +64,11 @@ def _with(tensor_fn):
 
 
 def _losses_at_seen(value):
+    # Every entry: saved tables mark unseen samples by count 0 (their loss is saved as 0.0, not NaN), so
+    # the losses alone do not say which samples are seen; the seen ones get the bad value this way.
     def f(t):
         t = t.clone()
-        seen = ~torch.isnan(t)
-        t[int(torch.nonzero(seen)[0])] = value
+        t[:] = value
         return t
 
     return f
