@@ -55,7 +55,7 @@ class IRDROSampler(DistributedSampler):
     Usage::
 
         ds = IndexedDataset(my_dataset)            # samples carry their index as "sample_idx"
-        sampler = IRDROSampler(ds, batch_size=32, truncate_quantile=0.95)
+        sampler = IRDROSampler(ds, batch_size=32, groups=labels)  # groups: optional, e.g. class labels
         loader = DataLoader(ds, batch_size=32, sampler=sampler)
         for step, batch in enumerate(loader):
             per_sample = loss_fn(model(batch), reduction="none")
@@ -77,6 +77,13 @@ class IRDROSampler(DistributedSampler):
     (tested; 1.84 at worst); ``p_i(b)`` is still each sample's expected share of batch ``b``. ``draws="iid"``: i.i.d.
     draws with replacement from ``p(b)`` (a sample may repeat within a batch in both schemes when
     ``G_b p_i(b) > 1``).
+
+    **Options.** ``**rule_options`` are :class:`DROWeighting`'s fields (``temperature``/``ess_fraction``/
+    ``kl_radius``, ``truncate_zscore``, ``cut_rule``, ``truncate_quantile``, ``uniform_mix``), validated
+    there; by default tau is calibrated to an effective sample size of 90% of the kept samples
+    (scale-free). ``groups`` (one int in [0, 65536) per sample, e.g. class labels or data sources) makes
+    the cut judge each sample against its own group; ``ema`` and ``prior`` configure the
+    :class:`LossTable`.
 
     **Order contract.** Global batch ``b`` (counted from 0 over all epochs,
     ``b = epoch * batches_per_epoch + batch_in_epoch``) is drawn with a random stream keyed by
