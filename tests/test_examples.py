@@ -90,7 +90,7 @@ def test_llmfoundry_yaml_builds_irdro_through_the_entry_point():
     from irdro_sampler.integrations.composer import IRDRO
 
     assert isinstance(algo, IRDRO)
-    assert algo.mode == "resample" and algo.rule_options["truncate_zscore"] == 3.5
+    assert algo.mode == "resample" and algo.rule_options == {}  # the library's defaults
     assert algo.table_options == {"ema": 0.5}
     # The demo's recommended options are the YAML's: one set of defaults across docs and examples.
     from irdro_sampler.demo.run import RECOMMENDED
