@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .sum_tree import _dedupe_sorted
+
 __all__ = ["KeyMinTree", "StrideScheduler", "phases"]
 
 _PHASE_MAX = 1.0 - 2.0**-10  # phases lie in [0, _PHASE_MAX]: a gap of 2**-10 between epochs' credits
@@ -139,15 +141,6 @@ def _aligned_inf(size: int) -> np.ndarray:
     arr = raw[skip : skip + size]
     arr.fill(np.inf)
     return arr
-
-
-def _dedupe_sorted(a: np.ndarray) -> np.ndarray:
-    if a.size < 2:
-        return a
-    keep = np.empty(a.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
 
 
 def _tighten(values: np.ndarray, limit: float, due: float, count: int) -> float:
