@@ -152,6 +152,7 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
     a sampler state.
     """
     from irdro_sampler import DROWeighting, IRDROSampler, LossTable, distribution_stats
+    from irdro_sampler.weights import kept_mask
 
     p = Path(path)
     try:
@@ -195,7 +196,7 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
         stats = {
             **distribution_stats(probs),
             "seen_fraction": table.num_seen / table.num_samples,
-            "truncated_fraction": float(np.mean(probs == 0)),
+            "truncated_fraction": 1.0 - float(np.mean(kept_mask(table.losses, params, table.groups))),
             "temperature": params.temperature,
             "threshold": params.threshold,
             "prior": params.prior,
@@ -225,7 +226,8 @@ def format_inspection(ins: Inspection, top: int = 10) -> str:
     row("KL to uniform", f"{s['kl_to_uniform']:.4f}", "nats")
     row("temperature", f"{s['temperature']:.4g}")
     thr = s.get("threshold", math.inf)
-    row("cut threshold", "none" if not math.isfinite(thr) else f"{thr:.4f}", "seen samples above it get p = 0")
+    row("cut threshold", "none (or per group)" if not math.isfinite(thr) else f"{thr:.4f}",
+        "seen samples above it get only the uniform floor")
     row("truncated fraction", f"{s['truncated_fraction']:.4f}")
     row("seen fraction", f"{s['seen_fraction']:.4f}")
     row("max prob x N", f"{s['max_prob'] * n:.3f}")

@@ -168,8 +168,10 @@ def test_inspect_streaming_table_state(tmp_path, capsys):
     params = rule.fit(table)
     assert _value(out, "cut threshold") == pytest.approx(params.threshold, abs=1e-4)
     assert _value(out, "seen fraction") == pytest.approx(200 / 300, abs=1e-4)
-    p = rule.probabilities(table, params)
-    assert _value(out, "truncated fraction") == pytest.approx(float(np.mean(p == 0)), abs=1e-4)
+    # Cut samples keep the uniform floor (p = u / N), so the cut fraction is that of the kept mask.
+    cut = float(np.mean(table.losses > params.threshold))  # NaN (unseen) compares False: never cut
+    assert cut > 0
+    assert _value(out, "truncated fraction") == pytest.approx(cut, abs=1e-4)
 
 
 def test_inspect_usage_errors(capsys):
