@@ -18,6 +18,8 @@ try:  # torch is a hard dependency, but keep the checks importable without it fo
 except ImportError:  # pragma: no cover
     torch = None  # type: ignore[assignment]
 
+# Group ids are stored as uint16 (2 bytes per sample).
+MAX_GROUPS = 1 << 16
 # Steps are stored as int32 in the loss table (4 bytes per sample instead of 8).
 MAX_STEP = 2**31 - 1
 # Running losses are stored as float32: a finite float64 loss above this would become inf in the table.
@@ -60,7 +62,7 @@ def as_groups(groups: Any, num_samples: int, name: str = "groups") -> np.ndarray
         raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.size != num_samples:
         raise ValueError(f"{name} must have one id per sample ({num_samples}), got {arr.size}")
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 16):
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= MAX_GROUPS):
         bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
         raise ValueError(f"{name} must lie in [0, 65536), got {bad}")
     return arr.astype(np.uint16)

@@ -79,7 +79,7 @@ class LossTable:
     @property
     def num_groups(self) -> int:
         """1 + the largest group id (1 without groups)."""
-        return 1 if self.groups is None or self.groups.size == 0 else int(self.groups.max()) + 1
+        return count_groups(self.groups)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -173,7 +173,10 @@ class LossTable:
         ``prior``, counts >= 0, and finite losses and steps >= 0 wherever counts > 0. Samples with
         count 0 are unseen whatever loss was saved for them (NaN or a placeholder) and load as NaN.
         """
-        checked = check_table_state(state, self.num_samples)
+        self._assign(check_table_state(state, self.num_samples))
+
+    def _assign(self, checked: dict[str, Any]) -> None:
+        """Take the entries of a state already checked by :func:`check_table_state` (cannot fail)."""
         self.ema, self.prior = checked["ema"], checked["prior"]
         self.losses, self.counts, self.last_step = checked["losses"], checked["counts"], checked["last_step"]
         self.groups = checked["groups"]
@@ -184,9 +187,14 @@ class LossTable:
     def from_state_dict(cls, state: dict[str, Any]) -> LossTable:
         """A table rebuilt from :meth:`state_dict` alone (checked before any N-sized allocation)."""
         checked = check_table_state(state, None)
-        table = cls(int(checked["losses"].size), ema=checked["ema"], prior=checked["prior"], groups=checked["groups"])
-        table.load_state_dict(state)
+        table = cls(int(checked["losses"].size))
+        table._assign(checked)
         return table
+
+
+def count_groups(groups: np.ndarray | None) -> int:
+    """1 + the largest group id in ``groups`` (1 without groups): the length of per-group arrays."""
+    return 1 if groups is None or groups.size == 0 else int(groups.max()) + 1
 
 
 def check_table_state(state: Any, num_samples: int | None, where: str = "state_dict") -> dict[str, Any]:

@@ -26,7 +26,7 @@ from ._validation import (
     state_int,
     validate_feedback,
 )
-from .loss_table import LossTable, check_table_state
+from .loss_table import LossTable, check_table_state, count_groups
 from .stride import StrideScheduler
 from .sum_tree import FanoutSumTree
 from .weights import (
@@ -630,7 +630,7 @@ class IRDROSampler(DistributedSampler):
         block_size = checked["block_size"]
         tree = self._tree if block_size == self.block_size else FanoutSumTree(self.dataset_size, fanout=max(2, block_size))
         table = LossTable(self.dataset_size)
-        table.load_state_dict(checked["table_state"])
+        table._assign(checked["table"])  # checked by _check_state: no second pass over the arrays
         self.table, self.rule, self._tree, self.block_size = table, checked["rule"], tree, block_size
         for key in ("seed", "epoch", "feedback_delay", "refresh_interval"):
             setattr(self, key, checked[key])
@@ -725,8 +725,7 @@ def _check_state(state: Any) -> dict[str, Any]:
         out["rule"] = DROWeighting(**rule)  # validates its own fields, whatever they are
     except (TypeError, ValueError) as e:
         raise ValueError(f"{w}['rule'] is not a valid DROWeighting config: {e}") from None
-    out["table_state"] = state_entry(state, "table", w)
-    table = check_table_state(out["table_state"], n, f"{w}['table']")
+    out["table"] = table = check_table_state(state_entry(state, "table", w), n, f"{w}['table']")
     losses, groups = table["losses"], table["groups"]
     out["params"] = params = _check_params(state_entry(state, "params", w), state.get("group_threshold"), groups)
     if params is not None:
@@ -786,7 +785,7 @@ def _check_params(params: Any, group_threshold: Any, groups: np.ndarray | None) 
         raise ValueError(f"state_dict['params'] must hold a threshold (not NaN), a finite prior and shift; got {params!r}")
     if group_threshold is None:
         return WeightParams(*values)
-    num_groups = 1 if groups is None or groups.size == 0 else int(groups.max()) + 1
+    num_groups = count_groups(groups)
     per_group = state_array(group_threshold, "state_dict['group_threshold']", kind="float", shape=(num_groups,))
     if groups is None or np.isnan(per_group).any():
         raise ValueError("state_dict['group_threshold'] needs a table with groups and holds no NaN")

@@ -35,8 +35,6 @@ DEFAULT_TEMPERATURE = 1.0
 CUT_RULES = ("zscore", "log-zscore", "mixture")
 # A group with fewer seen samples than this is never cut: its median and MAD are not yet evidence.
 MIN_GROUP_SEEN = 8
-# Group ids are stored as uint16 (2 bytes per sample).
-MAX_GROUPS = 1 << 16
 # 1.4826 * MAD estimates the standard deviation of a normal distribution.
 _MAD_TO_SIGMA = 1.4826
 # Temperature searches run over [range / _TAU_LO_DIV, range * _TAU_HI_MUL] in log space. Below
