@@ -33,7 +33,7 @@ from irdro_sampler._validation import state_entry, state_int
 from irdro_sampler.balanced import balanced_counts, initial_carry
 from irdro_sampler.indexed import IndexedDataset
 from irdro_sampler.integrations._streaming_compat import SharedMemory, generate_work, shm_name
-from irdro_sampler.sampler import digest_to_int
+from irdro_sampler.sampler import DRAW_SCHEMES, digest_to_int
 
 __all__ = [
     "WeightedStreamingDataset",
@@ -246,7 +246,7 @@ class WeightedStreamingDataset(StreamingDataset):
     ) -> None:
         if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
             raise ValueError(f"round_size: expected a positive int, got {round_size!r}")
-        if draws not in ("balanced", "iid"):
+        if draws not in DRAW_SCHEMES:
             raise ValueError(f"draws: expected 'balanced' or 'iid', got {draws!r}")
         if cache_check not in ("raise", "warn", "off"):
             raise ValueError(f"cache_check: expected 'raise', 'warn' or 'off', got {cache_check!r}")
