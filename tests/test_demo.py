@@ -248,3 +248,31 @@ def test_demo_sigkill_leftovers_are_removed_by_the_next_run(tmp_path):
     assert not left.exists() and list(tmpdir.glob("irdro-demo-*")) == [fresh]
     # A live process's folder is never touched.
     assert owned_tempdir("irdro-demo-", tmpdir).exists() and fresh.exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the discarded SystemExit
+def test_a_signal_whose_exception_python_discarded_is_raised_again():
+    """A SIGTERM handled inside ``__del__`` has its SystemExit discarded ("Exception ignored in ...");
+    the demo must still stop, at its next step or at the latest when the protected block ends."""
+    import signal
+
+    from irdro_sampler.demo.tempdirs import raise_if_signalled, signals_unwind
+
+    class KillsOnCollect:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs here, inside __del__
+
+    import composer.core.engine  # noqa: F401  (installs Composer's own handler, as in a demo run)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as ended:
+        with signals_unwind():
+            obj = KillsOnCollect()
+            del obj  # the SystemExit raised in __del__ is printed and dropped
+            with pytest.raises(SystemExit) as at_step:
+                raise_if_signalled()
+            assert at_step.value.code == 128 + signal.SIGTERM
+    assert ended.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    raise_if_signalled()  # the record does not outlive the block

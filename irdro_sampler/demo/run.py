@@ -38,7 +38,7 @@ import torch
 from ..saving import save_state
 from .data import Corpus, CorpusConfig, build_corpus, create_streaming_dataset, load_user_data, read_mds
 from .model import ModelConfig, build_composer_model, evaluate_domains, summarize, tokens_tensor
-from .tempdirs import owned_tempdir, signals_unwind
+from .tempdirs import owned_tempdir, raise_if_signalled, signals_unwind
 
 #: The options the demo's ``irdro`` arm uses: the library's defaults (chosen on benchmarks/quality.py;
 #: see README "Defaults and why"), so the demo shows what a user gets without tuning.
@@ -156,6 +156,7 @@ def _make_callbacks(val_ids, val_labels, val_domains, domain_names, shares, rare
                 self.counts += np.bincount(dom.numpy(), minlength=len(domain_names))[: len(domain_names)]
 
         def batch_end(self, state, logger) -> None:
+            raise_if_signalled()  # a SIGTERM whose exception landed in a __del__ and was discarded
             if self.bar is not None:
                 self.bar.update(1)
                 if held.curve:
