@@ -28,7 +28,7 @@ from ._validation import (
 )
 from .loss_table import LossTable, check_table_state, count_groups
 from .stride import StrideScheduler
-from .sum_tree import FanoutSumTree
+from .sum_tree import FanoutSumTree, LeafMasses
 from .weights import (
     DROWeighting,
     WeightParams,
@@ -190,15 +190,9 @@ class IRDROSampler(DistributedSampler):
             refresh_interval = max(4, size // (16 * self.global_batch_size))
         self.refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
         self.block_size = check_int(block_size, "block_size", minimum=1)
-        self._tree = FanoutSumTree(size, fanout=max(2, self.block_size))
-        self._stride = self._new_stride() if draws == "balanced" else None
+        self._tree, self._stride = _draw_structures(size, self.block_size, self.global_batch_size, self.rule.uniform_mix,
+                                                    self.seed, balanced=draws == "balanced")
         self._reset_schedule()
-
-    def _new_stride(self, *, initial_phases: bool = True) -> StrideScheduler:
-        return StrideScheduler(
-            self.dataset_size, self.global_batch_size, self.rule.uniform_mix, self.seed,
-            lambda: self._tree.levels[0], initial_phases=initial_phases,
-        )
 
     @property
     def draws(self) -> str:
@@ -329,14 +323,18 @@ class IRDROSampler(DistributedSampler):
             self._rebuild(rebase=True)
             return
         stride = self._stride
-        rekey = stride is not None and not stride.mass_changed(uniq, self._tree.levels[0][uniq], mass)
-        if rekey:
-            stride.rekey()  # fold every credit under the old masses
-        self._tree._set(uniq, mass)  # sorted distinct in-range indices, finite masses >= 0: checked
-        if rekey:
-            stride.set_reference(self._tree.total)
-        elif stride is not None:
-            stride.keys_changed(uniq)
+        if stride is None:
+            self._tree._set(uniq, mass)  # sorted distinct in-range indices, finite masses >= 0: checked
+        else:
+            old = self._tree.levels[0][uniq]
+            rekey = not stride.mass_changed(uniq, old, mass)
+            if rekey:
+                stride.rekey()  # fold every credit under the old masses
+            self._tree._set(uniq, mass, old)
+            if rekey:
+                stride.set_reference(self._tree.total)
+            else:
+                stride.keys_changed(uniq)
         if not _TOTAL_RANGE[0] <= self._tree.total <= _TOTAL_RANGE[1]:
             self._rebuild(rebase=True)
 
@@ -444,7 +442,7 @@ class IRDROSampler(DistributedSampler):
             stride.advance(size, total)
         idx, counts = stride.select(size)
         if commit:
-            stride.commit(idx, counts)
+            stride.commit()
         out = np.repeat(idx, counts)
         rng.shuffle(out)  # ranks take slices: spread the most overdue (and repeats) over them
         probs = mixture_probabilities(self._tree.levels[0][out], total, self.dataset_size, self.rule.uniform_mix)
@@ -572,7 +570,9 @@ class IRDROSampler(DistributedSampler):
             "pending": _pack([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
             "drawn": _pack([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
             # The draw scheme and, for balanced draws, the credits that decide the next batches.
-            "balanced": None if self._stride is None else self._stride.state_dict(),
+            "balanced": None if self._stride is None else {
+                **self._stride.state_dict(), "mass_total": self._tree.total, "mass_moved": self._tree.moved,
+            },
         }
 
     @classmethod
@@ -628,14 +628,18 @@ class IRDROSampler(DistributedSampler):
     def _commit_state(self, checked: dict[str, Any]) -> None:
         """Apply a state checked by :func:`_check_state` (nothing here can fail but allocation, done first)."""
         block_size = checked["block_size"]
-        tree = self._tree if block_size == self.block_size else FanoutSumTree(self.dataset_size, fanout=max(2, block_size))
+        balanced = checked["balanced"]  # None in states from before balanced draws: those drew i.i.d.
+        if balanced is None and isinstance(self._tree, FanoutSumTree) and block_size == self.block_size:
+            tree, stride = self._tree, None  # rebuilt from the table below
+        else:
+            tree, stride = _draw_structures(self.dataset_size, block_size, self.global_batch_size,
+                                            checked["rule"].uniform_mix, checked["seed"],
+                                            balanced=balanced is not None, initial_phases=False)
         table = LossTable(self.dataset_size)
         table._assign(checked["table"])  # checked by _check_state: no second pass over the arrays
-        self.table, self.rule, self._tree, self.block_size = table, checked["rule"], tree, block_size
+        self.table, self.rule, self._tree, self._stride, self.block_size = table, checked["rule"], tree, stride, block_size
         for key in ("seed", "epoch", "feedback_delay", "refresh_interval"):
             setattr(self, key, checked[key])
-        balanced = checked["balanced"]  # None in states from before balanced draws: those drew i.i.d.
-        self._stride = None if balanced is None else self._new_stride(initial_phases=False)
         self._reset_schedule()
         sched = checked["schedule"]
         self._seq = sched["seq"]
@@ -653,7 +657,20 @@ class IRDROSampler(DistributedSampler):
             self._params = checked["params"]
             self._rebuild(rebase=False, rekey=False)
         if self._stride is not None:
+            if "mass_total" in balanced:  # the running total the saved run drew with (LeafMasses)
+                self._tree.restore_total(balanced["mass_total"], balanced["mass_moved"])
             self._stride.load_state_dict(balanced)  # after the masses: the keys are built from both
+
+
+def _draw_structures(size: int, block_size: int, global_batch: int, uniform_mix: float, seed: int, *,
+                     balanced: bool, initial_phases: bool = True) -> tuple[FanoutSumTree | LeafMasses, StrideScheduler | None]:
+    """Where the masses live, and the balanced draws' scheduler. I.i.d. draws search a sum tree;
+    balanced draws only read the masses and their total, so the masses are bare leaves (no sums to
+    keep up to date) stored in the scheduler's records, beside each sample's credit."""
+    if not balanced:
+        return FanoutSumTree(size, fanout=max(2, block_size)), None
+    stride = StrideScheduler(size, global_batch, uniform_mix, seed, initial_phases=initial_phases)
+    return LeafMasses(size, leaves=stride.masses), stride
 
 
 def _check_balanced_state(balanced: Any, size: int) -> None:
@@ -671,6 +688,13 @@ def _check_balanced_state(balanced: Any, size: int) -> None:
         value = balanced.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"state_dict['balanced']['{key}'] must be a finite number, got {value!r}")
+    # The masses' running total (states saved before it was kept have neither: it is recomputed).
+    if ("mass_total" in balanced) != ("mass_moved" in balanced):
+        raise ValueError("state_dict['balanced'] must hold both 'mass_total' and 'mass_moved' or neither")
+    for key in ("mass_total", "mass_moved"):
+        value = balanced.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"state_dict['balanced']['{key}'] must be a finite number >= 0, got {value!r}")
 
 
 _EMPTY_DIGEST = bytes(16)

@@ -267,3 +267,88 @@ def _dedupe_sorted(a: np.ndarray) -> np.ndarray:
     keep[0] = True
     np.not_equal(a[1:], a[:-1], out=keep[1:])
     return a[keep]
+
+
+class LeafMasses:
+    """The masses and their total, without a search structure: what balanced draws need.
+
+    Balanced draws find samples through the stride scheduler's key tree and only read the masses and
+    their total, so keeping :class:`FanoutSumTree`'s sums up to date would be wasted work (a quarter of
+    a step at 1e8). The total is a running sum: :meth:`refresh` computes it from the leaves (a fixed
+    chunked pairwise sum, so the same leaves give the same bits), :meth:`_set` adds each update's
+    change. It is a pure function of the refresh and the updates since, not of the leaves alone; so a
+    saved state carries it (:meth:`restore_total`). Rounding leaves it within ~1e-15 of the
+    updates' magnitudes; if cancellation could make that error large relative to the total, the total
+    is recomputed from the leaves (O(n), deterministic).
+    """
+
+    def __init__(self, num_leaves: int, *, leaves: np.ndarray | None = None) -> None:
+        if num_leaves < 1:
+            raise ValueError(f"num_leaves must be >= 1, got {num_leaves}")
+        self.num_leaves = int(num_leaves)
+        if leaves is None:
+            leaves = _zeros(self.num_leaves)
+        elif leaves.dtype != np.float64 or leaves.shape != (self.num_leaves,):
+            raise ValueError(f"leaves must be float64 of shape ({self.num_leaves},), got {leaves.dtype}{leaves.shape}")
+        # One level, the leaves (the sum tree's layout); ``leaves`` may be a strided view into the
+        # caller's records (the balanced draws keep each mass beside its credit).
+        self.levels = [leaves]
+        self._total = 0.0
+        self._moved = 0.0  # sum of the magnitudes added and removed since the last exact total
+
+    @property
+    def total(self) -> float:
+        return self._total
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the leaves (for a view into records: of the mass field only)."""
+        return self.levels[0].nbytes
+
+    @property
+    def nodes(self) -> np.ndarray:
+        """The leaves, then the total (for checks)."""
+        return np.append(self.levels[0], self._total)
+
+    def leaves(self) -> np.ndarray:
+        """A read-only view of the leaf values."""
+        view = self.levels[0][: self.num_leaves]
+        view.flags.writeable = False
+        return view
+
+    def leaf_buffer(self) -> np.ndarray:
+        """The writable leaves: fill in place (finite, >= 0), then call :meth:`refresh`."""
+        return self.levels[0]
+
+    def refresh(self) -> None:
+        """Recompute the total from the leaves (O(n))."""
+        total = 0.0
+        for start in range(0, self.num_leaves, _SUM_CHUNK):
+            total += float(np.sum(self.levels[0][start : start + _SUM_CHUNK]))
+        self._total, self._moved = total, 0.0
+
+    @property
+    def moved(self) -> float:
+        """The magnitudes added and removed since the total was last computed from the leaves."""
+        return self._moved
+
+    def restore_total(self, total: float, moved: float) -> None:
+        """Take the running total of a saved state (after the leaves were rebuilt and refreshed)."""
+        self._total, self._moved = float(total), float(moved)
+
+    def _set(self, leaves: np.ndarray, values: np.ndarray, old: np.ndarray | None = None) -> None:
+        """Set leaves (sorted, distinct, in range; values finite and >= 0: checked by the caller);
+        ``old``: their current values, when the caller has them."""
+        old = self.levels[0][leaves] if old is None else old
+        self.levels[0][leaves] = values
+        added, removed = float(np.sum(values)), float(np.sum(old))
+        self._total += added - removed
+        self._moved += added + removed
+        if self._total < self._moved * _CANCEL_LIMIT:  # the rounding error could matter: recompute
+            self.refresh()
+
+
+_SUM_CHUNK = 1 << 22
+# Recompute the running total when it falls below this fraction of the magnitudes moved since the last
+# exact one: its rounding error (~1e-16 of those per update) then stays below ~1e-9 of the total.
+_CANCEL_LIMIT = 2.0**-20
