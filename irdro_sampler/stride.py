@@ -129,8 +129,12 @@ class KeyMinTree:
         to a distinct leaf, so that bounds the ``count``-th smallest key from above).
         """
         top = self.levels[-1][: self.sizes[-1]]
-        limit = _tighten(top, math.inf, due, count)
-        nodes = np.flatnonzero((top <= limit) & (top < math.inf))  # inf: padding or rate-0 leaves only
+        due_now = top <= due
+        if np.count_nonzero(due_now) > count:  # the usual case: the threshold is `due` (see _tighten)
+            limit, nodes = due, np.flatnonzero(due_now)
+        else:
+            limit = _tighten(top, math.inf, due, count)
+            nodes = np.flatnonzero((top <= limit) & (top < math.inf))  # inf: padding or rate-0 leaves only
         for k in range(len(self._rows) - 1, -1, -1):
             block = np.take(self._rows[k], nodes, axis=0)  # the children of `nodes`, one row each
             keep = block <= limit if limit < math.inf else block < math.inf
