@@ -238,6 +238,9 @@ def test_state_without_balanced_key_resumes_iid():
         (lambda b: b.update(clock=float("inf")), r"clock.*finite"),
         (lambda b: b.pop("alpha"), r"alpha.*finite"),
         (lambda b: b.update(rekeys="3"), r"rekeys"),
+        (lambda b: b.update(mass_total=float("nan")), r"mass_total.*finite number >= 0"),
+        (lambda b: b.update(mass_moved=-1.0), r"mass_moved.*finite number >= 0"),
+        (lambda b: b.pop("mass_moved"), r"both 'mass_total' and 'mass_moved' or neither"),
     ],
 )
 def test_malformed_balanced_state_raises_and_changes_nothing(mutate, pattern):
@@ -254,3 +257,19 @@ def test_malformed_balanced_state_raises_and_changes_nothing(mutate, pattern):
     with pytest.raises(ValueError, match="balanced"):
         target.load_state_dict({**roundtrip(src.state_dict()), "balanced": [1, 2]})
     assert_state_equal(target.state_dict(), before)
+
+
+def test_balanced_state_without_the_running_total_resumes():
+    """States saved before the masses' running total was kept: it is recomputed from the leaves (equal to
+    the saved run's up to rounding, so the continuation is balanced but not bitwise the same)."""
+    ref = make()
+    _, saved = run(ref, 0, 60, checkpoint_at=(30,))
+    state = saved[30]
+    assert state["balanced"]["mass_total"] > 0
+    old = {**state, "balanced": {k: v for k, v in state["balanced"].items() if not k.startswith("mass_")}}
+    fresh = make()
+    fresh.load_state_dict(old)
+    assert fresh.draws == "balanced"
+    assert fresh._tree.total == pytest.approx(state["balanced"]["mass_total"], rel=1e-12)
+    cont, _ = run(fresh, 31, 60)
+    assert sorted(cont) == list(range(31, 60))

@@ -132,3 +132,59 @@ def test_fanout_leaf_buffer_refresh_equals_build():
     b.refresh()
     np.testing.assert_array_equal(a.nodes, b.nodes)
     assert a.nbytes > 8 * 3001
+
+
+# ------------------------------------------------------------------------------ LeafMasses
+# Balanced draws' masses: leaves plus a running total (no sums to search).
+def test_leaf_masses_running_total_tracks_the_exact_sum():
+    from irdro_sampler.sum_tree import LeafMasses
+
+    n = 5000
+    rng = np.random.default_rng(0)
+    store = LeafMasses(n)
+    store.leaf_buffer()[:] = rng.exponential(1.0, n)
+    store.refresh()
+    assert store.total == pytest.approx(math.fsum(store.leaves()), rel=1e-13)
+    for _ in range(2000):
+        idx = np.unique(rng.integers(0, n, 64))
+        store._set(idx, rng.exponential(1.0, idx.size) * 10.0 ** rng.uniform(-3, 2, idx.size))
+    # Rounding of ~2000 running additions: far below the 1e-9 the samplers' checks allow.
+    assert store.total == pytest.approx(math.fsum(store.leaves()), rel=1e-12)
+    assert store.nodes[-1] == store.total and np.array_equal(store.nodes[:-1], store.leaves())
+    assert not store.leaves().flags.writeable
+
+
+def test_leaf_masses_recompute_when_cancellation_would_dominate():
+    """Large masses replaced by tiny ones: the running sum alone would keep ~1e-16 of the large ones
+    as error, larger than the new total; the store recomputes it from the leaves instead."""
+    from irdro_sampler.sum_tree import LeafMasses
+
+    n = 1000
+    store = LeafMasses(n)
+    store.leaf_buffer()[:] = 1e6
+    store.refresh()
+    store._set(np.arange(n), np.full(n, 1e-9))
+    assert store.total == pytest.approx(1e-6, rel=1e-12)
+    assert store.moved == 0.0  # computed from the leaves just now
+
+
+def test_leaf_masses_over_strided_records_and_restore():
+    from irdro_sampler.sum_tree import LeafMasses
+
+    records = np.zeros(300, dtype=[("mass", "<f8"), ("offset", "<f4"), ("draws", "<u4")])
+    store = LeafMasses(300, leaves=records["mass"])
+    store.leaf_buffer()[:] = np.arange(300.0)
+    store.refresh()
+    store._set(np.array([3, 7]), np.array([0.5, 0.25]))
+    assert records["mass"][3] == 0.5 and store.total == pytest.approx(np.arange(300.0).sum() - 9.25, rel=1e-14)
+    copy = LeafMasses(300)
+    copy.leaf_buffer()[:] = records["mass"]
+    copy.refresh()
+    copy.restore_total(store.total, store.moved)  # what a sampler's load_state_dict does
+    assert (copy.total, copy.moved) == (store.total, store.moved)
+    with pytest.raises(ValueError, match="leaves must be float64 of shape"):
+        LeafMasses(300, leaves=np.zeros(299))
+    with pytest.raises(ValueError, match="leaves must be float64 of shape"):
+        LeafMasses(300, leaves=np.zeros(300, dtype=np.float32))
+    with pytest.raises(ValueError, match="num_leaves"):
+        LeafMasses(0)
