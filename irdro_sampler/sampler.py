@@ -42,7 +42,7 @@ from .weights import (
 
 STATE_FORMAT = "irdro_sampler.IRDROSampler"
 STATE_VERSION = 1
-# Rebase (re-shift) the masses when the tree total leaves this range: far from overflow
+# Rebase (re-shift) the masses when their total leaves this range: far from overflow
 # (N * e^600 < 1e308 for N < 2**31) and far from the subnormal range where masses lose precision.
 _TOTAL_RANGE = (1e-250, 1e280)
 _REBUILD_CHUNK = 1 << 22
@@ -117,10 +117,11 @@ class IRDROSampler(DistributedSampler):
     ``refresh_interval`` global batches (default ``max(4, N // (16 * global_batch))``) the prior, cut
     threshold and temperature are recomputed and the tree is rebuilt, O(N). Memory: 12 bytes per
     sample for the table plus ``8 * block_size / (block_size - 1)`` for the tree (21.1 bytes in all at
-    the default 8); balanced draws add 8 bytes of state (credit offset, draw count) and a 4.6-byte key
-    tree per sample, and a batch descends a min-tree of due times instead of the sum tree (O(B log N)
-    too; an O(N) re-key at each refresh and when the tree total drifts by more than 1/8). Measured
-    costs at N = 1e5..1e8, both schemes: ``benchmarks/RESULTS_sampler.md``.
+    the default 8). Balanced draws keep no sum tree (nothing searches it): each sample's mass, credit
+    offset and draw count share a 16-byte record, the masses' total is a running sum (saved in the
+    state), and a batch descends a 4.6-byte-per-sample min-tree of due times (O(B log N) too; an O(N)
+    re-key at each refresh and when the total drifts by more than 1/8): 32.6 bytes per sample in all.
+    Measured costs at N = 1e5..1e8, both schemes: ``benchmarks/RESULTS_sampler.md``.
 
     **Bad input.** :meth:`update` raises ``ValueError``/``TypeError`` (and changes nothing) for indices
     out of range or not integers, and length mismatches; NaN/inf losses and finite ones beyond float32's
@@ -370,7 +371,7 @@ class IRDROSampler(DistributedSampler):
             shift = max_kept_loss(self.table.losses, self._params, self.table.groups)
             self._params = self._params._replace(shift=shift)
             self._counters["rebases"] += 1
-        leaves = self._tree.leaf_buffer()  # masses are written straight into the tree (no N-sized temporary)
+        leaves = self._tree.leaf_buffer()  # masses are written in place (no N-sized temporary)
         n_kept = 0
         for start in range(0, self.dataset_size, _REBUILD_CHUNK):
             part = slice(start, start + _REBUILD_CHUNK)

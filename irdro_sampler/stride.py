@@ -19,7 +19,7 @@ D_i)``. Consequences:
   ``c_i`` reached 2.01 there); a sample of probability 0 is never drawn.
 
 **Lazy credits.** ``p_i(b) = (1 - u) m_i / S_b + u / N`` (``m_i`` the tilted mass, ``S_b`` the tree
-total). Between changes of ``m_i`` the credit is ``a_i + w_i V + m_i D1 + D2`` with a per-sample offset
+total, a running sum kept by :class:`~irdro_sampler.sum_tree.LeafMasses`). Between changes of ``m_i`` the credit is ``a_i + w_i V + m_i D1 + D2`` with a per-sample offset
 ``a_i`` (float32) and global scalars: the model clock ``V`` and two drift sums ``D1``, ``D2``, where
 ``w_i = alpha m_i + beta`` is the rate predicted from the total ``S_ref`` at the last re-key
 (``alpha = G (1 - u) / S_ref``, ``beta = G u / N``, ``G`` the full global batch). The credit is exact;
@@ -32,9 +32,11 @@ sampler and whenever ``S`` leaves ``[S_ref / (1 + eps), S_ref (1 + eps)]`` (``ep
 predicted due time is then off by at most ~``eps`` of the time since its last event, which bounds the
 extra lag to about ``eps`` draws.
 
-State: the float32 offsets and uint32 draw counts (8 bytes per sample) plus a few scalars; the key
-tree (float32, 4.6 bytes per sample) is rebuilt from them. A mass change that would leave an offset
-beyond +-1024 (float32 would lose the credit) re-keys instead.
+State: the float32 offsets and uint32 draw counts (8 bytes per sample) plus a few scalars. They share
+a 16-byte record per sample with the float64 mass (a draw or a mass change touches one cache line,
+not two); no sum tree is kept, since nothing searches it. The key tree (float32, 4.6 bytes per
+sample) is rebuilt from them. A mass change that would leave an offset beyond +-1024 (float32 would
+lose the credit) re-keys instead.
 """
 
 from __future__ import annotations
@@ -251,7 +253,7 @@ class StrideScheduler:
     def mass_changed(self, indices: np.ndarray, old: np.ndarray, new: np.ndarray) -> bool:
         """Keep the credits of ``indices`` (sorted, distinct) across a mass change ``old -> new``.
 
-        Call before the sum tree takes the new masses, and :meth:`keys_changed` after. Returns False
+        Call before the new masses are stored, and :meth:`keys_changed` after. Returns False
         (changing nothing) when an offset would grow so large that float32 loses the credit (a mass
         jumped by orders of magnitude): the caller then re-keys (:meth:`rekey` before the change,
         which zeroes the clocks so that no offset moves, :meth:`set_reference` after).
