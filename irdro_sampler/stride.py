@@ -276,7 +276,8 @@ class StrideScheduler:
         # Each part is sorted: a stable sort merges them in O(n) (np.unique's sort does not see the runs).
         stale = self._stale[0] if len(self._stale) == 1 else _dedupe_sorted(np.sort(np.concatenate(self._stale), kind="stable"))
         self._stale = []
-        self.keys.set(stale, self.leaf_keys(stale))
+        records = self._records[stale]  # one gather of whole records, not one per field
+        self.keys.set(stale, self._keys_of(records["offset"], records["mass"]))
 
     # -- one batch ------------------------------------------------------------------------------------
     def advance(self, size: int, total: float) -> None:
