@@ -191,8 +191,10 @@ class IRDROSampler(DistributedSampler):
             refresh_interval = max(4, size // (16 * self.global_batch_size))
         self.refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
         self.block_size = check_int(block_size, "block_size", minimum=1)
-        self._tree, self._stride = _draw_structures(size, self.block_size, self.global_batch_size, self.rule.uniform_mix,
-                                                    self.seed, balanced=draws == "balanced")
+        self._tree, self._stride = _draw_structures(
+            size, self.block_size, self.global_batch_size, self.rule.uniform_mix, self.seed,
+            balanced=draws == "balanced",
+        )
         self._reset_schedule()
 
     @property
@@ -638,7 +640,8 @@ class IRDROSampler(DistributedSampler):
                                             balanced=balanced is not None, initial_phases=False)
         table = LossTable(self.dataset_size)
         table._assign(checked["table"])  # checked by _check_state: no second pass over the arrays
-        self.table, self.rule, self._tree, self._stride, self.block_size = table, checked["rule"], tree, stride, block_size
+        self.table, self.rule, self.block_size = table, checked["rule"], block_size
+        self._tree, self._stride = tree, stride
         for key in ("seed", "epoch", "feedback_delay", "refresh_interval"):
             setattr(self, key, checked[key])
         self._reset_schedule()
@@ -663,8 +666,10 @@ class IRDROSampler(DistributedSampler):
             self._stride.load_state_dict(balanced)  # after the masses: the keys are built from both
 
 
-def _draw_structures(size: int, block_size: int, global_batch: int, uniform_mix: float, seed: int, *,
-                     balanced: bool, initial_phases: bool = True) -> tuple[FanoutSumTree | LeafMasses, StrideScheduler | None]:
+def _draw_structures(
+    size: int, block_size: int, global_batch: int, uniform_mix: float, seed: int, *,
+    balanced: bool, initial_phases: bool = True,
+) -> tuple[FanoutSumTree | LeafMasses, StrideScheduler | None]:
     """Where the masses live, and the balanced draws' scheduler. I.i.d. draws search a sum tree;
     balanced draws only read the masses and their total, so the masses are bare leaves (no sums to
     keep up to date) stored in the scheduler's records, beside each sample's credit."""
@@ -694,7 +699,8 @@ def _check_balanced_state(balanced: Any, size: int) -> None:
         raise ValueError("state_dict['balanced'] must hold both 'mass_total' and 'mass_moved' or neither")
     for key in ("mass_total", "mass_moved"):
         value = balanced.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (is_number and math.isfinite(value) and value >= 0):
             raise ValueError(f"state_dict['balanced']['{key}'] must be a finite number >= 0, got {value!r}")
 
 

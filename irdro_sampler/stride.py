@@ -18,11 +18,12 @@ D_i)``. Consequences:
   weights that swing between an ESS of 1% and 36% every few dozen batches; ranking by the full credit
   ``c_i`` reached 2.01 there); a sample of probability 0 is never drawn.
 
-**Lazy credits.** ``p_i(b) = (1 - u) m_i / S_b + u / N`` (``m_i`` the tilted mass, ``S_b`` the tree
-total, a running sum kept by :class:`~irdro_sampler.sum_tree.LeafMasses`). Between changes of ``m_i`` the credit is ``a_i + w_i V + m_i D1 + D2`` with a per-sample offset
-``a_i`` (float32) and global scalars: the model clock ``V`` and two drift sums ``D1``, ``D2``, where
-``w_i = alpha m_i + beta`` is the rate predicted from the total ``S_ref`` at the last re-key
-(``alpha = G (1 - u) / S_ref``, ``beta = G u / N``, ``G`` the full global batch). The credit is exact;
+**Lazy credits.** ``p_i(b) = (1 - u) m_i / S_b + u / N`` (``m_i`` the tilted mass, ``S_b`` their
+total, a running sum kept by :class:`~irdro_sampler.sum_tree.LeafMasses`). Between changes of ``m_i``
+the credit is ``a_i + w_i V + m_i D1 + D2`` with a per-sample offset ``a_i`` (float32) and global
+scalars: the model clock ``V`` and two drift sums ``D1``, ``D2``, where ``w_i = alpha m_i + beta`` is
+the rate predicted from the total ``S_ref`` at the last re-key (``alpha = G (1 - u) / S_ref``,
+``beta = G u / N``, ``G`` the full global batch). The credit is exact;
 the *key* ``K_i = (1 - a_i) / w_i`` -- the model time at which the credit reaches 1 ignoring drift --
 is static between events and indexes a min-tree (:class:`KeyMinTree`), so the samples due now are found
 in O(G log N). The exact ranks of those candidates (plus, when fewer than ``G`` are due, the ``G``
@@ -197,11 +198,8 @@ class StrideScheduler:
         """Predicted draws per unit of the model clock (``w = alpha m + beta``)."""
         return self.alpha * mass + self.beta
 
-    def credits(self, indices: np.ndarray) -> np.ndarray:
-        """Exact credits ``E - D + theta`` of ``indices`` after the last advanced batch."""
-        return self._credits(self.offsets[indices], self.masses[indices])
-
     def _credits(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        """Exact credits ``E - D + theta`` (after the last advanced batch) of samples with these fields."""
         return offsets + (self.rates(mass) * self.clock + (mass * self.drift1 + self.drift2))
 
     def leaf_keys(self, indices: np.ndarray | slice) -> np.ndarray:
@@ -273,8 +271,10 @@ class StrideScheduler:
     def _update_keys(self) -> None:
         if not self._stale:
             return
-        # Each part is sorted: a stable sort merges them in O(n) (np.unique's sort does not see the runs).
-        stale = self._stale[0] if len(self._stale) == 1 else _dedupe_sorted(np.sort(np.concatenate(self._stale), kind="stable"))
+        if len(self._stale) == 1:
+            stale = self._stale[0]
+        else:  # each part is sorted: a stable sort merges them in O(n) (np.unique's sort does not see runs)
+            stale = _dedupe_sorted(np.sort(np.concatenate(self._stale), kind="stable"))
         self._stale = []
         records = self._records[stale]  # one gather of whole records, not one per field
         self.keys.set(stale, self._keys_of(records["offset"], records["mass"]))

@@ -289,7 +289,8 @@ class LeafMasses:
         if leaves is None:
             leaves = _zeros(self.num_leaves)
         elif leaves.dtype != np.float64 or leaves.shape != (self.num_leaves,):
-            raise ValueError(f"leaves must be float64 of shape ({self.num_leaves},), got {leaves.dtype}{leaves.shape}")
+            got = f"{leaves.dtype}{leaves.shape}"
+            raise ValueError(f"leaves must be float64 of shape ({self.num_leaves},), got {got}")
         # One level, the leaves (the sum tree's layout); ``leaves`` may be a strided view into the
         # caller's records (the balanced draws keep each mass beside its credit).
         self.levels = [leaves]
