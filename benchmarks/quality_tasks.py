@@ -28,6 +28,12 @@ TASK_ARMS: dict[str, dict[str, Any] | None] = {
     "irdro-mixture": {"groups": "labels", "cut_rule": "mixture"},
     "irdro-tau1": {"groups": "labels", "temperature": 1.0},  # the previous fixed temperature
     "irdro-ess0.8": {"groups": "labels", "ess_fraction": 0.8},  # a stronger tilt
+    # Tried on the cells where the defaults miss a gain target (issue 10): a weaker tilt, a tighter cut,
+    # a longer loss memory, a smaller floor.
+    "irdro-ess0.95": {"groups": "labels", "ess_fraction": 0.95},
+    "irdro-z3": {"groups": "labels", "truncate_zscore": 3.0},
+    "irdro-ema0.8": {"groups": "labels", "ema": 0.8},
+    "irdro-floor0.05": {"groups": "labels", "uniform_mix": 0.05},
 }
 #: Arms that only make sense where there are labels.
 CLASSIFIER_ONLY = ("irdro-nogroups",)
