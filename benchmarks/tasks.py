@@ -164,8 +164,13 @@ def evaluate(task: Task, model: torch.nn.Module) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ arms
-def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int) -> dict[str, Any]:
-    """Train one arm; ``options`` are IRDROSampler options (None for the uniform/oracle/reweight arms)."""
+def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
+            on_epoch_end: Any = None) -> dict[str, Any]:
+    """Train one arm; ``options`` are IRDROSampler options (None for the uniform/oracle/reweight arms).
+
+    ``on_epoch_end(epoch, sampler, drawn)``, if given, is called after every epoch (for diagnostics:
+    ``benchmarks/cut_recall.py``); ``drawn`` counts the draws of each training sample so far.
+    """
     torch.manual_seed(seed)
     model = Model(task)
     opt = torch.optim.Adam(model.parameters(), lr=task.lr)
@@ -209,6 +214,8 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int) -> 
             np.add.at(drawn, idx.numpy(), 1)
             step += 1
         epoch += 1
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, sampler, drawn)
     result = evaluate(task, model)
     total_draws = drawn.sum()
     result["noise_draws"] = float(drawn[task.noisy].sum() / total_draws)
