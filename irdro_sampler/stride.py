@@ -132,15 +132,11 @@ class KeyMinTree:
         to a distinct leaf, so that bounds the ``count``-th smallest key from above).
         """
         top = self.levels[-1][: self.sizes[-1]]
-        due_now = top <= due
-        if np.count_nonzero(due_now) > count:  # the usual case: the threshold is `due` (see _tighten)
-            limit, nodes = due, np.flatnonzero(due_now)
-        else:
-            limit = _tighten(top, math.inf, due, count)
-            nodes = np.flatnonzero((top <= limit) & (top < math.inf))  # inf: padding or rate-0 leaves only
+        limit = _tighten(top, math.inf, due, count)
+        nodes = np.flatnonzero(_below(top, limit))
         for k in range(len(self._rows) - 1, -1, -1):
             block = np.take(self._rows[k], nodes, axis=0)  # the children of `nodes`, one row each
-            keep = block <= limit if limit < math.inf else block < math.inf
+            keep = _below(block, limit)
             if np.count_nonzero(keep) > 2 * count:  # the bound from above is loose here: tighten it
                 limit = _tighten(block[keep], limit, due, count)
                 keep &= block <= limit
@@ -156,6 +152,11 @@ def _aligned_inf(size: int) -> np.ndarray:
     arr = raw[skip : skip + size]
     arr.fill(np.inf)
     return arr
+
+
+def _below(values: np.ndarray, limit: float) -> np.ndarray:
+    """``values <= limit``, never true for inf (padding, or a leaf of rate 0)."""
+    return values <= limit if limit < math.inf else values < math.inf
 
 
 def _tighten(values: np.ndarray, limit: float, due: float, count: int) -> float:
