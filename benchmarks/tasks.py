@@ -22,6 +22,7 @@ steps and batch size, and is evaluated on the same clean test set. ``uniform`` i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,11 +166,12 @@ def evaluate(task: Task, model: torch.nn.Module) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------ arms
 def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
-            on_epoch_end: Any = None) -> dict[str, Any]:
+            on_epoch_end: Callable[[int, IRDROSampler | None, np.ndarray], None] | None = None) -> dict[str, Any]:
     """Train one arm; ``options`` are IRDROSampler options (None for the uniform/oracle/reweight arms).
 
     ``on_epoch_end(epoch, sampler, drawn)``, if given, is called after every epoch (for diagnostics:
-    ``benchmarks/cut_recall.py``); ``drawn`` counts the draws of each training sample so far.
+    ``benchmarks/cut_recall.py``); ``sampler`` is None for arms without one, ``drawn`` counts the draws
+    of each training sample so far.
     """
     torch.manual_seed(seed)
     model = Model(task)
