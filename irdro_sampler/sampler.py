@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 import warnings
@@ -26,6 +25,9 @@ from ._validation import (
     state_int,
     validate_feedback,
 )
+from .fingerprint import EMPTY_DIGEST as _EMPTY_DIGEST
+from .fingerprint import chain_digest as _chain_digest
+from .fingerprint import digest_to_int, table_digest
 from .loss_table import LossTable, check_table_state, count_groups
 from .stride import StrideScheduler
 from .sum_tree import FanoutSumTree, LeafMasses
@@ -702,32 +704,6 @@ def _check_balanced_state(balanced: Any, size: int) -> None:
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (is_number and math.isfinite(value) and value >= 0):
             raise ValueError(f"state_dict['balanced']['{key}'] must be a finite number >= 0, got {value!r}")
-
-
-_EMPTY_DIGEST = bytes(16)
-
-
-def digest_to_int(data: bytes, key: bytes = b"") -> int:
-    """A signed 64-bit blake2b digest of ``data`` (fits an int64 tensor for an all-gather)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little", signed=True)
-
-
-def _chain_digest(prev: bytes, step: int, indices: np.ndarray, losses: np.ndarray) -> bytes:
-    """The running feedback digest extended by one applied record (O(B))."""
-    h = hashlib.blake2b(prev, digest_size=16)
-    h.update(int(step).to_bytes(8, "little", signed=True))
-    h.update(np.ascontiguousarray(indices, dtype="<i8").tobytes())
-    h.update(np.ascontiguousarray(losses, dtype="<f8").tobytes())
-    return h.digest()
-
-
-def table_digest(table: LossTable) -> bytes:
-    """Digest of a table's contents (O(N)): the feedback digest of states saved before it existed (ranks
-    that load the same old state still agree), and the streaming path's fingerprint."""
-    h = hashlib.blake2b(b"irdro-table", digest_size=16)
-    for arr in (table.losses, table.counts, table.last_step):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.digest()
 
 
 def _check_state(state: Any) -> dict[str, Any]:
