@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import _draw_digest as dd
 import pytest
 import torch
-
-import _draw_digest as dd
 
 DATA = Path(__file__).parent / "data"
 EXPECTED = json.loads((DATA / "draw_digest.json").read_text())
