@@ -1,0 +1,86 @@
+"""Per-sample losses from model outputs, without another forward pass (torch only).
+
+Used by the trainer integrations to turn a batch's logits and labels into the one loss per sample that
+``IRDROSampler.update`` takes. (``irdro_sampler.integrations.composer`` has the same causal-LM and
+classification functions.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["causal_lm_per_sample_loss", "classification_per_sample_loss", "token_per_sample_loss"]
+
+
+def token_per_sample_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool,
+    ignore_index: int = -100,
+    max_chunk_bytes: int = 2**28,
+) -> torch.Tensor:
+    """Token-mean cross-entropy per sequence, float32, shape ``(B,)``.
+
+    Contract: ``logits`` ``(B, T, V)``, ``labels`` ``(B, T)`` with ``ignore_index`` where a position has
+    no target. ``shift=True`` (causal LMs, as Hugging Face shifts them): position ``t`` predicts
+    ``labels[:, t + 1]``; ``shift=False`` (masked LMs, token classification, seq2seq decoders): labels
+    are aligned with the logits. Logits are upcast to float32 a chunk of sequences at a time (at most
+    ``max_chunk_bytes`` of float32 logits at once). A sequence without any target gets NaN (the sampler
+    skips non-finite feedback). Gradients flow if ``logits`` requires grad.
+    """
+    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"a token-level loss needs logits (B, T, V) and labels (B, T); got logits {tuple(logits.shape)} "
+            f"and labels {tuple(labels.shape)}"
+        )
+    b, t, v = logits.shape
+    target = labels.to(logits.device)
+    if shift:
+        logits, target = logits[:, :-1], target[:, 1:]
+        t -= 1
+    counts = (target != ignore_index).sum(dim=1)
+    if b == 0 or t < 1:
+        sums = logits.new_zeros((b,), dtype=torch.float32)
+    else:
+        rows = max(1, int(max_chunk_bytes) // max(1, t * v * 4))
+        parts = []
+        for start in range(0, b, rows):
+            chunk = logits[start : start + rows].float()
+            tok = F.cross_entropy(
+                chunk.reshape(-1, v), target[start : start + rows].reshape(-1), ignore_index=ignore_index,
+                reduction="none",
+            )
+            parts.append(tok.view(chunk.shape[0], t).sum(dim=1))
+        sums = torch.cat(parts)
+    mean = sums / counts.clamp(min=1).to(sums.dtype)
+    return torch.where(counts > 0, mean, torch.full_like(mean, math.nan))
+
+
+def causal_lm_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+    """:func:`token_per_sample_loss` with ``shift=True``: the per-sequence form of a causal LM's loss."""
+    return token_per_sample_loss(logits, labels, shift=True, ignore_index=ignore_index)
+
+
+def classification_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss of a sequence classifier, float32 ``(B,)``, as Hugging Face chooses its loss:
+
+    * integer labels ``(B,)`` and logits ``(B, C)``, ``C > 1``: cross-entropy;
+    * float labels ``(B,)`` or ``(B, 1)`` and logits ``(B, 1)`` or ``(B,)``: squared error (regression);
+    * float labels ``(B, C)`` and logits ``(B, C)``: binary cross-entropy, mean over the C labels.
+    """
+    labels = labels.to(logits.device)
+    if logits.ndim == 2 and labels.ndim == 1 and not labels.is_floating_point() and logits.shape[1] > 1:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    if labels.is_floating_point() and logits.numel() == labels.numel() == logits.shape[0]:
+        return (logits.float().reshape(-1) - labels.float().reshape(-1)) ** 2
+    if labels.is_floating_point() and logits.ndim == 2 and logits.shape == labels.shape:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(dim=1)
+    raise ValueError(
+        f"classification_per_sample_loss handles logits (B, C) with integer labels (B,), regression (B, 1) with "
+        f"float labels, and multi-label (B, C) with float labels (B, C); got logits {tuple(logits.shape)} "
+        f"and labels {tuple(labels.shape)} ({labels.dtype})"
+    )
