@@ -115,7 +115,7 @@ def build(argv: list[str] | None = None) -> tuple[RecordingTrainer, argparse.Nam
 
 def main(argv: list[str] | None = None) -> dict:
     trainer, args = build(argv)
-    trainer.train(resume_from_checkpoint=args.resume)
+    trainer.train(resume_from_checkpoint=True if args.resume == "true" else args.resume)
     sampler = trainer.irdro_sampler
     result = {
         "record": trainer.record,
