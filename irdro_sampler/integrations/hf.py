@@ -28,10 +28,9 @@ How each part works (facts about transformers 5 / accelerate 1 checked in their 
   rank; ``prepare`` wraps every map-style loader's batch sampler in ``BatchSamplerShard``, which would
   keep only every ``world_size``-th of this rank's batches (half the data silently lost on 2 ranks).
   The wrapper is made a passthrough (``num_processes=1, process_index=0``: what transformers 5 itself
-  does for its rank-aware ``BatchRebalanceSampler``) and the result is checked: anything else
-  (``dispatch_batches``, an unknown wrapper) raises. The batch sampler has no ``batch_size`` attribute on
-  purpose: ``BatchSamplerShard`` pads a short last batch with the epoch's first samples when it knows a
-  batch size, even with one process. ``split_batches=True`` is refused (the per-device batch is the
+  does for its rank-aware ``BatchRebalanceSampler``; also ``batch_size=None, even_batches=False``, else
+  it pads a short last batch with the epoch's first samples, even as one process) and the result is
+  checked: anything else (``dispatch_batches``, an unknown wrapper) raises. ``split_batches=True`` is refused (the per-device batch is the
   sampler's batch). Tested by counting: with flat weights an epoch on 2 ranks trains every sample once.
 * **Indices.** The batch sampler yields ``(global_batch, index)`` keys; the data set wrapper hands the
   user's sample to the user's collator unchanged, and the collate wrapper adds ``irdro_sample_idx``
@@ -59,8 +58,9 @@ How each part works (facts about transformers 5 / accelerate 1 checked in their 
 Requirements: map-style train data (``datasets.Dataset`` or a torch ``Dataset`` with ``__len__``); an
 ``IterableDataset`` raises ``TypeError`` naming ``train_dataset`` (stream through
 ``irdro_sampler.integrations.streaming`` with Composer instead). Data parallelism (DDP, also FSDP/ZeRO
-in principle; tested: CPU with 1 and 2 gloo ranks). Supported: transformers >= 4.46 (``compute_loss``
-with ``num_items_in_batch``) with accelerate >= 1.0; tested on 5.x, see the CI lane.
+in principle; tested: CPU with 1 and 2 gloo ranks). Supported: transformers >= 4.48 (older ones cannot load
+their own RNG checkpoint files under torch >= 2.6's ``weights_only`` default) with accelerate >= 1.0; the CI
+lane tests both ends (4.48.3 with accelerate 1.0.1, and the newest 5.x with accelerate 1.x).
 """
 
 from __future__ import annotations
@@ -182,12 +182,13 @@ def _resolve_loss(per_sample_loss: PerSampleLoss | str | None) -> tuple[PerSampl
 class _RankBatches:
     """This rank's batches of an :class:`IRDROSampler` epoch, as lists of ``(global_batch, index)`` keys.
 
-    No ``batch_size`` attribute on purpose (see the module docstring: accelerate pads otherwise).
-    ``sampler`` is the IRDROSampler (accelerate's ``set_epoch`` reaches it there).
+    ``sampler`` is the IRDROSampler (accelerate's ``set_epoch`` reaches it there); ``batch_size`` is the
+    per-rank batch size (accelerate 1.0 refuses a batch sampler without one on several processes).
     """
 
     def __init__(self, sampler: IRDROSampler) -> None:
         self.sampler = sampler
+        self.batch_size = int(sampler.batch_size)
 
     def __len__(self) -> int:
         return int(self.sampler.batches_per_epoch)
@@ -267,6 +268,8 @@ def _neutralise_sharding(prepared: Any, ours: _RankBatches) -> None:
     if shard is not None and getattr(shard, "batch_sampler", None) is ours and hasattr(shard, "num_processes"):
         shard.num_processes = 1
         shard.process_index = 0
+        shard.batch_size = None  # no padding of the short last batch (every batch yielded as it is)
+        shard.even_batches = False
         if getattr(shard, "split_batches", False):
             raise ValueError("IRDROTrainer does not support accelerator_config split_batches=True")
         return
