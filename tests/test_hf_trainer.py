@@ -112,7 +112,17 @@ def test_resume_one_rank_is_bitwise(tmp_path):
     _resume_equals_uninterrupted([full], [resumed], first_step=10)
 
 
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(_transformers_major() < 5, reason=(
+    "transformers 4.x cannot resume a CPU DDP run under torch 2.7 at all: its _load_optimizer_and_scheduler "
+    "loads optimizer.pt with map_location=args.device ('cpu:0'), which torch 2.7's loader rejects "
+    "(before any sampler code runs; GPU runs are not affected)"))
 def test_resume_two_ranks_is_bitwise(tmp_path):
     common = ["--grad-accum", "2", "--epochs", "2", "--save-steps", "4", "--samples", "80", "--batch-size", "4"]
     full = _torchrun(tmp_path / "a", *common)  # 10 micro-batches per epoch and rank, 5 steps per epoch
