@@ -15,12 +15,12 @@ import os
 import sys
 import warnings
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from irdro_sampler import IndexedDataset, IRDROSampler
 from irdro_sampler.integrations.lightning import IRDROCallback
 
