@@ -26,6 +26,8 @@ TINY_FLAGS: dict[str, list[str]] = {
     "importance_sampling.py": ["--samples", "2000", "--steps", "60", "--check-batches", "500"],
     "composer_train.py": ["--steps", "12", "--num-samples", "128", "--batch-size", "16", "--log-interval", "4"],
     "composer_streaming_lm.py": ["--steps", "12"],
+    "hf_trainer.py": ["--samples", "256", "--epochs", "1"],
+    "lightning_train.py": ["--samples", "2000", "--epochs", "1"],
     # Writes into a fresh temporary folder, not into the repository's examples/llmfoundry_tokenizer.
     "llmfoundry_setup.py": ["--docs", "50", "--data", os.path.join(_SCRATCH, "data"), "--tokenizer",
                             os.path.join(_SCRATCH, "tokenizer")],
@@ -54,6 +56,10 @@ def test_example_runs_tiny(script):
     if script == "llmfoundry_setup.py":
         pytest.importorskip("streaming")
         pytest.importorskip("transformers")
+    if script == "hf_trainer.py":
+        pytest.importorskip("accelerate")  # the [hf] extra (its CI lane)
+    if script == "lightning_train.py":
+        pytest.importorskip("lightning")  # the [lightning] extra (its CI lane)
     proc = _run(script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -161,3 +167,43 @@ def test_composer_classifier_example_shows_its_claim():
     rare = names.index("class3")
     assert irdro["drawn"][rare] / total > share[rare], irdro["drawn"]
     assert irdro["drawn"][len(names) - 1] / total < share[len(names) - 1], irdro["drawn"]
+
+
+def _load_example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), EXAMPLES / name)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
+@pytest.mark.slow
+def test_hf_trainer_example_shows_its_claim():
+    """At the default seed and flags (the [hf] lane): IRDROTrainer with the library's defaults ends with a
+    rare-group held-out loss no worse than the stock Trainer's, draws the rare group more than its share,
+    and the noise less than its share (the stock Trainer's draws are exactly the data's shares: whole
+    epochs of a random permutation)."""
+    pytest.importorskip("accelerate")
+    example = _load_example("hf_trainer.py")
+    uniform = example.main(["--sampler", "uniform"])
+    irdro = example.main([])
+    assert irdro["rare"] <= uniform["rare"], (irdro, uniform)
+    assert irdro["common"] <= uniform["common"] + 0.05, (irdro, uniform)
+    assert irdro["drawn_noise"] < uniform["drawn_noise"], (irdro, uniform)
+    assert irdro["drawn_rare"] > uniform["drawn_rare"], (irdro, uniform)
+
+
+@pytest.mark.slow
+def test_lightning_example_shows_its_claim():
+    """At the default seed, 10,000 samples, 5 epochs (the [lightning] lane): IRDROCallback ends with a rare-group
+    test loss no worse than uniform sampling's, and the noise gets less than its share of the draws."""
+    pytest.importorskip("lightning")
+    example = _load_example("lightning_train.py")
+    flags = ["--samples", "10000", "--epochs", "5"]
+    uniform = example.main(["--sampler", "uniform", *flags])
+    irdro = example.main(flags)
+    assert irdro["rare"] <= uniform["rare"], (irdro, uniform)
+    assert irdro["common"] <= uniform["common"] + 0.01, (irdro, uniform)
+    assert irdro["drawn_noise"] < irdro["share_noise"], irdro
+    assert irdro["drawn_rare"] > irdro["share_rare"], irdro
