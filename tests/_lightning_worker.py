@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--flat", action="store_true")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--use-distributed-sampler", action="store_true")
+    ap.add_argument("--limit-batches", type=int, default=None, help="Trainer(limit_train_batches=...)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         use_distributed_sampler=args.use_distributed_sampler, logger=L.pytorch.loggers.CSVLogger(args.out),
         log_every_n_steps=2, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=bool(args.save_every), default_root_dir=args.out,
+        limit_train_batches=args.limit_batches,
     )
     module = Module(irdro, args.samples, args.batch_size, args.flat, args.workers)
     trainer.fit(module, ckpt_path=args.resume)

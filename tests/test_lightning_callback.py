@@ -90,6 +90,15 @@ def test_resume_one_rank_is_bitwise(tmp_path, ckpt, first_step):
     _same_after([full], [resumed], first_step)
 
 
+def test_resume_after_an_epoch_cut_by_limit_train_batches_is_bitwise(tmp_path):
+    """limit_train_batches=15 of 24: the checkpoint at the cut epoch's end resumes at the next epoch's start."""
+    common = ["--epochs", "2", "--limit-batches", "15"]
+    full = worker.main(["--out", str(tmp_path / "a"), *common, "--save-every", "15"])
+    resumed = worker.main(["--out", str(tmp_path / "b"), *common, "--resume",
+                           str(tmp_path / "a" / "ckpt" / "epoch=0-step=15.ckpt")])
+    _same_after([full], [resumed], first_step=24)
+
+
 @pytest.mark.slow
 def test_resume_two_ranks_is_bitwise(tmp_path):
     common = ["--epochs", "2", "--grad-accum", "2", "--samples", "80"]  # 10 batches per epoch and rank

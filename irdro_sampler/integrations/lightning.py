@@ -188,6 +188,9 @@ class IRDROCallback(Callback):
         all_idx, all_loss = gather_feedback(indices.to(device), losses.to(device), device=device)
         sampler.update(all_idx, all_loss, step=step)
         self._next_batch = step + 1
+        n_batches = float(trainer.num_training_batches)
+        if math.isfinite(n_batches) and batch_idx + 1 >= n_batches:  # the epoch's last (limit_train_batches too)
+            self._next_batch = (int(trainer.current_epoch) + 1) * int(sampler.batches_per_epoch)
         finite = torch.isfinite(all_loss)
         self._drawn_sum += float(all_loss[finite].double().sum())
         self._drawn_count += int(finite.sum())
