@@ -23,6 +23,11 @@ from ._validation import (
     validate_feedback,
 )
 
+#: The running loss keeps this weight on its old value (0 keeps only the last loss).
+DEFAULT_EMA = 0.5
+#: Unseen samples take the mean seen loss.
+DEFAULT_PRIOR = "mean"
+
 
 class LossTable:
     """Running per-sample losses: an exponential moving average, plus when and how often each was seen.
@@ -47,7 +52,7 @@ class LossTable:
     """
 
     def __init__(
-        self, num_samples: int, *, ema: float = 0.5, prior: float | str = "mean", groups: Any = None
+        self, num_samples: int, *, ema: float = DEFAULT_EMA, prior: float | str = DEFAULT_PRIOR, groups: Any = None
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")

@@ -121,7 +121,7 @@ def test_rank_shares_are_slices_of_one_global_batch(draws):
     """In-process: each rank yields its own slice of the global batch both ranks draw."""
     samplers = [IRDROSampler(N, BATCH, num_replicas=2, rank=r, draws=draws, **OPTIONS) for r in range(2)]
     for step, parts in enumerate(zip(*[iter_batches(s) for s in samplers], strict=True)):
-        glob = [s._drawn[step][0].tolist() for s in samplers]
+        glob = [s.drawn_batch(step)[0].tolist() for s in samplers]
         assert glob[0] == glob[1] == list(parts[0]) + list(parts[1])
         for s in samplers:
             s.update(glob[0], loss_of(glob[0], step), step=step)

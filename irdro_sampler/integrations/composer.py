@@ -65,8 +65,8 @@ from irdro_sampler import (
     kl_dro_weights,
 )
 from irdro_sampler._validation import as_groups
+from irdro_sampler.fingerprint import digest_to_int, table_digest
 from irdro_sampler.loss_table import check_table_state
-from irdro_sampler.sampler import digest_to_int, table_digest
 from irdro_sampler.weights import cut_transitions, kept_mask
 
 __all__ = [

@@ -31,9 +31,10 @@ from streaming import StreamingDataset
 
 from irdro_sampler._validation import state_entry, state_int
 from irdro_sampler.balanced import balanced_counts, initial_carry
+from irdro_sampler.fingerprint import digest_to_int
 from irdro_sampler.indexed import IndexedDataset
 from irdro_sampler.integrations._streaming_compat import SharedMemory, generate_work, shm_name
-from irdro_sampler.sampler import DRAW_SCHEMES, digest_to_int
+from irdro_sampler.sampler import DRAW_SCHEMES
 
 __all__ = [
     "WeightedStreamingDataset",
