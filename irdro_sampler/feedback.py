@@ -27,8 +27,8 @@ class FeedbackQueue:
     ``max_reported_step``: the largest step reported, i.e. the last batch known to be trained.
     """
 
-    def __init__(self, num_samples: int) -> None:
-        self.num_samples = int(num_samples)
+    def __init__(self, dataset_size: int) -> None:
+        self.dataset_size = int(dataset_size)
         self.pending: list[Record] = []
         self.seq = 0
         self.next_auto_step = 0
@@ -44,7 +44,7 @@ class FeedbackQueue:
         Returns the validated ``(indices, losses, skipped)``: non-finite losses are dropped and counted.
         Raises ``ValueError``/``TypeError`` naming the argument, and queues nothing, on bad input.
         """
-        idx, val, skipped = validate_feedback(indices, losses, self.num_samples)
+        idx, val, skipped = validate_feedback(indices, losses, self.dataset_size)
         step = self.next_auto_step if step is None else check_step(step)
         self.skipped_nonfinite += skipped
         if step <= self.applied_through:

@@ -136,7 +136,7 @@ class IRDROSampler(DistributedSampler):
         """Fresh run-time state around ``table``, ``rule`` and ``scheme``."""
         self.table, self.rule, self.draw_scheme = table, rule, scheme
         self.weights = TiltedMasses(table, rule, scheme)
-        self.feedback = FeedbackQueue(table.num_samples)
+        self.feedback = FeedbackQueue(table.dataset_size)
         self.drawn = DrawnBatches()
         self._last_drawn = -1
         self._start_batch = 0
@@ -154,7 +154,7 @@ class IRDROSampler(DistributedSampler):
     @property
     def dataset_size(self) -> int:
         """N, the number of samples in the data set (``num_samples`` is the per-rank epoch length)."""
-        return self.table.num_samples
+        return self.table.dataset_size
 
     # ------------------------------------------------------------------------------------ iteration
     def set_epoch(self, epoch: int) -> None:

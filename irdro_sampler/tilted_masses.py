@@ -48,8 +48,8 @@ class TiltedMasses:
         self.refreshes = self.rebases = self.remeasured_cut = self.readmitted = 0
 
     @property
-    def num_samples(self) -> int:
-        return self.table.num_samples
+    def dataset_size(self) -> int:
+        return self.table.dataset_size
 
     def groups_of(self, selection: Any) -> np.ndarray | None:
         return None if self.table.groups is None else self.table.groups[selection]
@@ -106,7 +106,7 @@ class TiltedMasses:
             self.rebases += 1
         leaves = self.scheme.leaf_buffer()  # masses are written in place (no N-sized temporary)
         kept_count = 0
-        for start in range(0, self.num_samples, _REBUILD_CHUNK):
+        for start in range(0, self.dataset_size, _REBUILD_CHUNK):
             part = slice(start, start + _REBUILD_CHUNK)
             mass, kept = masses(self.table.losses[part], self.params, self.groups_of(part))
             kept_count += int(np.count_nonzero(kept))
@@ -117,20 +117,20 @@ class TiltedMasses:
     # ---------------------------------------------------------------------------------- queries
     def draw_probabilities(self, drawn: np.ndarray) -> np.ndarray:
         """``p_i`` of drawn samples from their stored masses (what the batch was drawn with)."""
-        return mixture_probabilities(self.scheme.mass_of(drawn), self.scheme.total, self.num_samples,
+        return mixture_probabilities(self.scheme.mass_of(drawn), self.scheme.total, self.dataset_size,
                                      self.rule.uniform_mix)
 
     def point_probabilities(self, indices: np.ndarray) -> np.ndarray:
         """``p_i`` of ``indices`` under the current params (recomputed from the table)."""
         mass = masses(self.table.losses[indices], self.params, self.groups_of(indices))[0]
-        return mixture_probabilities(mass, self.scheme.total, self.num_samples, self.rule.uniform_mix)
+        return mixture_probabilities(mass, self.scheme.total, self.dataset_size, self.rule.uniform_mix)
 
     def probabilities(self) -> np.ndarray:
         """The whole distribution (O(N)); before the first refresh, the rule's fresh fit of the table."""
         if self.params is None:
             return self.rule.probabilities(self.table)
         mass = masses(self.table.losses, self.params, self.table.groups)[0]
-        return mixture_probabilities(mass, self.scheme.total, self.num_samples, self.rule.uniform_mix)
+        return mixture_probabilities(mass, self.scheme.total, self.dataset_size, self.rule.uniform_mix)
 
     def fit_and_kept(self) -> tuple[WeightParams, int]:
         """The params in force and the number of kept samples (a fresh fit before the first refresh)."""

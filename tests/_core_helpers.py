@@ -129,3 +129,10 @@ def chisquare_pvalue(counts: np.ndarray, probs: np.ndarray, min_expected: float 
     o = np.array(pooled_o)
     e *= o.sum() / e.sum()  # guard against float rounding in the totals
     return float(sps.chisquare(o, e).pvalue)
+
+
+def effective_losses(table: Any, prior: float | None = None) -> np.ndarray:
+    """A table's running losses as float64 with unseen samples filled with ``prior`` (default: its prior)."""
+    out = table.losses.astype(np.float64)
+    out[np.isnan(out)] = table.prior_value() if prior is None else prior
+    return out

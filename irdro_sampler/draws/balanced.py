@@ -35,14 +35,14 @@ class BalancedDraws:
     depends_on_history: ClassVar[bool] = True
 
     def __init__(
-        self, num_samples: int, *, global_batch: int, uniform_mix: float, seed: int, initial_phases: bool = True,
+        self, dataset_size: int, *, global_batch: int, uniform_mix: float, seed: int, initial_phases: bool = True,
         block_size: int | None = None, **_: Any,
     ) -> None:
-        self.num_samples = int(num_samples)
+        self.dataset_size = int(dataset_size)
         # Only carried through a restored state's ``block_size`` entry, so that it saves unchanged.
         self.block_size = _NO_TREE_BLOCK_SIZE if block_size is None else int(block_size)
-        self.stride = StrideScheduler(num_samples, global_batch, uniform_mix, seed, initial_phases=initial_phases)
-        self.masses = LeafMasses(num_samples, leaves=self.stride.masses)
+        self.stride = StrideScheduler(dataset_size, global_batch, uniform_mix, seed, initial_phases=initial_phases)
+        self.masses = LeafMasses(dataset_size, leaves=self.stride.masses)
 
     @classmethod
     def owns_state_entry(cls, entry: Any) -> bool:
@@ -112,16 +112,16 @@ class BalancedDraws:
         self.stride.load_state_dict(entry)  # after the masses: the keys are built from both
 
     @classmethod
-    def check_state_entry(cls, entry: Any, num_samples: int) -> None:
+    def check_state_entry(cls, entry: Any, dataset_size: int) -> None:
         """Refuse a malformed ``state['balanced']`` before anything changes."""
         if not isinstance(entry, dict):
             raise ValueError(f"state_dict['balanced'] must be None or a dict, got {type(entry).__name__}")
         for key, dtype in (("offsets", torch.float32), ("draws", torch.int32)):
             value = entry.get(key)
-            if not isinstance(value, torch.Tensor) or value.dtype != dtype or tuple(value.shape) != (num_samples,):
+            if not isinstance(value, torch.Tensor) or value.dtype != dtype or tuple(value.shape) != (dataset_size,):
                 got = f"{value.dtype}{tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(
-                    f"state_dict['balanced']['{key}'] must be a {dtype} tensor of shape ({num_samples},), got {got}"
+                    f"state_dict['balanced']['{key}'] must be a {dtype} tensor of shape ({dataset_size},), got {got}"
                 )
         if not torch.isfinite(entry["offsets"]).all():
             raise ValueError("state_dict['balanced']['offsets'] holds non-finite credits")

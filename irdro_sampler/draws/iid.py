@@ -24,17 +24,17 @@ class IIDDraws:
     depends_on_history: ClassVar[bool] = False
     DEFAULT_BLOCK_SIZE: ClassVar[int] = 8
 
-    def __init__(self, num_samples: int, *, block_size: int | None = None, **_: Any) -> None:
-        self.num_samples = int(num_samples)
+    def __init__(self, dataset_size: int, *, block_size: int | None = None, **_: Any) -> None:
+        self.dataset_size = int(dataset_size)
         self.block_size = self.DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
-        self.tree = FanoutSumTree(self.num_samples, fanout=max(2, self.block_size))
+        self.tree = FanoutSumTree(self.dataset_size, fanout=max(2, self.block_size))
 
     @classmethod
     def owns_state_entry(cls, entry: Any) -> bool:
         return entry is None  # i.i.d. states save no draw state (and states from before balanced draws)
 
     @classmethod
-    def check_state_entry(cls, entry: Any, num_samples: int) -> None:
+    def check_state_entry(cls, entry: Any, dataset_size: int) -> None:
         """Nothing to check: an i.i.d. state has no ``state['balanced']``."""
 
     def reusable_for(self, block_size: int) -> bool:
@@ -82,9 +82,9 @@ class IIDDraws:
             from_floor = np.full(size, uniform_mix >= 1.0)
         n_floor = int(np.count_nonzero(from_floor))
         if n_floor == size:
-            out[:] = rng.integers(0, self.num_samples, size=size)
+            out[:] = rng.integers(0, self.dataset_size, size=size)
         elif n_floor:
-            out[from_floor] = rng.integers(0, self.num_samples, size=n_floor)
+            out[from_floor] = rng.integers(0, self.dataset_size, size=n_floor)
             out[~from_floor] = self._draw_tilted(rng, size - n_floor)
         else:
             out[:] = self._draw_tilted(rng, size)
