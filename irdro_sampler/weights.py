@@ -9,7 +9,7 @@ losses of 1e3 neither overflow nor return NaN.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -520,3 +520,8 @@ def mixture_probabilities(mass: np.ndarray, mass_total: float, num_samples: int,
     if uniform_mix > 0.0:
         p += uniform_mix / num_samples
     return p
+
+
+#: The weighting rule's option names: :class:`DROWeighting`'s fields, the keywords that ``IRDROSampler``,
+#: the integrations and ``inspect`` take and pass on.
+RULE_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(DROWeighting))
