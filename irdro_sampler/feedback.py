@@ -81,7 +81,7 @@ class FeedbackQueue:
             "max_reported_step": self.max_reported_step,
         }
 
-    def restore(self, schedule: dict[str, int], pending: list[Record], digest: bytes, counters: dict[str, int]) -> None:
+    def restore(self, schedule: dict[str, int], pending: list[Record], digest: bytes) -> None:
         """Take a checked state's queue entries."""
         self.seq = schedule["seq"]
         self.next_auto_step = schedule["next_auto_step"]
@@ -89,5 +89,3 @@ class FeedbackQueue:
         self.max_reported_step = schedule["max_reported_step"]
         self.pending = pending
         self.digest = digest
-        self.late_feedback = counters.get("late_feedback", 0)
-        self.skipped_nonfinite = counters.get("skipped_nonfinite", 0)

@@ -1,11 +1,11 @@
 """IRDROSampler: draw training indices from closed-form KL-DRO weights of running losses.
 
-The sampler wires five pieces, each in its own module: the :class:`~irdro_sampler.feedback.FeedbackQueue`
-(reported losses, held until their batch is due), the :class:`~irdro_sampler.loss_table.LossTable`
-(running losses), :class:`~irdro_sampler.tilted_masses.TiltedMasses` (the fitted rule applied to the
-table), a draw scheme from :mod:`irdro_sampler.draws` (how a batch is drawn from the masses), and the
-:class:`~irdro_sampler.drawn_batches.DrawnBatches` buffer (replays). Its state is packed and checked by
-:mod:`irdro_sampler.sampler_state`; its diagnostics come from :mod:`irdro_sampler.diagnostics`.
+The sampler is the ``torch.utils.data`` face of the library: epochs, ranks and the public API. What a
+global batch holds is decided by :class:`~irdro_sampler.batch_order.BatchOrder` (the order contract)
+from its pieces, each in its own module: the :class:`~irdro_sampler.feedback.FeedbackQueue`, the
+:class:`~irdro_sampler.loss_table.LossTable`, :class:`~irdro_sampler.tilted_masses.TiltedMasses` and a
+draw scheme of :mod:`irdro_sampler.draws`. The state is packed and checked by
+:mod:`irdro_sampler.sampler_state`; diagnostics come from :mod:`irdro_sampler.diagnostics`.
 """
 
 from __future__ import annotations
@@ -15,20 +15,17 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from ._validation import as_indices, check_int, check_step
+from .batch_order import BatchOrder
 from .diagnostics import weighting_diagnostics
-from .drawn_batches import DrawnBatches
 from .draws import draw_scheme_class, draw_scheme_names
-from .feedback import FeedbackQueue
 from .fingerprint import options_fingerprint, table_digest
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
-from .sampler_state import STATE_FORMAT, STATE_VERSION, check_state, pack_records
-from .tilted_masses import TiltedMasses
+from .sampler_state import check_state, pack_state
 from .weights import DROWeighting
 
 __all__ = ["DRAW_SCHEMES", "IRDROSampler"]
@@ -113,17 +110,17 @@ class IRDROSampler(DistributedSampler):
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         per_rank = -(-size // num_replicas) if num_samples is None else num_samples
         self._set_layout(check_int(per_rank, "num_samples", minimum=1))
-        self.feedback_delay = check_int(feedback_delay, "feedback_delay", minimum=1)
+        feedback_delay = check_int(feedback_delay, "feedback_delay", minimum=1)
         if refresh_interval is None:
             # Recalibrate after ~1/16 of the data set has been drawn, at least every 4 batches: the
             # O(N) refresh then costs a fraction of a step, and prior/cut/temperature move slowly.
             refresh_interval = max(4, size // (16 * self.global_batch_size))
-        self.refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
+        refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
         rule = DROWeighting(**rule_options)
         table = LossTable(size, ema=ema, prior=prior, groups=groups)
         scheme = scheme_cls(size, global_batch=self.global_batch_size, uniform_mix=rule.uniform_mix, seed=seed,
                             block_size=block_size)
-        self._assemble(table, rule, scheme)
+        self._assemble(table, rule, scheme, feedback_delay, refresh_interval)
 
     def _set_layout(self, num_samples: int) -> None:
         self.num_samples = num_samples
@@ -132,14 +129,23 @@ class IRDROSampler(DistributedSampler):
         self.batches_per_epoch = self.layout.batches_per_epoch
         self.global_batch_size = self.layout.global_batch_size
 
-    def _assemble(self, table: LossTable, rule: DROWeighting, scheme: Any) -> None:
-        """Fresh run-time state around ``table``, ``rule`` and ``scheme``."""
+    def _assemble(self, table: LossTable, rule: DROWeighting, scheme: Any, feedback_delay: int,
+                  refresh_interval: int) -> None:
+        """Fresh run-time state around ``table``, ``rule`` and ``scheme`` (``self.seed`` set first)."""
         self.table, self.rule, self.draw_scheme = table, rule, scheme
-        self.weights = TiltedMasses(table, rule, scheme)
-        self.feedback = FeedbackQueue(table.dataset_size)
-        self.drawn = DrawnBatches()
-        self._last_drawn = -1
-        self._start_batch = 0
+        self.order = BatchOrder(table, rule, scheme, self.layout, seed=self.seed, feedback_delay=feedback_delay,
+                                refresh_interval=refresh_interval)
+        self.start_batch = 0  # where the next iter() starts (set_start_batch), saved in the state
+
+    @property
+    def feedback_delay(self) -> int:
+        """Feedback of step ``s`` is applied before drawing batch ``s + feedback_delay``."""
+        return self.order.feedback_delay
+
+    @property
+    def refresh_interval(self) -> int:
+        """Batches between the O(N) refits of prior, cut and temperature."""
+        return self.order.refresh_interval
 
     @property
     def draws(self) -> str:
@@ -169,7 +175,7 @@ class IRDROSampler(DistributedSampler):
         start = check_int(batch_in_epoch, "batch_in_epoch", minimum=0)
         if start > self.batches_per_epoch:
             raise ValueError(f"batch_in_epoch must be <= {self.batches_per_epoch}, got {batch_in_epoch}")
-        self._start_batch = start
+        self.start_batch = start
 
     def __len__(self) -> int:
         return self.num_samples
@@ -184,12 +190,13 @@ class IRDROSampler(DistributedSampler):
         Batch ``j + 1`` is drawn only when requested, so feedback reported in between is in time.
         :class:`~irdro_sampler.IRDROBatchSampler` hands these to a DataLoader as ``batch_sampler``.
         """
-        epoch, start = self.epoch, self._start_batch
-        self._start_batch = 0
-        already_trained = (epoch + 1) * self.batches_per_epoch - 1 <= self.feedback.max_reported_step
+        epoch, start = self.epoch, self.start_batch
+        self.start_batch = 0
+        max_reported = self.order.feedback.max_reported_step
+        already_trained = (epoch + 1) * self.batches_per_epoch - 1 <= max_reported
         for j in range(start, self.batches_per_epoch):
             b = epoch * self.batches_per_epoch + j
-            indices, _ = self._batch(b, self.layout.global_size(b))
+            indices, _ = self.order.batch(b)
             yield indices[self.layout.rank_slice(b)]
         if already_trained:
             # A whole epoch re-iterated after it was trained: the loop forgot set_epoch(), and the
@@ -197,7 +204,7 @@ class IRDROSampler(DistributedSampler):
             # resume reads only their first batches, so it does not get here.)
             warnings.warn(
                 f"IRDROSampler: epoch {epoch} was iterated again after it was trained (feedback "
-                f"reported up to step {self.feedback.max_reported_step}); call sampler.set_epoch(epoch) "
+                f"reported up to step {max_reported}); call sampler.set_epoch(epoch) "
                 "before each epoch",
                 stacklevel=3,
             )
@@ -211,9 +218,10 @@ class IRDROSampler(DistributedSampler):
         step + 1. The feedback is buffered and applied just before drawing batch
         ``step + feedback_delay``. Raises (changing nothing) on bad input.
         """
-        _, _, skipped = self.feedback.add(indices, losses, step)
+        feedback = self.order.feedback
+        _, _, skipped = feedback.add(indices, losses, step)
         self.table.num_skipped += skipped
-        self.drawn.forget_trained(self.feedback.max_reported_step)
+        self.order.drawn.forget_trained(feedback.max_reported_step)
 
     def flush(self) -> None:
         """Apply all buffered feedback now, whatever its step (for analysis and offline use).
@@ -221,51 +229,12 @@ class IRDROSampler(DistributedSampler):
         Draws after a flush are still a pure function of the call sequence, but differ from a run
         without the flush.
         """
-        self._ensure_params()
-        self.weights.apply(self.feedback.take_due(float("inf")))
-
-    def _advance_to(self, b: int) -> None:
-        """Bring the weights to the state batch ``b`` is drawn from (idempotent for the same ``b``)."""
-        self.weights.apply(self.feedback.take_due(b - self.feedback_delay))
-        self.feedback.mark_applied(b - self.feedback_delay)
-        self.weights.refresh_if_due(b, self.refresh_interval)
-
-    def _ensure_params(self) -> None:
-        if self.weights.params is None:
-            self._advance_to(self._last_drawn + 1)
-
-    # ------------------------------------------------------------------------------------ drawing
-    def _batch(self, b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Indices (global batch) and their draw probabilities for global batch ``b``."""
-        buffered = self.drawn.get(b)
-        if buffered is not None:
-            return buffered
-        if b <= self._last_drawn:
-            if b > self.feedback.max_reported_step:  # not yet trained, yet no longer buffered
-                self.drawn.stale_replays += 1
-            self._ensure_params()
-            return self._draw(b, size, commit=False)
-        if self.draw_scheme.depends_on_history:
-            # Draw skipped batches first: a loop that starts late with set_start_batch / set_epoch
-            # gets the batches an uninterrupted run gets.
-            for skipped in range(self._last_drawn + 1, b):
-                self._batch(skipped, self.layout.global_size(skipped))
-        self._advance_to(b)
-        out = self._draw(b, size)
-        self.drawn.put(b, out, self.feedback_delay)
-        self._last_drawn = b
-        return out
-
-    def _draw(self, b: int, size: int, *, commit: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Draw global batch ``b``; ``commit=False`` (a stale replay) leaves the scheme's state as it is."""
-        rng = np.random.default_rng([self.seed, b])
-        out = self.draw_scheme.draw(rng, size, self.rule.uniform_mix, commit=commit)
-        return out, self.weights.draw_probabilities(out)
+        self.order.flush()
 
     def drawn_batch(self, b: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Global batch ``b`` as ``(indices of all ranks, their draw probabilities)`` while it is buffered
         (drawn and not yet known to be trained); ``None`` otherwise. Read-only."""
-        return self.drawn.get(check_step(b, "b"))
+        return self.order.drawn.get(check_step(b, "b"))
 
     # ------------------------------------------------------------------------------------ queries
     def probabilities(self) -> np.ndarray:
@@ -274,7 +243,7 @@ class IRDROSampler(DistributedSampler):
         Before the first draw: the distribution the first batch would be drawn from given the
         feedback applied so far. Read-only: querying never changes the sample order. O(N).
         """
-        return self.weights.probabilities()
+        return self.order.weights.probabilities()
 
     def importance_weights(self, indices: Any, step: int | None = None) -> np.ndarray:
         """``1 / (N p_i)`` for ``indices``: multiply per-sample losses by these to train the ERM objective.
@@ -286,30 +255,23 @@ class IRDROSampler(DistributedSampler):
         batches estimates the uniform mean, with an error bounded through the count bound.
         """
         idx = as_indices(indices, self.dataset_size)
-        p = None if step is None else self.drawn.probabilities_of(check_step(step), idx)
+        weights = self.order.weights
+        p = None if step is None else self.order.drawn.probabilities_of(check_step(step), idx)
         if p is None:
-            p = self.probabilities()[idx] if self.weights.params is None else self.weights.point_probabilities(idx)
+            p = self.probabilities()[idx] if weights.params is None else weights.point_probabilities(idx)
         with np.errstate(divide="ignore"):
             return 1.0 / (self.dataset_size * p)
 
     def stats(self) -> dict[str, float]:
         """Diagnostics of the current distribution (O(N)) and of the feedback stream."""
-        params, kept = self.weights.fit_and_kept()
+        params, kept = self.order.weights.fit_and_kept()
         return {
             **weighting_diagnostics(self.probabilities(), self.table, params, kept_count=kept),
-            "pending_feedback": float(len(self.feedback.pending)),
+            "pending_feedback": float(len(self.order.feedback.pending)),
             "rekeys": float(self.draw_scheme.rekeys),
-            "last_drawn_batch": float(self._last_drawn),
-            **{k: float(v) for k, v in self._counters().items()},
+            "last_drawn_batch": float(self.order.last_drawn),
+            **{k: float(v) for k, v in self.order.counters().items()},
         }
-
-    def _counters(self) -> dict[str, int]:
-        f, w = self.feedback, self.weights
-        return {
-            "late_feedback": f.late_feedback, "skipped_nonfinite": f.skipped_nonfinite,
-            "stale_replays": self.drawn.stale_replays, "refreshes": w.refreshes, "rebases": w.rebases,
-            "remeasured_cut": w.remeasured_cut, "readmitted": w.readmitted,
-        }  # fmt: skip
 
     def fingerprint(self) -> int:
         """A signed 64-bit digest of everything that decides the sample order; equal on ranks that agree.
@@ -326,43 +288,12 @@ class IRDROSampler(DistributedSampler):
             self.feedback_delay, self.refresh_interval, *tree,
             sorted(self.rule.config().items()), self.table.ema, self.table.prior, self.table.groups_digest(), self.draws,
         )  # fmt: skip
-        return options_fingerprint(options, key=self.feedback.digest)
+        return options_fingerprint(options, key=self.order.feedback.digest)
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides the future sample order: tensors and primitives only."""
-        pend = self.feedback.sorted_pending()
-        drawn = self.drawn.sorted_items()
-        params = self.weights.params
-        return {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "dataset_size": self.dataset_size,
-            "num_samples": self.num_samples,
-            "batch_size": self.batch_size,
-            "num_replicas": self.num_replicas,
-            "seed": self.seed,
-            "epoch": self.epoch,
-            "feedback_delay": self.feedback_delay,
-            "refresh_interval": self.refresh_interval,
-            "block_size": self.block_size,
-            "rule": self.rule.config(),
-            "table": self.table.state_dict(),
-            "params": None if params is None else list(params[:4]),
-            "group_threshold": None if params is None or params.group_threshold is None
-            else torch.from_numpy(params.group_threshold.copy()),
-            "schedule": {
-                **self.feedback.schedule(),
-                "last_drawn": self._last_drawn,
-                "refresh_block": self.weights.refresh_block,
-                "start_batch": self._start_batch,
-            },
-            "counters": self._counters(),
-            "feedback_digest": self.feedback.digest.hex(),
-            "pending": pack_records([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
-            "drawn": pack_records([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
-            "balanced": self.draw_scheme.state_entry(),  # the draw scheme's own part (None for i.i.d.)
-        }
+        return pack_state(self)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], *, rank: int = 0) -> IRDROSampler:
@@ -416,22 +347,18 @@ class IRDROSampler(DistributedSampler):
                                 uniform_mix=checked["rule"].uniform_mix, seed=checked["seed"], initial_phases=False)
         table = LossTable(self.dataset_size)
         table._assign(checked["table"])  # checked by check_state: no second pass over the arrays
-        for key in ("seed", "epoch", "feedback_delay", "refresh_interval"):
-            setattr(self, key, checked[key])
-        self._assemble(table, checked["rule"], scheme)
-        sched, counters = checked["schedule"], checked["counters"]
-        self.feedback.restore(sched, checked["pending"], checked["feedback_digest"] or table_digest(table), counters)
-        self._last_drawn = sched["last_drawn"]
-        self._start_batch = sched["start_batch"]
-        self.drawn.batches = checked["drawn"]
-        self.drawn.stale_replays = counters.get("stale_replays", 0)
-        w = self.weights
-        w.refresh_block = sched["refresh_block"]
-        for key in ("refreshes", "rebases", "remeasured_cut", "readmitted"):
-            setattr(w, key, counters.get(key, 0))
+        self.seed, self.epoch, sched = checked["seed"], checked["epoch"], checked["schedule"]
+        self._assemble(table, checked["rule"], scheme, checked["feedback_delay"], checked["refresh_interval"])
+        self.start_batch = sched["start_batch"]
+        order = self.order
+        order.feedback.restore(sched, checked["pending"], checked["feedback_digest"] or table_digest(table))
+        order.restore_counters(checked["counters"])
+        order.last_drawn = sched["last_drawn"]
+        order.drawn.batches = checked["drawn"]
+        order.weights.refresh_block = sched["refresh_block"]
         if checked["params"] is not None:
-            w.params = checked["params"]
-            w.rebuild(rebase=False, rekey=False)
+            order.weights.params = checked["params"]
+            order.weights.rebuild(rebase=False, rekey=False)
         scheme.load_state_entry(checked["balanced"])
 
 

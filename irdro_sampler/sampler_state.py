@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from .draws import scheme_for_state_entry
 from .loss_table import check_table_state, count_groups
 from .weights import DROWeighting, WeightParams, max_kept_loss
 
+if TYPE_CHECKING:
+    from .sampler import IRDROSampler
+
 STATE_FORMAT = "irdro_sampler.IRDROSampler"
 STATE_VERSION = 1
 W = "state_dict"  # how error messages name the state
@@ -29,6 +32,43 @@ W = "state_dict"  # how error messages name the state
 def is_sampler_state(obj: Any) -> bool:
     """Whether ``obj`` carries the sampler state's format marker (it may still be malformed)."""
     return isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT
+
+
+def pack_state(sampler: IRDROSampler) -> dict[str, Any]:
+    """``sampler.state_dict()``: everything that decides the future sample order."""
+    order = sampler.order
+    pend = order.feedback.sorted_pending()
+    drawn = order.drawn.sorted_items()
+    params = order.weights.params
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "dataset_size": sampler.dataset_size,
+        "num_samples": sampler.num_samples,
+        "batch_size": sampler.batch_size,
+        "num_replicas": sampler.num_replicas,
+        "seed": sampler.seed,
+        "epoch": sampler.epoch,
+        "feedback_delay": order.feedback_delay,
+        "refresh_interval": order.refresh_interval,
+        "block_size": sampler.block_size,
+        "rule": sampler.rule.config(),
+        "table": sampler.table.state_dict(),
+        "params": None if params is None else list(params[:4]),
+        "group_threshold": None if params is None or params.group_threshold is None
+        else torch.from_numpy(params.group_threshold.copy()),
+        "schedule": {
+            **order.feedback.schedule(),
+            "last_drawn": order.last_drawn,
+            "refresh_block": order.weights.refresh_block,
+            "start_batch": sampler.start_batch,
+        },
+        "counters": order.counters(),
+        "feedback_digest": order.feedback.digest.hex(),
+        "pending": pack_records([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
+        "drawn": pack_records([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
+        "balanced": sampler.draw_scheme.state_entry(),  # the draw scheme's own part (None for i.i.d.)
+    }
 
 
 def check_state(state: Any) -> dict[str, Any]:

@@ -304,14 +304,14 @@ def _assert_tree_is_rebuild(s: IRDROSampler) -> None:
     draws the leaves bit for bit and their running total within its rounding (see LeafMasses)."""
     structure = s.draw_scheme.tree if s.draws == "iid" else s.draw_scheme.masses
     nodes = structure.nodes.copy()
-    n_kept = s.weights.kept_count
-    s.weights.rebuild(rebase=False)
+    n_kept = s.order.weights.kept_count
+    s.order.weights.rebuild(rebase=False)
     if s.draws == "iid":
         np.testing.assert_array_equal(nodes, structure.nodes)
     else:
         np.testing.assert_array_equal(nodes[:-1], structure.nodes[:-1])
         assert math.isclose(nodes[-1], structure.nodes[-1], rel_tol=1e-9)
-    assert n_kept == s.weights.kept_count
+    assert n_kept == s.order.weights.kept_count
     assert np.all(np.isfinite(nodes)) and np.all(nodes >= 0)
     p = s.probabilities()
     assert np.all(np.isfinite(p)) and np.all(p >= 0)

@@ -209,8 +209,8 @@ def test_stale_replay_leaves_credits_alone():
     for step, b in enumerate(iter_batches(s)):
         s.update(b, loss_of(b, step), step=step)
     before = s.draw_scheme.stride.state_dict()
-    s.drawn.batches.clear()
-    s._batch(3, 10)  # no longer buffered, not trained
+    s.order.drawn.batches.clear()
+    s.order.batch(3)  # no longer buffered
     after = s.draw_scheme.stride.state_dict()
     assert all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before)
 

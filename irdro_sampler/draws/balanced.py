@@ -46,7 +46,8 @@ class BalancedDraws:
 
     @classmethod
     def owns_state_entry(cls, entry: Any) -> bool:
-        return entry is not None
+        # The first scheme with a saved part, so its entry carries no "scheme" name (see base.py).
+        return entry is not None and not (isinstance(entry, dict) and "scheme" in entry)
 
     def reusable_for(self, block_size: int) -> bool:
         return False  # a restored state brings its own credits and phases

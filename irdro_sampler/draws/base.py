@@ -57,7 +57,20 @@ class DrawScheme(Protocol):
         scheme's state as it was."""
 
     def state_entry(self) -> dict[str, Any] | None:
-        """This scheme's part of the sampler state (``state['balanced']``), tensors and numbers only."""
+        """This scheme's part of the sampler state, saved as ``state['balanced']`` (the key's name predates
+        the registry): tensors and numbers only. A scheme registered after ``"balanced"`` saves a dict
+        holding ``"scheme": name``, so that a loaded state finds its scheme (:meth:`owns_state_entry`)."""
+
+    @classmethod
+    def owns_state_entry(cls, entry: Any) -> bool:
+        """Whether a saved ``state['balanced']`` belongs to this scheme."""
+
+    @classmethod
+    def check_state_entry(cls, entry: Any, dataset_size: int) -> None:
+        """Raise ``ValueError`` naming the entry unless ``entry`` is a well-formed :meth:`state_entry`."""
+
+    def reusable_for(self, block_size: int) -> bool:
+        """Whether a load may keep this structure (it is rebuilt from the table) rather than allocate anew."""
 
     def load_state_entry(self, entry: dict[str, Any] | None) -> None:
         """Restore :meth:`state_entry` (checked by :meth:`check_state_entry`) after the masses were rebuilt."""
