@@ -90,6 +90,12 @@ class LossTable:
         return self.dataset_size
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the per-sample arrays (12 per sample; 2 more with groups)."""
+        arrays = (self.losses, self.counts, self.last_step, *(() if self.groups is None else (self.groups,)))
+        return sum(a.nbytes for a in arrays)
+
+    @property
     def num_samples(self) -> int:
         """Alias of :attr:`dataset_size` (N; the name streaming and saved states use for it)."""
         return self.dataset_size

@@ -158,6 +158,11 @@ class IRDROSampler(DistributedSampler):
         return self.draw_scheme.block_size
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the sampler's O(N) memory: the loss table and the draw scheme's structures."""
+        return self.table.nbytes + self.draw_scheme.nbytes
+
+    @property
     def dataset_size(self) -> int:
         """N, the number of samples in the data set (``num_samples`` is the per-rank epoch length)."""
         return self.table.dataset_size

@@ -119,3 +119,12 @@ def test_registering_a_taken_name_is_refused(floor_only):
 def test_unknown_scheme_lists_the_registered_ones(floor_only):
     with pytest.raises(ValueError, match=r"draws must be 'balanced' or 'iid' or 'floor-only-test', got 'x'"):
         IRDROSampler(10, 2, draws="x")
+
+
+@pytest.mark.parametrize(("draws", "low", "high"), [("iid", 21.0, 21.5), ("balanced", 32.4, 32.7)])
+def test_nbytes_per_sample(draws, low, high):
+    n = 200_000
+    s = IRDROSampler(n, 64, draws=draws)
+    assert low <= s.nbytes / n <= high
+    with_groups = IRDROSampler(n, 64, draws=draws, groups=np.arange(n) % 3)
+    assert with_groups.nbytes - s.nbytes == 2 * n

@@ -60,6 +60,12 @@ class BalancedDraws:
     def rekeys(self) -> int:
         return self.stride.rekeys
 
+    @property
+    def nbytes(self) -> int:
+        """The per-sample records (mass, credit offset, draw count: 16 bytes) and the key tree."""
+        stride = self.stride
+        return self.masses.nbytes + stride.offsets.nbytes + stride.draws.nbytes + stride.keys.nbytes
+
     def mass_of(self, indices: np.ndarray) -> np.ndarray:
         return self.masses.levels[0][indices]
 

@@ -34,6 +34,10 @@ class DrawScheme(Protocol):
     @property
     def rekeys(self) -> int: ...
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the O(N) structures this scheme keeps."""
+
     def mass_of(self, indices: np.ndarray) -> np.ndarray:
         """The stored masses of ``indices`` (bitwise what was written)."""
 
