@@ -101,11 +101,7 @@ class IRDROSampler(DistributedSampler):
         num_replicas, rank = _world(num_replicas, rank)
         seed = check_int(seed, "seed", minimum=0)
         scheme_cls = draw_scheme_class(draws)
-        if block_size is not None:
-            block_size = check_int(block_size, "block_size", minimum=1)
-            if scheme_cls.name != "iid":
-                raise ValueError(f"block_size is the i.i.d. draws' sum-tree fanout; draws={draws!r} keeps no tree, "
-                                 f"got block_size={block_size}")
+        scheme_options = scheme_cls.options(block_size=block_size)  # validated by the scheme
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         per_rank = -(-size // num_replicas) if num_samples is None else num_samples
@@ -119,7 +115,7 @@ class IRDROSampler(DistributedSampler):
         rule = DROWeighting(**rule_options)
         table = LossTable(size, ema=ema, prior=prior, groups=groups)
         scheme = scheme_cls(size, global_batch=self.global_batch_size, uniform_mix=rule.uniform_mix, seed=seed,
-                            block_size=block_size)
+                            **scheme_options)
         self._assemble(table, rule, scheme, feedback_delay, refresh_interval)
 
     def _set_layout(self, num_samples: int) -> None:
@@ -282,15 +278,14 @@ class IRDROSampler(DistributedSampler):
         """A signed 64-bit digest of everything that decides the sample order; equal on ranks that agree.
 
         It covers the seed, the data set size and batch geometry, every option of the weighting rule and
-        the loss table, ``feedback_delay``, ``refresh_interval``, the draw scheme (and ``block_size``
-        under i.i.d. draws), and every feedback record applied so far (a running digest, O(1) per call,
+        the loss table, ``feedback_delay``, ``refresh_interval``, the draw scheme and its options
+        (``block_size`` under i.i.d. draws), and every feedback record applied so far (a running digest, O(1) per call,
         saved in :meth:`state_dict`); not the rank. Compare it across ranks to catch diverging samplers
         (the Composer ``IRDRO`` algorithm does; in a plain loop ``dist.all_gather_object``).
         """
-        tree = (self.block_size,) if self.draws == "iid" else ()
         options = (
             self.seed, self.dataset_size, self.num_samples, self.batch_size, self.num_replicas,
-            self.feedback_delay, self.refresh_interval, *tree,
+            self.feedback_delay, self.refresh_interval, *self.draw_scheme.config().values(),
             sorted(self.rule.config().items()), self.table.ema, self.table.prior, self.table.groups_digest(), self.draws,
         )  # fmt: skip
         return options_fingerprint(options, key=self.order.feedback.digest)
@@ -308,9 +303,8 @@ class IRDROSampler(DistributedSampler):
         so a small file cannot claim a huge data set.
         """
         checked = check_state(state)
-        tree = {"block_size": checked["block_size"]} if checked["draws"].name == "iid" else {}
         sampler = cls(checked["dataset_size"], checked["batch_size"], num_samples=checked["num_samples"],
-                      num_replicas=checked["num_replicas"], rank=rank, draws=checked["draws"].name, **tree)
+                      num_replicas=checked["num_replicas"], rank=rank, draws=checked["draws"].name)
         sampler._commit_state(checked)
         return sampler
 
