@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +20,6 @@ from ._validation import MAX_LOSS, MAX_STEP, check_range, state_array, state_ent
 from .draws import scheme_for_state_entry
 from .loss_table import check_table_state, count_groups
 from .weights import DROWeighting, WeightParams, max_kept_loss
-
-if TYPE_CHECKING:
-    from .sampler import IRDROSampler
 
 STATE_FORMAT = "irdro_sampler.IRDROSampler"
 STATE_VERSION = 1
@@ -34,8 +31,9 @@ def is_sampler_state(obj: Any) -> bool:
     return isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT
 
 
-def pack_state(sampler: IRDROSampler) -> dict[str, Any]:
-    """``sampler.state_dict()``: everything that decides the future sample order."""
+def pack_state(sampler: Any) -> dict[str, Any]:
+    """``sampler.state_dict()`` of an :class:`~irdro_sampler.IRDROSampler`: everything that decides the
+    future sample order. (Typed ``Any`` so that this module, which the sampler imports, imports no sampler.)"""
     order = sampler.order
     pend = order.feedback.sorted_pending()
     drawn = order.drawn.sorted_items()
