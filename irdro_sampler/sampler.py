@@ -18,15 +18,16 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from ._validation import as_indices, check_int, check_step
+from ._validation import MAX_STEP, as_indices, check_int, check_step
 from .batch_order import BatchOrder
 from .diagnostics import weighting_diagnostics
 from .draws import draw_scheme_class, draw_scheme_names
 from .fingerprint import options_fingerprint, table_digest
+from .fixed_weights import FixedWeights
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
 from .sampler_state import check_state, pack_state
-from .weights import DROWeighting
+from .weights import RULE_OPTIONS, DROWeighting
 
 __all__ = ["DRAW_SCHEMES", "IRDROSampler"]
 
@@ -125,7 +126,7 @@ class IRDROSampler(DistributedSampler):
         self.batches_per_epoch = self.layout.batches_per_epoch
         self.global_batch_size = self.layout.global_batch_size
 
-    def _assemble(self, table: LossTable, rule: DROWeighting, scheme: Any, feedback_delay: int,
+    def _assemble(self, table: LossTable, rule: DROWeighting | FixedWeights, scheme: Any, feedback_delay: int,
                   refresh_interval: int) -> None:
         """Fresh run-time state around ``table``, ``rule`` and ``scheme`` (``self.seed`` set first)."""
         self.table, self.rule, self.draw_scheme = table, rule, scheme
@@ -286,7 +287,7 @@ class IRDROSampler(DistributedSampler):
         options = (
             self.seed, self.dataset_size, self.num_samples, self.batch_size, self.num_replicas,
             self.feedback_delay, self.refresh_interval, *self.draw_scheme.config().values(),
-            sorted(self.rule.config().items()), self.table.ema, self.table.prior, self.table.groups_digest(), self.draws,
+            self.rule.identity(), self.table.ema, self.table.prior, self.table.groups_digest(), self.draws,
         )  # fmt: skip
         return options_fingerprint(options, key=self.order.feedback.digest)
 
@@ -306,6 +307,28 @@ class IRDROSampler(DistributedSampler):
         sampler = cls(checked["dataset_size"], checked["batch_size"], num_samples=checked["num_samples"],
                       num_replicas=checked["num_replicas"], rank=rank, draws=checked["draws"].name)
         sampler._commit_state(checked)
+        return sampler
+
+    @classmethod
+    def from_weights(cls, weights: Any, batch_size: int, *, uniform_mix: float = 0.0, **options: Any) -> IRDROSampler:
+        """A distributed, resumable weighted sampler with weights the user sets (no losses needed).
+
+        ``p_i = (1 - uniform_mix) w_i / sum(w) + uniform_mix / N`` for every batch (``weights``: N finite
+        values >= 0 with a positive sum, kept in float64). The sampler otherwise behaves as always:
+        ``draws="balanced"`` (default) keeps every count within 2 of ``G p_i`` per batch (i.i.d. with
+        ``draws="iid"``, as ``WeightedRandomSampler(replacement=True)``), ranks yield disjoint shares of
+        one global batch, :meth:`state_dict` resumes exactly, any N (no 2**24 limit). ``options`` are
+        the constructor's (``num_replicas``, ``rank``, ``seed``, ``draws``, ``num_samples``, ...; no rule
+        options: the weights are the rule). Feedback given to :meth:`update` changes nothing.
+        """
+        rule = FixedWeights(weights, uniform_mix=uniform_mix)
+        if options.keys() & set(RULE_OPTIONS):
+            raise TypeError(f"from_weights takes no rule options (the weights are the rule), got "
+                            f"{sorted(options.keys() & set(RULE_OPTIONS))}")
+        # Refit never: the weights do not move (the first draw fits once).
+        options.setdefault("refresh_interval", MAX_STEP + 1)
+        sampler = cls(rule.weights.size, batch_size, uniform_mix=uniform_mix, **options)
+        sampler._assemble(sampler.table, rule, sampler.draw_scheme, sampler.feedback_delay, sampler.refresh_interval)
         return sampler
 
     @staticmethod

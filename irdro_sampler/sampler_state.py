@@ -18,6 +18,7 @@ import torch
 
 from ._validation import MAX_LOSS, MAX_STEP, check_range, state_array, state_entry, state_int
 from .draws import scheme_for_state_entry
+from .fixed_weights import FixedWeights, rule_from_config
 from .loss_table import check_table_state, count_groups
 from .weights import DROWeighting, WeightParams, max_kept_loss
 
@@ -88,9 +89,9 @@ def check_state(state: Any) -> dict[str, Any]:
     out["seed"] = state_int(state, "seed", W, minimum=0)
     out["epoch"] = state_int(state, "epoch", W, minimum=0)
     n = out["dataset_size"]
-    out["rule"] = _check_rule(state_entry(state, "rule", W))
+    out["rule"] = rule = _check_rule(state_entry(state, "rule", W), n)
     out["table"] = table = check_table_state(state_entry(state, "table", W), n, f"{W}['table']")
-    out["params"] = _check_params_fit(state, table)
+    out["params"] = _check_params_fit(state, table, rule)
     batches_per_epoch = math.ceil(out["num_samples"] / out["batch_size"])
     out["schedule"] = sched = _check_schedule(state_entry(state, "schedule", W), batches_per_epoch)
     counters = state_entry(state, "counters", W)
@@ -108,19 +109,22 @@ def check_state(state: Any) -> dict[str, Any]:
     return out
 
 
-def _check_rule(rule: Any) -> DROWeighting:
+def _check_rule(rule: Any, dataset_size: int) -> DROWeighting | FixedWeights:
     if not isinstance(rule, Mapping):
         raise ValueError(f"{W}['rule'] must be a dict of DROWeighting options, got {type(rule).__name__}")
     try:
-        return DROWeighting(**rule)  # validates its own fields, whatever they are
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{W}['rule'] is not a valid DROWeighting config: {e}") from None
+        out = rule_from_config(dict(rule))  # validates its own fields, whatever they are
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{W}['rule'] is not a valid DROWeighting or fixed-weights config: {e}") from None
+    if isinstance(out, FixedWeights) and out.weights.size != dataset_size:
+        raise ValueError(f"{W}['rule']['fixed_weights'] has {out.weights.size} weights for dataset_size={dataset_size}")
+    return out
 
 
-def _check_params_fit(state: Mapping[str, Any], table: dict[str, Any]) -> WeightParams | None:
+def _check_params_fit(state: Mapping[str, Any], table: dict[str, Any], rule: Any) -> WeightParams | None:
     losses, groups = table["losses"], table["groups"]
     params = _check_params(state_entry(state, "params", W), state.get("group_threshold"), groups)
-    if params is not None:
+    if params is not None and isinstance(rule, DROWeighting):
         # A saved run keeps its largest mass within about e^+-600 (it rebases otherwise); beyond e^700 the
         # masses would overflow or vanish, so such params were not saved by a sampler.
         top = (max_kept_loss(losses, params, groups) - params.shift) / params.temperature

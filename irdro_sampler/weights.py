@@ -443,6 +443,19 @@ class DROWeighting:
         return temperature_for_ess(kept_losses, self.ess_fraction or DEFAULT_ESS_FRACTION)
 
     # -- masses and probabilities -------------------------------------------------------------------
+    def masses_at(self, table: LossTable, selection: Any, params: WeightParams) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`masses` of the table's samples at ``selection`` (indices or a slice) and their kept mask."""
+        groups = None if table.groups is None else table.groups[selection]
+        return masses(table.losses[selection], params, groups)
+
+    def rebased(self, table: LossTable, params: WeightParams) -> WeightParams:
+        """``params`` with the shift re-chosen (the largest kept loss) after the masses' total left range."""
+        return params._replace(shift=max_kept_loss(table.losses, params, table.groups))
+
+    def identity(self) -> list[tuple[str, Any]]:
+        """What the sampler's fingerprint records of the rule: every option."""
+        return sorted(self.config().items())
+
     def probabilities(self, table: LossTable, params: WeightParams | None = None) -> np.ndarray:
         """Probabilities over all N samples (float64, sums to 1); ``params`` default to ``fit(table)``."""
         params = self.fit(table) if params is None else params
