@@ -8,6 +8,7 @@ The core imports only numpy and torch; framework integrations live in ``irdro_sa
 from .balanced import balanced_counts, initial_carry
 from .indexed import IndexedDataset, IndexListCollate
 from .loss_table import LossTable
+from .round_feedback import RoundFeedback
 from .sampler import IRDROSampler
 from .saving import save_state
 from .sum_tree import FanoutSumTree
@@ -33,6 +34,7 @@ __all__ = [
     "IndexListCollate",
     "IndexedDataset",
     "LossTable",
+    "RoundFeedback",
     "WeightParams",
     "balanced_counts",
     "cut_threshold",
