@@ -53,7 +53,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from irdro_sampler import DROWeighting, IRDROSampler, LossTable, RoundFeedback
+from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 from irdro_sampler._validation import as_groups
 from irdro_sampler.diagnostics import metric_names
 
@@ -74,6 +74,8 @@ _MODES = ("resample", "importance", "reweight")
 _STATE_VERSION = 1
 # The entries of IRDRO's checkpoint that IRDRO itself writes; every other entry belongs to the target.
 _OWN_STATE_KEYS = ("repr", "version", "mode")
+_ALWAYS = (Event.FIT_START, Event.AFTER_DATALOADER, Event.BATCH_START, Event.BEFORE_TRAIN_BATCH, Event.AFTER_FORWARD,
+           Event.BATCH_END)  # fmt: skip
 
 
 def batch_sample_indices(state: State) -> torch.Tensor | None:
@@ -100,6 +102,17 @@ def _check_options(mode: str, log_interval: Any, check_interval: Any, index_key:
         raise ValueError(f"log_interval must be an int >= 0, got {log_interval!r}")
     if isinstance(index_key, bool) or not isinstance(index_key, (str, int)):
         raise TypeError(f"index_key must be a str (dict batches) or int (tuple batches), got {index_key!r}")
+
+
+def _nothing_to_feed(mode: str, dataloader: Any) -> ValueError:
+    return ValueError(
+        f"IRDRO(mode={mode!r}) found nothing to feed in the train DataLoader "
+        f"(sampler={type(getattr(dataloader, 'sampler', None)).__name__}, "
+        f"dataset={type(getattr(dataloader, 'dataset', None)).__name__}). Put an IRDROSampler in it: "
+        "DataLoader(IndexedDataset(ds), sampler=IRDROSampler(ds, batch_size), batch_size=batch_size), "
+        "or train on irdro_sampler.integrations.streaming.WeightedStreamingDataset; "
+        "mode='reweight' alone needs neither (a new data path: register_target in .targets)."
+    )
 
 
 class _Meters:
@@ -255,7 +268,7 @@ class IRDRO(Algorithm):
 
     @table.setter
     def table(self, table: LossTable) -> None:
-        self.target = StreamingTarget(self.dataset, RoundFeedback(table, self._rule))
+        self.target = StreamingTarget.by_hand(self.target, self._rule, table=table)
 
     @property
     def dataset(self) -> Any:
@@ -264,7 +277,7 @@ class IRDRO(Algorithm):
 
     @dataset.setter
     def dataset(self, dataset: Any) -> None:
-        self.target = StreamingTarget(dataset, getattr(self.target, "feedback", None))
+        self.target = StreamingTarget.by_hand(self.target, self._rule, dataset=dataset)
 
     def fingerprint(self) -> int | None:
         """What the ranks must agree on (the target's fingerprint); ``None`` when nothing is fed."""
@@ -272,9 +285,7 @@ class IRDRO(Algorithm):
 
     # ------------------------------------------------------------------ events
     def match(self, event: Event, state: State) -> bool:
-        if event in (Event.FIT_START, Event.BATCH_START, Event.BEFORE_TRAIN_BATCH, Event.AFTER_FORWARD, Event.BATCH_END):
-            return True
-        if event == Event.AFTER_DATALOADER:
+        if event in _ALWAYS:
             return True
         if event == Event.AFTER_LOSS:
             return self._needs_grad_losses()
@@ -311,14 +322,7 @@ class IRDRO(Algorithm):
         dataloader = state.train_dataloader if state.train_dataloader is not None else state.dataloader
         target = find_target(dataloader)
         if target is None and self.mode != "reweight":
-            raise ValueError(
-                f"IRDRO(mode={self.mode!r}) found nothing to feed in the train DataLoader "
-                f"(sampler={type(getattr(dataloader, 'sampler', None)).__name__}, "
-                f"dataset={type(getattr(dataloader, 'dataset', None)).__name__}). Put an IRDROSampler in it: "
-                "DataLoader(IndexedDataset(ds), sampler=IRDROSampler(ds, batch_size), batch_size=batch_size), "
-                "or train on irdro_sampler.integrations.streaming.WeightedStreamingDataset; "
-                "mode='reweight' alone needs neither."
-            )
+            raise _nothing_to_feed(self.mode, dataloader)
         if target is not None:
             options = FeedbackOptions(self._rule, self.rule_options, self.table_options, self.groups, self.mode)
             target.attach(options, self.target)

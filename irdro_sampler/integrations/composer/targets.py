@@ -266,6 +266,16 @@ class StreamingTarget:
             return cls(dataset)
         return None
 
+    @classmethod
+    def by_hand(
+        cls, current: FeedbackTarget | None, rule: DROWeighting, *, table: LossTable | None = None, dataset: Any = None
+    ) -> StreamingTarget:
+        """A target installed by hand (``IRDRO.table = ...`` or ``IRDRO.dataset = ...`` before ``FIT_START``,
+        e.g. to load a checkpoint's table without a DataLoader): ``table`` and/or ``dataset`` replace
+        those of ``current`` (kept when not given, if ``current`` has them)."""
+        feedback = getattr(current, "feedback", None) if table is None else RoundFeedback(table, rule)
+        return cls(getattr(current, "dataset", None) if dataset is None else dataset, feedback)
+
     @staticmethod
     def check_state(state: Mapping[str, Any]) -> None:
         RoundFeedback.check_state_dict(state)
