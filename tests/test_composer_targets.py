@@ -216,6 +216,38 @@ def test_the_sampler_is_found_as_sampler_or_inside_a_batch_sampler():
         target.attach(FeedbackOptions(DROWeighting(), {}, {}, None, "resample"), None)
 
 
+def test_a_batch_sampler_holding_the_sampler_trains_like_sampler_equals():
+    """IRDRO feeds an IRDROSampler inside ``batch_sampler=`` exactly as one given as ``sampler=``."""
+    from _core_helpers import assert_state_equal
+    from composer import Callback
+
+    from irdro_sampler.integrations.composer import batch_sample_indices
+
+    class Seen(Callback):
+        def __init__(self):
+            self.ids = []
+
+        def after_dataloader(self, state, logger):
+            self.ids.append(batch_sample_indices(state).tolist())
+
+    data, _, _ = ex.make_classifier_data(num_samples=96, seed=0)
+    wrap = getattr(irdro_sampler, "IRDROBatchSampler", _HoldsSampler)
+    runs = []
+    for as_batch_sampler in (False, True):
+        s = IRDROSampler(data, 8, num_replicas=1, rank=0, seed=3, feedback_delay=2, temperature=0.5)
+        ds = IndexedDataset(data)
+        dl = DataLoader(ds, batch_sampler=wrap(s)) if as_batch_sampler else DataLoader(ds, sampler=s, batch_size=8)
+        seen, algo = Seen(), IRDRO(log_interval=0)
+        trainer = ex.build_trainer(ex.build_classifier_model(seed=0), dl, [algo], steps=8, seed=0, callbacks=[seen],
+                                   microbatch_size=8)  # a batch_sampler DataLoader has no batch_size
+        trainer.fit()
+        trainer.close()
+        assert algo.sampler is s
+        runs.append((seen.ids, s.state_dict()))
+    assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 8  # same draws, batch by batch
+    assert_state_equal(runs[0][1], runs[1][1])  # same feedback, same order
+
+
 def test_streaming_target_keeps_the_previous_table_of_the_same_size():
     class Stream:
         round_size, num_samples = 16, 30
