@@ -11,6 +11,7 @@ from .diagnostics import weighting_diagnostics
 from .draws import DrawScheme, register_draw_scheme
 from .indexed import IndexedDataset, IndexListCollate
 from .loss_table import LossTable
+from .round_feedback import RoundFeedback
 from .sampler import DRAW_SCHEMES, IRDROSampler
 from .saving import save_state
 from .sum_tree import FanoutSumTree
@@ -41,6 +42,7 @@ __all__ = [
     "IndexListCollate",
     "IndexedDataset",
     "LossTable",
+    "RoundFeedback",
     "WeightParams",
     "balanced_counts",
     "cut_threshold",
