@@ -74,7 +74,7 @@ class RoundFeedback:
     @property
     def num_samples(self) -> int:
         """The data set's size N (the table's)."""
-        return self.table.num_samples
+        return self.table.dataset_size
 
     # ------------------------------------------------------------------------------ feedback
     def update(self, indices: Any, losses: Any, step: int) -> None:

@@ -262,7 +262,7 @@ def test_streaming_target_keeps_the_previous_table_of_the_same_size():
     assert isinstance(target, StreamingTarget) and target.table is None
     options = FeedbackOptions(DROWeighting(), {}, {"ema": 0.25}, None, "resample")
     target.attach(options, None)
-    assert target.table.num_samples == 30 and target.table.ema == 0.25
+    assert target.table.dataset_size == 30 and target.table.ema == 0.25
     again = find_target(dl_stream)
     again.attach(options, target)
     assert again.feedback is target.feedback  # a second fit() continues the same table

@@ -192,7 +192,7 @@ class SamplerTarget:
             if getattr(table, k, v) != v:
                 conflicts.append(f"{k}={v!r} (sampler: {getattr(table, k)!r})")
         if options.groups is not None and (
-            table.groups is None or not np.array_equal(as_groups(options.groups, table.num_samples), table.groups)
+            table.groups is None or not np.array_equal(as_groups(options.groups, table.dataset_size), table.groups)
         ):
             conflicts.append("groups (the sampler has other groups or none)")
         return conflicts
@@ -212,7 +212,7 @@ class SamplerTarget:
         """:meth:`IRDROSampler.stats` (O(N)), with the table's seen fraction and mean loss if it lacks them."""
         out = dict(self.sampler.stats())
         table = self.sampler.table
-        out.setdefault("seen_fraction", table.num_seen / table.num_samples)
+        out.setdefault("seen_fraction", table.num_seen / table.dataset_size)
         out.setdefault("table_mean_loss", table.mean_loss())
         return out
 
@@ -325,7 +325,7 @@ class StreamingTarget:
         """The table's seen fraction and mean loss (O(N) for the mean); the round's full diagnostics
         are returned by :meth:`epoch_end`."""
         table = self._feedback().table
-        return {"seen_fraction": table.num_seen / table.num_samples, "table_mean_loss": table.mean_loss()}
+        return {"seen_fraction": table.num_seen / table.dataset_size, "table_mean_loss": table.mean_loss()}
 
     def epoch_end(self, want_stats: bool) -> dict[str, float]:
         """Push the next round's probabilities to the dataset; their diagnostics if ``want_stats``."""
