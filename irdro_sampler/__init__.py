@@ -5,7 +5,7 @@ draws the next samples with probability proportional to closed-form KL-DRO (IR-D
 The core imports only numpy and torch; framework integrations live in ``irdro_sampler.integrations``.
 """
 
-from .balanced import balanced_counts, initial_carry
+from .carried_rounding import balanced_counts, initial_carry
 from .indexed import IndexedDataset, IndexListCollate
 from .loss_table import LossTable
 from .sampler import IRDROSampler

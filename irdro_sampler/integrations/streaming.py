@@ -30,7 +30,7 @@ from filelock import FileLock
 from streaming import StreamingDataset
 
 from irdro_sampler._validation import state_entry, state_int
-from irdro_sampler.balanced import balanced_counts, initial_carry
+from irdro_sampler.carried_rounding import balanced_counts, initial_carry
 from irdro_sampler.indexed import IndexedDataset
 from irdro_sampler.integrations._streaming_compat import SharedMemory, generate_work, shm_name
 from irdro_sampler.sampler import DRAW_SCHEMES, digest_to_int
@@ -195,7 +195,7 @@ class WeightedStreamingDataset(StreamingDataset):
     from the probabilities frozen at its start (uniform until the first ``set_weights``), by one of two
     schemes (``draws``):
 
-    * ``'balanced'`` (default): per-sample counts from :func:`irdro_sampler.balanced.balanced_counts`,
+    * ``'balanced'`` (default): per-sample counts from :func:`irdro_sampler.carried_rounding.balanced_counts`,
       which carries each sample's undrawn expectation to the next round, so every sample's cumulative
       count stays within two draws of ``round_size * sum_r p_i(r)`` (plus a random phase). Round 0's
       expected counts are ``round_size * p`` as for i.i.d. draws; the variance is far lower, and with
