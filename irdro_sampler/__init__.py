@@ -8,7 +8,7 @@ The core imports only numpy and torch; framework integrations live in ``irdro_sa
 from .carried_rounding import balanced_counts, initial_carry
 from .indexed import IndexedDataset, IndexListCollate
 from .loss_table import LossTable
-from .sampler import IRDROSampler
+from .sampler import DRAW_SCHEMES, IRDROSampler
 from .saving import save_state
 from .sum_tree import FanoutSumTree
 from .weights import (
@@ -27,6 +27,7 @@ from .weights import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DRAW_SCHEMES",
     "DROWeighting",
     "FanoutSumTree",
     "IRDROSampler",
