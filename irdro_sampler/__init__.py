@@ -5,8 +5,8 @@ draws the next samples with probability proportional to closed-form KL-DRO (IR-D
 The core imports only numpy and torch; framework integrations live in ``irdro_sampler.integrations``.
 """
 
-from .balanced import balanced_counts, initial_carry
 from .batch_sampler import IRDROBatchSampler
+from .carried_rounding import balanced_counts, initial_carry
 from .diagnostics import weighting_diagnostics
 from .draws import DrawScheme, register_draw_scheme
 from .indexed import IndexedDataset, IndexListCollate
