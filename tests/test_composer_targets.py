@@ -58,6 +58,7 @@ class ListTarget:
     name = "list weights"
     wants_epoch_end = True
     tuple_index_last = True
+    has_groups = False
 
     def __init__(self, sampler: ListWeightedSampler) -> None:
         self.sampler_list = sampler

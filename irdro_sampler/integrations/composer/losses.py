@@ -132,6 +132,17 @@ def _targets_of(batch: Any) -> torch.Tensor:
     )
 
 
+def has_class_targets(batch: Any) -> bool:
+    """Whether the batch's targets look like class indices: one integer per sample (``labels`` or ``batch[1]``)."""
+    try:
+        targets = _targets_of(batch)
+    except (KeyError, TypeError):
+        return False
+    if isinstance(batch, Mapping) and "labels" not in batch:
+        return False  # a causal LM's inputs, not classes
+    return isinstance(targets, torch.Tensor) and targets.ndim == 1 and not targets.dtype.is_floating_point
+
+
 def default_per_sample_loss(outputs: Any, batch: Any) -> torch.Tensor:
     """Per-sample loss from model outputs and the (micro)batch, without another forward pass.
 

@@ -69,11 +69,13 @@ class FeedbackTarget(Protocol):
         wants_epoch_end: whether :meth:`epoch_end` is called at ``EPOCH_END`` (IRDRO matches the event
             only then, so other targets leave no trace of it).
         tuple_index_last: whether a tuple batch's last element holds the sample indices.
+        has_groups: whether the samples carry group ids (class labels, sources) the cut judges them by.
     """
 
     name: str
     wants_epoch_end: bool
     tuple_index_last: bool
+    has_groups: bool
 
     def attach(self, options: FeedbackOptions, previous: FeedbackTarget | None) -> None:
         """Called once at ``FIT_START``, before any other method: check IRDRO's ``options`` against what
@@ -142,6 +144,10 @@ class SamplerTarget:
         self.sampler = sampler
         self.dataloader = dataloader
         self.tuple_index_last = isinstance(getattr(dataloader, "dataset", None), IndexedDataset)
+
+    @property
+    def has_groups(self) -> bool:
+        return self.sampler.table.groups is not None
 
     @classmethod
     def find(cls, dataloader: Any) -> SamplerTarget | None:
@@ -256,6 +262,10 @@ class StreamingTarget:
     def __init__(self, dataset: Any, feedback: RoundFeedback | None = None) -> None:
         self.dataset = dataset
         self.feedback = feedback
+
+    @property
+    def has_groups(self) -> bool:
+        return self.feedback is not None and self.feedback.table.groups is not None
 
     @classmethod
     def find(cls, dataloader: Any) -> StreamingTarget | None:
