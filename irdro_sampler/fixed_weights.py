@@ -95,3 +95,27 @@ def rule_from_config(config: dict[str, Any]) -> Any:
     if FIXED_WEIGHTS_KEY in config:
         return FixedWeights.from_config(dict(config))
     return DROWeighting(**config)
+
+
+def weighted_sampler(cls: type, weights: Any, batch_size: int, *, uniform_mix: float = 0.0, **options: Any) -> Any:
+    """``cls.from_weights``: an ``IRDROSampler`` (or subclass ``cls``) drawing from fixed ``weights``.
+
+    ``p_i = (1 - uniform_mix) w_i / sum(w) + uniform_mix / N`` (``weights``: N finite values >= 0 with a
+    positive sum, kept in float64). The sampler otherwise behaves as always: ``draws="balanced"``
+    (default) keeps every count within 2 of ``G p_i`` per batch (i.i.d. with ``draws="iid"``, as
+    ``WeightedRandomSampler(replacement=True)``), ranks yield disjoint shares of one global batch,
+    ``state_dict()`` resumes exactly, any N (no 2**24 limit). ``options`` are the constructor's
+    (``num_replicas``, ``rank``, ``seed``, ``draws``, ``num_samples``, ...); rule options are refused
+    (the weights are the rule). Feedback given to ``update`` is kept and changes nothing.
+    """
+    from ._validation import MAX_STEP
+    from .weights import RULE_OPTIONS
+
+    rule = FixedWeights(weights, uniform_mix=uniform_mix)
+    if options.keys() & set(RULE_OPTIONS):
+        raise TypeError(f"from_weights takes no rule options (the weights are the rule), got "
+                        f"{sorted(options.keys() & set(RULE_OPTIONS))}")
+    options.setdefault("refresh_interval", MAX_STEP + 1)  # fit once, at the first draw: nothing moves
+    sampler = cls(rule.weights.size, batch_size, uniform_mix=uniform_mix, **options)
+    sampler._assemble(sampler.table, rule, sampler.draw_scheme, sampler.feedback_delay, sampler.refresh_interval)
+    return sampler

@@ -18,16 +18,16 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from ._validation import MAX_STEP, as_indices, check_int, check_step
+from ._validation import as_indices, check_int, check_step
 from .batch_order import BatchOrder
 from .diagnostics import weighting_diagnostics
 from .draws import draw_scheme_class, draw_scheme_names
-from .fingerprint import options_fingerprint, table_digest
-from .fixed_weights import FixedWeights
+from .fingerprint import options_fingerprint
+from .fixed_weights import FixedWeights, weighted_sampler
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
-from .sampler_state import check_state, pack_state
-from .weights import RULE_OPTIONS, DROWeighting
+from .sampler_state import check_state, pack_state, restore_state
+from .weights import DROWeighting
 
 __all__ = ["DRAW_SCHEMES", "IRDROSampler"]
 
@@ -59,25 +59,18 @@ class IRDROSampler(DistributedSampler):
     with changing weights every count stays within 2 of ``sum_b G_b p_i(b)``) or ``"iid"``
     (independent draws through a sum tree of ``block_size`` children per node).
 
-    **Order contract.** Global batch ``b = epoch * batches_per_epoch + batch_in_epoch`` is drawn with
-    a random stream keyed by ``(seed, b)`` from the weights after applying exactly the feedback of
-    steps ``<= b - feedback_delay`` (in step order, then call order), and, for schemes that depend on
-    history, from what batches ``< b`` left (skipped batches are drawn first). So the indices are a
-    pure function of (seed, batch, applied feedback): independent of DataLoader workers, and a sampler
-    restored with :meth:`load_state_dict` continues exactly. ``feedback_delay`` (32) must exceed the
-    batches the DataLoader draws ahead (``num_workers * prefetch_factor``); later feedback is applied
-    at the next draw and counted as ``late_feedback``.
+    **Order contract** (:class:`~irdro_sampler.batch_order.BatchOrder`). Global batch ``b`` is a pure
+    function of (seed, ``b``, the feedback of steps ``<= b - feedback_delay``): independent of DataLoader
+    workers, and a sampler restored with :meth:`load_state_dict` continues exactly. ``feedback_delay``
+    (32) must exceed the batches the DataLoader draws ahead (``num_workers * prefetch_factor``); later
+    feedback is applied at the next draw and counted as ``late_feedback``.
 
-    **Epochs and ranks.** An epoch yields ``num_samples`` indices per rank (default
-    ``ceil(N / num_replicas)``) in ``batches_per_epoch`` batches of ``batch_size`` (the last may be
-    shorter). Call :meth:`set_epoch` before each epoch; ``iter()`` starts it at its first batch (or at
-    :meth:`set_start_batch`). Replays of drawn batches are served from a buffer without changing the
-    state. All ranks draw the same global batch and rank ``r`` yields positions
-    ``[r * batch_size, (r + 1) * batch_size)``; the sampler never communicates, so give every rank the
-    same :meth:`update` calls and compare :meth:`fingerprint` across ranks now and then.
-
-    **Bad input** raises ``ValueError``/``TypeError`` naming the argument and changes nothing; NaN/inf
-    losses are skipped and counted. Costs, memory and the full contract: ``docs/design.md``.
+    **Epochs and ranks.** An epoch yields ``num_samples`` indices per rank (``ceil(N / num_replicas)``)
+    in batches of ``batch_size`` (:class:`~irdro_sampler.layout.BatchLayout`); call :meth:`set_epoch`
+    before each. Replays are served from a buffer without changing the state. Every rank draws the same
+    global batch and yields its slice; the sampler never communicates, so give every rank the same
+    :meth:`update` calls and compare :meth:`fingerprint` across ranks. Bad input raises naming the
+    argument and changes nothing. Costs and the full contract: ``docs/design.md``.
     """
 
     def __init__(
@@ -306,30 +299,17 @@ class IRDROSampler(DistributedSampler):
         checked = check_state(state)
         sampler = cls(checked["dataset_size"], checked["batch_size"], num_samples=checked["num_samples"],
                       num_replicas=checked["num_replicas"], rank=rank, draws=checked["draws"].name)
-        sampler._commit_state(checked)
+        restore_state(sampler, checked)
         return sampler
 
     @classmethod
     def from_weights(cls, weights: Any, batch_size: int, *, uniform_mix: float = 0.0, **options: Any) -> IRDROSampler:
-        """A distributed, resumable weighted sampler with weights the user sets (no losses needed).
-
-        ``p_i = (1 - uniform_mix) w_i / sum(w) + uniform_mix / N`` for every batch (``weights``: N finite
-        values >= 0 with a positive sum, kept in float64). The sampler otherwise behaves as always:
-        ``draws="balanced"`` (default) keeps every count within 2 of ``G p_i`` per batch (i.i.d. with
-        ``draws="iid"``, as ``WeightedRandomSampler(replacement=True)``), ranks yield disjoint shares of
-        one global batch, :meth:`state_dict` resumes exactly, any N (no 2**24 limit). ``options`` are
-        the constructor's (``num_replicas``, ``rank``, ``seed``, ``draws``, ``num_samples``, ...; no rule
-        options: the weights are the rule). Feedback given to :meth:`update` changes nothing.
+        """A distributed, resumable weighted sampler with weights the user sets (no losses needed):
+        ``p_i = (1 - uniform_mix) w_i / sum(w) + uniform_mix / N`` for every batch, drawn as always
+        (balanced by default; ranks take disjoint shares; exact resumption; any N). ``options`` are the
+        constructor's, without rule options. See :func:`~irdro_sampler.fixed_weights.weighted_sampler`.
         """
-        rule = FixedWeights(weights, uniform_mix=uniform_mix)
-        if options.keys() & set(RULE_OPTIONS):
-            raise TypeError(f"from_weights takes no rule options (the weights are the rule), got "
-                            f"{sorted(options.keys() & set(RULE_OPTIONS))}")
-        # Refit never: the weights do not move (the first draw fits once).
-        options.setdefault("refresh_interval", MAX_STEP + 1)
-        sampler = cls(rule.weights.size, batch_size, uniform_mix=uniform_mix, **options)
-        sampler._assemble(sampler.table, rule, sampler.draw_scheme, sampler.feedback_delay, sampler.refresh_interval)
-        return sampler
+        return weighted_sampler(cls, weights, batch_size, uniform_mix=uniform_mix, **options)
 
     @staticmethod
     def check_state_dict(state: Any) -> None:
@@ -358,31 +338,7 @@ class IRDROSampler(DistributedSampler):
                     f"state_dict['{key}'] is {checked[key]} but this sampler has {key}={mine}; "
                     "a sampler state only resumes a run over the same data set and batch geometry"
                 )
-        self._commit_state(checked)
-
-    def _commit_state(self, checked: dict[str, Any]) -> None:
-        """Apply a state checked by :func:`check_state` (nothing here can fail but allocation, done first)."""
-        scheme_cls, block_size = checked["draws"], checked["block_size"]
-        scheme = self.draw_scheme
-        if type(scheme) is not scheme_cls or not scheme.reusable_for(block_size):
-            scheme = scheme_cls(self.dataset_size, global_batch=self.global_batch_size, block_size=block_size,
-                                uniform_mix=checked["rule"].uniform_mix, seed=checked["seed"], initial_phases=False)
-        table = LossTable(self.dataset_size)
-        table._assign(checked["table"])  # checked by check_state: no second pass over the arrays
-        self.seed, self.epoch, sched = checked["seed"], checked["epoch"], checked["schedule"]
-        self._assemble(table, checked["rule"], scheme, checked["feedback_delay"], checked["refresh_interval"])
-        self.start_batch = sched["start_batch"]
-        order = self.order
-        order.feedback.restore(sched, checked["pending"], checked["feedback_digest"] or table_digest(table))
-        order.restore_counters(checked["counters"])
-        order.last_drawn = sched["last_drawn"]
-        order.drawn.batches = checked["drawn"]
-        order.weights.refresh_block = sched["refresh_block"]
-        if checked["params"] is not None:
-            order.weights.params = checked["params"]
-            order.weights.rebuild(rebase=False, rekey=False)
-        scheme.load_state_entry(checked["balanced"])
-
+        restore_state(self, checked)
 
 def _as_data_source(data_source_or_size: Sized | int) -> tuple[Sized, int]:
     if isinstance(data_source_or_size, bool):

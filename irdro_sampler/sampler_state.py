@@ -18,8 +18,9 @@ import torch
 
 from ._validation import MAX_LOSS, MAX_STEP, check_range, state_array, state_entry, state_int
 from .draws import scheme_for_state_entry
+from .fingerprint import table_digest
 from .fixed_weights import FixedWeights, rule_from_config
-from .loss_table import check_table_state, count_groups
+from .loss_table import LossTable, check_table_state, count_groups
 from .weights import DROWeighting, WeightParams, max_kept_loss
 
 STATE_FORMAT = "irdro_sampler.IRDROSampler"
@@ -68,6 +69,31 @@ def pack_state(sampler: Any) -> dict[str, Any]:
         "drawn": pack_records([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
         "balanced": sampler.draw_scheme.state_entry(),  # the draw scheme's own part (None for i.i.d.)
     }
+
+
+def restore_state(sampler: Any, checked: dict[str, Any]) -> None:
+    """Apply a state checked by :func:`check_state` to ``sampler`` (an ``IRDROSampler``): nothing here can
+    fail but allocation, done first."""
+    scheme_cls, block_size = checked["draws"], checked["block_size"]
+    scheme = sampler.draw_scheme
+    if type(scheme) is not scheme_cls or not scheme.reusable_for(block_size):
+        scheme = scheme_cls(sampler.dataset_size, global_batch=sampler.global_batch_size, block_size=block_size,
+                            uniform_mix=checked["rule"].uniform_mix, seed=checked["seed"], initial_phases=False)
+    table = LossTable(sampler.dataset_size)
+    table._assign(checked["table"])  # checked by check_state: no second pass over the arrays
+    sampler.seed, sampler.epoch, sched = checked["seed"], checked["epoch"], checked["schedule"]
+    sampler._assemble(table, checked["rule"], scheme, checked["feedback_delay"], checked["refresh_interval"])
+    sampler.start_batch = sched["start_batch"]
+    order = sampler.order
+    order.feedback.restore(sched, checked["pending"], checked["feedback_digest"] or table_digest(table))
+    order.restore_counters(checked["counters"])
+    order.last_drawn = sched["last_drawn"]
+    order.drawn.batches = checked["drawn"]
+    order.weights.refresh_block = sched["refresh_block"]
+    if checked["params"] is not None:
+        order.weights.params = checked["params"]
+        order.weights.rebuild(rebase=False, rekey=False)
+    scheme.load_state_entry(checked["balanced"])
 
 
 def check_state(state: Any) -> dict[str, Any]:
