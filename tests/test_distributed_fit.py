@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _core_helpers import spawn_gloo
 
 from irdro_sampler import DROWeighting, LossTable
 from irdro_sampler.distributed_fit import fit_sharded
@@ -70,19 +68,10 @@ def _worker(rank: int, world: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_fit_equals_the_unsharded_fit(world):
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), results), nprocs=world, join=True)
-    for rank in range(world):
-        out = results[rank]
+    for rank, out in enumerate(spawn_gloo(_worker, world)):
         for key in ((g, p, name) for g, p in TABLES for name in RULES):
             same, got, want = out[key]
             assert same, f"rank {rank}, table/rule {key}: sharded {got} != unsharded {want}"

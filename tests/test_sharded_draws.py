@@ -3,13 +3,10 @@ batches on every rank and for every world size."""
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from _core_helpers import P_THRESHOLD, chisquare_pvalue
+from _core_helpers import P_THRESHOLD, chisquare_pvalue, spawn_gloo
 
 from irdro_sampler.sharded_draws import ShardMasses, draw_global_batch
 from irdro_sampler.virtual_shards import VirtualShards
@@ -39,16 +36,8 @@ def _worker(rank: int, world: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world: int):
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), results), nprocs=world, join=True)
-    return [results[r] for r in range(world)]
+    return spawn_gloo(_worker, world)
 
 
 @pytest.mark.slow

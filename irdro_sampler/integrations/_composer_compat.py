@@ -16,15 +16,15 @@ when a function here needs it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import inspect
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import composer
+
+from irdro_sampler.integrations import _source_pins
 
 __all__ = ["CHECKED_SOURCES", "TESTED_VERSIONS", "assume_causal_lm", "changed_internals", "source_hashes"]
 
@@ -51,16 +51,12 @@ def _checked_objects() -> dict[str, Any]:
 
 def source_hashes() -> dict[str, str]:
     """The installed Composer's hashes, keyed like :data:`CHECKED_SOURCES`."""
-    return {
-        name: hashlib.sha256(inspect.getsource(obj).encode("utf-8")).hexdigest()[:16]
-        for name, obj in _checked_objects().items()
-    }
+    return _source_pins.source_hashes(_checked_objects())
 
 
 def changed_internals() -> list[str]:
     """Names in :data:`CHECKED_SOURCES` whose installed source differs from the checked one."""
-    now = source_hashes()
-    return sorted(name for name, digest in CHECKED_SOURCES.items() if now.get(name) != digest)
+    return _source_pins.changed(CHECKED_SOURCES, _checked_objects())
 
 
 @contextmanager

@@ -17,8 +17,6 @@ caught by CI rather than by users; importing this module on an untested version 
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +30,8 @@ from streaming.base.batching import generate_work
 from streaming.base.batching import random as _random_batching
 from streaming.base.shared import SharedBarrier, SharedMemory
 from streaming.base.shared import prefix as _prefix
+
+from irdro_sampler.integrations import _source_pins
 
 __all__ = [
     "CHECKED_SOURCES",
@@ -120,16 +120,12 @@ def _checked_objects() -> dict[str, Any]:
 
 def source_hashes() -> dict[str, str]:
     """The installed streaming's hashes, keyed like :data:`CHECKED_SOURCES`."""
-    return {
-        name: hashlib.sha256(inspect.getsource(obj).encode("utf-8")).hexdigest()[:16]
-        for name, obj in _checked_objects().items()
-    }
+    return _source_pins.source_hashes(_checked_objects())
 
 
 def changed_internals() -> list[str]:
     """Names in :data:`CHECKED_SOURCES` whose installed source differs from the checked one."""
-    now = source_hashes()
-    return sorted(name for name, digest in CHECKED_SOURCES.items() if now.get(name) != digest)
+    return _source_pins.changed(CHECKED_SOURCES, _checked_objects())
 
 
 def shm_name(prefix_int: int, name: str) -> str:
