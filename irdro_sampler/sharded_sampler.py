@@ -17,6 +17,7 @@ the Composer and streaming wiring.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import sharded_state
 from ._validation import check_int
 from .distributed_fit import fit_sharded
 from .drawn_batches import DrawnBatches
@@ -187,6 +189,15 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
             tree.leaf_buffer()[:] = self.rule.masses_at(self.table, slice(a - self.start, z - self.start), self.params)[0]
             tree.refresh()
 
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Save into ``folder``, one row file per rank plus ``common.pt`` (a collective; see
+        :mod:`irdro_sampler.sharded_state`)."""
+        sharded_state.save(self, folder)
+
+    def load(self, folder: str | os.PathLike) -> None:
+        """Restore from ``folder`` saved on any number of ranks over the same shards (a collective)."""
+        sharded_state.load(self, folder)
 
     def fingerprint(self) -> int:
         """Equal on ranks that agree, and across world sizes: options and every applied feedback record."""
