@@ -33,6 +33,7 @@ each of which is O(N) per step. Both draw schemes run: ``draws="balanced"`` (the
 
     python benchmarks/bench_sampler.py            # full: N in 1e5..1e8, B in {256, 4096}; minutes, ~4 GB at 1e8
     python benchmarks/bench_sampler.py --quick    # N in 1e5, 1e6, fewer steps; seconds
+    python benchmarks/bench_sampler.py --trace 1e7,4096,760   # step cost over time -> RESULTS_sampler_trace.md
 """
 
 from __future__ import annotations
@@ -189,6 +190,61 @@ def bench_ours(n: int, b: int, steps: int, seed: int, draws: str) -> dict:
     del sampler, sources
     gc.collect()
     return out
+
+
+def trace_ours(n: int, b: int, steps: int, seed: int, draws: str, window: int) -> dict:
+    """Median ms per step in consecutive windows of ``window`` steps, per batch (``IRDROBatchSampler``), same
+    workload as :func:`bench_ours`: how the step cost moves across refreshes."""
+    rng = np.random.default_rng(seed)
+    gc.collect()
+    sampler = IRDROSampler(n, b, temperature=TEMPERATURE, truncate_quantile=0.99, uniform_mix=0.1,
+                           feedback_delay=32, seed=seed, num_samples=b * 10**7, draws=draws)
+    fill_table(sampler, rng)
+    it = iter(IRDROBatchSampler(sampler))
+    drawn = np.asarray(next(it), dtype=np.int64)
+    wall = []
+    for step in range(1, steps + 1):
+        losses = batch_losses(rng, b)
+        t0 = time.perf_counter()
+        sampler.update(drawn, losses, step=step - 1)
+        batch = next(it)
+        wall.append(time.perf_counter() - t0)
+        drawn = np.asarray(batch, dtype=np.int64)
+    interval = sampler.refresh_interval
+    windows = [(start, 1e3 * float(np.median(wall[start - 1 : start - 1 + window])))
+               for start in range(1, steps + 1, window)]
+    out = {"n": n, "b": b, "draws": draws, "interval": interval, "windows": windows,
+           "rekeys": int(sampler.stats()["rekeys"]), "load": load()}
+    del sampler, it
+    gc.collect()
+    return out
+
+
+def write_trace(spec: str, seed: int, path: Path, command: str) -> None:
+    n_s, b_s, steps_s = spec.split(",")
+    n, b, steps = int(float(n_s)), int(b_s), int(steps_s)
+    window = max(10, steps // 40)
+    load_start = load()
+    traces = [trace_ours(n, b, steps, seed, d, window) for d in tqdm(SCHEMES, desc="trace", unit="scheme")]
+    head = ["steps from", *(f"{t['draws']} ms" for t in traces)]
+    rows = [[str(start), *(f"{t['windows'][i][1]:.2f}" for t in traces)] for i, (start, _) in enumerate(traces[0]["windows"])]
+    md = [
+        "## Sampler step cost over time (`benchmarks/bench_sampler.py --trace`)",
+        "",
+        f"Command: `{command}`. Machine: {machine()}. Load average at start {load_start}, at end {load()}.",
+        "",
+        f"N = {n:.0e}, B = {b}, the workload of `RESULTS_sampler.md` (warm table, 2% heavy losses per batch), "
+        f"per batch (`IRDROBatchSampler`); median ms per step over windows of {window} steps. Refreshes (O(N) "
+        f"refit) at batches 0, {traces[0]['interval']}, {2 * traces[0]['interval']}, ... (their own cost is "
+        f"inside their window's median only if it dominates the window). Re-keys at the end: "
+        + ", ".join(f"{t['draws']} {t['rekeys']}" for t in traces) + ".",
+        "",
+        markdown_table(head, rows),
+        "",
+    ]
+    path.write_text("\n".join(md))
+    print(text_table(head, rows))
+    print(f"wrote {path}")
 
 
 # --------------------------------------------------------------------------------------- naive
@@ -386,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive methods")
     parser.add_argument("--draws", type=str, default=",".join(SCHEMES), help="comma-separated draw schemes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", type=str, default=None, metavar="N,B,STEPS",
+                        help="instead: the step cost over STEPS steps in windows, both schemes, per batch")
+    parser.add_argument("--out-trace", type=Path, default=HERE / "RESULTS_sampler_trace.md")
     parser.add_argument("--out-md", type=Path, default=HERE / "RESULTS_sampler.md")
     parser.add_argument("--out-png", type=Path, default=HERE / "bench_sampler.png")
     args = parser.parse_args(argv)
@@ -394,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(x) for x in args.batches.split(",")]
     schemes = [s for s in args.draws.split(",") if s]
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    if args.trace:
+        write_trace(args.trace, args.seed, args.out_trace, command)
+        return 0
     load_start = load()
 
     kinds = (*schemes, *(() if args.no_naive else NAIVE))
