@@ -1,11 +1,11 @@
-"""Every figure the README and docs/ quote from a benchmark RESULTS file matches that file.
+"""Every figure the README, docs/ and benchmarks/RESULTS.md quote from a benchmark RESULTS file matches it.
 
 How a figure is marked as quoted (in README.md and docs/*.md):
 
 * a markdown link whose target is a RESULTS file: ``[0.98](benchmarks/RESULTS_streaming.md)``, or with
   words around the numbers, ``[1.01 and 1.02](../benchmarks/RESULTS_streaming_cache2.md)``: every
   number in the link text is a quoted figure;
-* a table preceded by ``<!-- figures: benchmarks/RESULTS_quality.md -->``: every number in the
+* a table preceded by ``<!-- figures: benchmarks/RESULTS_quality.md -->`` (the path relative to the doc): every number in the
   table's body rows (not its header) is a quoted figure.
 
 A figure matches when the RESULTS file contains the same number as a token (thousands separators
@@ -38,7 +38,8 @@ def numbers(text: str) -> list[str]:
 
 
 def doc_files(root: Path) -> list[Path]:
-    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    """README, docs/ and the benchmarks' summary page (which quotes the per-benchmark RESULTS files)."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md")), root / "benchmarks" / "RESULTS.md"]
 
 
 def quoted_figures(doc: Path) -> list[tuple[str, Path, str]]:
