@@ -5,12 +5,13 @@ draws the next samples with probability proportional to closed-form KL-DRO (IR-D
 The core imports only numpy and torch; framework integrations live in ``irdro_sampler.integrations``.
 """
 
-from .balanced import balanced_counts, initial_carry
 from .batch_sampler import IRDROBatchSampler
+from .carried_rounding import balanced_counts, initial_carry
 from .diagnostics import weighting_diagnostics
 from .draws import DrawScheme, register_draw_scheme
 from .indexed import IndexedDataset, IndexListCollate
 from .loss_table import LossTable
+from .round_feedback import RoundFeedback
 from .sampler import DRAW_SCHEMES, IRDROSampler
 from .saving import save_state
 from .sum_tree import FanoutSumTree
@@ -41,6 +42,7 @@ __all__ = [
     "IndexListCollate",
     "IndexedDataset",
     "LossTable",
+    "RoundFeedback",
     "WeightParams",
     "balanced_counts",
     "cut_threshold",

@@ -29,6 +29,13 @@ DEFAULT_EMA = 0.5
 DEFAULT_PRIOR = "mean"
 
 
+def prior_value(prior: float | str, seen_losses: np.ndarray | None) -> float:
+    """The loss unseen samples take: a fixed ``prior``, or (``"mean"``) the mean of ``seen_losses`` (0 if none)."""
+    if not isinstance(prior, str):
+        return prior
+    return float(np.mean(seen_losses, dtype=np.float64)) if seen_losses.size else 0.0
+
+
 class LossTable:
     """Running per-sample losses: an exponential moving average, plus when and how often each was seen.
 
@@ -147,11 +154,9 @@ class LossTable:
     # -- views ----------------------------------------------------------------------------------------
     def prior_value(self, sample: np.ndarray | None = None) -> float:
         """The prior loss: the fixed prior, or the mean seen loss (of ``sample`` if given); 0 if none seen."""
-        if not isinstance(self.prior, str):
-            return self.prior
-        if sample is None:
+        if sample is None and isinstance(self.prior, str):
             sample = self.losses[~np.isnan(self.losses)]
-        return float(np.mean(sample, dtype=np.float64)) if sample.size else 0.0
+        return prior_value(self.prior, sample)
 
     def mean_loss(self) -> float:
         """Mean running loss over seen samples (NaN if none)."""

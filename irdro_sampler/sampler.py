@@ -22,10 +22,11 @@ from ._validation import as_indices, check_int, check_step
 from .batch_order import BatchOrder
 from .diagnostics import weighting_diagnostics
 from .draws import draw_scheme_class, draw_scheme_names
-from .fingerprint import options_fingerprint, table_digest
+from .fingerprint import options_fingerprint
+from .fixed_weights import FixedWeights, weighted_sampler
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
-from .sampler_state import check_state, pack_state
+from .sampler_state import check_state, pack_state, restore_state
 from .weights import DROWeighting
 
 __all__ = ["DRAW_SCHEMES", "IRDROSampler"]
@@ -58,25 +59,18 @@ class IRDROSampler(DistributedSampler):
     with changing weights every count stays within 2 of ``sum_b G_b p_i(b)``) or ``"iid"``
     (independent draws through a sum tree of ``block_size`` children per node).
 
-    **Order contract.** Global batch ``b = epoch * batches_per_epoch + batch_in_epoch`` is drawn with
-    a random stream keyed by ``(seed, b)`` from the weights after applying exactly the feedback of
-    steps ``<= b - feedback_delay`` (in step order, then call order), and, for schemes that depend on
-    history, from what batches ``< b`` left (skipped batches are drawn first). So the indices are a
-    pure function of (seed, batch, applied feedback): independent of DataLoader workers, and a sampler
-    restored with :meth:`load_state_dict` continues exactly. ``feedback_delay`` (32) must exceed the
-    batches the DataLoader draws ahead (``num_workers * prefetch_factor``); later feedback is applied
-    at the next draw and counted as ``late_feedback``.
+    **Order contract** (:class:`~irdro_sampler.batch_order.BatchOrder`). Global batch ``b`` is a pure
+    function of (seed, ``b``, the feedback of steps ``<= b - feedback_delay``): independent of DataLoader
+    workers, and a sampler restored with :meth:`load_state_dict` continues exactly. ``feedback_delay``
+    (32) must exceed the batches the DataLoader draws ahead (``num_workers * prefetch_factor``); later
+    feedback is applied at the next draw and counted as ``late_feedback``.
 
-    **Epochs and ranks.** An epoch yields ``num_samples`` indices per rank (default
-    ``ceil(N / num_replicas)``) in ``batches_per_epoch`` batches of ``batch_size`` (the last may be
-    shorter). Call :meth:`set_epoch` before each epoch; ``iter()`` starts it at its first batch (or at
-    :meth:`set_start_batch`). Replays of drawn batches are served from a buffer without changing the
-    state. All ranks draw the same global batch and rank ``r`` yields positions
-    ``[r * batch_size, (r + 1) * batch_size)``; the sampler never communicates, so give every rank the
-    same :meth:`update` calls and compare :meth:`fingerprint` across ranks now and then.
-
-    **Bad input** raises ``ValueError``/``TypeError`` naming the argument and changes nothing; NaN/inf
-    losses are skipped and counted. Costs, memory and the full contract: ``docs/design.md``.
+    **Epochs and ranks.** An epoch yields ``num_samples`` indices per rank (``ceil(N / num_replicas)``)
+    in batches of ``batch_size`` (:class:`~irdro_sampler.layout.BatchLayout`); call :meth:`set_epoch`
+    before each. Replays are served from a buffer without changing the state. Every rank draws the same
+    global batch and yields its slice; the sampler never communicates, so give every rank the same
+    :meth:`update` calls and compare :meth:`fingerprint` across ranks. Bad input raises naming the
+    argument and changes nothing. Costs and the full contract: ``docs/design.md``.
     """
 
     def __init__(
@@ -101,11 +95,7 @@ class IRDROSampler(DistributedSampler):
         num_replicas, rank = _world(num_replicas, rank)
         seed = check_int(seed, "seed", minimum=0)
         scheme_cls = draw_scheme_class(draws)
-        if block_size is not None:
-            block_size = check_int(block_size, "block_size", minimum=1)
-            if scheme_cls.name != "iid":
-                raise ValueError(f"block_size is the i.i.d. draws' sum-tree fanout; draws={draws!r} keeps no tree, "
-                                 f"got block_size={block_size}")
+        scheme_options = scheme_cls.options(block_size=block_size)  # validated by the scheme
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         per_rank = -(-size // num_replicas) if num_samples is None else num_samples
@@ -119,7 +109,7 @@ class IRDROSampler(DistributedSampler):
         rule = DROWeighting(**rule_options)
         table = LossTable(size, ema=ema, prior=prior, groups=groups)
         scheme = scheme_cls(size, global_batch=self.global_batch_size, uniform_mix=rule.uniform_mix, seed=seed,
-                            block_size=block_size)
+                            **scheme_options)
         self._assemble(table, rule, scheme, feedback_delay, refresh_interval)
 
     def _set_layout(self, num_samples: int) -> None:
@@ -129,7 +119,7 @@ class IRDROSampler(DistributedSampler):
         self.batches_per_epoch = self.layout.batches_per_epoch
         self.global_batch_size = self.layout.global_batch_size
 
-    def _assemble(self, table: LossTable, rule: DROWeighting, scheme: Any, feedback_delay: int,
+    def _assemble(self, table: LossTable, rule: DROWeighting | FixedWeights, scheme: Any, feedback_delay: int,
                   refresh_interval: int) -> None:
         """Fresh run-time state around ``table``, ``rule`` and ``scheme`` (``self.seed`` set first)."""
         self.table, self.rule, self.draw_scheme = table, rule, scheme
@@ -282,16 +272,15 @@ class IRDROSampler(DistributedSampler):
         """A signed 64-bit digest of everything that decides the sample order; equal on ranks that agree.
 
         It covers the seed, the data set size and batch geometry, every option of the weighting rule and
-        the loss table, ``feedback_delay``, ``refresh_interval``, the draw scheme (and ``block_size``
-        under i.i.d. draws), and every feedback record applied so far (a running digest, O(1) per call,
+        the loss table, ``feedback_delay``, ``refresh_interval``, the draw scheme and its options
+        (``block_size`` under i.i.d. draws), and every feedback record applied so far (a running digest, O(1) per call,
         saved in :meth:`state_dict`); not the rank. Compare it across ranks to catch diverging samplers
         (the Composer ``IRDRO`` algorithm does; in a plain loop ``dist.all_gather_object``).
         """
-        tree = (self.block_size,) if self.draws == "iid" else ()
         options = (
             self.seed, self.dataset_size, self.num_samples, self.batch_size, self.num_replicas,
-            self.feedback_delay, self.refresh_interval, *tree,
-            sorted(self.rule.config().items()), self.table.ema, self.table.prior, self.table.groups_digest(), self.draws,
+            self.feedback_delay, self.refresh_interval, *self.draw_scheme.config().values(),
+            self.rule.identity(), self.table.ema, self.table.prior, self.table.groups_digest(), self.draws,
         )  # fmt: skip
         return options_fingerprint(options, key=self.order.feedback.digest)
 
@@ -308,11 +297,19 @@ class IRDROSampler(DistributedSampler):
         so a small file cannot claim a huge data set.
         """
         checked = check_state(state)
-        tree = {"block_size": checked["block_size"]} if checked["draws"].name == "iid" else {}
         sampler = cls(checked["dataset_size"], checked["batch_size"], num_samples=checked["num_samples"],
-                      num_replicas=checked["num_replicas"], rank=rank, draws=checked["draws"].name, **tree)
-        sampler._commit_state(checked)
+                      num_replicas=checked["num_replicas"], rank=rank, draws=checked["draws"].name)
+        restore_state(sampler, checked)
         return sampler
+
+    @classmethod
+    def from_weights(cls, weights: Any, batch_size: int, *, uniform_mix: float = 0.0, **options: Any) -> IRDROSampler:
+        """A distributed, resumable weighted sampler with weights the user sets (no losses needed):
+        ``p_i = (1 - uniform_mix) w_i / sum(w) + uniform_mix / N`` for every batch, drawn as always
+        (balanced by default; ranks take disjoint shares; exact resumption; any N). ``options`` are the
+        constructor's, without rule options. See :func:`~irdro_sampler.fixed_weights.weighted_sampler`.
+        """
+        return weighted_sampler(cls, weights, batch_size, uniform_mix=uniform_mix, **options)
 
     @staticmethod
     def check_state_dict(state: Any) -> None:
@@ -341,31 +338,7 @@ class IRDROSampler(DistributedSampler):
                     f"state_dict['{key}'] is {checked[key]} but this sampler has {key}={mine}; "
                     "a sampler state only resumes a run over the same data set and batch geometry"
                 )
-        self._commit_state(checked)
-
-    def _commit_state(self, checked: dict[str, Any]) -> None:
-        """Apply a state checked by :func:`check_state` (nothing here can fail but allocation, done first)."""
-        scheme_cls, block_size = checked["draws"], checked["block_size"]
-        scheme = self.draw_scheme
-        if type(scheme) is not scheme_cls or not scheme.reusable_for(block_size):
-            scheme = scheme_cls(self.dataset_size, global_batch=self.global_batch_size, block_size=block_size,
-                                uniform_mix=checked["rule"].uniform_mix, seed=checked["seed"], initial_phases=False)
-        table = LossTable(self.dataset_size)
-        table._assign(checked["table"])  # checked by check_state: no second pass over the arrays
-        self.seed, self.epoch, sched = checked["seed"], checked["epoch"], checked["schedule"]
-        self._assemble(table, checked["rule"], scheme, checked["feedback_delay"], checked["refresh_interval"])
-        self.start_batch = sched["start_batch"]
-        order = self.order
-        order.feedback.restore(sched, checked["pending"], checked["feedback_digest"] or table_digest(table))
-        order.restore_counters(checked["counters"])
-        order.last_drawn = sched["last_drawn"]
-        order.drawn.batches = checked["drawn"]
-        order.weights.refresh_block = sched["refresh_block"]
-        if checked["params"] is not None:
-            order.weights.params = checked["params"]
-            order.weights.rebuild(rebase=False, rekey=False)
-        scheme.load_state_entry(checked["balanced"])
-
+        restore_state(self, checked)
 
 def _as_data_source(data_source_or_size: Sized | int) -> tuple[Sized, int]:
     if isinstance(data_source_or_size, bool):

@@ -11,18 +11,17 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from ._validation import MAX_LOSS, MAX_STEP, check_range, state_array, state_entry, state_int
 from .draws import scheme_for_state_entry
-from .loss_table import check_table_state, count_groups
+from .fingerprint import table_digest
+from .fixed_weights import FixedWeights, rule_from_config
+from .loss_table import LossTable, check_table_state, count_groups
 from .weights import DROWeighting, WeightParams, max_kept_loss
-
-if TYPE_CHECKING:
-    from .sampler import IRDROSampler
 
 STATE_FORMAT = "irdro_sampler.IRDROSampler"
 STATE_VERSION = 1
@@ -34,8 +33,9 @@ def is_sampler_state(obj: Any) -> bool:
     return isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT
 
 
-def pack_state(sampler: IRDROSampler) -> dict[str, Any]:
-    """``sampler.state_dict()``: everything that decides the future sample order."""
+def pack_state(sampler: Any) -> dict[str, Any]:
+    """``sampler.state_dict()`` of an :class:`~irdro_sampler.IRDROSampler`: everything that decides the
+    future sample order. (Typed ``Any`` so that this module, which the sampler imports, imports no sampler.)"""
     order = sampler.order
     pend = order.feedback.sorted_pending()
     drawn = order.drawn.sorted_items()
@@ -71,6 +71,31 @@ def pack_state(sampler: IRDROSampler) -> dict[str, Any]:
     }
 
 
+def restore_state(sampler: Any, checked: dict[str, Any]) -> None:
+    """Apply a state checked by :func:`check_state` to ``sampler`` (an ``IRDROSampler``): nothing here can
+    fail but allocation, done first."""
+    scheme_cls, block_size = checked["draws"], checked["block_size"]
+    scheme = sampler.draw_scheme
+    if type(scheme) is not scheme_cls or not scheme.reusable_for(block_size):
+        scheme = scheme_cls(sampler.dataset_size, global_batch=sampler.global_batch_size, block_size=block_size,
+                            uniform_mix=checked["rule"].uniform_mix, seed=checked["seed"], initial_phases=False)
+    table = LossTable(sampler.dataset_size)
+    table._assign(checked["table"])  # checked by check_state: no second pass over the arrays
+    sampler.seed, sampler.epoch, sched = checked["seed"], checked["epoch"], checked["schedule"]
+    sampler._assemble(table, checked["rule"], scheme, checked["feedback_delay"], checked["refresh_interval"])
+    sampler.start_batch = sched["start_batch"]
+    order = sampler.order
+    order.feedback.restore(sched, checked["pending"], checked["feedback_digest"] or table_digest(table))
+    order.restore_counters(checked["counters"])
+    order.last_drawn = sched["last_drawn"]
+    order.drawn.batches = checked["drawn"]
+    order.weights.refresh_block = sched["refresh_block"]
+    if checked["params"] is not None:
+        order.weights.params = checked["params"]
+        order.weights.rebuild(rebase=False, rekey=False)
+    scheme.load_state_entry(checked["balanced"])
+
+
 def check_state(state: Any) -> dict[str, Any]:
     """Validate an :meth:`IRDROSampler.state_dict` completely; return its entries converted.
 
@@ -90,9 +115,9 @@ def check_state(state: Any) -> dict[str, Any]:
     out["seed"] = state_int(state, "seed", W, minimum=0)
     out["epoch"] = state_int(state, "epoch", W, minimum=0)
     n = out["dataset_size"]
-    out["rule"] = _check_rule(state_entry(state, "rule", W))
+    out["rule"] = rule = _check_rule(state_entry(state, "rule", W), n)
     out["table"] = table = check_table_state(state_entry(state, "table", W), n, f"{W}['table']")
-    out["params"] = _check_params_fit(state, table)
+    out["params"] = _check_params_fit(state, table, rule)
     batches_per_epoch = math.ceil(out["num_samples"] / out["batch_size"])
     out["schedule"] = sched = _check_schedule(state_entry(state, "schedule", W), batches_per_epoch)
     counters = state_entry(state, "counters", W)
@@ -110,19 +135,22 @@ def check_state(state: Any) -> dict[str, Any]:
     return out
 
 
-def _check_rule(rule: Any) -> DROWeighting:
+def _check_rule(rule: Any, dataset_size: int) -> DROWeighting | FixedWeights:
     if not isinstance(rule, Mapping):
         raise ValueError(f"{W}['rule'] must be a dict of DROWeighting options, got {type(rule).__name__}")
     try:
-        return DROWeighting(**rule)  # validates its own fields, whatever they are
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{W}['rule'] is not a valid DROWeighting config: {e}") from None
+        out = rule_from_config(dict(rule))  # validates its own fields, whatever they are
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{W}['rule'] is not a valid DROWeighting or fixed-weights config: {e}") from None
+    if isinstance(out, FixedWeights) and out.weights.size != dataset_size:
+        raise ValueError(f"{W}['rule']['fixed_weights'] has {out.weights.size} weights for dataset_size={dataset_size}")
+    return out
 
 
-def _check_params_fit(state: Mapping[str, Any], table: dict[str, Any]) -> WeightParams | None:
+def _check_params_fit(state: Mapping[str, Any], table: dict[str, Any], rule: Any) -> WeightParams | None:
     losses, groups = table["losses"], table["groups"]
     params = _check_params(state_entry(state, "params", W), state.get("group_threshold"), groups)
-    if params is not None:
+    if params is not None and isinstance(rule, DROWeighting):
         # A saved run keeps its largest mass within about e^+-600 (it rebases otherwise); beyond e^700 the
         # masses would overflow or vanish, so such params were not saved by a sampler.
         top = (max_kept_loss(losses, params, groups) - params.shift) / params.temperature

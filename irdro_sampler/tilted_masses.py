@@ -15,14 +15,13 @@ import numpy as np
 
 from .draws import DrawScheme
 from .feedback import Record
+from .fixed_weights import FixedWeights
 from .loss_table import LossTable
 from .weights import (
     DROWeighting,
     WeightParams,
     cut_transitions,
     kept_mask,
-    masses,
-    max_kept_loss,
     mixture_probabilities,
 )
 
@@ -40,7 +39,7 @@ class TiltedMasses:
     that was cut) and ``readmitted`` (such a sample whose new loss is kept).
     """
 
-    def __init__(self, table: LossTable, rule: DROWeighting, scheme: DrawScheme) -> None:
+    def __init__(self, table: LossTable, rule: DROWeighting | FixedWeights, scheme: DrawScheme) -> None:
         self.table, self.rule, self.scheme = table, rule, scheme
         self.params: WeightParams | None = None
         self.kept_count = 0
@@ -76,7 +75,7 @@ class TiltedMasses:
         else:
             uniq = np.unique(np.concatenate([u for u, _ in touched]))
             new = self.table.losses[uniq]
-        mass = masses(new, params, self.groups_of(uniq))[0]
+        mass = self.rule.masses_at(self.table, uniq, params)[0]
         if not np.all(np.isfinite(mass)):  # a loss far above the shift: re-choose the shift
             self.rebuild(rebase=True)
             return
@@ -101,14 +100,13 @@ class TiltedMasses:
         """
         self.scheme.begin_rebuild(rekey=rekey)
         if rebase:
-            shift = max_kept_loss(self.table.losses, self.params, self.table.groups)
-            self.params = self.params._replace(shift=shift)
+            self.params = self.rule.rebased(self.table, self.params)
             self.rebases += 1
         leaves = self.scheme.leaf_buffer()  # masses are written in place (no N-sized temporary)
         kept_count = 0
         for start in range(0, self.dataset_size, _REBUILD_CHUNK):
             part = slice(start, start + _REBUILD_CHUNK)
-            mass, kept = masses(self.table.losses[part], self.params, self.groups_of(part))
+            mass, kept = self.rule.masses_at(self.table, part, self.params)
             kept_count += int(np.count_nonzero(kept))
             leaves[start : start + mass.size] = mass
         self.kept_count = kept_count
@@ -122,14 +120,14 @@ class TiltedMasses:
 
     def point_probabilities(self, indices: np.ndarray) -> np.ndarray:
         """``p_i`` of ``indices`` under the current params (recomputed from the table)."""
-        mass = masses(self.table.losses[indices], self.params, self.groups_of(indices))[0]
+        mass = self.rule.masses_at(self.table, indices, self.params)[0]
         return mixture_probabilities(mass, self.scheme.total, self.dataset_size, self.rule.uniform_mix)
 
     def probabilities(self) -> np.ndarray:
         """The whole distribution (O(N)); before the first refresh, the rule's fresh fit of the table."""
         if self.params is None:
             return self.rule.probabilities(self.table)
-        mass = masses(self.table.losses, self.params, self.table.groups)[0]
+        mass = self.rule.masses_at(self.table, slice(None), self.params)[0]
         return mixture_probabilities(mass, self.scheme.total, self.dataset_size, self.rule.uniform_mix)
 
     def fit_and_kept(self) -> tuple[WeightParams, int]:

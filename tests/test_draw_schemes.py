@@ -27,6 +27,13 @@ class FloorOnlyDraws:
         self.batches = 0
 
     @classmethod
+    def options(cls, block_size: Any = None) -> dict[str, Any]:
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
     def owns_state_entry(cls, entry: Any) -> bool:
         return isinstance(entry, dict) and entry.get("scheme") == cls.name
 

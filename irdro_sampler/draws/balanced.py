@@ -45,6 +45,18 @@ class BalancedDraws:
         self.masses = LeafMasses(dataset_size, leaves=self.stride.masses)
 
     @classmethod
+    def options(cls, block_size: int | None = None) -> dict[str, Any]:
+        """The constructor options the sampler passes on, validated: none (``block_size`` is refused)."""
+        if block_size is not None:
+            raise ValueError(f"block_size is the i.i.d. draws' sum-tree fanout; draws='balanced' keeps no tree, "
+                             f"got block_size={block_size!r}")
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """The options in force (part of the sampler's fingerprint): none."""
+        return {}
+
+    @classmethod
     def owns_state_entry(cls, entry: Any) -> bool:
         # The first scheme with a saved part, so its entry carries no "scheme" name (see base.py).
         return entry is not None and not (isinstance(entry, dict) and "scheme" in entry)

@@ -28,6 +28,13 @@ class DrawScheme(Protocol):
     #: The value saved under ``state['block_size']`` (the sum tree's fanout where there is one).
     block_size: int
 
+    @classmethod
+    def options(cls, block_size: int | None = None) -> dict[str, Any]:
+        """Validate the sampler's scheme-specific keywords; return those the constructor takes."""
+
+    def config(self) -> dict[str, Any]:
+        """The options in force (they enter the sampler's fingerprint)."""
+
     @property
     def total(self) -> float: ...
 

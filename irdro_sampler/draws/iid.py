@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .._validation import check_int
 from ..sum_tree import FanoutSumTree
 from .base import register_draw_scheme
 
@@ -30,12 +31,23 @@ class IIDDraws:
         self.tree = FanoutSumTree(self.dataset_size, fanout=max(2, self.block_size))
 
     @classmethod
+    def options(cls, block_size: int | None = None) -> dict[str, Any]:
+        """The constructor options the sampler passes on, validated: the sum tree's fanout."""
+        if block_size is None:
+            return {"block_size": cls.DEFAULT_BLOCK_SIZE}
+        return {"block_size": check_int(block_size, "block_size", minimum=1)}
+
+    @classmethod
     def owns_state_entry(cls, entry: Any) -> bool:
         return entry is None  # i.i.d. states save no draw state (and states from before balanced draws)
 
     @classmethod
     def check_state_entry(cls, entry: Any, dataset_size: int) -> None:
         """Nothing to check: an i.i.d. state has no ``state['balanced']``."""
+
+    def config(self) -> dict[str, Any]:
+        """The options in force (part of the sampler's fingerprint)."""
+        return {"block_size": self.block_size}
 
     def reusable_for(self, block_size: int) -> bool:
         """Whether this structure can take a restored state of the same size (saves an allocation)."""
