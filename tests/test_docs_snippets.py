@@ -107,3 +107,20 @@ def test_stock_huggingface_model_never_sees_the_index():
     sampler.flush()
     assert sampler.table.num_seen == len({i for r in recorded for i in r})
     trainer.close()
+
+
+def test_readme_plain_pytorch_snippet_runs_verbatim(tmp_path, monkeypatch):
+    """The README's first snippet (IRDROBatchSampler in a plain loop, then save_state) runs as written."""
+    (code,) = python_blocks(ROOT / "README.md", "IRDROBatchSampler(sampler)")
+    data = xy_data(n=256)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    namespace = {"my_dataset": data, "labels": [y for _, y in data], "model": model, "epochs": 2,
+                 "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+    monkeypatch.chdir(tmp_path)  # the snippet saves "sampler.pt" in the working directory
+    exec(compile(code, "README.md plain snippet", "exec"), namespace)  # noqa: S102 - the documented code, verbatim
+    sampler = namespace["sampler"]
+    assert namespace["step"] == 4  # 2 epochs of 256 / 128
+    state = torch.load(tmp_path / "sampler.pt", weights_only=True)
+    sampler.flush()
+    assert sampler.table.num_seen > 0 and state["dataset_size"] == 256
