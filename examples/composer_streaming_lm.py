@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             probs = DROWeighting(**algo.rule_options).probabilities(algo.table)  # what the next round uses
             seen_noise = is_noise & ~np.isnan(algo.table.losses)
             line += (f"; next round: p(noise seen so far) = {probs[seen_noise].sum():.4f}, "
-                     f"{algo.table.num_seen} of {algo.table.num_samples} documents seen")
+                     f"{algo.table.num_seen} of {algo.table.dataset_size} documents seen")
         print(line, flush=True)
         trainer.close()
 

@@ -5,10 +5,14 @@ draws the next samples with probability proportional to closed-form KL-DRO (IR-D
 The core imports only numpy and torch; framework integrations live in ``irdro_sampler.integrations``.
 """
 
-from .balanced import balanced_counts, initial_carry
+from .batch_sampler import IRDROBatchSampler
+from .carried_rounding import balanced_counts, initial_carry
+from .diagnostics import weighting_diagnostics
+from .draws import DrawScheme, register_draw_scheme
 from .indexed import IndexedDataset, IndexListCollate
 from .loss_table import LossTable
-from .sampler import IRDROSampler
+from .round_feedback import RoundFeedback
+from .sampler import DRAW_SCHEMES, IRDROSampler
 from .saving import save_state
 from .sum_tree import FanoutSumTree
 from .weights import (
@@ -27,12 +31,18 @@ from .weights import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DRAW_SCHEMES",
+    "DrawScheme",
+    "IRDROBatchSampler",
+    "register_draw_scheme",
+    "weighting_diagnostics",
     "DROWeighting",
     "FanoutSumTree",
     "IRDROSampler",
     "IndexListCollate",
     "IndexedDataset",
     "LossTable",
+    "RoundFeedback",
     "WeightParams",
     "balanced_counts",
     "cut_threshold",

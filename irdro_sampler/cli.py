@@ -30,6 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from .diagnostics import weighting_diagnostics
+from .sampler_state import is_sampler_state
+from .weights import RULE_OPTIONS
+
 EXIT_USAGE = 2
 
 
@@ -38,7 +42,6 @@ class UserError(Exception):
 
 
 # =================================================================================== inspect
-SAMPLER_FORMAT = "irdro_sampler.IRDROSampler"
 
 
 def _inspect_safe_globals() -> list[Any]:
@@ -95,9 +98,9 @@ def _find_states(obj: Any, depth: int = 0) -> tuple[dict | None, dict | None]:
     if depth > 8:
         return None, None
     if isinstance(obj, Mapping):
-        if obj.get("format") == SAMPLER_FORMAT:
+        if is_sampler_state(obj):
             return dict(obj), None
-        if "sampler" in obj and isinstance(obj["sampler"], Mapping) and obj["sampler"].get("format") == SAMPLER_FORMAT:
+        if "sampler" in obj and is_sampler_state(obj["sampler"]):
             return dict(obj["sampler"]), None
         table_holder = None
         if isinstance(obj.get("table"), Mapping) and "losses" in obj["table"] and "num_samples" in obj["table"]:
@@ -127,7 +130,7 @@ def _rule_from_repr(text: str) -> dict[str, Any]:
         return opts
     if isinstance(call, ast.Call):
         for kw in call.keywords:
-            if kw.arg in ("temperature", "kl_radius", "ess_fraction", "truncate_quantile", "truncate_zscore", "uniform_mix"):
+            if kw.arg in RULE_OPTIONS:
                 try:
                     opts[kw.arg] = ast.literal_eval(kw.value)
                 except ValueError:
@@ -151,8 +154,7 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
     Raises :class:`UserError` with a one-line message for a missing/unreadable file or one without
     a sampler state.
     """
-    from irdro_sampler import DROWeighting, IRDROSampler, LossTable, distribution_stats
-    from irdro_sampler.weights import kept_mask
+    from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 
     p = Path(path)
     try:
@@ -193,15 +195,7 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
             raise UserError(f"{path}: loss-table state is malformed ({type(e).__name__}: {_one_line(e)})") from None
         params = rule.fit(table)
         probs = rule.probabilities(table, params)
-        stats = {
-            **distribution_stats(probs),
-            "seen_fraction": table.num_seen / table.num_samples,
-            "truncated_fraction": 1.0 - float(np.mean(kept_mask(table.losses, params, table.groups))),
-            "temperature": params.temperature,
-            "threshold": params.threshold,
-            "prior": params.prior,
-            "table_mean_loss": table.mean_loss(),
-        }
+        stats = weighting_diagnostics(probs, table, params)
         return Inspection(table.losses.astype(np.float64), probs, stats, "IRDRO loss table (weighted streaming)")
     raise UserError(f"{path}: no IR-DRO sampler state found (expected an IRDROSampler state_dict or a Composer "
                     "checkpoint trained with the IRDRO algorithm)")

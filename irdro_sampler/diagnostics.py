@@ -23,7 +23,7 @@ def weighting_diagnostics(
     ``temperature``, ``threshold``, ``prior`` (the fit) and ``table_mean_loss``. ``kept_count`` (the
     number of samples keeping tilted mass) is counted from the table when not given (O(N)).
     """
-    n = table.num_samples
+    n = table.dataset_size
     if kept_count is None:
         kept_count = int(np.count_nonzero(kept_mask(table.losses, params, table.groups)))
     return {

@@ -23,6 +23,18 @@ from ._validation import (
     validate_feedback,
 )
 
+#: The running loss keeps this weight on its old value (0 keeps only the last loss).
+DEFAULT_EMA = 0.5
+#: Unseen samples take the mean seen loss.
+DEFAULT_PRIOR = "mean"
+
+
+def prior_value(prior: float | str, seen_losses: np.ndarray | None) -> float:
+    """The loss unseen samples take: a fixed ``prior``, or (``"mean"``) the mean of ``seen_losses`` (0 if none)."""
+    if not isinstance(prior, str):
+        return prior
+    return float(np.mean(seen_losses, dtype=np.float64)) if seen_losses.size else 0.0
+
 
 class LossTable:
     """Running per-sample losses: an exponential moving average, plus when and how often each was seen.
@@ -31,7 +43,7 @@ class LossTable:
     and ``last_step`` (int32, -1 while unseen).
 
     Args:
-        num_samples: size of the data set.
+        dataset_size: N, the number of samples in the data set.
         ema: weight of the *old* value in ``running = ema * running + (1 - ema) * new``; ``0`` keeps
             the last value. The first observation of a sample is stored as is.
         prior: running loss assumed for unseen samples: ``"mean"`` (the mean of the seen losses,
@@ -47,11 +59,11 @@ class LossTable:
     """
 
     def __init__(
-        self, num_samples: int, *, ema: float = 0.5, prior: float | str = "mean", groups: Any = None
+        self, dataset_size: int, *, ema: float = DEFAULT_EMA, prior: float | str = DEFAULT_PRIOR, groups: Any = None
     ) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        self.num_samples = int(num_samples)
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral) or dataset_size < 1:
+            raise ValueError(f"dataset_size must be an int >= 1, got {dataset_size!r}")
+        self.dataset_size = int(dataset_size)
         self.ema = check_fraction(ema, "ema", low_open=False, high_open=True)
         if isinstance(prior, str):
             if prior != "mean":
@@ -59,14 +71,14 @@ class LossTable:
         elif isinstance(prior, bool) or not isinstance(prior, numbers.Real) or not math.isfinite(prior):
             raise ValueError(f"prior must be 'mean' or a finite number, got {prior!r}")
         self.prior = prior if isinstance(prior, str) else float(prior)
-        self.losses = np.full(self.num_samples, np.nan, dtype=np.float32)
+        self.losses = np.full(self.dataset_size, np.nan, dtype=np.float32)
         # np.full, not np.zeros: touch the pages now rather than page-faulting them in one at a time
         # under random updates (at N = 1e8 that made the first steps ~50x slower).
-        self.counts = np.full(self.num_samples, 0, dtype=np.uint32)
-        self.last_step = np.full(self.num_samples, -1, dtype=np.int32)
+        self.counts = np.full(self.dataset_size, 0, dtype=np.uint32)
+        self.last_step = np.full(self.dataset_size, -1, dtype=np.int32)
         self.num_seen = 0
         self.num_skipped = 0
-        self.groups: np.ndarray | None = None if groups is None else as_groups(groups, self.num_samples)
+        self.groups: np.ndarray | None = None if groups is None else as_groups(groups, self.dataset_size)
 
     def groups_digest(self) -> str:
         """A digest of the group ids ("" without groups); computed once per assignment of ``groups``."""
@@ -82,12 +94,23 @@ class LossTable:
         return count_groups(self.groups)
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.dataset_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the per-sample arrays (12 per sample; 2 more with groups)."""
+        arrays = (self.losses, self.counts, self.last_step, *(() if self.groups is None else (self.groups,)))
+        return sum(a.nbytes for a in arrays)
+
+    @property
+    def num_samples(self) -> int:
+        """Alias of :attr:`dataset_size` (N; the name streaming and saved states use for it)."""
+        return self.dataset_size
 
     # -- feedback -------------------------------------------------------------------------------------
     def update(self, indices: Any, losses: Any, step: int = 0) -> np.ndarray:
         """Record per-sample losses observed at ``step``; returns the distinct indices updated."""
-        idx, val, skipped = validate_feedback(indices, losses, self.num_samples)
+        idx, val, skipped = validate_feedback(indices, losses, self.dataset_size)
         step = check_step(step)
         self.num_skipped += skipped
         return self.apply_validated(idx, val, step)
@@ -105,7 +128,7 @@ class LossTable:
         if indices.size == 0:
             empty = np.zeros(0, dtype=np.float32)
             return indices, empty, empty
-        order, srt = _stable_order(indices, self.num_samples)
+        order, srt = _stable_order(indices, self.dataset_size)
         first = np.empty(srt.size, dtype=bool)
         first[0] = True
         np.not_equal(srt[1:], srt[:-1], out=first[1:])
@@ -129,22 +152,11 @@ class LossTable:
         return uniq, old, new
 
     # -- views ----------------------------------------------------------------------------------------
-    def seen(self) -> np.ndarray:
-        return self.counts > 0
-
     def prior_value(self, sample: np.ndarray | None = None) -> float:
         """The prior loss: the fixed prior, or the mean seen loss (of ``sample`` if given); 0 if none seen."""
-        if not isinstance(self.prior, str):
-            return self.prior
-        if sample is None:
+        if sample is None and isinstance(self.prior, str):
             sample = self.losses[~np.isnan(self.losses)]
-        return float(np.mean(sample, dtype=np.float64)) if sample.size else 0.0
-
-    def effective_losses(self, prior: float | None = None) -> np.ndarray:
-        """Running losses as float64 with unseen samples filled with ``prior`` (default :meth:`prior_value`)."""
-        out = self.losses.astype(np.float64)
-        out[np.isnan(out)] = self.prior_value() if prior is None else prior
-        return out
+        return prior_value(self.prior, sample)
 
     def mean_loss(self) -> float:
         """Mean running loss over seen samples (NaN if none)."""
@@ -156,7 +168,7 @@ class LossTable:
         not NaN: NaN != NaN would make two identical states compare unequal (``allclose`` at zero
         tolerance, ``torch.equal``); :meth:`load_state_dict` restores NaN from the counts."""
         return {
-            "num_samples": self.num_samples,
+            "num_samples": self.dataset_size,  # the saved format's name for N
             "ema": self.ema,
             "prior": self.prior,
             "losses": torch.from_numpy(np.where(self.counts > 0, self.losses, np.float32(0.0))),
@@ -173,7 +185,7 @@ class LossTable:
         ``prior``, counts >= 0, and finite losses and steps >= 0 wherever counts > 0. Samples with
         count 0 are unseen whatever loss was saved for them (NaN or a placeholder) and load as NaN.
         """
-        self._assign(check_table_state(state, self.num_samples))
+        self._assign(check_table_state(state, self.dataset_size))
 
     def _assign(self, checked: dict[str, Any]) -> None:
         """Take the entries of a state already checked by :func:`check_table_state` (cannot fail)."""
@@ -197,16 +209,16 @@ def count_groups(groups: np.ndarray | None) -> int:
     return 1 if groups is None or groups.size == 0 else int(groups.max()) + 1
 
 
-def check_table_state(state: Any, num_samples: int | None, where: str = "state_dict") -> dict[str, Any]:
+def check_table_state(state: Any, dataset_size: int | None, where: str = "state_dict") -> dict[str, Any]:
     """Validate a :meth:`LossTable.state_dict` and return its entries converted for the table.
 
-    ``num_samples`` is the size it must have (``None``: the size it claims, which its arrays must
+    ``dataset_size`` is the size it must have (``None``: the size it claims, which its arrays must
     match, so a small file cannot make anyone allocate a huge table).
     """
     n = state_int(state, "num_samples", where, minimum=1)
-    if num_samples is not None and n != num_samples:
+    if dataset_size is not None and n != dataset_size:
         raise ValueError(
-            f"{where}['num_samples'] is {n} but this table has num_samples={num_samples}: "
+            f"{where}['num_samples'] is {n} but this table has dataset_size={dataset_size}: "
             "the state comes from a data set of a different size"
         )
     ema = check_fraction(state_entry(state, "ema", where), f"{where}['ema']", low_open=False, high_open=True)

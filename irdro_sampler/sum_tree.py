@@ -60,11 +60,6 @@ class FanoutSumTree:
         return float(self.prefix[-1])
 
     @property
-    def depth(self) -> int:
-        """Number of group levels a search descends below the frontier."""
-        return len(self.levels) - 1
-
-    @property
     def nbytes(self) -> int:
         return sum(level.nbytes for level in self.levels) + self.prefix.nbytes
 

@@ -9,12 +9,13 @@ losses of 1e3 neither overflow nor return NaN.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from ._validation import as_loss_vector, check_fraction, check_positive
+from .loss_table import prior_value
 
 if TYPE_CHECKING:
     from .loss_table import LossTable
@@ -412,25 +413,40 @@ class DROWeighting:
 
     # -- calibration ------------------------------------------------------------------------------
     def fit(self, table: LossTable) -> WeightParams:
-        """Compute prior, cut threshold, temperature and shift from the table. O(N) for the shift."""
-        n = table.num_samples
-        stride = max(1, -(-n // self.calibration_size))
-        view = table.losses[::stride].astype(np.float64)
+        """Compute prior, cut threshold, temperature and shift from the table. O(N) for the shift.
+
+        The calibration (:meth:`fit_calibration`) sees every ``calibration_stride``-th sample; only the
+        shift (the largest kept loss) looks at all of them. A table sharded over ranks fits the same way
+        from the gathered strided sample and a max-reduced shift (:mod:`irdro_sampler.distributed_fit`).
+        """
+        stride = self.calibration_stride(table.dataset_size)
+        groups = None if table.groups is None else table.groups[::stride]
+        params = self.fit_calibration(table.losses[::stride], groups, num_groups=table.num_groups, prior=table.prior)
+        return params._replace(shift=max_kept_loss(table.losses, params, table.groups))
+
+    def calibration_stride(self, dataset_size: int) -> int:
+        """The calibration statistics see samples ``0, stride, 2 stride, ...`` (at most ``calibration_size``)."""
+        return max(1, -(-dataset_size // self.calibration_size))
+
+    def fit_calibration(
+        self, losses: np.ndarray, groups: np.ndarray | None, *, num_groups: int, prior: float | str
+    ) -> WeightParams:
+        """Prior, cut thresholds and temperature (shift 0) from the calibration sample: the strided table
+        ``losses`` (float32, NaN unseen), their ``groups`` (None without groups; ids below ``num_groups``)
+        and the table's ``prior`` option."""
+        view = losses.astype(np.float64)
         seen = ~np.isnan(view)
         seen_losses = view[seen]
-        prior = table.prior_value(sample=seen_losses)
+        prior = prior_value(prior, seen_losses)
         cut = dict(truncate_quantile=self.truncate_quantile, truncate_zscore=self.truncate_zscore, cut_rule=self.cut_rule)
-        if table.groups is None:
+        if groups is None:
             params = WeightParams(1.0, cut_threshold(seen_losses, **cut), prior, 0.0)
         else:
-            group_view = table.groups[::stride]
-            per_group = group_cut_thresholds(seen_losses, group_view[seen], num_groups=table.num_groups, **cut)
+            per_group = group_cut_thresholds(seen_losses, groups[seen], num_groups=num_groups, **cut)
             params = WeightParams(1.0, math.inf, prior, 0.0, per_group)
-        groups = None if table.groups is None else group_view
         eff = np.where(seen, view, prior)
         tau = float(self.temperature_for(eff[~seen | (eff <= params.thresholds(groups))]))
-        shift = max_kept_loss(table.losses, params, table.groups)
-        return params._replace(temperature=tau, shift=float(shift))
+        return params._replace(temperature=tau)
 
     def temperature_for(self, kept_losses: np.ndarray) -> float:
         """The temperature this rule uses for these (kept) losses: the fixed one, or calibrated."""
@@ -443,6 +459,19 @@ class DROWeighting:
         return temperature_for_ess(kept_losses, self.ess_fraction or DEFAULT_ESS_FRACTION)
 
     # -- masses and probabilities -------------------------------------------------------------------
+    def masses_at(self, table: LossTable, selection: Any, params: WeightParams) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`masses` of the table's samples at ``selection`` (indices or a slice) and their kept mask."""
+        groups = None if table.groups is None else table.groups[selection]
+        return masses(table.losses[selection], params, groups)
+
+    def rebased(self, table: LossTable, params: WeightParams) -> WeightParams:
+        """``params`` with the shift re-chosen (the largest kept loss) after the masses' total left range."""
+        return params._replace(shift=max_kept_loss(table.losses, params, table.groups))
+
+    def identity(self) -> list[tuple[str, Any]]:
+        """What the sampler's fingerprint records of the rule: every option."""
+        return sorted(self.config().items())
+
     def probabilities(self, table: LossTable, params: WeightParams | None = None) -> np.ndarray:
         """Probabilities over all N samples (float64, sums to 1); ``params`` default to ``fit(table)``."""
         params = self.fit(table) if params is None else params
@@ -492,6 +521,15 @@ def max_kept_loss(
     losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, chunk: int = 1 << 22
 ) -> float:
     """Largest effective loss among kept samples (chunked to bound temporaries at large N)."""
+    best, has_unseen = max_kept_parts(losses, params, groups, chunk)
+    return finish_max_kept(best, has_unseen, params.prior)
+
+
+def max_kept_parts(
+    losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, chunk: int = 1 << 22
+) -> tuple[float, bool]:
+    """``(largest kept seen loss or -inf, whether any sample is unseen)``: what :func:`max_kept_loss`
+    combines, and what ranks holding parts of a table max-reduce before combining."""
     best = -math.inf
     has_unseen = False
     for start in range(0, losses.size, chunk):
@@ -502,8 +540,13 @@ def max_kept_loss(
         kept = part[_kept64(part, params, part_groups) & ~nan]
         if kept.size:
             best = max(best, float(kept.max()))
+    return best, has_unseen
+
+
+def finish_max_kept(best: float, has_unseen: bool, prior: float) -> float:
+    """The shift from :func:`max_kept_parts`: unseen samples count with the prior; 0 when nothing is kept."""
     if has_unseen:
-        best = max(best, params.prior)
+        best = max(best, prior)
     return best if math.isfinite(best) else 0.0
 
 
@@ -520,3 +563,8 @@ def mixture_probabilities(mass: np.ndarray, mass_total: float, num_samples: int,
     if uniform_mix > 0.0:
         p += uniform_mix / num_samples
     return p
+
+
+#: The weighting rule's option names: :class:`DROWeighting`'s fields, the keywords that ``IRDROSampler``,
+#: the integrations and ``inspect`` take and pass on.
+RULE_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(DROWeighting))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -129,3 +130,27 @@ def chisquare_pvalue(counts: np.ndarray, probs: np.ndarray, min_expected: float 
     o = np.array(pooled_o)
     e *= o.sum() / e.sum()  # guard against float rounding in the totals
     return float(sps.chisquare(o, e).pvalue)
+
+
+def effective_losses(table: Any, prior: float | None = None) -> np.ndarray:
+    """A table's running losses as float64 with unseen samples filled with ``prior`` (default: its prior)."""
+    out = table.losses.astype(np.float64)
+    out[np.isnan(out)] = table.prior_value() if prior is None else prior
+    return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_gloo(worker: Any, world: int, *args: Any) -> list[Any]:
+    """Run ``worker(rank, world, port, results, *args)`` on ``world`` processes (torch.multiprocessing)
+    and return what each rank stored in ``results[rank]``, in rank order."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(world, free_port(), results, *args), nprocs=world, join=True)
+    return [results[r] for r in range(world)]

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _core_helpers import iter_batches
 
 from irdro_sampler import IRDROSampler, balanced_counts, initial_carry
 
@@ -58,15 +59,6 @@ def _losses(idx: list[int], step: int, noisy: np.ndarray) -> np.ndarray:
     return np.where(noisy[i], base + 6.0, base) + 0.01
 
 
-def _batches(sampler: IRDROSampler):
-    it = iter(sampler)
-    while True:
-        batch = list(itertools.islice(it, sampler.batch_size))
-        if not batch:
-            return
-        yield batch
-
-
 def run_scenario(*, draws: str, groups: bool, cut: str, ranks: int, replay: bool) -> str:
     """One scenario's digest: draws, probabilities, importance weights, stats and states."""
     h = hashlib.blake2b(digest_size=16)
@@ -87,7 +79,7 @@ def run_scenario(*, draws: str, groups: bool, cut: str, ranks: int, replay: bool
     for epoch in range(EPOCHS):
         for s in samplers:
             s.set_epoch(epoch)
-        iters = [_batches(s) for s in samplers]
+        iters = [iter_batches(s) for s in samplers]
         for parts in zip(*iters, strict=True):
             idx = [i for p in parts for i in p]
             _fold(h, idx)
@@ -114,7 +106,7 @@ def run_scenario(*, draws: str, groups: bool, cut: str, ranks: int, replay: bool
         s.set_epoch(epoch)
         if not replay:
             s.set_start_batch(b_in)
-    iters = [_batches(s) for s in resumed]
+    iters = [iter_batches(s) for s in resumed]
     step = 21 if not replay else epoch * samplers[0].batches_per_epoch
     for parts in itertools.islice(zip(*iters, strict=True), 12):
         idx = [i for p in parts for i in p]
@@ -163,7 +155,7 @@ def legacy_state(draws: str) -> dict[str, Any]:
     step = 0
     for epoch in range(3):
         s.set_epoch(epoch)
-        for idx in _batches(s):
+        for idx in iter_batches(s):
             s.update(idx, _losses(idx, step, noisy), step=step)
             step += 1
             if step == 30:
@@ -182,7 +174,7 @@ def continuation_digest(state: dict[str, Any]) -> str:
         s.set_epoch(e)
         if e == epoch:
             s.set_start_batch(start)
-        for idx in _batches(s):
+        for idx in iter_batches(s):
             _fold(h, idx)
             s.update(idx, _losses(idx, step, noisy), step=step)
             step += 1

@@ -174,6 +174,26 @@ def test_inspect_streaming_table_state(tmp_path, capsys):
     assert _value(out, "truncated fraction") == pytest.approx(cut, abs=1e-4)
 
 
+@pytest.mark.parametrize("cut_rule", ["log-zscore", "mixture"])
+def test_inspect_streaming_table_uses_every_rule_option_of_the_repr(tmp_path, cut_rule):
+    """Every DROWeighting option in the IRDRO repr (cut_rule and calibration_size included) decides the report."""
+    from irdro_sampler import DROWeighting, LossTable
+
+    table = LossTable(400)
+    rng = np.random.default_rng(2)
+    table.update(np.arange(400), np.where(rng.random(400) < 0.1, 8.0, 1.0) * rng.gamma(2.0, 1.0, 400), step=0)
+    opts = dict(temperature=1.0, truncate_zscore=2.0, cut_rule=cut_rule, calibration_size=64)
+    state = {"repr": f"IRDRO({', '.join(f'{k}={v!r}' for k, v in opts.items())}, mode='resample')",
+             "version": 1, "mode": "resample", "table": table.state_dict()}
+    path = tmp_path / "alg.pt"
+    torch.save(state, path)
+    ins = load_inspection(path)
+    rule = DROWeighting(**opts)
+    assert ins.stats["threshold"] == rule.fit(table).threshold
+    assert ins.stats["threshold"] != DROWeighting(temperature=1.0, truncate_zscore=2.0).fit(table).threshold
+    np.testing.assert_array_equal(ins.probs, rule.probabilities(table))
+
+
 def test_inspect_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["inspect"])

@@ -33,6 +33,7 @@ from irdro_sampler.integrations.composer import (  # noqa: E402
     default_per_sample_loss,
     gather_feedback,
 )
+from irdro_sampler.integrations.composer.losses import has_class_targets  # noqa: E402
 from irdro_sampler.weights import DEFAULT_ZSCORE  # noqa: E402
 
 torch.set_num_threads(1)
@@ -387,6 +388,28 @@ def test_wrong_loss_shape_is_a_clear_error_at_the_first_batch(clf_data):
         trainer.fit()
     assert trainer.state.timestamp.batch == 0
     trainer.close()
+
+
+@pytest.mark.parametrize("with_groups", [False, True])
+def test_class_targets_without_groups_are_noted_once(clf_data, caplog, with_groups):
+    data, groups, _ = clf_data
+    dl = ex.build_dataloader(data, "irdro", 8, sampler_kwargs={"groups": groups} if with_groups else None)
+    trainer = ex.build_trainer(ex.build_classifier_model(), dl, [IRDRO(log_interval=0)], steps=4)
+    with caplog.at_level("WARNING", logger="irdro_sampler.integrations.composer.algorithm"):
+        trainer.fit()
+    notes = [r for r in caplog.records if "look like class indices and no groups" in r.getMessage()]
+    assert len(notes) == (0 if with_groups else 1)
+    if notes:
+        assert "0.02-0.15" in notes[0].getMessage() and "groups=labels" in notes[0].getMessage()
+    trainer.close()
+
+
+def test_lm_batches_are_not_class_targets():
+    ids = torch.randint(0, 50, (4, 9))
+    assert not has_class_targets({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert has_class_targets({"x": torch.zeros(4, 3), "labels": torch.tensor([0, 1, 2, 1])})
+    assert has_class_targets((torch.zeros(4, 3), torch.tensor([0, 1, 2, 1])))
+    assert not has_class_targets((torch.zeros(4, 3), torch.zeros(4)))  # regression targets
 
 
 def test_detached_loss_in_importance_mode_is_an_error(clf_data):

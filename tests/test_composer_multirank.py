@@ -9,7 +9,6 @@ this shared 2-core machine; the training processes are the same.)
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _core_helpers import free_port
 
 pytest.importorskip("composer")
 
@@ -73,12 +73,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _same(a, b, path="state"):
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes(), path
@@ -102,7 +96,7 @@ def test_two_ranks_end_with_identical_sampler_states(tmp_path):
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path), str(ROOT / "examples"),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path), str(ROOT / "examples"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from _core_helpers import free_port
 
 pytest.importorskip("composer")
 
@@ -83,12 +83,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_diverging_ranks_raise_within_check_interval(tmp_path):
     script = tmp_path / "ranks.py"
@@ -97,7 +91,7 @@ def test_diverging_ranks_raise_within_check_interval(tmp_path):
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path), str(ROOT / "examples"),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path), str(ROOT / "examples"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -265,7 +259,7 @@ def test_streaming_ranks_that_diverge_raise(tmp_path):
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

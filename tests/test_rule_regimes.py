@@ -32,7 +32,7 @@ def test_default_temperature_hits_the_ess_target_and_is_scale_free(scale):
 
 
 def _scaled(table: LossTable, factor: float) -> LossTable:
-    out = LossTable(table.num_samples, ema=0.0)
+    out = LossTable(table.dataset_size, ema=0.0)
     seen = np.flatnonzero(table.counts > 0)
     out.update(seen, table.losses[seen].astype(np.float64) * factor)
     return out
@@ -85,13 +85,13 @@ def test_groups_keep_a_hard_rare_class_and_cut_its_noise():
     rare = slice(4000, 4200)
     noise = slice(4200, 4300)
     grouped = DROWeighting()
-    kept = grouped.probabilities(table) > grouped.uniform_mix / table.num_samples * (1 + 1e-9)
+    kept = grouped.probabilities(table) > grouped.uniform_mix / table.dataset_size * (1 + 1e-9)
     assert kept[rare].mean() > 0.97  # judged against its own class, the rare class is ordinary
     assert kept[noise].mean() < 0.1  # label noise is far above its class
     # Without groups the same losses lose the whole rare class to the cut (the failure this fixes).
-    flat = LossTable(table.num_samples, ema=0.0)
-    flat.update(np.arange(table.num_samples), table.losses.astype(np.float64))
-    kept_flat = grouped.probabilities(flat) > grouped.uniform_mix / table.num_samples * (1 + 1e-9)
+    flat = LossTable(table.dataset_size, ema=0.0)
+    flat.update(np.arange(table.dataset_size), table.losses.astype(np.float64))
+    kept_flat = grouped.probabilities(flat) > grouped.uniform_mix / table.dataset_size * (1 + 1e-9)
     assert kept_flat[rare].mean() < 0.05
 
 

@@ -13,6 +13,7 @@ from _core_helpers import (
     P_THRESHOLD,
     assert_state_equal,
     chisquare_pvalue,
+    effective_losses,
     iter_batches,
     loss_of,
 )
@@ -93,7 +94,7 @@ def test_draws_match_probabilities_chi_square(tau, mix, quantile, zscore, ema, d
         assert cut.sum() > 0 and (mix > 0 or counts[cut].sum() == 0)
         assert math.isclose(s.stats()["truncated_fraction"], float(cut.mean()))
     if quantile is not None and zscore is None:
-        losses = s.table.effective_losses()
+        losses = effective_losses(s.table)
         expect = kl_dro_weights(losses, tau, truncate_quantile=quantile, uniform_mix=mix)
         np.testing.assert_allclose(p, expect, rtol=1e-9, atol=1e-300)
     if tau == 1e-3:
@@ -301,15 +302,16 @@ def test_nonfinite_losses_are_counted_and_skipped():
 def _assert_tree_is_rebuild(s: IRDROSampler) -> None:
     """The incrementally updated masses equal a rebuild: the sum tree (i.i.d.) bit for bit; for balanced
     draws the leaves bit for bit and their running total within its rounding (see LeafMasses)."""
-    nodes = s._tree.nodes.copy()
-    n_kept = s._n_kept
-    s._rebuild(rebase=False)
+    structure = s.draw_scheme.tree if s.draws == "iid" else s.draw_scheme.masses
+    nodes = structure.nodes.copy()
+    n_kept = s.order.weights.kept_count
+    s.order.weights.rebuild(rebase=False)
     if s.draws == "iid":
-        np.testing.assert_array_equal(nodes, s._tree.nodes)
+        np.testing.assert_array_equal(nodes, structure.nodes)
     else:
-        np.testing.assert_array_equal(nodes[:-1], s._tree.nodes[:-1])
-        assert math.isclose(nodes[-1], s._tree.nodes[-1], rel_tol=1e-9)
-    assert n_kept == s._n_kept
+        np.testing.assert_array_equal(nodes[:-1], structure.nodes[:-1])
+        assert math.isclose(nodes[-1], structure.nodes[-1], rel_tol=1e-9)
+    assert n_kept == s.order.weights.kept_count
     assert np.all(np.isfinite(nodes)) and np.all(nodes >= 0)
     p = s.probabilities()
     assert np.all(np.isfinite(p)) and np.all(p >= 0)
@@ -362,7 +364,7 @@ def test_extreme_temperatures_and_loss_scales(tau):
         assert st["rebases"] > 0  # the shift had to follow the losses
     # The tilted part is the closed form on the table.
     p = s.probabilities()
-    expect = kl_dro_weights(s.table.effective_losses(st["prior"]), tau, uniform_mix=0.05)
+    expect = kl_dro_weights(effective_losses(s.table, st["prior"]), tau, uniform_mix=0.05)
     np.testing.assert_allclose(p, expect, rtol=1e-6, atol=1e-12)
 
 

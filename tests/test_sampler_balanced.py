@@ -89,7 +89,7 @@ def run_tracking(s: IRDROSampler, num_batches: int, rng: np.random.Generator, *,
     while step < num_batches:
         s.set_epoch(step // s.batches_per_epoch)
         for _share in iter_batches(s):
-            glob = s._drawn[step][0]  # the global batch (one rank here)
+            glob = s.drawn_batch(step)[0]  # the global batch (one rank here)
             counts += np.bincount(glob, minlength=n)
             expected += glob.size * s.probabilities()
             worst = max(worst, float(np.abs(counts - expected).max()))
@@ -208,10 +208,10 @@ def test_stale_replay_leaves_credits_alone():
     s = IRDROSampler(200, 10, feedback_delay=1, seed=1)
     for step, b in enumerate(iter_batches(s)):
         s.update(b, loss_of(b, step), step=step)
-    before = s._stride.state_dict()
-    s._drawn.clear()
-    s._batch(3, 10)  # no longer buffered, not trained
-    after = s._stride.state_dict()
+    before = s.draw_scheme.stride.state_dict()
+    s.order.drawn.batches.clear()
+    s.order.batch(3)  # no longer buffered
+    after = s.draw_scheme.stride.state_dict()
     assert all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before)
 
 

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _core_helpers import assert_state_equal, iter_batches, loss_of
+from _core_helpers import assert_state_equal, free_port, iter_batches, loss_of
 
 from irdro_sampler import IRDROSampler
 
 N, BATCH, EPOCHS = 203, 8, 2  # per rank: ceil(203 / 2) = 102 samples = 12 batches of 8 + one of 6
 OPTIONS = dict(temperature=0.4, truncate_quantile=0.9, uniform_mix=0.1, feedback_delay=3, refresh_interval=2, seed=5)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, outdir: str, draws: str) -> None:
@@ -77,7 +70,7 @@ def _reference(draws: str, world: int = 2):
 def test_two_processes_identical_states_and_disjoint_shares(tmp_path, draws):
     # fork: the children inherit the imported modules (spawn would re-import torch in each, ~10 s here).
     ctx = mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path), draws), nprocs=2, join=False, start_method="fork"
+        _worker, args=(2, free_port(), str(tmp_path), draws), nprocs=2, join=False, start_method="fork"
     )
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):  # re-raises a child's exception
@@ -121,7 +114,7 @@ def test_rank_shares_are_slices_of_one_global_batch(draws):
     """In-process: each rank yields its own slice of the global batch both ranks draw."""
     samplers = [IRDROSampler(N, BATCH, num_replicas=2, rank=r, draws=draws, **OPTIONS) for r in range(2)]
     for step, parts in enumerate(zip(*[iter_batches(s) for s in samplers], strict=True)):
-        glob = [s._drawn[step][0].tolist() for s in samplers]
+        glob = [s.drawn_batch(step)[0].tolist() for s in samplers]
         assert glob[0] == glob[1] == list(parts[0]) + list(parts[1])
         for s in samplers:
             s.update(glob[0], loss_of(glob[0], step), step=step)

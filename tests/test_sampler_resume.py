@@ -108,8 +108,9 @@ def test_resume_continues_exactly(mode, ahead, draws):
 def test_restored_state_overrides_constructor_options(draws, other_draws):
     ref = make(draws=draws)
     full, saved = run(ref, 0, TOTAL, checkpoint_at=(40,))
+    tree = {"block_size": 4} if other_draws == "iid" else {}  # the sum tree's fanout: i.i.d. draws only
     other = make(seed=99, temperature=3.0, feedback_delay=9, refresh_interval=1, truncate_quantile=None,
-                 block_size=4, ema=0.0, uniform_mix=0.3, draws=other_draws)
+                 ema=0.0, uniform_mix=0.3, draws=other_draws, **tree)
     run(other, 0, 10)  # a sampler with its own history
     other.load_state_dict(saved[40])
     cont, _ = run(other, 41, TOTAL)
@@ -270,6 +271,6 @@ def test_balanced_state_without_the_running_total_resumes():
     fresh = make()
     fresh.load_state_dict(old)
     assert fresh.draws == "balanced"
-    assert fresh._tree.total == pytest.approx(state["balanced"]["mass_total"], rel=1e-12)
+    assert fresh.draw_scheme.total == pytest.approx(state["balanced"]["mass_total"], rel=1e-12)
     cont, _ = run(fresh, 31, 60)
     assert sorted(cont) == list(range(31, 60))

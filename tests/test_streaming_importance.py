@@ -77,7 +77,7 @@ def test_balanced_rounds_track_the_erm_objective_within_the_two_draw_bound(tmp_p
     p, losses = _problem(2)
     carry = ds.round_carry(0)
     total, rounds = 0.0, 60
-    from irdro_sampler.balanced import balanced_counts
+    from irdro_sampler import balanced_counts
 
     for r in range(rounds):
         ids = ds.plan_round(p, r, carry)[1]

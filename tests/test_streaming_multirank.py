@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _core_helpers import free_port
 
 pytest.importorskip("streaming")
 
 from _streaming_data import write_mds  # noqa: E402
 
 N, BATCH, ROUND, WORLD = 2000, 10, 1000, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, root: str, local: str, port: int, num_workers: int) -> None:
@@ -60,7 +54,7 @@ def test_two_ranks_same_plan_disjoint_shares(tmp_path, num_workers):
     root = str(tmp_path)
     write_mds(root, N, 100)
     local = os.path.join(root, "local")
-    mp.start_processes(_rank_main, args=(root, local, _free_port(), num_workers), nprocs=WORLD,
+    mp.start_processes(_rank_main, args=(root, local, free_port(), num_workers), nprocs=WORLD,
                        join=True, start_method="fork")
     r = [np.load(os.path.join(root, f"rank{k}-nw{num_workers}.npz")) for k in range(WORLD)]
     # Bitwise identical weights and plan on both ranks.

@@ -131,7 +131,7 @@ def test_balanced_rounds_are_epochs_and_track_the_weights(data_root, num_workers
     """Balanced draws (the default): with uniform weights and round_size = N a round is an epoch without
     replacement; then, with changing weights, every sample's cumulative count stays within two draws of
     its expectation (phase + round_size * sum of its probabilities), through real DataLoader rounds."""
-    from irdro_sampler.balanced import initial_carry
+    from irdro_sampler import initial_carry
 
     ds = make(data_root)  # round_size = N, seed 7
     assert ds.draws == "balanced"

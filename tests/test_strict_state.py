@@ -316,11 +316,20 @@ def test_fingerprint_equal_when_everything_agrees_and_not_the_rank():
 @pytest.mark.parametrize(
     "change",
     [dict(seed=6), dict(temperature=0.5), dict(truncate_quantile=0.8), dict(uniform_mix=0.2), dict(ema=0.4),
-     dict(feedback_delay=4), dict(refresh_interval=5), dict(block_size=4)],
+     dict(feedback_delay=4), dict(refresh_interval=5), dict(draws="iid")],
     ids=lambda d: next(iter(d)),
 )  # fmt: skip
 def test_fingerprint_differs_when_an_option_differs(change):
     assert trained(steps=0).fingerprint() != trained(steps=0, **change).fingerprint()
+
+
+def test_fingerprint_covers_the_tree_fanout_of_iid_draws():
+    assert trained(steps=0, draws="iid").fingerprint() != trained(steps=0, draws="iid", block_size=4).fingerprint()
+
+
+def test_block_size_needs_a_tree():
+    with pytest.raises(ValueError, match="block_size.*draws='balanced' keeps no tree"):
+        IRDROSampler(N, BATCH, block_size=4)
 
 
 def test_fingerprint_follows_applied_feedback():

@@ -190,13 +190,47 @@ def build_corpus(
     if (root / "meta.json").exists():
         return Corpus.from_root(root)
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     rng = np.random.default_rng(config.seed)
     names = list(config.domains)
+    train_tok, train_dom, val_tok, val_dom, train_counts, val_counts = _domain_documents(config, rng)
+
+    n_clean = sum(train_counts.values())
+    n_noise = int(round(config.noise_share / (1.0 - config.noise_share) * n_clean))
+    noise_domain = None
+    if n_noise > 0:
+        noise_domain = len(names)
+        names.append(NOISE)
+        train_tok.append(rng.integers(0, 256, size=(n_noise, config.seq_len), dtype=np.uint8))
+        train_dom.append(np.full(n_noise, noise_domain))
+        train_counts[NOISE] = n_noise
+
+    tok = np.concatenate(train_tok)
+    dom = np.concatenate(train_dom)
+    order = rng.permutation(len(tok))  # mix domains over shards, as a shuffled corpus would be
+    tok, dom = tok[order], dom[order]
+    corpus_meta = {
+        "seq_len": config.seq_len,
+        "domain_names": names,
+        "rare_domains": list(config.domains)[config.num_common :],
+        "train_counts": train_counts,
+        "val_counts": val_counts,
+        "noise_domain": noise_domain,
+        "config": asdict(config),
+        "python": sys.version,
+    }
+    _write_corpus(cache, root, (tok, dom), (np.concatenate(val_tok), np.concatenate(val_dom)), corpus_meta)
+    if not quiet:
+        print(f"built corpus {root} ({len(tok)} training documents)", file=sys.stderr)
+    return Corpus.from_root(root)
+
+
+def _domain_documents(config: CorpusConfig, rng: np.random.Generator) -> tuple[list, list, list, list, dict, dict]:
+    """Each domain's standard-library text in documents, split into held-out and training ones."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
     train_tok, train_dom, val_tok, val_dom = [], [], [], []
     train_counts: dict[str, int] = {}
     val_counts: dict[str, int] = {}
-    for d, name in enumerate(names):
+    for d, name in enumerate(config.domains):
         sub = stdlib / config.domains[name]
         if not sub.is_dir():
             raise ValueError(f"domain {name!r}: {sub} is not a directory of the standard library")
@@ -213,38 +247,17 @@ def build_corpus(
         train_dom.append(np.full(n_tr, d))
         train_counts[name] = int(n_tr)
         val_counts[name] = int(n_val)
+    return train_tok, train_dom, val_tok, val_dom, train_counts, val_counts
 
-    n_clean = sum(train_counts.values())
-    n_noise = int(round(config.noise_share / (1.0 - config.noise_share) * n_clean))
-    noise_domain = None
-    if n_noise > 0:
-        noise_domain = len(names)
-        names.append(NOISE)
-        train_tok.append(rng.integers(0, 256, size=(n_noise, config.seq_len), dtype=np.uint8))
-        train_dom.append(np.full(n_noise, noise_domain))
-        train_counts[NOISE] = n_noise
 
-    tok = np.concatenate(train_tok)
-    dom = np.concatenate(train_dom)
-    order = rng.permutation(len(tok))  # mix domains over shards, as a shuffled corpus would be
-    tok, dom = tok[order], dom[order]
-
+def _write_corpus(cache: Path, root: Path, train: tuple, val: tuple, meta: dict[str, Any]) -> None:
+    """Write the MDS splits and ``meta.json`` into a temporary folder, then rename it to ``root``."""
     cache.mkdir(parents=True, exist_ok=True)
     tmp = owned_tempdir(".build-", cache)  # removed below, or by the next build if this one is SIGKILLed
     try:
-        _write_mds(tmp / "train", tok, dom)
-        _write_mds(tmp / "val", np.concatenate(val_tok), np.concatenate(val_dom))
-        corpus_meta = {
-            "seq_len": config.seq_len,
-            "domain_names": names,
-            "rare_domains": list(config.domains)[config.num_common :],
-            "train_counts": train_counts,
-            "val_counts": val_counts,
-            "noise_domain": noise_domain,
-            "config": asdict(config),
-            "python": sys.version,
-        }
-        (tmp / "meta.json").write_text(json.dumps(corpus_meta, indent=1))
+        _write_mds(tmp / "train", *train)
+        _write_mds(tmp / "val", *val)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.replace(tmp, root)
         except OSError:
@@ -254,9 +267,6 @@ def build_corpus(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if not quiet:
-        print(f"built corpus {root} ({len(tok)} training documents)", file=sys.stderr)
-    return Corpus.from_root(root)
 
 
 def create_streaming_dataset(make: Callable[[], Any], attempts: int = 8) -> Any:

@@ -45,19 +45,16 @@ def build_hf_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
 
 def build_composer_model(cfg: ModelConfig, seed: int = 0):
     """The tiny GPT-2 wrapped in ``composer.models.HuggingFaceModel`` (loss = the model's own token-mean CE)."""
-    import composer.models.huggingface as hf_mod
     from composer.models import HuggingFaceModel
 
+    from irdro_sampler.integrations._composer_compat import assume_causal_lm
+
     hf = build_hf_model(cfg, seed)
-    # HuggingFaceModel.__init__ asks `_is_registered_causal_lm` only to default `shift_labels`, which we
-    # pass explicitly; that check imports every model class transformers has (~5-20 s of CPU per model),
-    # more than the whole tiny training run. Skip it for this construction only.
-    original = hf_mod._is_registered_causal_lm
-    hf_mod._is_registered_causal_lm = lambda model: True
-    try:
+    # HuggingFaceModel.__init__ asks Composer whether the model is a registered causal LM only to default
+    # `shift_labels`, which we pass explicitly; that check imports every model class transformers has
+    # (~5-20 s of CPU per model), more than the whole tiny training run. Skip it for this construction.
+    with assume_causal_lm():
         return HuggingFaceModel(hf, use_logits=True, shift_labels=True)
-    finally:
-        hf_mod._is_registered_causal_lm = original
 
 
 def collate_bytes(samples: Sequence[Mapping], seq_len: int) -> dict[str, torch.Tensor]:

@@ -224,7 +224,8 @@ def _train(
     schedule: str,
 ) -> dict[str, Any]:
     """One Composer run; returns the held-out curve, final per-domain losses, draws per domain and,
-    for IR-DRO arms, the final loss table and probabilities."""
+    for IR-DRO arms, the final loss table and probabilities (:func:`_outcome`). (Its length is its
+    keyword-only signature: every knob of a run is passed explicitly, none read from globals.)"""
     from composer import Trainer
     from composer.optim import ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler
 
@@ -261,6 +262,18 @@ def _train(
     trainer.fit()
     if save_path is not None:
         trainer.save_checkpoint(save_path)
+    out = _outcome(corpus, held, counter, algorithms)
+    trainer.close()
+    del trainer, loader, ds, model, opt
+    gc.collect()
+    shutil.rmtree(local, ignore_errors=True)
+    return out
+
+
+def _outcome(corpus: Corpus, held: Any, counter: Any, algorithms: list[Any]) -> dict[str, Any]:
+    """What a run reports: the held-out curve and final losses, draws per domain, the share of draws on
+    noise and, for IR-DRO arms, the final loss table, probabilities, cut threshold and state."""
+    shares = corpus.train_shares()
     out: dict[str, Any] = {
         "curve": held.curve,
         "final": held.final,
@@ -281,10 +294,6 @@ def _train(
         out["probs"] = rule.probabilities(alg.table, params)
         out["threshold"] = params.threshold
         out["state_dict"] = alg.state_dict()
-    trainer.close()
-    del trainer, loader, ds, model, opt
-    gc.collect()
-    shutil.rmtree(local, ignore_errors=True)
     return out
 
 
@@ -321,6 +330,39 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from . import report
 
     t_start = time.time()
+    cfg, corpus, val = _prepare(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, pretrain = _run_arms(cfg, corpus, val)
+    elapsed = time.time() - t_start
+    table = report.format_table(results)
+    prob_arm = _write_plots(cfg, out, corpus, results)
+    serial = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "corpus": corpus.to_json(),
+        "elapsed_seconds": elapsed,
+        "pretrain": pretrain,
+        "arms": {arm: [{k: v for k, v in r.items() if k in ("curve", "final", "summary", "draws")} for r in runs]
+                 for arm, runs in results.items()},
+        "aggregate": {arm: {m: list(v) for m, v in a.items()} for arm, a in report.aggregate(results).items()},
+    }
+    (out / "results.json").write_text(json.dumps(serial, indent=1, default=_json_default))
+    header = (f"# irdro-sampler demo\n\n{cfg.seeds} seed(s), {cfg.pretrain_steps} uniform pretraining steps, then "
+              f"{cfg.steps} continual steps per arm, batch {cfg.batch_size}; corpus: "
+              + ", ".join(f"{d} {c}" for d, c in corpus.train_counts.items())
+              + f" training documents of {corpus.seq_len} bytes; rare domains: {', '.join(corpus.rare_domains)}."
+              f" Took {elapsed:.0f} s.\n\n")
+    (out / "table.md").write_text(header + table + "\n")
+    if not cfg.quiet:
+        print()
+        print(report.format_table(results, markdown=False))
+        print(f"\nwrote {out}/table.md, results.json, heldout_loss.png, draws_per_domain.png"
+              + (", probability_vs_loss.png" if prob_arm else "") + f" ({elapsed:.0f} s)")
+    return {"results": results, "table": table, "elapsed": elapsed, "corpus": corpus}
+
+
+def _prepare(cfg: DemoConfig) -> tuple[DemoConfig, Corpus, tuple]:
+    """Check the options, set up torch for tiny CPU models, build (or load) the corpus and the held-out set."""
     for arm in cfg.arms:
         if arm not in ARMS and arm not in cfg.arm_options:
             raise DemoInputError(f"arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
@@ -334,8 +376,6 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # One thread: the model is too small for intra-op parallelism to pay, and on a shared machine two
     # spinning OpenMP threads were measured 14x slower per step (70 ms of CPU per step with one thread).
     torch.set_num_threads(cfg.threads or 1)
-
-    out = Path(cfg.out)
     try:
         if cfg.data is not None:
             corpus = load_user_data(cfg.data, cfg.seq_len)
@@ -343,16 +383,17 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
             corpus = build_corpus(cfg.corpus_config(), cfg.cache, quiet=cfg.quiet)
     except ValueError as e:  # bad options or data layout; errors of training itself keep their traceback
         raise DemoInputError(str(e)) from e
-    out.mkdir(parents=True, exist_ok=True)
-    mcfg = cfg.model_config(corpus.seq_len)
     va = read_mds(corpus.val_dir)
     val_ids, val_labels = tokens_tensor(va["tokens"], corpus.seq_len)
-    val = (val_ids, val_labels, va["domain"])
-    train_domains = read_mds(corpus.train_dir)["domain"]
-
     if cfg.tiny:
         cfg = copy.copy(cfg)
         cfg.round_batches = min(cfg.round_batches, 5)  # a few rounds even in a 20-step run
+    return cfg, corpus, (val_ids, val_labels, va["domain"])
+
+
+def _run_arms(cfg: DemoConfig, corpus: Corpus, val: tuple) -> tuple[dict[str, list[dict[str, Any]]], list]:
+    """Per seed: uniform pretraining, then every arm continues from its checkpoint."""
+    mcfg = cfg.model_config(corpus.seq_len)
     workdir = owned_tempdir("irdro-demo-")
     results: dict[str, list[dict[str, Any]]] = {a: [] for a in cfg.arms}
     pretrain: list[dict[str, Any]] = []
@@ -381,9 +422,14 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
                           f"  noise draws {100 * s['noise_draws']:.1f}%", file=sys.stderr)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return results, pretrain
 
-    elapsed = time.time() - t_start
-    table = report.format_table(results)
+
+def _write_plots(cfg: DemoConfig, out: Path, corpus: Corpus, results: dict[str, list[dict[str, Any]]]) -> str | None:
+    """The held-out curves, draws per domain and (first IR-DRO arm, seed 0) probability vs loss plots,
+    and that arm's saved state; returns the arm plotted, if any."""
+    from . import report
+
     report.plot_curves(results, out / "heldout_loss.png")
     shares = {**corpus.train_shares()}
     if corpus.noise_domain is not None:
@@ -395,33 +441,12 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     prob_arm = next((a for a in cfg.arms if "probs" in results[a][0]), None)
     if prob_arm is not None:
         r0 = results[prob_arm][0]
+        train_domains = read_mds(corpus.train_dir)["domain"]
         report.plot_probability_vs_loss(r0["table_losses"], r0["probs"], train_domains, corpus.domain_names,
                                         r0["threshold"], out / "probability_vs_loss.png",
                                         title=f"arm {prob_arm}, seed 0: probability vs running loss at the end")
         save_state(r0["state_dict"], out / f"irdro_state_{prob_arm}.pt")
-
-    serial = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "corpus": corpus.to_json(),
-        "elapsed_seconds": elapsed,
-        "pretrain": pretrain,
-        "arms": {arm: [{k: v for k, v in r.items() if k in ("curve", "final", "summary", "draws")} for r in runs]
-                 for arm, runs in results.items()},
-        "aggregate": {arm: {m: list(v) for m, v in a.items()} for arm, a in report.aggregate(results).items()},
-    }
-    (out / "results.json").write_text(json.dumps(serial, indent=1, default=_json_default))
-    header = (f"# irdro-sampler demo\n\n{cfg.seeds} seed(s), {cfg.pretrain_steps} uniform pretraining steps, then "
-              f"{cfg.steps} continual steps per arm, batch {cfg.batch_size}; corpus: "
-              + ", ".join(f"{d} {c}" for d, c in corpus.train_counts.items())
-              + f" training documents of {corpus.seq_len} bytes; rare domains: {', '.join(corpus.rare_domains)}."
-              f" Took {elapsed:.0f} s.\n\n")
-    (out / "table.md").write_text(header + table + "\n")
-    if not cfg.quiet:
-        print()
-        print(report.format_table(results, markdown=False))
-        print(f"\nwrote {out}/table.md, results.json, heldout_loss.png, draws_per_domain.png"
-              + (", probability_vs_loss.png" if prob_arm else "") + f" ({elapsed:.0f} s)")
-    return {"results": results, "table": table, "elapsed": elapsed, "corpus": corpus}
+    return prob_arm
 
 
 def _json_default(o: Any) -> Any:

@@ -133,6 +133,9 @@ def build_irdro_text_dataloader(
 
     Refused like in :class:`WeightedStreamingDataset`: ``epoch_size``, stream ``proportion``/``repeat``/
     ``choose``, ``replication`` > 1, ``batching_method`` other than ``random``.
+
+    (Longer than a function here should be on purpose: its body follows llm-foundry 0.22's
+    ``build_text_dataloader`` step for step, so that it reads side by side with it when llm-foundry moves.)
     """
     from composer.utils import dist
     from llmfoundry import registry

@@ -1,4 +1,7 @@
-"""Balanced draw counts: weighted rounds whose counts track their expectation, like epochs do.
+"""Carried rounding: weighted rounds whose counts track their expectation, like epochs do.
+
+The streaming dataset's ``draws="balanced"`` scheme (one call per round). Not to be confused with the
+map-style sampler's balanced draws (stride scheduling, ``stride.py``), a different algorithm.
 
 Drawing a round of ``R`` samples i.i.d. from ``p`` gives sample ``i`` a Multinomial count with mean
 ``R p_i`` and variance ``~R p_i``: over a run some samples are never drawn and others many times. With

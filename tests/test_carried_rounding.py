@@ -1,4 +1,4 @@
-"""Balanced draw counts: exact round totals, bounded discrepancy over rounds, epochs for uniform weights."""
+"""Carried rounding (the streaming rounds' balanced draw counts): exact round totals, bounded discrepancy over rounds, epochs for uniform weights."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from irdro_sampler.balanced import balanced_counts, initial_carry
+from irdro_sampler.carried_rounding import balanced_counts, initial_carry
 
 
 def skewed(n: int, seed: int) -> np.ndarray:

@@ -1,0 +1,249 @@
+"""Per-sample losses from a model's outputs, and the losses IRDRO backpropagates in its loss modes.
+
+Pure functions of tensors (no Composer object): the per-sample loss functions compute one loss per
+sample of a microbatch from ``state.outputs`` and the microbatch, without another forward pass; the
+loss functions of the ``importance`` and ``reweight`` modes turn those into the scalar that replaces
+``state.loss``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from irdro_sampler import DROWeighting, kl_dro_weights
+
+__all__ = [
+    "PerSampleLossFn",
+    "causal_lm_loss_sums",
+    "causal_lm_per_sample_loss",
+    "check_per_sample_losses",
+    "classification_per_sample_loss",
+    "default_per_sample_loss",
+    "importance_weighted_loss",
+    "resolve_loss_fn",
+    "reweighted_loss",
+]
+
+#: ``(outputs, batch) -> 1-D tensor``: one loss per sample of the microbatch.
+PerSampleLossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def causal_lm_loss_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    max_chunk_bytes: int = 2**28,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of next-token cross-entropy and number of target tokens.
+
+    Contract: ``logits`` is ``(B, T, V)`` (any float dtype), ``labels`` is ``(B, T)`` with
+    ``ignore_index`` marking positions without a target. Labels are shifted as HuggingFace causal LMs
+    (and llm-foundry) do: position ``t`` predicts ``labels[:, t + 1]``. Logits are upcast to float32
+    a chunk of sequences at a time so that at most ``max_chunk_bytes`` of float32 logits exist at once
+    (B x T x V float32 never has to fit). Returns ``(sums, counts)``: float32 and int64, shape ``(B,)``.
+    Gradients flow through ``sums`` if ``logits`` requires grad.
+    """
+    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"causal LM loss needs logits (B, T, V) and labels (B, T); got logits {tuple(logits.shape)} "
+            f"and labels {tuple(labels.shape)}"
+        )
+    b, t, v = logits.shape
+    target = labels[:, 1:].to(logits.device)
+    counts = (target != ignore_index).sum(dim=1)
+    if b == 0 or t < 2:
+        return logits.new_zeros((b,), dtype=torch.float32) + 0.0 * logits.sum(), counts
+    rows = max(1, int(max_chunk_bytes) // max(1, (t - 1) * v * 4))
+    parts = []
+    for start in range(0, b, rows):
+        chunk = logits[start : start + rows, :-1].float()
+        tok = F.cross_entropy(
+            chunk.reshape(-1, v), target[start : start + rows].reshape(-1), ignore_index=ignore_index, reduction="none"
+        )
+        parts.append(tok.view(chunk.shape[0], t - 1).sum(dim=1))
+    return torch.cat(parts), counts
+
+
+def causal_lm_per_sample_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    max_chunk_bytes: int = 2**28,
+) -> torch.Tensor:
+    """Token-mean next-token cross-entropy per sequence, float32, shape ``(B,)``.
+
+    See :func:`causal_lm_loss_sums` for the contract. A sequence without any target token gets NaN
+    (the sampler skips non-finite feedback; the modes that change the loss give it weight 0). The
+    token-weighted mean ``sum(loss * counts) / sum(counts)`` equals HuggingFace's batch loss.
+    """
+    sums, counts = causal_lm_loss_sums(logits, labels, ignore_index=ignore_index, max_chunk_bytes=max_chunk_bytes)
+    mean = sums / counts.clamp(min=1).to(sums.dtype)
+    # torch.where (not masking by multiplication) so the NaN never reaches a gradient.
+    return torch.where(counts > 0, mean, torch.full_like(mean, math.nan))
+
+
+def classification_per_sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``cross_entropy(logits.float(), targets, reduction='none')``: shape ``(B,)``, float32."""
+    return F.cross_entropy(logits.float(), targets.to(logits.device), reduction="none")
+
+
+def _logits_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TypeError(
+        f"the default per-sample loss cannot find logits in the model outputs ({type(outputs).__name__}); "
+        "pass loss_fn=(outputs, batch) -> 1-D tensor of per-sample losses to IRDRO"
+    )
+
+
+def _targets_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        if "labels" in batch:
+            return batch["labels"]
+        if "input_ids" in batch:  # causal LM without explicit labels: predict the inputs, skip padding
+            labels = batch["input_ids"].clone()
+            if "attention_mask" in batch:
+                labels[batch["attention_mask"] == 0] = -100
+            return labels
+        raise KeyError(
+            f"the default per-sample loss needs 'labels' (or 'input_ids') in the batch; it has {sorted(batch)}"
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    raise TypeError(
+        f"the default per-sample loss cannot find targets in a batch of type {type(batch).__name__}; "
+        "pass loss_fn to IRDRO"
+    )
+
+
+def has_class_targets(batch: Any) -> bool:
+    """Whether the batch's targets look like class indices: one integer per sample (``labels`` or ``batch[1]``)."""
+    try:
+        targets = _targets_of(batch)
+    except (KeyError, TypeError):
+        return False
+    if isinstance(batch, Mapping) and "labels" not in batch:
+        return False  # a causal LM's inputs, not classes
+    return isinstance(targets, torch.Tensor) and targets.ndim == 1 and not targets.dtype.is_floating_point
+
+
+def default_per_sample_loss(outputs: Any, batch: Any) -> torch.Tensor:
+    """Per-sample loss from model outputs and the (micro)batch, without another forward pass.
+
+    * Causal LMs (logits ``(B, T, V)``, labels ``(B, T)``; HuggingFace or llm-foundry outputs with
+      ``logits``, batch with ``labels`` or else ``input_ids``/``attention_mask``):
+      :func:`causal_lm_per_sample_loss` (shifted labels, ignore_index -100, chunked float32 upcast).
+    * Classifiers (logits ``(B, C)``, integer targets ``(B,)`` from ``batch['labels']`` or
+      ``batch[1]``): :func:`classification_per_sample_loss`.
+
+    Anything else (token classification, regression, custom losses) needs an explicit ``loss_fn``.
+    """
+    logits = _logits_of(outputs)
+    targets = _targets_of(batch)
+    if logits.ndim == 3 and targets.ndim == 2:
+        return causal_lm_per_sample_loss(logits, targets)
+    if logits.ndim == 2 and targets.ndim == 1:
+        return classification_per_sample_loss(logits, targets)
+    raise ValueError(
+        f"the default per-sample loss handles causal LMs (logits (B, T, V), labels (B, T)) and classifiers "
+        f"(logits (B, C), targets (B,)); got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}: "
+        "pass loss_fn to IRDRO"
+    )
+
+
+_NAMED_LOSS_FNS: dict[str, PerSampleLossFn] = {
+    "auto": default_per_sample_loss,
+    "causal_lm": lambda outputs, batch: causal_lm_per_sample_loss(_logits_of(outputs), _targets_of(batch)),
+    "classification": lambda outputs, batch: classification_per_sample_loss(_logits_of(outputs), _targets_of(batch)),
+}
+
+
+def resolve_loss_fn(loss_fn: PerSampleLossFn | str | None) -> PerSampleLossFn:
+    """``loss_fn`` as a callable: None is :func:`default_per_sample_loss`, a callable is itself, a name
+    is one of ``'auto'``, ``'causal_lm'``, ``'classification'``, and ``'package.module:function'``
+    (for YAML configs) is imported. ``ValueError`` naming the value otherwise."""
+    if loss_fn is None:
+        return default_per_sample_loss
+    if callable(loss_fn):
+        return loss_fn
+    if isinstance(loss_fn, str):
+        if loss_fn in _NAMED_LOSS_FNS:
+            return _NAMED_LOSS_FNS[loss_fn]
+        if ":" in loss_fn:  # "package.module:function", for YAML configs
+            module, _, name = loss_fn.partition(":")
+            fn = getattr(importlib.import_module(module), name)
+            if callable(fn):
+                return fn
+    raise ValueError(
+        f"loss_fn must be a callable (outputs, batch) -> per-sample losses, one of {sorted(_NAMED_LOSS_FNS)}, "
+        f"or 'package.module:function'; got {loss_fn!r}"
+    )
+
+
+
+def check_per_sample_losses(losses: Any, size: int | None) -> None:
+    """``TypeError``/``ValueError`` unless ``losses`` is a 1-D floating tensor of ``size`` entries
+    (any length when ``size`` is None): what a per-sample loss function must return."""
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"IRDRO: loss_fn must return a torch.Tensor, got {type(losses).__name__}")
+    if losses.ndim != 1 or (size is not None and losses.shape[0] != size):
+        expected = f"({size},)" if size is not None else "(batch size,)"
+        raise ValueError(
+            f"IRDRO: loss_fn must return one loss per sample, shape {expected}; got shape {tuple(losses.shape)}. "
+            "Use reduction='none' and reduce over tokens per sequence"
+        )
+    if not losses.dtype.is_floating_point:
+        raise TypeError(f"IRDRO: loss_fn must return floating point losses, got {losses.dtype}")
+
+
+def importance_weighted_loss(losses: torch.Tensor, weights: np.ndarray) -> tuple[torch.Tensor, int]:
+    """``sum_i w_i * l_i / n_finite`` over the finite losses, and the number of non-finite weights.
+
+    ``weights`` are ``1 / (N p_i)`` (float64, one per loss). Non-finite losses count as 0 and are left
+    out of the mean's denominator (they never reach a gradient). A non-finite weight can only come from
+    a sample drawn under probabilities no longer known and cut since (``p = 0``): it is set to 0 rather
+    than poisoning the step, and counted. Gradients flow through ``losses``.
+    """
+    finite = torch.isfinite(losses.detach())
+    safe = torch.where(finite, losses, torch.zeros_like(losses))
+    n_valid = int(finite.sum().item())
+    w = torch.as_tensor(weights).to(device=safe.device, dtype=safe.dtype)
+    nonfinite = 0
+    if not bool(torch.isfinite(w).all()):
+        nonfinite = int((~torch.isfinite(w)).sum())
+        w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+    return (w * safe).sum() / max(n_valid, 1), nonfinite
+
+
+def reweighted_loss(losses: torch.Tensor, rule: DROWeighting) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's in-batch objective ``sum_i softmax(l / tau)_i * l_i`` and its weights.
+
+    The weights are the closed-form KL-DRO weights over this batch's finite losses (``tau`` from
+    ``rule``: fixed, or calibrated on the batch), detached, 0 for non-finite losses; returned as a CPU
+    float64 tensor. Gradients flow through ``losses`` only.
+    """
+    finite = torch.isfinite(losses.detach())
+    safe = torch.where(finite, losses, torch.zeros_like(losses))
+    weights = torch.zeros(losses.shape, dtype=torch.float64)
+    ok = finite.cpu()
+    if bool(ok.any()):
+        kept = losses.detach().double().cpu()[ok].numpy()
+        # The in-batch rule is the closed form itself, over this batch: the core computes it.
+        weights[ok] = torch.from_numpy(kl_dro_weights(kept, rule.temperature_for(kept)))
+    return (weights.to(device=safe.device, dtype=safe.dtype) * safe).sum(), weights

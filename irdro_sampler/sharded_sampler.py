@@ -1,0 +1,206 @@
+"""ShardedIRDROSampler: the loss table spread over the ranks of a process group (experimental, i.i.d. draws).
+
+Each rank keeps the rows of its virtual shards only (:mod:`irdro_sampler.virtual_shards`): the running
+losses (:class:`LossTable` over its id range) and one sum tree of masses per shard
+(:class:`~irdro_sampler.sharded_draws.ShardMasses`). Per-rank memory is the unsharded sampler's bytes
+per sample times N / world. Every rank still receives the gathered feedback of all ranks (as with
+:class:`IRDROSampler`) and applies the part it owns; the refresh fits the rule with
+:func:`~irdro_sampler.distributed_fit.fit_sharded` (exactly the unsharded fit) and draws go through
+:func:`~irdro_sampler.sharded_draws.draw_global_batch`. So global batch ``b`` is a pure function of
+(seed, ``b``, applied feedback) and of nothing about the world size: the same run on 1, 2 or 4 ranks
+draws the same global batches (tested), which is what makes an elastic restart exact.
+
+Every draw and refresh is a collective: all ranks iterate in step (as DataLoaders over a sampler do).
+Not yet here (see ``docs/sharding.md``): balanced draws, saving through ``torch.distributed.checkpoint``,
+the Composer and streaming wiring.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import sharded_state
+from ._validation import check_int
+from .distributed_fit import fit_sharded
+from .drawn_batches import DrawnBatches
+from .feedback import FeedbackQueue, Record
+from .fingerprint import options_fingerprint
+from .layout import BatchLayout
+from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
+from .sharded_draws import ShardMasses, draw_global_batch
+from .virtual_shards import VirtualShards, default_num_shards
+from .weights import DROWeighting, WeightParams, finish_max_kept, max_kept_parts
+
+# Rebase (re-choose the shift) when the masses' global total leaves this range (as the unsharded sampler).
+_TOTAL_RANGE = (1e-250, 1e280)
+
+
+class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
+    """IR-DRO draws with the loss table sharded over the ranks of ``group`` (i.i.d. draws).
+
+    Args:
+        dataset_size: N, the samples of the whole data set.
+        batch_size: per rank; the global batch is ``batch_size * world``.
+        num_shards: virtual shards (a power of two, fixed for the run; default
+            :func:`~irdro_sampler.virtual_shards.default_num_shards`).
+        groups: ``None``, or a callable ``(start, stop) -> group ids of samples [start, stop)`` (so a
+            rank never holds the ids of samples it does not own).
+        group: the process group (default: the world).
+        the rest: as :class:`IRDROSampler` (``seed``, ``feedback_delay``, ``refresh_interval``,
+            ``num_samples`` per rank per epoch, ``ema``, ``prior`` and :class:`DROWeighting`'s options).
+    """
+
+    def __init__(
+        self, dataset_size: int, batch_size: int, *, num_shards: int | None = None, groups: Any = None,
+        group: Any = None, seed: int = 0, feedback_delay: int = 32, refresh_interval: int | None = None,
+        num_samples: int | None = None, ema: float = DEFAULT_EMA, prior: float | str = DEFAULT_PRIOR,
+        **rule_options: Any,
+    ) -> None:
+        n = check_int(dataset_size, "dataset_size", minimum=1)
+        self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.shards = VirtualShards(n, default_num_shards(n) if num_shards is None else num_shards)
+        self.start, self.stop = self.shards.ids_of_rank(self.rank, self.world)
+        # Checked for every rank on every rank, so that all raise together (none waits in a collective).
+        empty = [r for r in range(self.world) if not np.subtract(*self.shards.ids_of_rank(r, self.world))]
+        if empty:
+            raise ValueError(f"num_shards={self.shards.num_shards} leaves rank {empty[0]} of {self.world} no samples "
+                             f"of dataset_size={n}: use at least as many non-empty shards as ranks")
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        per_rank = -(-n // self.world) if num_samples is None else check_int(num_samples, "num_samples", minimum=1)
+        self.layout = BatchLayout(per_rank, self.batch_size, self.world, self.rank)
+        self.seed = check_int(seed, "seed", minimum=0)
+        self.feedback_delay = check_int(feedback_delay, "feedback_delay", minimum=1)
+        if refresh_interval is None:
+            refresh_interval = max(4, n // (16 * self.layout.global_batch_size))
+        self.refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
+        self.rule = DROWeighting(**rule_options)
+        local_groups = None if groups is None else groups(self.start, self.stop)
+        self.table = LossTable(self.stop - self.start, ema=ema, prior=prior, groups=local_groups)
+        self.masses = ShardMasses(self.shards, self.rank, self.world)
+        self.feedback = FeedbackQueue(n)
+        self.drawn = DrawnBatches()
+        self.params: WeightParams | None = None
+        self.refresh_block = -1
+        self.last_drawn = -1
+        self.epoch = 0
+
+    @property
+    def dataset_size(self) -> int:
+        return self.shards.dataset_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.layout.batches_per_epoch
+
+    def __len__(self) -> int:
+        return self.layout.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = check_int(epoch, "epoch", minimum=0)
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.iter_batches():
+            yield from batch.tolist()
+
+    def iter_batches(self) -> Iterator[np.ndarray]:
+        """This rank's batches of the current epoch (each drawn when requested; a collective)."""
+        for j in range(self.batches_per_epoch):
+            b = self.epoch * self.batches_per_epoch + j
+            yield self.batch(b)[0][self.layout.rank_slice(b)]
+
+    def update(self, indices: Any, losses: Any, step: int | None = None) -> None:
+        """The gathered feedback of all ranks (every rank makes the same call), as :meth:`IRDROSampler.update`."""
+        self.feedback.add(indices, losses, step)
+        self.drawn.forget_trained(self.feedback.max_reported_step)
+
+    # ------------------------------------------------------------------------------------ drawing
+    def batch(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global batch ``b``: ids of all ranks and their draw probabilities (a collective)."""
+        buffered = self.drawn.get(b)
+        if buffered is not None:
+            return buffered
+        replay = b <= self.last_drawn  # no longer buffered: drawn again from the current weights, no state change
+        if not replay:
+            self._advance_to(b)
+        ids, mass, total = draw_global_batch(self.masses, self.seed, b, self.layout.global_size(b),
+                                             self.rule.uniform_mix, self.group)
+        u, n = self.rule.uniform_mix, self.dataset_size
+        probs = u / n + (1.0 - u) * (mass / total if total > 0 else np.zeros_like(mass))
+        out = (ids, probs)
+        if not replay:
+            self.drawn.put(b, out, self.feedback_delay)
+            self.last_drawn = b
+        return out
+
+    def _advance_to(self, b: int) -> None:
+        due = self.feedback.take_due(b - self.feedback_delay)
+        self.feedback.mark_applied(b - self.feedback_delay)
+        if self.params is None or b // self.refresh_interval != self.refresh_block:
+            self._apply(due, update_masses=False)
+            self.refresh_block = b // self.refresh_interval
+            self.params = fit_sharded(self.rule, self.table, self.start, self.dataset_size, self.group)
+            self._rebuild()
+            return
+        bad = self._apply(due, update_masses=True)
+        # The masses' global total (and any overflow a rank saw) decide a rebase on every rank alike.
+        flags = torch.tensor([float(bad), float(self.masses.totals().sum())], dtype=torch.float64)
+        dist.all_reduce(flags[:1], op=dist.ReduceOp.MAX, group=self.group)
+        total = flags[1:].clone()
+        dist.all_reduce(total, group=self.group)
+        if flags[0] > 0 or not _TOTAL_RANGE[0] <= float(total[0]) <= _TOTAL_RANGE[1]:
+            self._rebase()
+
+    def _apply(self, records: list[Record], *, update_masses: bool) -> bool:
+        """Apply the owned part of due records to the local table (and masses); True if a mass overflowed."""
+        touched: list[np.ndarray] = []
+        for step, _, idx, val in records:
+            own = (idx >= self.start) & (idx < self.stop)
+            if own.any():
+                uniq, _, _ = self.table._apply(idx[own] - self.start, val[own], step)
+                touched.append(uniq)
+        if not update_masses or not touched:
+            return False
+        local = np.unique(np.concatenate(touched))
+        mass = self.rule.masses_at(self.table, local, self.params)[0]
+        if not np.all(np.isfinite(mass)):
+            return True
+        self.masses.set(local + self.start, mass)
+        return False
+
+    def _rebase(self) -> None:
+        best, unseen = max_kept_parts(self.table.losses, self.params, self.table.groups)
+        both = torch.tensor([best, float(unseen)], dtype=torch.float64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        shift = finish_max_kept(float(both[0]), bool(both[1]), self.params.prior)
+        self.params = self.params._replace(shift=shift)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Every owned mass from the table under the current params (O(N / world))."""
+        for s, tree in self.masses.trees.items():
+            a, z = self.shards.shard_range(s)
+            tree.leaf_buffer()[:] = self.rule.masses_at(self.table, slice(a - self.start, z - self.start), self.params)[0]
+            tree.refresh()
+
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Save into ``folder``, one row file per rank plus ``common.pt`` (a collective; see
+        :mod:`irdro_sampler.sharded_state`)."""
+        sharded_state.save(self, folder)
+
+    def load(self, folder: str | os.PathLike) -> None:
+        """Restore from ``folder`` saved on any number of ranks over the same shards (a collective)."""
+        sharded_state.load(self, folder)
+
+    def fingerprint(self) -> int:
+        """Equal on ranks that agree, and across world sizes: options and every applied feedback record."""
+        options = (self.seed, self.dataset_size, self.shards.num_shards, self.layout.num_samples * self.world,
+                   self.feedback_delay, self.refresh_interval, self.rule.identity(), self.table.ema, self.table.prior)
+        return options_fingerprint(options, key=self.feedback.digest)

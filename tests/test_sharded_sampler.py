@@ -1,0 +1,96 @@
+"""ShardedIRDROSampler: the table spread over gloo ranks draws the same global batches on 1, 2 and 4
+ranks, from the unsharded sampler's distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+from _core_helpers import loss_of, spawn_gloo
+
+from irdro_sampler import IRDROSampler
+from irdro_sampler.sharded_sampler import ShardedIRDROSampler
+
+N, GLOBAL_BATCH, SHARDS, EPOCHS = 4096, 64, 16, 2
+OPTS = dict(seed=3, feedback_delay=4, refresh_interval=10, truncate_zscore=2.5)
+
+
+def _groups(start: int, stop: int) -> np.ndarray:
+    return np.arange(start, stop) % 5
+
+
+def _worker(rank: int, world: int, port: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out = [_run(rank, world, with_groups) for with_groups in (False, True)]
+        try:  # checked from the layout alone, before any collective
+            ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=2)
+            out.append("accepted")
+        except ValueError as e:
+            out.append(str(e))
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(rank: int, world: int, with_groups: bool) -> tuple:
+    s = ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=SHARDS, groups=_groups if with_groups else None,
+                            **OPTS)
+    batches, probs, mine, step = [], [], [], 0
+    for epoch in range(EPOCHS):
+        s.set_epoch(epoch)
+        for part in s.iter_batches():
+            ids, p = s.batch(step)  # buffered: the batch this part came from
+            # Every rank reports the gathered feedback of all ranks (the global batch).
+            s.update(ids, loss_of(ids, step) * np.where(ids % 97 == 0, 8.0, 1.0), step=step)
+            batches.append(ids)
+            probs.append(p)
+            mine.append(part)
+            step += 1
+    return (np.stack(batches), np.stack(probs), np.concatenate(mine), s.fingerprint(), s.table.dataset_size,
+            s.start)
+
+
+def _unsharded_probabilities(batches: np.ndarray, with_groups: bool) -> list[np.ndarray]:
+    """The distribution each batch was drawn from, by an unsharded sampler fed the same feedback."""
+    ref = IRDROSampler(N, GLOBAL_BATCH, draws="iid", groups=_groups(0, N) if with_groups else None, **OPTS)
+    out = []
+    for b, ids in enumerate(batches):
+        ref.order.advance_to(b)
+        out.append(ref.probabilities())
+        ref.update(ids, loss_of(ids, b) * np.where(ids % 97 == 0, 8.0, 1.0), step=b)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[int, list]:
+    return {world: spawn_gloo(_worker, world) for world in (1, 2, 4)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_groups", [False, True])
+def test_same_global_batches_on_any_world_size_from_the_unsharded_distribution(runs, with_groups):
+    runs = {world: [r[int(with_groups)] for r in per_rank] for world, per_rank in runs.items()}
+    batches, probs = runs[1][0][0], runs[1][0][1]
+    for world, per_rank in runs.items():
+        fps = {r[3] for r in per_rank}
+        assert len(fps) == 1 and fps == {runs[1][0][3]}, f"world {world}: fingerprints differ"
+        for rank, (b, p, mine, _, rows, start) in enumerate(per_rank):
+            assert np.array_equal(b, batches), f"world {world} rank {rank}: other global batches"
+            assert np.array_equal(p, probs)
+            per = GLOBAL_BATCH // world
+            assert np.array_equal(mine, b[:, rank * per : (rank + 1) * per].ravel())  # this rank's slice
+            assert rows == N // world and start == rank * N // world  # O(N / world) rows per rank
+    expected = _unsharded_probabilities(batches, with_groups)
+    for b in range(len(batches)):
+        np.testing.assert_allclose(probs[b], expected[b][batches[b]], rtol=1e-9)
+    # The cut and the tilt are at work: the last batches are not drawn uniformly.
+    assert np.ptp(np.log(expected[-1])) > 1.0
+
+
+@pytest.mark.slow
+def test_too_few_shards_for_the_ranks_is_a_clear_error(runs):
+    assert all(per[2] == "accepted" for per in runs[1] + runs[2])  # 2 shards cover 1 or 2 ranks
+    errors = [per[2] for per in runs[4]]
+    # At world 4 ranks 0 and 2 would own nothing: every rank refuses, so none waits in a collective.
+    assert all("num_shards=2 leaves rank 0 of 4 no samples of dataset_size=4096" in e for e in errors)

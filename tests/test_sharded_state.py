@@ -1,0 +1,77 @@
+"""ShardedIRDROSampler saved one file per rank on 4 gloo ranks resumes on 1, 2 and 4 ranks with the same
+global batches; bad or missing files are refused on every rank, naming the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+from _core_helpers import loss_of, spawn_gloo
+
+from irdro_sampler.sharded_sampler import ShardedIRDROSampler
+
+N, GLOBAL_BATCH, SHARDS, SAVE_AT, END = 2048, 32, 16, 40, 90
+OPTS = dict(seed=8, feedback_delay=3, refresh_interval=7, truncate_zscore=2.5)
+
+
+def _loss(ids: np.ndarray, step: int) -> np.ndarray:
+    return loss_of(ids, step) * np.where(ids % 89 == 0, 9.0, 1.0)
+
+
+def _steps(s: ShardedIRDROSampler, first: int, last: int) -> list[np.ndarray]:
+    out = []
+    for b in range(first, last):
+        ids, _ = s.batch(b)
+        s.update(ids, _loss(ids, b), step=b)
+        out.append(ids)
+    return out
+
+
+def _reference(rank: int, world: int, port: int, results, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        s = ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=SHARDS, **OPTS)
+        before = _steps(s, 0, SAVE_AT + 1)
+        s.save(folder)
+        results[rank] = (before, _steps(s, SAVE_AT + 1, END), s.fingerprint())
+    finally:
+        dist.destroy_process_group()
+
+
+def _resume(rank: int, world: int, port: int, results, folder: str, bad: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        opts = dict(OPTS, seed=9) if bad == "seed" else OPTS
+        s = ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=SHARDS, **opts)
+        try:
+            s.load(folder)
+        except ValueError as e:
+            results[rank] = ("error", str(e))
+            return
+        results[rank] = ("ok", _steps(s, SAVE_AT + 1, END), s.fingerprint())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_saved_on_4_ranks_resumes_on_1_2_and_4(tmp_path: Path):
+    folder = str(tmp_path / "state")
+    ref = spawn_gloo(_reference, 4, folder)
+    assert len({r[2] for r in ref}) == 1
+    files = sorted(p.name for p in Path(folder).iterdir())
+    assert files == ["common.pt", "rows-0-512.pt", "rows-1024-1536.pt", "rows-1536-2048.pt", "rows-512-1024.pt"]
+    for world in (1, 2, 4):
+        for rank, (status, after, fp) in enumerate(spawn_gloo(_resume, world, folder, "")):
+            assert status == "ok"
+            assert all(np.array_equal(a, b) for a, b in zip(after, ref[0][1], strict=True)), f"world {world} rank {rank}"
+            assert fp == ref[0][2]
+    # Bad input, refused on every rank with the file and the field named.
+    out = spawn_gloo(_resume, 2, folder, "seed")
+    assert all(r[0] == "error" and "common.pt: seed is 8 but this sampler has seed=9" in r[1] for r in out)
+    Path(folder, "rows-512-1024.pt").unlink()
+    out = spawn_gloo(_resume, 2, folder, "")
+    assert all(r[0] == "error" for r in out)
+    assert "rows-512-1024.pt: missing" in out[0][1]  # rank 0 of 2 owns ids [0, 1024): it needed the file
+    assert "another rank could not load" in out[1][1]
