@@ -9,15 +9,14 @@ loss functions of the ``importance`` and ``reweight`` modes turn those into the 
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from irdro_sampler import DROWeighting, kl_dro_weights
+from irdro_sampler.losses import causal_lm_per_sample_loss, classification_per_sample_loss, token_loss_sums
 
 __all__ = [
     "PerSampleLossFn",
@@ -42,58 +41,10 @@ def causal_lm_loss_sums(
     ignore_index: int = -100,
     max_chunk_bytes: int = 2**28,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sum of next-token cross-entropy and number of target tokens.
-
-    Contract: ``logits`` is ``(B, T, V)`` (any float dtype), ``labels`` is ``(B, T)`` with
-    ``ignore_index`` marking positions without a target. Labels are shifted as HuggingFace causal LMs
-    (and llm-foundry) do: position ``t`` predicts ``labels[:, t + 1]``. Logits are upcast to float32
-    a chunk of sequences at a time so that at most ``max_chunk_bytes`` of float32 logits exist at once
-    (B x T x V float32 never has to fit). Returns ``(sums, counts)``: float32 and int64, shape ``(B,)``.
-    Gradients flow through ``sums`` if ``logits`` requires grad.
-    """
-    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"causal LM loss needs logits (B, T, V) and labels (B, T); got logits {tuple(logits.shape)} "
-            f"and labels {tuple(labels.shape)}"
-        )
-    b, t, v = logits.shape
-    target = labels[:, 1:].to(logits.device)
-    counts = (target != ignore_index).sum(dim=1)
-    if b == 0 or t < 2:
-        return logits.new_zeros((b,), dtype=torch.float32) + 0.0 * logits.sum(), counts
-    rows = max(1, int(max_chunk_bytes) // max(1, (t - 1) * v * 4))
-    parts = []
-    for start in range(0, b, rows):
-        chunk = logits[start : start + rows, :-1].float()
-        tok = F.cross_entropy(
-            chunk.reshape(-1, v), target[start : start + rows].reshape(-1), ignore_index=ignore_index, reduction="none"
-        )
-        parts.append(tok.view(chunk.shape[0], t - 1).sum(dim=1))
-    return torch.cat(parts), counts
-
-
-def causal_lm_per_sample_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    max_chunk_bytes: int = 2**28,
-) -> torch.Tensor:
-    """Token-mean next-token cross-entropy per sequence, float32, shape ``(B,)``.
-
-    See :func:`causal_lm_loss_sums` for the contract. A sequence without any target token gets NaN
-    (the sampler skips non-finite feedback; the modes that change the loss give it weight 0). The
-    token-weighted mean ``sum(loss * counts) / sum(counts)`` equals HuggingFace's batch loss.
-    """
-    sums, counts = causal_lm_loss_sums(logits, labels, ignore_index=ignore_index, max_chunk_bytes=max_chunk_bytes)
-    mean = sums / counts.clamp(min=1).to(sums.dtype)
-    # torch.where (not masking by multiplication) so the NaN never reaches a gradient.
-    return torch.where(counts > 0, mean, torch.full_like(mean, math.nan))
-
-
-def classification_per_sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``cross_entropy(logits.float(), targets, reduction='none')``: shape ``(B,)``, float32."""
-    return F.cross_entropy(logits.float(), targets.to(logits.device), reduction="none")
+    """Per-sequence sum of next-token cross-entropy and number of target tokens: the core's
+    :func:`irdro_sampler.losses.token_loss_sums` with ``shift=True`` (labels shifted as HuggingFace causal LMs
+    and llm-foundry do)."""
+    return token_loss_sums(logits, labels, shift=True, ignore_index=ignore_index, max_chunk_bytes=max_chunk_bytes)
 
 
 def _logits_of(outputs: Any) -> torch.Tensor:
