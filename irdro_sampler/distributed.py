@@ -1,10 +1,10 @@
-"""torch.distributed helpers shared by the trainer integrations (Hugging Face, Lightning).
+"""torch.distributed helpers shared by the trainer integrations (Composer, Hugging Face, Lightning).
 
 The sampler never communicates: every rank must apply the same ``update`` calls in the same order. The
 integrations gather each step's feedback from all ranks with :func:`gather_feedback` and compare the
 samplers' fingerprints now and then with :func:`check_ranks_agree`. Both work without an initialised
 process group (one process: no communication) and with any backend (NCCL needs CUDA tensors: pass
-``device``). Composer has its own copy built on ``composer.utils.dist`` (same wire format).
+``device``). The Composer algorithm uses them too (its process group is torch.distributed's default).
 """
 
 from __future__ import annotations
@@ -56,12 +56,14 @@ def gather_feedback(
     return both[:, 0].contiguous(), both[:, 1].to(torch.int32).view(torch.float32).contiguous()
 
 
-def check_ranks_agree(value: int, what: str, *, device: torch.device | str | None = None) -> None:
+def check_ranks_agree(value: int, what: str, *, device: torch.device | str | None = None,
+                      prefix: str | None = None) -> None:
     """Raise ``RuntimeError`` on every rank unless all ranks pass the same signed 64-bit ``value``.
 
     A collective (one all-gather of one int64). Every rank sees the same gathered values, so every rank
     raises together and none is left waiting in a later collective. ``what`` names the value in the
-    message (e.g. ``"IRDROSampler fingerprint at step 12"``).
+    message (e.g. ``"IRDROSampler fingerprint at step 12"``); ``prefix`` replaces the message's opening
+    ("the ranks disagree on the {what}").
     """
     if world_size() == 1:
         return
@@ -76,7 +78,7 @@ def check_ranks_agree(value: int, what: str, *, device: torch.device | str | Non
         groups.setdefault(v, []).append(rank)
     listing = "; ".join(f"ranks {ranks} have {v:#018x}" for v, ranks in groups.items())
     raise RuntimeError(
-        f"the ranks disagree on the {what}: {listing}. Every rank must build the sampler with the same seed and "
-        "options, apply the same feedback (gathered from all ranks; never update() on one rank only) and resume "
-        "from the same checkpoint"
+        f"{prefix or f'the ranks disagree on the {what}'}: {listing}. Every rank must build the sampler with the "
+        "same seed and options, apply the same feedback (gathered from all ranks; never update() on one rank "
+        "only) and resume from the same checkpoint"
     )
