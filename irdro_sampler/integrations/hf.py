@@ -198,12 +198,9 @@ class _RankBatches:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         s = self.sampler
-        bpe, size, total = int(s.batches_per_epoch), int(s.batch_size), int(s.num_samples)
-        first = int(s.epoch) * bpe
-        flat = iter(s)
-        for j in range(bpe):
-            n = min(size, total - j * size)
-            yield [(first + j, int(next(flat))) for _ in range(n)]
+        first = int(s.epoch) * int(s.batches_per_epoch) + int(getattr(s, "start_batch", 0) or 0)
+        for j, batch in enumerate(s.iter_batches()):  # drawn one batch at a time, as the DataLoader asks
+            yield [(first + j, i) for i in batch.tolist()]
 
 
 class _KeyedDataset(Dataset):
