@@ -109,10 +109,30 @@ def test_resume_two_ranks_is_bitwise(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_refuse_the_distributed_sampler(tmp_path):
-    proc = _run(tmp_path, "--use-distributed-sampler", devices=2, check=False)
-    assert proc.returncode != 0
-    assert "set Trainer(use_distributed_sampler=False)" in proc.stderr
+def test_two_ranks_with_the_distributed_sampler_flag_on_keep_the_sampler(tmp_path):
+    """use_distributed_sampler=True: Lightning leaves an IRDROSampler (a DistributedSampler) as it is, so the
+    epoch still trains every sample once; the callback's check (the sampler must be the attached one) passes."""
+    ranks = _run(tmp_path, "--flat", "--use-distributed-sampler", devices=2)
+    fed = Counter(i for r in ranks for m in r["record"] for i in m["fed"])
+    assert sorted(fed) == list(range(96)) and set(fed.values()) == {1}
+
+
+def test_a_replaced_sampler_is_refused_naming_the_flag(tmp_path):
+    """The check of on_train_start: a train DataLoader whose sampler is not the attached IRDROSampler."""
+    import lightning as L
+
+    class Replaced(worker.Module):
+        def train_dataloader(self):
+            loader = super().train_dataloader()
+            return torch.utils.data.DataLoader(loader.dataset, batch_size=self.batch_size)  # sampler dropped
+
+    irdro = IRDROCallback()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, callbacks=[irdro], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="sampler is SequentialSampler, not the attached IRDROSampler.*"
+                       "use_distributed_sampler=False"):
+        trainer.fit(Replaced(irdro, 32, 4, False, 0))
 
 
 def test_state_dict_round_trip_and_errors():

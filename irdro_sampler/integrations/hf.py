@@ -16,8 +16,8 @@ replace it), every micro-batch's sample indices must meet that micro-batch's per
 neither), and the sampler state must go into the Trainer's checkpoint folder and come back on
 ``resume_from_checkpoint``. A mixin does all three with methods of the Trainer's documented
 "subclass and override" surface (``get_train_dataloader``, ``training_step``, ``compute_loss``,
-``log``, ``train``) plus ``_save_checkpoint``; the per-step commit is an internal ``TrainerCallback``
-(``on_step_end``, which every rank runs after each optimizer step).
+``log``, ``train``); the per-step commit and the checkpoint file are an internal ``TrainerCallback``
+(``on_step_end``, which every rank runs after each optimizer step, and ``on_save``).
 
 How each part works (facts about transformers 5 / accelerate 1 checked in their source):
 
@@ -45,7 +45,7 @@ How each part works (facts about transformers 5 / accelerate 1 checked in their 
   applied by every rank in the same order, one ``update(indices, losses, step=micro_batch)`` per
   micro-batch. So the sampler's ``feedback_delay`` must exceed what is drawn ahead of the commit:
   ``gradient_accumulation_steps + 1 + dataloader_num_workers * prefetch_factor`` (checked; default 32).
-* **Checkpoints.** After the Trainer writes ``checkpoint-<step>/``, the process(es) that save write
+* **Checkpoints.** After the Trainer writes ``checkpoint-<step>/`` (``on_save``), the process(es) that save write
   ``irdro_sampler.pt`` into it with :func:`irdro_sampler.save_state` (atomic). The state is the same on
   every rank (the ranks' fingerprints are compared at each log), so one file serves all ranks.
   ``train(resume_from_checkpoint=...)`` loads it into the new sampler (a missing file raises, naming the
@@ -119,7 +119,7 @@ def _model_kind(model: Any) -> str | None:
     """``'causal'``, ``'token'`` (aligned labels) or None, from the model class as transformers names it."""
     from transformers.models.auto import modeling_auto as auto
 
-    name = model._get_name() if hasattr(model, "_get_name") else type(model).__name__
+    name = type(model).__name__  # what transformers' own check reads (PreTrainedModel._get_name)
     if name in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         return "causal"
     aligned = ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
@@ -198,12 +198,9 @@ class _RankBatches:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         s = self.sampler
-        bpe, size, total = int(s.batches_per_epoch), int(s.batch_size), int(s.num_samples)
-        first = int(s.epoch) * bpe
-        flat = iter(s)
-        for j in range(bpe):
-            n = min(size, total - j * size)
-            yield [(first + j, int(next(flat))) for _ in range(n)]
+        first = int(s.epoch) * int(s.batches_per_epoch) + int(getattr(s, "start_batch", 0) or 0)
+        for j, batch in enumerate(s.iter_batches()):  # drawn one batch at a time, as the DataLoader asks
+            yield [(first + j, i) for i in batch.tolist()]
 
 
 class _KeyedDataset(Dataset):
@@ -301,6 +298,9 @@ class _CommitCallback(TrainerCallback):
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._irdro_commit()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._irdro_save(args, state)
 
 
 class IRDROTrainerMixin:
@@ -583,17 +583,19 @@ class IRDROTrainerMixin:
             check_ranks_agree(self.irdro_sampler.fingerprint(), "IRDROSampler fingerprint at train begin",
                               device=self._irdro_device())
 
-    def _save_checkpoint(self, model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
-        super()._save_checkpoint(model, trial, *args, **kwargs)  # type: ignore[misc]
+    def _irdro_save(self, args: Any, state: Any) -> None:
+        """Write the sampler state into the checkpoint folder the Trainer has just written (``on_save``)."""
         sampler = self.irdro_sampler
-        if sampler is None or not self.args.should_save:  # type: ignore[attr-defined]
+        if sampler is None or not args.should_save:
             return
-        folder = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"  # type: ignore[attr-defined]
-        )
-        os.makedirs(folder, exist_ok=True)
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"IRDROTrainer: the Trainer's checkpoint folder {folder} does not exist after on_save (a "
+                "hyperparameter-search run directory is not supported)"
+            )
         save_state(
-            {"format": _STATE_FORMAT, "version": _STATE_VERSION, "global_step": int(self.state.global_step),  # type: ignore[attr-defined]
+            {"format": _STATE_FORMAT, "version": _STATE_VERSION, "global_step": int(state.global_step),
              "sampler": sampler.state_dict()},
             os.path.join(folder, STATE_FILE),
         )

@@ -25,11 +25,14 @@ Contract and facts about Lightning 2.6 this relies on (checked in its source):
   ``feedback_delay`` must exceed the batches Lightning and the DataLoader draw ahead (1 + ``num_workers
   x prefetch_factor``; checked at ``on_train_start``).
 * **The sampler is used as it is.** ``IRDROSampler`` already yields this rank's slice of a global batch
-  drawn identically on every rank. With ``use_distributed_sampler=True`` Lightning replaces a
-  DataLoader's sampler by a ``DistributedSampler`` or wraps it in ``DistributedSamplerWrapper``
-  (which materialises ``list(sampler)`` on every rank each epoch); on more than one rank the callback
-  therefore requires ``Trainer(use_distributed_sampler=False)`` and raises ``ValueError`` otherwise, and it
-  raises if the train DataLoader's sampler is not the attached ``IRDROSampler`` (wrapped or replaced).
+  drawn identically on every rank. Lightning replaces or wraps a DataLoader's sampler in
+  ``DistributedSamplerWrapper`` (which materialises ``list(sampler)`` on every rank each epoch) when
+  ``use_distributed_sampler=True`` and the sampler is not a ``DistributedSampler``. ``IRDROSampler`` is
+  one, so Lightning 2.6 leaves it alone either way (tested on 2 ranks with the flag on: every sample
+  once per epoch); ``use_distributed_sampler=False`` is the documented setting (Lightning needs it for
+  a ``batch_sampler=``). At ``on_train_start`` the callback raises ``ValueError`` naming the flag if the
+  train DataLoader's sampler is not the attached ``IRDROSampler`` (replaced or wrapped). (The flag
+  itself lives only on a private Lightning object, so the effect is what is checked.)
 * **Checkpoints.** The callback's ``state_dict`` (in every Lightning checkpoint) holds the sampler
   state and the next global batch. Lightning restores callback states before it builds the train
   DataLoader and draws its first batch (``FitLoop.setup_data`` iterates it at once), so the state is
@@ -134,14 +137,6 @@ class IRDROCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        world = int(getattr(trainer, "world_size", 1))
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if world > 1 and getattr(connector, "use_distributed_sampler", False):
-            raise ValueError(
-                "IRDROCallback: set Trainer(use_distributed_sampler=False). The IRDROSampler already splits each "
-                "global batch by rank; Lightning's distributed sampler would replace or wrap it "
-                "(DistributedSamplerWrapper materialises list(sampler) on every rank each epoch)"
-            )
         found = _find_sampler(trainer.train_dataloader)
         if self._pending_state is not None:
             raise RuntimeError(
@@ -153,8 +148,9 @@ class IRDROCallback(Callback):
         if self.sampler is None or found is not self.sampler:
             raise ValueError(
                 f"IRDROCallback: the train DataLoader's sampler is {type(found).__name__}, not the attached "
-                "IRDROSampler (replaced or wrapped by Lightning?): pass it as DataLoader(sampler=...) and set "
-                "Trainer(use_distributed_sampler=False)"
+                "IRDROSampler: Lightning replaced or wrapped it (DistributedSamplerWrapper materialises "
+                "list(sampler) on every rank each epoch); set Trainer(use_distributed_sampler=False) and pass "
+                "the sampler as DataLoader(sampler=...)"
             )
         dl = trainer.train_dataloader
         workers = int(getattr(dl, "num_workers", 0) or 0)
