@@ -78,6 +78,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from irdro_sampler import IRDROSampler, save_state
 from irdro_sampler.distributed import check_ranks_agree, gather_feedback, world_size
+from irdro_sampler.integrations._hf_compat import (
+    collator_without_unused_columns,
+    remove_unused_columns,
+    train_batch_size,
+)
 from irdro_sampler.losses import classification_per_sample_loss, token_per_sample_loss
 
 __all__ = [
@@ -361,7 +366,7 @@ class IRDROTrainerMixin:
     # ------------------------------------------------------------------ sampler and DataLoader
     def _irdro_build_sampler(self, size: int) -> IRDROSampler:
         args = self.args  # type: ignore[attr-defined]
-        batch, replicas, rank = int(self._train_batch_size), int(args.world_size), int(args.process_index)  # type: ignore[attr-defined]
+        batch, replicas, rank = train_batch_size(self), int(args.world_size), int(args.process_index)
         if isinstance(self._irdro_spec, IRDROSampler):
             s = self._irdro_spec
             for name, mine, theirs in (("batch_size", s.batch_size, batch), ("num_replicas", s.num_replicas, replicas),
@@ -409,9 +414,9 @@ class IRDROTrainerMixin:
         except ImportError:
             is_hf_dataset = False
         if is_hf_dataset:
-            dataset = self._remove_unused_columns(dataset, description="training")  # type: ignore[attr-defined]
+            dataset = remove_unused_columns(self, dataset)
         else:
-            collate = self._get_collator_with_removed_columns(collate, description="training")  # type: ignore[attr-defined]
+            collate = collator_without_unused_columns(self, collate)
         split = getattr(getattr(self.accelerator, "dataloader_config", None), "split_batches", False)  # type: ignore[attr-defined]
         if split:
             raise ValueError("IRDROTrainer does not support accelerator_config split_batches=True")
