@@ -34,11 +34,9 @@ from .fingerprint import options_fingerprint
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
 from .sharded_draws import ShardMasses, draw_global_batch
+from .tilted_masses import TOTAL_RANGE
 from .virtual_shards import VirtualShards, default_num_shards
 from .weights import DROWeighting, WeightParams, finish_max_kept, max_kept_parts
-
-# Rebase (re-choose the shift) when the masses' global total leaves this range (as the unsharded sampler).
-_TOTAL_RANGE = (1e-250, 1e280)
 
 
 class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
@@ -154,7 +152,7 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         dist.all_reduce(flags[:1], op=dist.ReduceOp.MAX, group=self.group)
         total = flags[1:].clone()
         dist.all_reduce(total, group=self.group)
-        if flags[0] > 0 or not _TOTAL_RANGE[0] <= float(total[0]) <= _TOTAL_RANGE[1]:
+        if flags[0] > 0 or not TOTAL_RANGE[0] <= float(total[0]) <= TOTAL_RANGE[1]:
             self._rebase()
 
     def _apply(self, records: list[Record], *, update_masses: bool) -> bool:

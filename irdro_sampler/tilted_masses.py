@@ -27,7 +27,7 @@ from .weights import (
 
 # Rebase (re-shift) the masses when their total leaves this range: far from overflow
 # (N * e^600 < 1e308 for N < 2**31) and far from the subnormal range where masses lose precision.
-_TOTAL_RANGE = (1e-250, 1e280)
+TOTAL_RANGE = (1e-250, 1e280)
 _REBUILD_CHUNK = 1 << 22
 
 
@@ -80,7 +80,7 @@ class TiltedMasses:
             self.rebuild(rebase=True)
             return
         self.scheme.set_masses(uniq, mass)
-        if not _TOTAL_RANGE[0] <= self.scheme.total <= _TOTAL_RANGE[1]:
+        if not TOTAL_RANGE[0] <= self.scheme.total <= TOTAL_RANGE[1]:
             self.rebuild(rebase=True)
 
     def refresh_if_due(self, b: int, refresh_interval: int) -> None:
