@@ -57,7 +57,7 @@ def _rank(rank: int, world: int, port: int, n: int, steps: int, results) -> None
     try:
         s = ShardedIRDROSampler(n, GLOBAL_BATCH // world, feedback_delay=4, num_shards=64)
         first, times = _time_steps(s, steps)
-        nbytes = s.table.nbytes + sum(t.nbytes for t in s.masses.trees.values())
+        nbytes = s.nbytes
         results[rank] = (nbytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, first, times)
     finally:
         dist.destroy_process_group()

@@ -1,19 +1,22 @@
 """I.i.d. draws of one global batch from masses spread over the ranks of a process group.
 
-Groundwork of the sharded table (issue 17). Each rank holds the masses of its virtual shards
-(:mod:`irdro_sampler.virtual_shards`), one :class:`~irdro_sampler.sum_tree.FanoutSumTree` per shard, so a
-shard's total and its draws are computed the same way whichever rank owns it. Global batch ``b`` is
-drawn in two levels, from streams keyed by the seed, ``b`` and the shard, never by a rank:
+Each rank holds the masses of its virtual shards (:mod:`irdro_sampler.virtual_shards`) as rows of a
+:class:`~irdro_sampler.shard_forest.ShardForest`, so a shard's total and its searches are computed the
+same way whichever rank owns it. Global batch ``b`` is drawn in two levels from the shared stream
+``(seed, b)``, never from anything about a rank:
 
-1. the shared stream ``(seed, b)`` decides, per position, the uniform floor (probability ``u``) or the
-   tilted part, draws the floor's ids uniformly over all N, splits the tilted positions over the
-   shards by a multinomial on the shard totals (reduced across ranks: S numbers), and permutes them;
-2. the owner of shard ``s`` draws its share from its tree with the stream ``(seed, b, s)``;
-3. one sum-reduction of two vectors of the batch's length hands every rank every id and its mass.
+1. the shard totals are sum-reduced (S numbers; the caller may fuse this with its own flags,
+   :func:`reduce_totals`);
+2. the stream decides, per position, the uniform floor (probability ``u``) or the tilted part, draws
+   the floor's ids uniformly over all N, splits the tilted positions over the shards by a multinomial on
+   the shard totals, permutes them and gives each a fraction in [0, 1);
+3. the owner of each tilted position's shard finds the sample at that fraction of the shard's mass
+   (one vectorised search over all its positions), and fills in the masses of the ids it owns;
+4. one sum-reduction of ``B + tilted`` numbers hands every rank every id and mass.
 
-So ``p_i = u / N + (1 - u) m_i / sum(m)`` (the unsharded distribution), the global batch is the same
-on every rank and for every world size over the same shards, and a step costs O(B log(N / S) / world)
-draws per rank plus O(B + S) traffic; no rank touches O(N) data.
+So ``p_i = u / N + (1 - u) m_i / sum(m)`` (the unsharded distribution), the global batch is the same on
+every rank and for every world size over the same shards, and a step costs two collectives of
+O(B + S) numbers and O(B log(N / S)) work per rank; no rank touches O(N) data.
 """
 
 from __future__ import annotations
@@ -24,62 +27,76 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .sum_tree import FanoutSumTree
+from .shard_forest import ShardForest
 from .virtual_shards import VirtualShards
 
 
 class ShardMasses:
-    """The masses of the virtual shards one rank owns, one sum tree per shard."""
+    """The masses of the virtual shards one rank owns: a :class:`~irdro_sampler.shard_forest.ShardForest`
+    with one row per owned shard (every row as wide as the largest shard, on every rank)."""
 
     def __init__(self, shards: VirtualShards, rank: int, world_size: int, *, fanout: int = 8) -> None:
         self.shards = shards
         self.owned = shards.shards_of_rank(rank, world_size)
-        self.trees: dict[int, FanoutSumTree] = {}
-        for s in self.owned:
-            start, stop = shards.shard_range(s)
-            if stop > start:
-                self.trees[s] = FanoutSumTree(stop - start, fanout=fanout)
+        self.forest = ShardForest(len(self.owned), shards.shard_size, fanout=fanout)
+
+    @property
+    def nbytes(self) -> int:
+        return self.forest.nbytes
+
+    def _rows_offsets(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shard, offset = np.divmod(np.asarray(ids, dtype=np.int64), self.shards.shard_size)
+        return shard - self.owned.start, offset
 
     def set(self, ids: np.ndarray, mass: np.ndarray) -> None:
         """Set the masses of distinct owned sample ``ids`` (global ids; finite, >= 0)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        shard = self.shards.shard_of(ids)
-        for s in np.unique(shard):
-            sel = shard == s
-            start = self.shards.shard_range(int(s))[0]
-            order = np.argsort(ids[sel], kind="stable")
-            self.trees[int(s)].set(ids[sel][order] - start, np.asarray(mass, dtype=np.float64)[sel][order])
+        self.forest.set(*self._rows_offsets(ids), mass)
+
+    def fill(self, masses_of_range) -> None:
+        """Set every owned mass: ``masses_of_range(start, stop)`` gives the masses of ids [start, stop)
+        (called once per owned shard, so no O(N / world) temporary), then refresh the sums."""
+        leaves = self.forest.leaf_buffer()
+        for row, s in enumerate(self.owned):
+            a, z = self.shards.shard_range(s)
+            leaves[row, : z - a] = masses_of_range(a, z)
+        self.forest.refresh()
 
     def mass_of(self, ids: np.ndarray) -> np.ndarray:
         """Masses of owned sample ``ids``."""
-        ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty(ids.size, dtype=np.float64)
-        shard = self.shards.shard_of(ids)
-        for s in np.unique(shard):
-            sel = shard == s
-            out[sel] = self.trees[int(s)].leaves()[ids[sel] - self.shards.shard_range(int(s))[0]]
-        return out
+        rows, offsets = self._rows_offsets(ids)
+        return self.forest.levels[0][rows, offsets]
 
     def totals(self) -> np.ndarray:
         """A length-S vector with this rank's shard totals (0 elsewhere): sum-reduce it across ranks."""
         out = np.zeros(self.shards.num_shards, dtype=np.float64)
-        for s, tree in self.trees.items():
-            out[s] = tree.total
+        out[self.owned.start : self.owned.stop] = self.forest.totals
         return out
 
 
+def reduce_totals(masses: ShardMasses, flag: float = 0.0, group: Any = None) -> tuple[np.ndarray, float]:
+    """The global S-vector of shard totals and the sum over ranks of ``flag`` (one collective).
+
+    Each shard's total comes from its owner alone, so the sum is exact and the same for every world size.
+    """
+    both = torch.from_numpy(np.append(masses.totals(), float(flag)))
+    dist.all_reduce(both, group=group)
+    out = both.numpy()
+    return out[:-1], float(out[-1])
+
+
 def draw_global_batch(
-    masses: ShardMasses, seed: int, b: int, size: int, uniform_mix: float, group: Any = None
+    masses: ShardMasses, seed: int, b: int, size: int, uniform_mix: float, group: Any = None,
+    totals: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Global batch ``b`` of ``size`` ids, their masses and the masses' total (a collective).
 
     Every rank of ``group`` calls it with the same arguments but its own ``masses``; every rank gets
     the same result. The draw probability of a returned id is ``u / N + (1 - u) * mass / total``.
+    ``totals``: the reduced shard totals if the caller has them (:func:`reduce_totals`), saving a collective.
     """
-    totals = torch.from_numpy(masses.totals())
-    dist.all_reduce(totals, group=group)  # each shard's total comes from its owner alone: exact
-    totals_np = totals.numpy()
-    total = float(totals_np.sum())
+    if totals is None:
+        totals = reduce_totals(masses, group=group)[0]
+    total = float(totals.sum())
     n = masses.shards.dataset_size
     rng = np.random.default_rng([seed, b])
     if total <= 0 or uniform_mix >= 1.0:
@@ -90,27 +107,28 @@ def draw_global_batch(
     ids = np.zeros(size, dtype=np.int64)
     ids[from_floor] = rng.integers(0, n, size=n_floor)
     n_tilted = size - n_floor
-    counts = rng.multinomial(n_tilted, totals_np / total) if n_tilted else np.zeros(totals_np.size, np.int64)
-    order = rng.permutation(n_tilted)
-    # Each tilted draw is filled in by its shard's owner alone, so a sum over ranks hands it to all.
-    tilted = np.zeros(n_tilted, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    for s, tree in masses.trees.items():
-        c = int(counts[s])
-        if c:
-            srng = np.random.default_rng([seed, b, s])
-            draws = tree.find(srng.random(c) * tree.total) + masses.shards.shard_range(s)[0]
-            tilted[offsets[s] : offsets[s] + c] = draws
-    tilted_t = torch.from_numpy(tilted)
-    dist.all_reduce(tilted_t, group=group)
-    ids[~from_floor] = tilted_t.numpy()[order]
-    # Every id has one owner, which fills in its mass.
-    mine = _owned(masses, ids)
-    mass = np.zeros(size, dtype=np.float64)
-    mass[mine] = masses.mass_of(ids[mine])
-    mass_t = torch.from_numpy(mass)
-    dist.all_reduce(mass_t, group=group)
-    return ids, mass_t.numpy(), total
+    counts = rng.multinomial(n_tilted, totals / total) if n_tilted else np.zeros(totals.size, np.int64)
+    # Shard of each tilted position (a permutation of the multinomial's sorted list) and where inside
+    # it: all from the shared stream, so a position's draw does not depend on who owns its shard.
+    shard = np.repeat(np.arange(totals.size), counts)[rng.permutation(n_tilted)]
+    fraction = rng.random(n_tilted)
+    owned = masses.owned
+    mine = np.flatnonzero((shard >= owned.start) & (shard < owned.stop))
+    # One sum over ranks hands every rank the tilted ids and every mass: each is filled by its owner alone
+    # (ids as float64: exact below 2**53).
+    packed = np.zeros(n_tilted + size, dtype=np.float64)
+    offsets = masses.forest.find(shard[mine] - owned.start, fraction[mine])
+    packed[mine] = shard[mine] * masses.shards.shard_size + offsets
+    floor_ids = ids[from_floor]
+    floor_mine = np.flatnonzero(_owned(masses, floor_ids))
+    mass = packed[n_tilted:]
+    mass[np.flatnonzero(from_floor)[floor_mine]] = masses.mass_of(floor_ids[floor_mine])
+    mass[np.flatnonzero(~from_floor)[mine]] = masses.forest.levels[0][shard[mine] - owned.start, offsets]
+    reduced = torch.from_numpy(packed)
+    dist.all_reduce(reduced, group=group)
+    out = reduced.numpy()
+    ids[~from_floor] = out[:n_tilted].astype(np.int64)
+    return ids, out[n_tilted:].copy(), total
 
 
 def _owned(masses: ShardMasses, ids: np.ndarray) -> np.ndarray:

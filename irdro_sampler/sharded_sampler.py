@@ -33,7 +33,7 @@ from .feedback import FeedbackQueue, Record
 from .fingerprint import options_fingerprint
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
-from .sharded_draws import ShardMasses, draw_global_batch
+from .sharded_draws import ShardMasses, draw_global_batch, reduce_totals
 from .tilted_masses import TOTAL_RANGE
 from .virtual_shards import VirtualShards, default_num_shards
 from .weights import DROWeighting, WeightParams, finish_max_kept, max_kept_parts
@@ -125,10 +125,9 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         if buffered is not None:
             return buffered
         replay = b <= self.last_drawn  # no longer buffered: drawn again from the current weights, no state change
-        if not replay:
-            self._advance_to(b)
+        totals = None if replay else self._advance_to(b)
         ids, mass, total = draw_global_batch(self.masses, self.seed, b, self.layout.global_size(b),
-                                             self.rule.uniform_mix, self.group)
+                                             self.rule.uniform_mix, self.group, totals=totals)
         u, n = self.rule.uniform_mix, self.dataset_size
         probs = u / n + (1.0 - u) * (mass / total if total > 0 else np.zeros_like(mass))
         out = (ids, probs)
@@ -137,7 +136,8 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
             self.last_drawn = b
         return out
 
-    def _advance_to(self, b: int) -> None:
+    def _advance_to(self, b: int) -> np.ndarray:
+        """Apply the feedback due at ``b`` (refit at a new refresh block); the reduced shard totals."""
         due = self.feedback.take_due(b - self.feedback_delay)
         self.feedback.mark_applied(b - self.feedback_delay)
         if self.params is None or b // self.refresh_interval != self.refresh_block:
@@ -145,15 +145,15 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
             self.refresh_block = b // self.refresh_interval
             self.params = fit_sharded(self.rule, self.table, self.start, self.dataset_size, self.group)
             self._rebuild()
-            return
+            return reduce_totals(self.masses, group=self.group)[0]
         bad = self._apply(due, update_masses=True)
-        # The masses' global total (and any overflow a rank saw) decide a rebase on every rank alike.
-        flags = torch.tensor([float(bad), float(self.masses.totals().sum())], dtype=torch.float64)
-        dist.all_reduce(flags[:1], op=dist.ReduceOp.MAX, group=self.group)
-        total = flags[1:].clone()
-        dist.all_reduce(total, group=self.group)
-        if flags[0] > 0 or not TOTAL_RANGE[0] <= float(total[0]) <= TOTAL_RANGE[1]:
+        # One collective: the shard totals, and whether any rank saw a mass overflow. Both decide a
+        # rebase on every rank alike.
+        totals, overflowed = reduce_totals(self.masses, float(bad), self.group)
+        if overflowed > 0 or not TOTAL_RANGE[0] <= float(totals.sum()) <= TOTAL_RANGE[1]:
             self._rebase()
+            totals = reduce_totals(self.masses, group=self.group)[0]
+        return totals
 
     def _apply(self, records: list[Record], *, update_masses: bool) -> bool:
         """Apply the owned part of due records to the local table (and masses); True if a mass overflowed."""
@@ -182,11 +182,13 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
 
     def _rebuild(self) -> None:
         """Every owned mass from the table under the current params (O(N / world))."""
-        for s, tree in self.masses.trees.items():
-            a, z = self.shards.shard_range(s)
-            tree.leaf_buffer()[:] = self.rule.masses_at(self.table, slice(a - self.start, z - self.start), self.params)[0]
-            tree.refresh()
+        start = self.start
+        self.masses.fill(lambda a, z: self.rule.masses_at(self.table, slice(a - start, z - start), self.params)[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this rank's O(N / world) structures: its table rows and its shards' sum trees."""
+        return self.table.nbytes + self.masses.nbytes
 
     def save(self, folder: str | os.PathLike) -> None:
         """Save into ``folder``, one row file per rank plus ``common.pt`` (a collective; see
