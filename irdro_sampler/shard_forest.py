@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sum_tree import _check_masses, _fold
+from .sum_tree import _check_masses, _dedupe_sorted, _fold
 
 
 def _round_up(x: int, to: int) -> int:
@@ -88,18 +88,20 @@ class ShardForest:
             return
         if rows.min() < 0 or rows.max() >= self.rows or offsets.min() < 0 or offsets.max() >= self.width:
             raise ValueError(f"leaves must lie in [0, {self.rows}) x [0, {self.width})")
+        # Flat positions, sorted: a position's group key at every level is then flat // fanout, and
+        # keys come out sorted, so duplicates are adjacent.
+        flat = rows * self.widths[0] + offsets
+        order = np.argsort(flat, kind="stable")
+        flat = flat[order]
+        self.levels[0].reshape(-1)[flat] = values[order] if values.ndim else values
         f = self.fanout
-        self.levels[0][rows, offsets] = values
-        # A touched group's key: row * groups + group (unique keys, each folded once per level).
-        cols = offsets // f
         for k in range(len(self.levels) - 1):
-            groups = self.widths[k] // f
-            key = np.unique(rows * groups + cols)
-            rows, cols = key // groups, key % groups
-            children = self.levels[k].reshape(-1, f)[key]
-            self.levels[k + 1][rows, cols] = _fold(np.ascontiguousarray(children.T))
-            cols = cols // f
-        touched = np.unique(rows)
+            key = _dedupe_sorted(flat // f)
+            children = np.take(self.levels[k].reshape(-1, f), key, axis=0)
+            row, col = np.divmod(key, self.widths[k] // f)
+            flat = row * self.widths[k + 1] + col
+            self.levels[k + 1].reshape(-1)[flat] = _fold(np.ascontiguousarray(children.T))
+        touched = _dedupe_sorted(flat // self.widths[-1])
         self.totals[touched] = _fold(np.ascontiguousarray(self.levels[-1][touched].T))
 
     # -- search --------------------------------------------------------------------------------------
@@ -117,20 +119,27 @@ class ShardForest:
             return np.zeros(0, dtype=np.int64)
         if np.any(self.totals[rows] <= 0.0):
             raise ValueError("cannot search a shard of total mass 0")
-        t = np.asarray(fractions, dtype=np.float64) * self.totals[rows]
+        # Searched in (row, fraction) order: neighbouring draws share paths and cache lines.
+        order = np.argsort(rows + np.asarray(fractions, dtype=np.float64) * 0.5, kind="stable")
+        rows = rows[order]
+        t = np.asarray(fractions, dtype=np.float64)[order] * self.totals[rows]
         node = np.zeros(m, dtype=np.int64)
         pos = np.arange(m)
         top = len(self.levels) - 1
         for k in range(top, -1, -1):
-            n_child = self.widths[k] if k == top else self.fanout
-            cols = node[:, None] * n_child + np.arange(n_child)
-            prefix = np.cumsum(self.levels[k][rows[:, None], cols], axis=1)
-            child = np.count_nonzero(prefix <= t[:, None], axis=1)
-            over = np.flatnonzero(child >= n_child)
-            if over.size:  # rounding: the last positive child, from its start
-                last = prefix[over, -1][:, None]
-                child[over] = np.count_nonzero(prefix[over] < last, axis=1)
-                t[over] = np.where(child[over] > 0, prefix[over, child[over] - 1], 0.0)
-            t -= np.where(child > 0, prefix[pos, np.maximum(child - 1, 0)], 0.0)
-            node = node * n_child + child
-        return node
+            fan = self.widths[k] if k == top else self.fanout
+            groups = self.levels[k].reshape(-1, fan)  # a node's children are one row of this view
+            # Inclusive prefix sums laid out (child, draw), so every operation runs on rows of length m.
+            prefix = np.take(groups, rows * (self.widths[k] // fan) + node, axis=0).T.copy()
+            for i in range(1, fan):
+                prefix[i] += prefix[i - 1]
+            child = np.count_nonzero(prefix <= t, axis=0)
+            over = np.flatnonzero(child >= fan)
+            if over.size:  # rounding put t at/after the node's sum: the last positive child, from its start
+                child[over] = np.count_nonzero(prefix[:, over] < prefix[-1, over], axis=0)
+                t[over] = np.where(child[over] > 0, prefix[np.maximum(child[over] - 1, 0), over], 0.0)
+            t -= np.where(child > 0, prefix[np.maximum(child - 1, 0), pos], 0.0)
+            node = node * fan + child
+        out = np.empty_like(node)
+        out[order] = node
+        return out
