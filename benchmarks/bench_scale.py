@@ -1,16 +1,20 @@
-"""Benchmark: the sharded table (ShardedIRDROSampler, i.i.d. draws) on 1-4 gloo ranks against one unsharded
-IRDROSampler(draws="iid") at the same N, through public calls only.
+"""Benchmark: the sharded table (ShardedIRDROSampler, i.i.d. draws) on 1-8 gloo ranks against one unsharded
+IRDROSampler(draws="iid"), through public calls only.
 
-Per configuration: bytes of the sampler's O(N) structures per rank (the table's and the sum trees'
-``nbytes``), peak resident memory per rank (``ru_maxrss``, which includes torch itself), the first step
-(the O(N / world) fit and tree build) and the median / p90 of a step (``update`` of the gathered global
-batch's losses + ``batch(b)``), with every rank's feedback being the whole global batch, as after a
-gather. Global batch fixed (B = 4096 over all ranks), so the global batches are the same on every world
-size. Communication per step is the design's (docs/sharding.md): the S shard totals, two B-vectors, two
-small flags; it is not measured here.
+Per configuration and rank: bytes of the sampler's O(N) structures (``nbytes``), peak resident memory
+(``ru_maxrss``, which includes torch itself), the first step (the O(N / world) fit and tree build), a
+refresh (a step that refits), the median / p90 of a step (``update`` of the gathered global batch's
+losses + ``batch(b)``) in wall time and in this process's CPU time, the payload a rank hands to
+collectives per step and per refresh (counted by wrapping ``torch.distributed``'s collectives in the
+benchmark process: the bytes of every tensor passed), and ``save`` / ``load`` of a checkpoint per rank.
+Every rank's feedback is the whole global batch, as after a gather; the global batch is fixed
+(B = 4096 over all ranks), so the global batches are the same on every world size.
 
-    python benchmarks/bench_scale.py                 # N in {1e6, 1e7}, 1, 2 and 4 ranks (a few minutes)
-    python benchmarks/bench_scale.py --n 1e6 --steps 30
+On one 2-core machine, ranks take turns on the cores: a step's wall time on 8 ranks includes 7 other
+ranks' work; its CPU time is what a rank would spend on a machine of its own (plus gloo's threads).
+
+    python benchmarks/bench_scale.py                        # N in {1e7, 2e8}, 1-8 ranks (~15 min)
+    python benchmarks/bench_scale.py --n 1e6 --worlds 1 2 --steps 30
 """
 
 from __future__ import annotations
@@ -21,52 +25,104 @@ import resource
 import shlex
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm import tqdm
 
 from irdro_sampler import IRDROSampler
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
 
 HERE = Path(__file__).resolve().parent
 GLOBAL_BATCH = 4096
+REFRESH = 20  # refresh_interval: one refit inside the timed steps
 
 
 def _losses(ids: np.ndarray, step: int) -> np.ndarray:
     return (ids * 2654435761 % 1000) / 400.0 + 0.05 * np.sin(0.3 * step + ids) + 0.01
 
 
-def _time_steps(sampler, steps: int) -> tuple[float, list[float]]:
+class _Traffic:
+    """Counts the bytes of every tensor this process passes to a collective (the payload it contributes)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        for name in ("all_reduce", "all_gather", "broadcast", "all_gather_object"):
+            original = getattr(dist, name)
+            setattr(dist, name, self._wrap(original))
+
+    def _wrap(self, original):
+        def counted(*args, **kwargs):
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    self.bytes += a.numel() * a.element_size()
+            return original(*args, **kwargs)
+
+        return counted
+
+
+def _batches(sampler):
+    """Global batches 0, 1, ... each drawn when requested (one rank's batch is the global one unsharded)."""
+    if isinstance(sampler, IRDROSampler):
+        yield from sampler.iter_batches()
+    b = 0
+    while True:
+        yield sampler.batch(b)[0]
+        b += 1
+
+
+def _measure(sampler, steps: int, traffic: _Traffic | None) -> dict:
+    batches = _batches(sampler)
     t0 = time.perf_counter()
-    ids, _ = sampler.batch(0) if hasattr(sampler, "shards") else sampler.order.batch(0)
+    ids = next(batches)
     first = time.perf_counter() - t0
-    times = []
+    wall, cpu, sent, refresh = [], [], [], []
     for b in range(1, steps + 1):
-        t0 = time.perf_counter()
+        before = traffic.bytes if traffic else 0
+        t0, c0 = time.perf_counter(), time.process_time()
         sampler.update(ids, _losses(ids, b - 1), step=b - 1)
-        ids, _ = sampler.batch(b) if hasattr(sampler, "shards") else sampler.order.batch(b)
-        times.append(time.perf_counter() - t0)
-    return first, times
+        ids = next(batches)
+        dt = time.perf_counter() - t0
+        if b % REFRESH == 0:  # a refit step, reported apart
+            refresh.append((dt, (traffic.bytes - before) if traffic else 0))
+            continue
+        wall.append(dt)
+        cpu.append(time.process_time() - c0)
+        sent.append((traffic.bytes - before) if traffic else 0)
+    return {"first": first, "wall": wall, "cpu": cpu, "sent": sent, "refresh": refresh}
 
 
-def _rank(rank: int, world: int, port: int, n: int, steps: int, results) -> None:
+def _rank(rank: int, world: int, port: int, n: int, steps: int, folder: str, results) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        s = ShardedIRDROSampler(n, GLOBAL_BATCH // world, feedback_delay=4, num_shards=64)
-        first, times = _time_steps(s, steps)
-        nbytes = s.nbytes
-        results[rank] = (nbytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, first, times)
+        traffic = _Traffic()
+        s = ShardedIRDROSampler(n, GLOBAL_BATCH // world, feedback_delay=4, refresh_interval=REFRESH)
+        out = _measure(s, steps, traffic)
+        dist.barrier()
+        t0 = time.perf_counter()
+        s.save(folder)
+        out["save"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s.load(folder)
+        out["load"] = time.perf_counter() - t0
+        out.update(nbytes=s.nbytes, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                   shards=s.shards.num_shards)
+        results[rank] = out
     finally:
         dist.destroy_process_group()
 
 
 def _unsharded(n: int, steps: int, results) -> None:
-    s = IRDROSampler(n, GLOBAL_BATCH, draws="iid", feedback_delay=4)
-    first, times = _time_steps(s, steps)
-    results[0] = (s.nbytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, first, times)
+    s = IRDROSampler(n, GLOBAL_BATCH, draws="iid", feedback_delay=4, refresh_interval=REFRESH)
+    out = _measure(s, steps, None)
+    out.update(nbytes=s.nbytes, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, shards=0,
+               save=float("nan"), load=float("nan"))
+    results[0] = out
 
 
 def _free_port() -> int:
@@ -84,50 +140,65 @@ def run(n: int, world: int | None, steps: int) -> dict:
         proc.join()
         per = [results[0]]
     else:
-        mp.spawn(_rank, args=(world, _free_port(), n, steps, results), nprocs=world, join=True)
-        per = [results[r] for r in range(world)]
-    times = np.concatenate([p[3] for p in per]) * 1e3
+        with tempfile.TemporaryDirectory() as folder:
+            mp.spawn(_rank, args=(world, _free_port(), n, steps, folder, results), nprocs=world, join=True)
+            per = [results[r] for r in range(world)]
+    wall = np.concatenate([p["wall"] for p in per]) * 1e3
+    cpu = np.concatenate([p["cpu"] for p in per]) * 1e3
     return {
-        "bytes_per_rank": max(p[0] for p in per),
-        "rss_per_rank": max(p[1] for p in per),
-        "first_s": max(p[2] for p in per),
-        "median_ms": float(np.median(times)),
-        "p90_ms": float(np.percentile(times, 90)),
+        "bytes_per_rank": max(p["nbytes"] for p in per),
+        "rss_per_rank": max(p["rss"] for p in per),
+        "shards": per[0]["shards"],
+        "first_s": max(p["first"] for p in per),
+        "refresh_s": float(np.median([r[0] for p in per for r in p["refresh"]])),
+        "median_ms": float(np.median(wall)),
+        "p90_ms": float(np.percentile(wall, 90)),
+        "cpu_ms": float(np.median(cpu)),
+        "sent_per_step": float(np.median([x for p in per for x in p["sent"]])),
+        "sent_per_refresh": float(np.median([r[1] for p in per for r in p["refresh"]])),
+        "save_s": max(p["save"] for p in per),
+        "load_s": max(p["load"] for p in per),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=float, nargs="*", default=[1e6, 1e7])
-    ap.add_argument("--worlds", type=int, nargs="*", default=[1, 2, 4])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--n", type=float, nargs="*", default=[1e7, 2e8])
+    ap.add_argument("--worlds", type=int, nargs="*", default=[1, 2, 4, 8])
+    ap.add_argument("--unsharded", type=float, nargs="*", default=[1e7, 2.5e7, 2e8],
+                    help="N of the unsharded baselines")
+    ap.add_argument("--steps", type=int, default=41)
     ap.add_argument("--out", default=str(HERE / "RESULTS_scale.md"))
     args = ap.parse_args()
+    configs = [(int(n), None) for n in args.unsharded] + [(int(n), w) for n in args.n for w in args.worlds]
     rows = []
-    for n in (int(x) for x in args.n):
-        for world in [None, *args.worlds]:
-            label = "unsharded" if world is None else f"sharded x{world}"
-            print(f"N={n:.0e} {label} ...", file=sys.stderr, flush=True)
-            rows.append((n, label, run(n, world, args.steps)))
+    for n, world in tqdm(configs, desc="configurations"):
+        label = "unsharded" if world is None else f"sharded x{world}"
+        tqdm.write(f"N={n:.1e} {label} ...")
+        rows.append((n, label, run(n, world, args.steps)))
     load = os.getloadavg()
     lines = [
         "## Sharded table scaling (`benchmarks/bench_scale.py`)",
         "",
-        f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`".rstrip() + "",
+        f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"2-core VM shared with a CI run (1-min load at the end {load[0]:.1f}): times are noisy and gloo on one "
-        "machine pays process switches that separate machines would not; the bytes are exact. Global batch "
-        f"{GLOBAL_BATCH}, {args.steps} steps after the first, i.i.d. draws, 64 virtual shards.",
+        f"One 2-core VM (1-min load at the end {load[0]:.1f}), gloo over 127.0.0.1. Global batch {GLOBAL_BATCH}, "
+        f"{args.steps} steps after the first, a refit every {REFRESH} steps (reported apart), i.i.d. draws, "
+        "`default_num_shards` virtual shards. Ranks share the 2 cores: wall time on x4 and x8 includes the other "
+        "ranks' turns; CPU ms is one rank's own work. Sent: the payload a rank hands to collectives.",
         "",
-        "| N | sampler | O(N) bytes per rank | bytes / (N / world) | peak RSS per rank (MB) | first step s | "
-        "step median ms | step p90 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| N | sampler | shards | O(N) bytes per rank | bytes / (N / world) | peak RSS per rank (MB) | first step s | "
+        "refresh s | step median ms | step p90 ms | step CPU ms | sent per step (B) | sent per refresh (B) | "
+        "save s | load s |",
+        "|" + "---|" * 15,
     ]
     for n, label, r in rows:
         world = 1 if label == "unsharded" else int(label.split("x")[1])
         lines.append(
-            f"| {n:.0e} | {label} | {r['bytes_per_rank']:,} | {r['bytes_per_rank'] / (n / world):.2f} | "
-            f"{r['rss_per_rank'] / 2**20:.0f} | {r['first_s']:.2f} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} |"
+            f"| {n:.1e} | {label} | {r['shards']} | {r['bytes_per_rank']:,} | {r['bytes_per_rank'] / (n / world):.2f} | "
+            f"{r['rss_per_rank'] / 2**20:.0f} | {r['first_s']:.2f} | {r['refresh_s']:.3f} | {r['median_ms']:.2f} | "
+            f"{r['p90_ms']:.2f} | {r['cpu_ms']:.2f} | {r['sent_per_step']:,.0f} | {r['sent_per_refresh']:,.0f} | "
+            f"{r['save_s']:.2f} | {r['load_s']:.2f} |"
         )
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
