@@ -5,8 +5,8 @@ Each rank holds the masses of its virtual shards (:mod:`irdro_sampler.virtual_sh
 same way whichever rank owns it. Global batch ``b`` is drawn in two levels from the shared stream
 ``(seed, b)``, never from anything about a rank:
 
-1. the shard totals are sum-reduced (S numbers; the caller may fuse this with its own flags,
-   :func:`reduce_totals`);
+1. the shard totals are max-reduced (S numbers, each non-zero on its owner only; the caller may fuse
+   this with its own checks, :func:`reduce_totals`);
 2. the stream decides, per position, the uniform floor (probability ``u``) or the tilted part, draws
    the floor's ids uniformly over all N, splits the tilted positions over the shards by a multinomial on
    the shard totals, permutes them and gives each a fraction in [0, 1);
@@ -73,15 +73,23 @@ class ShardMasses:
         return out
 
 
-def reduce_totals(masses: ShardMasses, flag: float = 0.0, group: Any = None) -> tuple[np.ndarray, float]:
-    """The global S-vector of shard totals and the sum over ranks of ``flag`` (one collective).
+def reduce_totals(masses: ShardMasses, flag: float = 0.0, digest: bytes = b"",
+                  group: Any = None) -> tuple[np.ndarray, float, bool]:
+    """The global S-vector of shard totals, the largest ``flag`` of any rank, and whether every rank
+    passed the same ``digest`` (one collective).
 
-    Each shard's total comes from its owner alone, so the sum is exact and the same for every world size.
+    A max-reduction: a shard's total is non-negative and non-zero on its owner only, so the maximum is
+    the owner's value, exact and the same for every world size. The digest rides along as 21-bit chunks
+    ``c`` and ``-c`` (exact in float64): all ranks agree iff ``max(c) == -max(-c)`` for every chunk.
     """
-    both = torch.from_numpy(np.append(masses.totals(), float(flag)))
-    dist.all_reduce(both, group=group)
+    word = int.from_bytes(digest[:8].ljust(8, b"\0"), "little")
+    chunks = np.array([(word >> shift) & 0x1FFFFF for shift in (0, 21, 42)], dtype=np.float64)
+    both = torch.from_numpy(np.concatenate([masses.totals(), [float(flag)], chunks, -chunks]))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     out = both.numpy()
-    return out[:-1], float(out[-1])
+    s = masses.shards.num_shards
+    agree = bool(np.array_equal(out[s + 1 : s + 4], -out[s + 4 :]))
+    return out[:s], float(out[s]), agree
 
 
 def draw_global_batch(
@@ -96,7 +104,7 @@ def draw_global_batch(
     """
     if totals is None:
         totals = reduce_totals(masses, group=group)[0]
-    total = float(totals.sum())
+    total = float(totals.sum())  # in shard order: the same bits on every world size
     n = masses.shards.dataset_size
     rng = np.random.default_rng([seed, b])
     if total <= 0 or uniform_mix >= 1.0:

@@ -140,17 +140,24 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         """Apply the feedback due at ``b`` (refit at a new refresh block); the reduced shard totals."""
         due = self.feedback.take_due(b - self.feedback_delay)
         self.feedback.mark_applied(b - self.feedback_delay)
-        if self.params is None or b // self.refresh_interval != self.refresh_block:
+        refit = self.params is None or b // self.refresh_interval != self.refresh_block
+        if refit:
             self._apply(due, update_masses=False)
             self.refresh_block = b // self.refresh_interval
             self.params = fit_sharded(self.rule, self.table, self.start, self.dataset_size, self.group)
             self._rebuild()
-            return reduce_totals(self.masses, group=self.group)[0]
-        bad = self._apply(due, update_masses=True)
-        # One collective: the shard totals, and whether any rank saw a mass overflow. Both decide a
-        # rebase on every rank alike.
-        totals, overflowed = reduce_totals(self.masses, float(bad), self.group)
-        if overflowed > 0 or not TOTAL_RANGE[0] <= float(totals.sum()) <= TOTAL_RANGE[1]:
+            bad = False
+        else:
+            bad = self._apply(due, update_masses=True)
+        # One collective: the shard totals, whether any rank saw a mass overflow (both decide a rebase on
+        # every rank alike) and whether all ranks applied the same feedback so far.
+        totals, overflowed, agree = reduce_totals(self.masses, float(bad), self.feedback.digest, self.group)
+        if not agree:
+            raise RuntimeError(
+                f"ShardedIRDROSampler: the ranks applied different feedback by batch {b} (a record dropped, "
+                "duplicated or changed on some rank): every rank must call update() with the same gathered "
+                "feedback of all ranks")
+        if not refit and (overflowed > 0 or not TOTAL_RANGE[0] <= float(totals.sum()) <= TOTAL_RANGE[1]):
             self._rebase()
             totals = reduce_totals(self.masses, group=self.group)[0]
         return totals

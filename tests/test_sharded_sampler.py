@@ -28,6 +28,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
             out.append("accepted")
         except ValueError as e:
             out.append(str(e))
+        out.append({fault: _faulty_run(rank, world, fault) for fault in ("dropped", "duplicated")})
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -47,19 +48,34 @@ def _run(rank: int, world: int, with_groups: bool) -> tuple:
             probs.append(p)
             mine.append(part)
             step += 1
+    table = (s.table.losses.copy(), s.table.counts.copy(), s.table.last_step.copy())
     return (np.stack(batches), np.stack(probs), np.concatenate(mine), s.fingerprint(), s.table.dataset_size,
-            s.start)
+            s.start, table)
 
 
-def _unsharded_probabilities(batches: np.ndarray, with_groups: bool) -> list[np.ndarray]:
-    """The distribution each batch was drawn from, by an unsharded sampler fed the same feedback."""
+def _faulty_run(rank: int, world: int, fault: str) -> str:
+    """The last rank drops (or repeats) its record of step 5: every rank must refuse the next draw."""
+    s = ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=SHARDS, **OPTS)
+    try:
+        for step in range(12):
+            ids, _ = s.batch(step)
+            faulty = rank == world - 1 and step == 5
+            for _ in range(0 if faulty and fault == "dropped" else 2 if faulty else 1):
+                s.update(ids, loss_of(ids, step), step=step)
+    except RuntimeError as e:
+        return f"step {step}: {e}"
+    return "accepted"
+
+
+def _unsharded_probabilities(batches: np.ndarray, with_groups: bool) -> tuple[list[np.ndarray], IRDROSampler]:
+    """The distribution each batch was drawn from, by an unsharded sampler fed the same feedback (and it)."""
     ref = IRDROSampler(N, GLOBAL_BATCH, draws="iid", groups=_groups(0, N) if with_groups else None, **OPTS)
     out = []
     for b, ids in enumerate(batches):
         ref.order.advance_to(b)
         out.append(ref.probabilities())
         ref.update(ids, loss_of(ids, b) * np.where(ids % 97 == 0, 8.0, 1.0), step=b)
-    return out
+    return out, ref
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +91,17 @@ def test_same_global_batches_on_any_world_size_from_the_unsharded_distribution(r
     for world, per_rank in runs.items():
         fps = {r[3] for r in per_rank}
         assert len(fps) == 1 and fps == {runs[1][0][3]}, f"world {world}: fingerprints differ"
-        for rank, (b, p, mine, _, rows, start) in enumerate(per_rank):
+        for rank, (b, p, mine, _, rows, start, _) in enumerate(per_rank):
             assert np.array_equal(b, batches), f"world {world} rank {rank}: other global batches"
             assert np.array_equal(p, probs)
             per = GLOBAL_BATCH // world
             assert np.array_equal(mine, b[:, rank * per : (rank + 1) * per].ravel())  # this rank's slice
             assert rows == N // world and start == rank * N // world  # O(N / world) rows per rank
-    expected = _unsharded_probabilities(batches, with_groups)
+    expected, ref = _unsharded_probabilities(batches, with_groups)
+    # Every record reached the owner of each of its samples exactly once: the rows of the 4 ranks put
+    # together are the unsharded table, bit for bit (losses, visit counts, last steps).
+    for field, whole in enumerate((ref.table.losses, ref.table.counts, ref.table.last_step)):
+        np.testing.assert_array_equal(np.concatenate([r[6][field] for r in runs[4]]), whole)
     for b in range(len(batches)):
         np.testing.assert_allclose(probs[b], expected[b][batches[b]], rtol=1e-9)
     # The cut and the tilt are at work: the last batches are not drawn uniformly.
@@ -94,3 +114,13 @@ def test_too_few_shards_for_the_ranks_is_a_clear_error(runs):
     errors = [per[2] for per in runs[4]]
     # At world 4 ranks 0 and 2 would own nothing: every rank refuses, so none waits in a collective.
     assert all("num_shards=2 leaves rank 0 of 4 no samples of dataset_size=4096" in e for e in errors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["dropped", "duplicated"])
+def test_a_record_dropped_or_duplicated_on_one_rank_is_caught_on_every_rank(runs, fault):
+    assert runs[1][0][3][fault] == "accepted"
+    for world in (2, 4):
+        for outcome in (per[3][fault] for per in runs[world]):
+            # Step 5's feedback is applied when batch 5 + feedback_delay is drawn: that draw is refused.
+            assert outcome.startswith("step 9: ShardedIRDROSampler: the ranks applied different feedback by batch 9")
