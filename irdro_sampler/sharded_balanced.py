@@ -412,9 +412,11 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     per-sample and per-shard arrays concatenated; configuration and scalars must agree."""
     if not states:
         raise ValueError("merge_states needs at least one state")
-    parts = sorted(states, key=lambda s: (s["start"], s["first_shard"]))
+    # A rank owning no shard holds nothing (its ids read [N, N)): only its scalars are checked.
+    parts = sorted((s for s in states if s["stop_shard"] > s["first_shard"]), key=lambda s: s["first_shard"])
+    parts = parts or [states[0]]
     first = parts[0]
-    for part in parts[1:]:
+    for part in states:
         for name in (*_CONFIG, *_SCALARS):
             if part[name] != first[name]:
                 raise ValueError(f"states disagree on '{name}': {first[name]!r} vs {part[name]!r}")
