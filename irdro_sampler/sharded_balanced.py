@@ -1,0 +1,452 @@
+"""Balanced draws with the per-sample state sharded over the ranks of a process group (issue 17).
+
+The scheme is :mod:`irdro_sampler.stride`'s (read its docstring first): per-sample credits
+``E_i - D_i + theta_i`` kept lazily as float32 offsets beside the masses and draw counts, global clock
+scalars, a float32 key tree finding the due samples, and each batch taking the ``G_b`` largest copies
+``r_i - j`` of the ranks ``r_i = E_i - D_i + theta_i / 4``. Here every rank keeps the records and the key
+tree of its own contiguous id range only (:meth:`VirtualShards.ids_of_rank`: 16 + 4.6 bytes per owned
+sample); the clock scalars are replicated (every rank computes them from the same reduced numbers).
+
+**Candidates, world-independent.** The unsharded key tree returns every sample with key ``<= due`` and
+"at least ``G`` of them", a set its descent decides. Here the candidate set is the smallest that
+contract allows, ``{i : K_i <= max(clock, K_(G))}`` with ``K_(G)`` the ``G``-th smallest key over *all*
+samples. Each rank sends its own ``G`` smallest keys; the ``G``-th smallest of the union is ``K_(G)``.
+
+**Selection, world-independent.** Each rank takes its candidates' ``G`` largest copies in the order
+(value descending, id ascending) -- the unsharded tie-break -- and sends them; the global batch is the
+first ``G`` of the union in that order (a rank's copies outside its own first ``G`` cannot be among the
+global first ``G``). Every rank receives every copy, so no further collective hands out the ids;
+each owner then commits its own draws (new phases, keys).
+
+**The total.** ``S_b`` (the masses' sum) is kept per virtual shard: a running sum per shard, updated
+in the shard's id order, so the same whichever rank owns it, and summed over the shard vector in shard
+order. The global total is therefore a function of the shards' masses and updates, not of the world
+size.
+
+Per draw: two all-gathers (``ceil(S / world) + 1 + G`` float64 per rank, then ``2 G``), a third
+(``G`` keys) only on draws that re-key; O(G log(N / world)) work per rank, nothing O(N). A re-key
+(rare: at refreshes and when the total drifts by 1/8) is O(N / world) per rank.
+
+**Against the unsharded ``BalancedDraws``.** Bit for bit the same batches (ids, counts and, through the
+shared shuffle stream ``(seed, b)``, order) when the unsharded key tree has one level (``N <= 2**15``:
+its candidate set is then the one above) and the masses' sums are exact in float64 (the running totals
+agree), as long as no mass change overflows an offset. Otherwise the candidate sets or the totals' last
+bits can differ, and with them, rarely, a batch; the count bound holds globally either way (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .stride import (
+    _KEY_FANOUT,
+    _OFFSET_LIMIT,
+    _RANK_PHASE_OFF,
+    _RECORD,
+    _REKEY_DRIFT,
+    KeyMinTree,
+    _copies,
+    phases,
+)
+from .sum_tree import _CANCEL_LIMIT, _dedupe_sorted
+from .virtual_shards import VirtualShards
+
+__all__ = ["ShardedBalancedDraws", "merge_states", "slice_state"]
+
+_CHUNK = 1 << 22
+_PER_SAMPLE = ("masses", "offsets", "draws")  # state arrays indexed by global id over [start, stop)
+_PER_SHARD = ("shard_totals", "shard_moved")  # state arrays indexed by shard over [first_shard, stop_shard)
+_SCALARS = ("clock", "drift1", "drift2", "alpha", "beta", "ref_total", "rekeys", "needs_reference")
+_CONFIG = ("dataset_size", "num_shards", "global_batch", "uniform_mix", "seed")
+
+
+class ShardedBalancedDraws:
+    """This rank's part of the balanced draws over ``shards``: records of ids ``[start, stop)`` only.
+
+    Collective calls (every rank of ``group`` calls them in the same order with the same arguments):
+    :meth:`draw` and :meth:`rebuild` (which communicates nothing but moves the replicated clocks).
+    :meth:`set_masses` communicates nothing and may get the global update or just the owned part.
+    """
+
+    def __init__(
+        self, shards: VirtualShards, rank: int, world_size: int, *, global_batch: int, uniform_mix: float,
+        seed: int, group: Any = None,
+    ) -> None:
+        if dist.is_initialized() and dist.get_world_size(group) != world_size:
+            raise ValueError(f"world_size {world_size} is not the group's size {dist.get_world_size(group)}")
+        self.shards, self.rank, self.world_size, self.group = shards, int(rank), int(world_size), group
+        self.dataset_size, self.num_shards = shards.dataset_size, shards.num_shards
+        self.global_batch, self.uniform_mix, self.seed = int(global_batch), float(uniform_mix), int(seed)
+        self.start, self.stop = shards.ids_of_rank(rank, world_size)
+        self.owned_shards = shards.shards_of_rank(rank, world_size)
+        n = self.stop - self.start
+        self._records = np.zeros(n, dtype=_RECORD)
+        self.masses, self.offsets, self.draws = (self._records[f] for f in ("mass", "offset", "draws"))
+        for lo in range(0, n, _CHUNK):
+            ids = np.arange(self.start + lo, min(self.start + lo + _CHUNK, self.stop), dtype=np.int64)
+            self.offsets[lo : lo + ids.size] = phases(self.seed, ids, self.draws[lo : lo + ids.size])
+        self.shard_totals = np.zeros(len(self.owned_shards))
+        self.shard_moved = np.zeros(len(self.owned_shards))
+        self.clock = self.drift1 = self.drift2 = 0.0
+        self.alpha = self.beta = self.ref_total = 0.0
+        self.rekeys = 0
+        self.total = 0.0  # the global total of the last draw
+        self.needs_reference = False  # a rebuild or an overflowing mass change asks the next draw to re-key
+        self._keys = KeyMinTree(n, fanout=_KEY_FANOUT) if n else None
+        self._stale: list[np.ndarray] = []
+        # Credits of samples whose offset a mass change would overflow: exact until the next re-key.
+        self._held_ids = np.empty(0, dtype=np.int64)
+        self._held_credits = np.empty(0, dtype=np.float64)
+        # Every rank's payload has the same length: room for the largest run of shards.
+        self._slots = max(len(shards.shards_of_rank(r, world_size)) for r in range(world_size))
+
+    # -- masses -----------------------------------------------------------------------------------------
+    def owns(self, ids: np.ndarray) -> np.ndarray:
+        """Which of the global ``ids`` this rank owns."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return (ids >= self.start) & (ids < self.stop)
+
+    def mass_of(self, ids: np.ndarray) -> np.ndarray:
+        """Masses of owned global ``ids``."""
+        return self.masses[np.asarray(ids, dtype=np.int64) - self.start]
+
+    def set_masses(self, ids: np.ndarray, mass: np.ndarray) -> None:
+        """Set the masses of distinct global ``ids`` (finite, >= 0); ids owned elsewhere are ignored.
+
+        Credits are kept across the change (as :meth:`StrideScheduler.mass_changed`); a sample whose
+        offset would leave +-1024 keeps its exact credit aside and makes the next draw re-key.
+        """
+        ids, mass = np.asarray(ids, dtype=np.int64), np.asarray(mass, dtype=np.float64)
+        if ids.shape != mass.shape:
+            raise ValueError(f"ids and mass must have the same shape, got {ids.shape} and {mass.shape}")
+        if mass.size and not (np.isfinite(mass).all() and mass.min() >= 0):
+            raise ValueError("masses must be finite and >= 0")
+        own = self.owns(ids)
+        order = np.argsort(ids[own], kind="stable")  # shard totals add in id order: owner-independent
+        ids, mass = ids[own][order], mass[own][order]
+        if ids.size == 0:
+            return
+        local = ids - self.start
+        old = self.masses[local]
+        with np.errstate(over="ignore", invalid="ignore"):  # a huge new mass: held aside below
+            delta = (self.rates(old) - self.rates(mass)) * self.clock + (old - mass) * self.drift1
+            offsets = self.offsets[local] + delta
+        fits = np.abs(offsets) <= _OFFSET_LIMIT
+        if not fits.all():
+            self._hold(ids[~fits], self._credits(self.offsets[local[~fits]], old[~fits]))
+        self.offsets[local[fits]] = offsets[fits]
+        self.masses[local] = mass
+        self._add_to_shards(ids, mass - old, mass + old)
+        self._stale.append(local)
+
+    def rebuild(self, mass: np.ndarray) -> None:
+        """Replace every owned mass (``mass``: length ``stop - start``) and re-key at the next draw.
+
+        Collective by contract (it resets the replicated clocks; it communicates nothing).
+        """
+        mass = np.asarray(mass, dtype=np.float64)
+        if mass.shape != self.masses.shape:
+            raise ValueError(f"mass must have shape {self.masses.shape}, got {mass.shape}")
+        if mass.size and not (np.isfinite(mass).all() and mass.min() >= 0):
+            raise ValueError("masses must be finite and >= 0")
+        self._fold()  # under the masses the credits accrued with
+        self.masses[:] = mass
+        for k in range(len(self.owned_shards)):
+            self._sum_shard(k)
+        self.needs_reference = True
+
+    def _hold(self, ids: np.ndarray, credits: np.ndarray) -> None:
+        fresh = ~np.isin(ids, self._held_ids)  # a sample held already keeps its first credit
+        self._held_ids = np.concatenate([self._held_ids, ids[fresh]])
+        self._held_credits = np.concatenate([self._held_credits, credits[fresh]])
+
+    def _add_to_shards(self, ids: np.ndarray, change: np.ndarray, moved: np.ndarray) -> None:
+        k = len(self.owned_shards)
+        shard = self.shards.shard_of(ids) - self.owned_shards.start
+        self.shard_totals += np.bincount(shard, weights=change, minlength=k)
+        self.shard_moved += np.bincount(shard, weights=moved, minlength=k)
+        # As LeafMasses: recompute a shard's sum where cancellation could have eaten its precision.
+        for s in np.flatnonzero(self.shard_totals < self.shard_moved * _CANCEL_LIMIT):
+            self._sum_shard(int(s))
+
+    def _sum_shard(self, k: int) -> None:
+        lo, hi = self.shards.shard_range(self.owned_shards.start + k)
+        self.shard_totals[k] = float(np.sum(self.masses[lo - self.start : hi - self.start]))
+        self.shard_moved[k] = 0.0
+
+    # -- credits and keys (as StrideScheduler, on the owned range) --------------------------------------
+    def rates(self, mass: np.ndarray) -> np.ndarray:
+        """Predicted draws per unit of the model clock (``w = alpha m + beta``)."""
+        return self.alpha * mass + self.beta
+
+    def _credits(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        return offsets + (self.rates(mass) * self.clock + (mass * self.drift1 + self.drift2))
+
+    def credits_of(self, ids: np.ndarray) -> np.ndarray:
+        """Exact credits ``E - D + theta`` of owned global ``ids`` after the last draw."""
+        local = np.asarray(ids, dtype=np.int64) - self.start
+        return self._credits(self.offsets[local], self.masses[local])
+
+    def _keys_of(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        rate = self.rates(mass)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            key = (1.0 - offsets.astype(np.float64)) / rate
+        key[rate <= 0.0] = np.inf
+        return key.astype(np.float32)
+
+    def _fold(self) -> None:
+        """Fold the clocks into the offsets (and the held credits in), as ``StrideScheduler.rekey``."""
+        if self.clock or self.drift1 or self.drift2:
+            for lo in range(0, self.masses.size, _CHUNK):
+                m = self.masses[lo : lo + _CHUNK]
+                self.offsets[lo : lo + _CHUNK] = self._credits(self.offsets[lo : lo + _CHUNK], m)
+        self.clock = self.drift1 = self.drift2 = 0.0
+        self.offsets[self._held_ids - self.start] = self._held_credits
+        self._held_ids, self._held_credits = self._held_ids[:0], self._held_credits[:0]
+
+    def _set_reference(self, total: float) -> None:
+        self.ref_total = float(total)
+        u = self.uniform_mix
+        self.alpha = self.global_batch * (1.0 - u) / total if total > 0 else 0.0
+        self.beta = self.global_batch * u / self.dataset_size if total > 0 else self.global_batch / self.dataset_size
+        self.rekeys += 1
+        self._rebuild_keys()
+
+    def _rebuild_keys(self) -> None:
+        self._stale = []
+        if self._keys is not None:
+            keys = self._keys.leaf_buffer()
+            for lo in range(0, keys.size, _CHUNK):
+                keys[lo : lo + _CHUNK] = self._keys_of(self.offsets[lo : lo + _CHUNK], self.masses[lo : lo + _CHUNK])
+            self._keys.refresh()
+
+    def _rekey(self, total: float) -> None:
+        self._fold()
+        self._set_reference(total)
+
+    def _needs_rekey(self, total: float) -> bool:
+        ref = self.ref_total
+        return not (ref > 0 and ref / (1 + _REKEY_DRIFT) <= total <= ref * (1 + _REKEY_DRIFT))
+
+    def _update_keys(self) -> None:
+        if not self._stale or self._keys is None:
+            self._stale = []
+            return
+        stale = _dedupe_sorted(np.sort(np.concatenate(self._stale), kind="stable"))
+        self._stale = []
+        records = self._records[stale]
+        self._keys.set(stale, self._keys_of(records["offset"], records["mass"]))
+
+    def _advance(self, size: int, total: float) -> None:
+        u = self.uniform_mix
+        if total > 0:
+            tilted, floor = size * (1.0 - u) / total, size * u / self.dataset_size
+            step = (size / self.global_batch) * ((1.0 - u) * self.ref_total / total + u)
+        else:
+            tilted, floor = 0.0, size / self.dataset_size
+            step = size / self.global_batch
+        self.clock += step
+        self.drift1 += tilted - self.alpha * step
+        self.drift2 += floor - self.beta * step
+
+    # -- one global batch -------------------------------------------------------------------------------
+    def draw(self, b: int, size: int) -> np.ndarray:
+        """Global batch ``b`` of ``size`` ids (a collective): the same array on every rank.
+
+        A pure function of the seed, ``b`` and the state (masses, credits, clocks), whatever the world
+        size. The ``size`` largest copies of the ranks among the candidates (module docstring), in the
+        order of the shuffle stream ``(seed, b)`` (the unsharded sampler's).
+        """
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self._update_keys()
+        head = np.zeros(self._slots + 1)
+        head[: self.shard_totals.size] = self.shard_totals
+        head[-1] = float(self.needs_reference or self._held_ids.size > 0)
+        rows = self._all_gather(np.concatenate([head, self._smallest_keys(size)]))
+        total = self._total_of(rows[:, : self._slots])
+        rekey = bool(rows[:, self._slots].max() > 0)
+        if rekey:  # a rebuild (the unsharded end_rebuild) or an overflowing mass change
+            self._rekey(total)
+            self.needs_reference = False
+        if self._needs_rekey(total):  # the total drifted (the unsharded keep_fresh)
+            self._rekey(total)
+            rekey = True
+        self.total = total
+        smallest = self._all_gather(self._smallest_keys(size)) if rekey else rows[:, self._slots + 1 :]
+        kth = float(np.partition(smallest.ravel(), size - 1)[size - 1])  # inf: fewer than size finite keys
+        self._advance(size, total)
+        ids, values = self._top_copies(max(self.clock, kth), size)
+        ids, counts = self._merge(self._all_gather(np.concatenate([values, ids.astype(np.float64)])), size)
+        self._commit(ids, counts)
+        out = np.repeat(ids, counts)
+        np.random.default_rng([self.seed, b]).shuffle(out)  # ranks take slices: spread repeats over them
+        return out
+
+    def _all_gather(self, values: np.ndarray) -> np.ndarray:
+        """Every rank's ``values`` (equal lengths), one row per rank."""
+        mine = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+        rows = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(rows, mine, group=self.group)
+        return torch.stack(rows).numpy()
+
+    def _total_of(self, rows: np.ndarray) -> float:
+        """The masses' total from every rank's shard totals, summed in shard order (world-independent)."""
+        totals = np.concatenate(
+            [rows[r, : len(self.shards.shards_of_rank(r, self.world_size))] for r in range(self.world_size)]
+        )
+        return float(np.sum(totals))
+
+    def _smallest_keys(self, size: int) -> np.ndarray:
+        """This rank's ``size`` smallest keys as float64, padded with inf."""
+        out = np.full(size, np.inf)
+        if self._keys is None:
+            return out
+        keys = self._keys.levels[0][self._keys.candidates(-math.inf, size)]
+        keys = keys if keys.size <= size else np.partition(keys, size - 1)[:size]
+        out[: keys.size] = keys
+        return out
+
+    def _top_copies(self, limit: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's ``size`` largest copies among keys ``<= limit``: (global ids, values), padded (-1, -inf)."""
+        ids, values = np.full(size, -1, dtype=np.int64), np.full(size, -np.inf)
+        if self._keys is None:
+            return ids, values
+        cand = self._keys.candidates(limit, 1)  # a superset of keys <= limit
+        cand = cand[self._keys.levels[0][cand] <= limit]
+        if cand.size == 0:
+            return ids, values
+        records = self._records[cand]
+        glob = cand + self.start
+        theta = phases(self.seed, glob, records["draws"])
+        rank = self._credits(records["offset"], records["mass"]) - _RANK_PHASE_OFF * theta
+        top_ids, top_values = _largest_copies(glob, rank, size)
+        ids[: top_ids.size], values[: top_values.size] = top_ids, top_values
+        return ids, values
+
+    @staticmethod
+    def _merge(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``size`` of every rank's copies (value descending, id ascending): sorted ids, counts."""
+        values, ids = rows[:, :size].ravel(), rows[:, size:].ravel().astype(np.int64)
+        valid = ids >= 0
+        if np.count_nonzero(valid) < size:  # every rank sees the same rows: all raise together
+            raise RuntimeError("balanced draws: no sample has a positive probability")
+        values, ids = values[valid], ids[valid]
+        keep = np.lexsort((ids, -values))[:size]
+        return np.unique(ids[keep], return_counts=True)
+
+    def _commit(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        """Record the owned draws: credits drop by the count, phases are replaced (as ``StrideScheduler.commit``)."""
+        own = self.owns(ids)
+        if not own.any():
+            return
+        glob, counts = ids[own], counts[own]
+        local = glob - self.start
+        records = self._records[local]
+        before = records["draws"]
+        after = before + counts.astype(np.uint32)
+        change = counts + phases(self.seed, glob, before) - phases(self.seed, glob, after)
+        records["offset"] = records["offset"] - change
+        records["draws"] = after
+        self._records[local] = records
+        self._stale.append(local)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: per-sample arrays over global ids ``[start, stop)``, per-shard arrays over
+        ``[first_shard, stop_shard)``, the replicated scalars and the configuration. Copies, plain numpy
+        and Python values; :func:`merge_states` and :func:`slice_state` re-cut them for another world size."""
+        return {
+            **{name: getattr(self, name) for name in _CONFIG},
+            "start": self.start, "stop": self.stop,
+            "first_shard": self.owned_shards.start, "stop_shard": self.owned_shards.stop,
+            "masses": self.masses.copy(), "offsets": self.offsets.copy(), "draws": self.draws.copy(),
+            "shard_totals": self.shard_totals.copy(), "shard_moved": self.shard_moved.copy(),
+            "held_ids": self._held_ids.copy(), "held_credits": self._held_credits.copy(),
+            **{name: getattr(self, name) for name in _SCALARS},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a state (of any world size) covering this rank's ids; refused before any change
+        if its configuration differs or it does not cover them (``ValueError`` naming the field)."""
+        for name in _CONFIG:
+            mine = getattr(self, name)
+            if state.get(name) != mine:
+                raise ValueError(f"state['{name}'] is {state.get(name)!r}, this sampler has {mine!r}")
+        part = slice_state(state, self.shards, self.rank, self.world_size)
+        self.masses[:] = part["masses"]
+        self.offsets[:] = part["offsets"]
+        self.draws[:] = part["draws"]
+        self.shard_totals[:], self.shard_moved[:] = part["shard_totals"], part["shard_moved"]
+        self._held_ids, self._held_credits = part["held_ids"].copy(), part["held_credits"].copy()
+        for name in ("clock", "drift1", "drift2", "alpha", "beta", "ref_total"):
+            setattr(self, name, float(part[name]))
+        self.rekeys, self.needs_reference = int(part["rekeys"]), bool(part["needs_reference"])
+        self._rebuild_keys()  # from the restored records and reference scalars
+
+
+def _largest_copies(ids: np.ndarray, rank: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``size`` largest copies ``rank_i - j`` (j = 0, 1, ...) of candidates ``ids`` (sorted), in the
+    order (value descending, id ascending): (ids, values). As ``StrideScheduler.select``: the level is
+    the ``size``-th largest rank, lowered by whole draws until it holds ``size`` copies."""
+    k = min(size, ids.size)
+    level = float(np.partition(rank, ids.size - k)[ids.size - k])
+    counts = _copies(rank, level)
+    while counts.sum() < size:
+        level -= 1.0
+        counts = _copies(rank, level)
+    pos = np.repeat(np.arange(ids.size), counts)
+    j = np.arange(pos.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    value = rank[pos] - j
+    keep = np.lexsort((ids[pos], -value))[:size]
+    return ids[pos[keep]], value[keep]
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One state covering the union of ``states`` (the parts of consecutive ranks, in any order): the
+    per-sample and per-shard arrays concatenated; configuration and scalars must agree."""
+    if not states:
+        raise ValueError("merge_states needs at least one state")
+    # A rank owning no shard holds nothing (its ids read [N, N)): only its scalars are checked.
+    parts = sorted((s for s in states if s["stop_shard"] > s["first_shard"]), key=lambda s: s["first_shard"])
+    parts = parts or [states[0]]
+    first = parts[0]
+    for part in states:
+        for name in (*_CONFIG, *_SCALARS):
+            if part[name] != first[name]:
+                raise ValueError(f"states disagree on '{name}': {first[name]!r} vs {part[name]!r}")
+    for a, b in zip(parts, parts[1:], strict=False):
+        if a["stop"] != b["start"] or a["stop_shard"] != b["first_shard"]:
+            raise ValueError(f"states are not contiguous: ids [{a['start']}, {a['stop']}) then "
+                             f"[{b['start']}, {b['stop']}), shards up to {a['stop_shard']} then from {b['first_shard']}")
+    out = dict(first)
+    out["stop"], out["stop_shard"] = parts[-1]["stop"], parts[-1]["stop_shard"]
+    for name in (*_PER_SAMPLE, *_PER_SHARD, "held_ids", "held_credits"):
+        out[name] = np.concatenate([p[name] for p in parts])
+    return out
+
+
+def slice_state(state: dict[str, Any], shards: VirtualShards, rank: int, world_size: int) -> dict[str, Any]:
+    """The part of ``state`` (e.g. from :func:`merge_states`) that rank ``rank`` of ``world_size`` owns."""
+    start, stop = shards.ids_of_rank(rank, world_size)
+    owned = shards.shards_of_rank(rank, world_size)
+    if not (state["start"] <= start and stop <= state["stop"]
+            and state["first_shard"] <= owned.start and owned.stop <= state["stop_shard"]):
+        raise ValueError(f"state covers ids [{state['start']}, {state['stop']}) and shards "
+                         f"[{state['first_shard']}, {state['stop_shard']}); rank {rank} of {world_size} needs ids "
+                         f"[{start}, {stop}) and shards [{owned.start}, {owned.stop})")
+    out = dict(state)
+    lo, hi = start - state["start"], stop - state["start"]
+    for name in _PER_SAMPLE:
+        out[name] = state[name][lo:hi]
+    for name in _PER_SHARD:
+        out[name] = state[name][owned.start - state["first_shard"] : owned.stop - state["first_shard"]]
+    held = (state["held_ids"] >= start) & (state["held_ids"] < stop)
+    out["held_ids"], out["held_credits"] = state["held_ids"][held], state["held_credits"][held]
+    out.update(start=start, stop=stop, first_shard=owned.start, stop_shard=owned.stop)
+    return out
