@@ -1,4 +1,4 @@
-"""ShardedIRDROSampler saved one file per rank on 4 gloo ranks resumes on 1, 2 and 4 ranks with the same
+"""ShardedIRDROSampler saved one file per rank on 4 gloo ranks resumes on 2, 4 and 8 ranks with the same
 global batches; bad or missing files are refused on every rank, naming the file and the field."""
 
 from __future__ import annotations
@@ -40,38 +40,47 @@ def _reference(rank: int, world: int, port: int, results, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _resume(rank: int, world: int, port: int, results, folder: str, bad: str) -> None:
+def _resume(rank: int, world: int, port: int, results, folder: str, bads: tuple[str, ...]) -> None:
+    """Load ``folder`` into a sampler made wrong in each of ``bads`` ways ("" = right) in turn."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        opts = dict(OPTS, seed=9) if bad == "seed" else OPTS
-        s = ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=SHARDS, **opts)
-        try:
-            s.load(folder)
-        except ValueError as e:
-            results[rank] = ("error", str(e))
-            return
-        results[rank] = ("ok", _steps(s, SAVE_AT + 1, END), s.fingerprint())
+        results[rank] = {bad: _load_and_continue(world, folder, bad) for bad in bads}
     finally:
         dist.destroy_process_group()
 
 
+def _load_and_continue(world: int, folder: str, bad: str) -> tuple:
+    opts = dict(OPTS, seed=9) if bad == "seed" else OPTS
+    n = N + 1 if bad == "dataset_size" else N
+    shards = SHARDS * 2 if bad == "num_shards" else SHARDS
+    s = ShardedIRDROSampler(n, GLOBAL_BATCH // world, num_shards=shards, **opts)
+    try:
+        s.load(folder)
+    except ValueError as e:
+        return ("error", str(e))
+    return ("ok", _steps(s, SAVE_AT + 1, END), s.fingerprint())
+
+
 @pytest.mark.slow
-def test_saved_on_4_ranks_resumes_on_1_2_and_4(tmp_path: Path):
+def test_saved_on_4_ranks_resumes_on_2_4_and_8(tmp_path: Path):
     folder = str(tmp_path / "state")
     ref = spawn_gloo(_reference, 4, folder)
     assert len({r[2] for r in ref}) == 1
     files = sorted(p.name for p in Path(folder).iterdir())
     assert files == ["common.pt", "rows-0-512.pt", "rows-1024-1536.pt", "rows-1536-2048.pt", "rows-512-1024.pt"]
-    for world in (1, 2, 4):
-        for rank, (status, after, fp) in enumerate(spawn_gloo(_resume, world, folder, "")):
+    for world in (2, 4, 8):
+        for rank, per in enumerate(spawn_gloo(_resume, world, folder, ("",))):
+            status, after, fp = per[""]
             assert status == "ok"
             assert all(np.array_equal(a, b) for a, b in zip(after, ref[0][1], strict=True)), f"world {world} rank {rank}"
             assert fp == ref[0][2]
     # Bad input, refused on every rank with the file and the field named.
-    out = spawn_gloo(_resume, 2, folder, "seed")
-    assert all(r[0] == "error" and "common.pt: seed is 8 but this sampler has seed=9" in r[1] for r in out)
+    out = spawn_gloo(_resume, 2, folder, ("seed", "num_shards", "dataset_size"))
+    for field, saved, mine in (("seed", 8, 9), ("num_shards", SHARDS, 2 * SHARDS), ("dataset_size", N, N + 1)):
+        message = f"common.pt: {field} is {saved} but this sampler has {field}={mine}"
+        assert all(r[field][0] == "error" and message in r[field][1] for r in out), (field, out)
     Path(folder, "rows-512-1024.pt").unlink()
-    out = spawn_gloo(_resume, 2, folder, "")
+    out = [r[""] for r in spawn_gloo(_resume, 2, folder, ("",))]
     assert all(r[0] == "error" for r in out)
     assert "rows-512-1024.pt: missing" in out[0][1]  # rank 0 of 2 owns ids [0, 1024): it needed the file
     assert "another rank could not load" in out[1][1]
