@@ -8,8 +8,8 @@ same way whichever rank owns it. Global batch ``b`` is drawn in two levels from 
 1. the shard totals are max-reduced (S numbers, each non-zero on its owner only; the caller may fuse
    this with its own checks, :func:`reduce_totals`);
 2. the stream decides, per position, the uniform floor (probability ``u``) or the tilted part, draws
-   the floor's ids uniformly over all N, splits the tilted positions over the shards by a multinomial on
-   the shard totals, permutes them and gives each a fraction in [0, 1);
+   the floor's ids uniformly over all N, and gives each tilted position a shard (with probability
+   proportional to the shard's total, by a search in their cumulative sums) and a fraction in [0, 1);
 3. the owner of each tilted position's shard finds the sample at that fraction of the shard's mass
    (one vectorised search over all its positions), and fills in the masses of the ids it owns;
 4. one sum-reduction of ``B + tilted`` numbers hands every rank every id and mass.
@@ -104,7 +104,10 @@ def draw_global_batch(
     """
     if totals is None:
         totals = reduce_totals(masses, group=group)[0]
-    total = float(totals.sum())  # in shard order: the same bits on every world size
+    # Cumulative shard masses in shard order: the same bits on every world size. A position's shard is
+    # found in it (O(B log S); a multinomial over the S shards would cost O(S) per batch).
+    cdf = np.cumsum(totals)
+    total = float(cdf[-1]) if cdf.size else 0.0
     n = masses.shards.dataset_size
     rng = np.random.default_rng([seed, b])
     if total <= 0 or uniform_mix >= 1.0:
@@ -115,10 +118,11 @@ def draw_global_batch(
     ids = np.zeros(size, dtype=np.int64)
     ids[from_floor] = rng.integers(0, n, size=n_floor)
     n_tilted = size - n_floor
-    counts = rng.multinomial(n_tilted, totals / total) if n_tilted else np.zeros(totals.size, np.int64)
-    # Shard of each tilted position (a permutation of the multinomial's sorted list) and where inside
-    # it: all from the shared stream, so a position's draw does not depend on who owns its shard.
-    shard = np.repeat(np.arange(totals.size), counts)[rng.permutation(n_tilted)]
+    # Each tilted position's shard (side="right": a shard of mass 0 adds nothing to the cdf, so it is
+    # never chosen) and its fraction of that shard's mass, from the shared stream: a position's draw
+    # does not depend on who owns its shard.
+    shard = np.searchsorted(cdf, rng.random(n_tilted) * total, side="right")
+    shard[shard >= totals.size] = np.searchsorted(cdf, total, side="left")  # rounding: the last shard with mass
     fraction = rng.random(n_tilted)
     owned = masses.owned
     mine = np.flatnonzero((shard >= owned.start) & (shard < owned.stop))
