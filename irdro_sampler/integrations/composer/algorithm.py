@@ -331,6 +331,9 @@ class IRDRO(Algorithm):
             options = FeedbackOptions(self._rule, self.rule_options, self.table_options, self.groups, self.mode)
             target.attach(options, self.target)
         self.target = target
+        bind = getattr(target, "bind", None)
+        if callable(bind):  # optional: targets that need the run (the sharded sampler's checkpoint files)
+            bind(state)
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
