@@ -23,6 +23,7 @@ from .losses import (
     classification_per_sample_loss,
     default_per_sample_loss,
 )
+from .sharded_target import ShardedBatchSampler
 from .targets import (
     FeedbackOptions,
     FeedbackTarget,
@@ -40,6 +41,7 @@ __all__ = [
     "FeedbackTarget",
     "PerSampleLossFn",
     "SamplerTarget",
+    "ShardedBatchSampler",
     "ShardedSamplerTarget",
     "StreamingTarget",
     "batch_sample_indices",

@@ -295,6 +295,8 @@ class IRDRO(Algorithm):
             return self._needs_grad_losses()
         if event == Event.EPOCH_END:
             return self.target is not None and self.target.wants_epoch_end
+        if event == Event.FIT_END:
+            return callable(getattr(self.target, "fit_end", None))
         return False
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -313,6 +315,8 @@ class IRDRO(Algorithm):
             self._replace_loss(state)
         elif event == Event.BATCH_END:
             self._batch_end(state, logger)
+        elif event == Event.FIT_END:
+            self.target.fit_end()  # type: ignore[union-attr]  # optional; match() checked it exists
         elif event == Event.EPOCH_END:
             assert self.target is not None
             metrics = self.target.epoch_end(want_stats=bool(self.log_interval))

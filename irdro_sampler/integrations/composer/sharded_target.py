@@ -18,8 +18,8 @@ the sidecar's name, its absolute path when written, the feedback digest and the 
   absolute path recorded; the feedback digest of its ``common.pt`` must match the checkpoint's. A missing
   folder or rank file is a ``ValueError`` naming it, raised on every rank, with nothing loaded.
 * **Removed with it.** Rank 0 removes a sidecar it wrote once its checkpoint file is gone (Composer's
-  ``save_num_checkpoints_to_keep`` rotation removes the file only), checked after every batch; and at
-  ``FIT_START`` it removes sidecars in the saver folders whose checkpoint no longer exists (a crash
+  ``save_num_checkpoints_to_keep`` rotation removes the file only), checked after every batch and at
+  ``FIT_END``; and at ``FIT_START`` it removes sidecars in the saver folders whose checkpoint no longer exists (a crash
   between the two).
 
 Only public Composer names are used, imported inside the functions that need them (importing this module
@@ -33,13 +33,14 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data.distributed import DistributedSampler
 
 from irdro_sampler._validation import as_groups
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
@@ -47,7 +48,7 @@ from irdro_sampler.sharded_state import COMMON
 
 from .targets import FeedbackOptions, SamplerTarget
 
-__all__ = ["ENTRY", "SIDECAR_SUFFIX", "ShardedSamplerTarget"]
+__all__ = ["ENTRY", "SIDECAR_SUFFIX", "ShardedBatchSampler", "ShardedSamplerTarget"]
 
 #: The key of the sharded sampler's entry in IRDRO's checkpoint state.
 ENTRY = "sharded_sampler"
@@ -55,6 +56,38 @@ ENTRY = "sharded_sampler"
 SIDECAR_SUFFIX = ".irdro-shards"
 _FORMAT = "irdro_sampler.composer.ShardedSidecar"
 _VERSION = 1
+
+
+class ShardedBatchSampler(DistributedSampler):
+    """This rank's batches of a :class:`~irdro_sampler.sharded_sampler.ShardedIRDROSampler`, one list of
+    indices per batch: ``DataLoader(IndexedDataset(ds), batch_sampler=ShardedBatchSampler(sampler))``.
+
+    A ``DistributedSampler`` only so that Composer accepts it on more than one rank (its ``DataSpec``
+    refuses a DataLoader whose sampler and batch sampler are not) and calls :meth:`set_epoch` on it; the
+    indices are the sampler's (``len()`` is its batches per epoch, each batch drawn when the DataLoader
+    asks for it, a collective). All state stays in the sampler.
+    """
+
+    def __init__(self, sampler: ShardedIRDROSampler) -> None:
+        if not isinstance(sampler, ShardedIRDROSampler):
+            raise TypeError(f"sampler must be a ShardedIRDROSampler, got {type(sampler).__name__}")
+        super().__init__(range(sampler.dataset_size), num_replicas=sampler.world, rank=sampler.rank, shuffle=False)
+        self.sampler = sampler
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    def __len__(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:  # type: ignore[override]
+        for batch in self.sampler.iter_batches():
+            yield batch.tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
 
 class ShardedSamplerTarget(SamplerTarget):
@@ -147,6 +180,11 @@ class ShardedSamplerTarget(SamplerTarget):
         dist.all_reduce(sums, group=self.sampler.group)
         seen, total = float(sums[0]), float(sums[1])
         return {"seen_fraction": seen / self.sampler.dataset_size, "table_mean_loss": total / seen if seen else float("nan")}
+
+    def fit_end(self) -> None:
+        """Called by IRDRO at ``FIT_END``: remove the sidecars of checkpoints rotated out by the last save."""
+        if self.sampler.rank == 0:
+            self._prune()
 
     def epoch_end(self, want_stats: bool) -> dict[str, float]:
         if self.composer_state is not None:
@@ -266,6 +304,12 @@ class ShardedSamplerTarget(SamplerTarget):
                 if saved.get("feedback_digest") != entry["feedback_digest"]:
                     raise ValueError(f"{common}: feedback_digest does not match the checkpoint's (the sidecar belongs "
                                      "to another checkpoint); nothing loaded")
+                # Every rank checks every row file (a rank reads only its own), so all name the missing one.
+                for first, stop in saved.get("row_files", ()):
+                    rows = folder / f"rows-{first}-{stop}.pt"  # sharded_state's name of a rank's rows
+                    if not rows.is_file():
+                        raise ValueError(f"{rows}: missing (the rows of ids [{first}, {stop}) saved with this "
+                                         "checkpoint); nothing loaded")
                 return folder
         raise ValueError(f"{candidates[0] if candidates else entry['folder']}: missing (the folder of the "
                          "ShardedIRDROSampler rows saved with this checkpoint); nothing loaded")

@@ -77,7 +77,7 @@ class FeedbackTarget(Protocol):
 
     Optional: ``bind(state)``, called with Composer's ``State`` at ``FIT_START`` after :meth:`attach` and
     before a checkpoint's state is loaded, for a target whose checkpoint needs the run's files (the
-    sharded sampler's rows are written beside the checkpoint file).
+    sharded sampler's rows are written beside the checkpoint file); ``fit_end()``, called at ``FIT_END``.
     """
 
     name: str
