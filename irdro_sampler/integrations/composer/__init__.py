@@ -23,10 +23,12 @@ from .losses import (
     classification_per_sample_loss,
     default_per_sample_loss,
 )
+from .sharded_target import ShardedBatchSampler
 from .targets import (
     FeedbackOptions,
     FeedbackTarget,
     SamplerTarget,
+    ShardedSamplerTarget,
     StreamingTarget,
     find_target,
     register_target,
@@ -39,6 +41,8 @@ __all__ = [
     "FeedbackTarget",
     "PerSampleLossFn",
     "SamplerTarget",
+    "ShardedBatchSampler",
+    "ShardedSamplerTarget",
     "StreamingTarget",
     "batch_sample_indices",
     "causal_lm_loss_sums",

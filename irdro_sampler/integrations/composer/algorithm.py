@@ -295,6 +295,8 @@ class IRDRO(Algorithm):
             return self._needs_grad_losses()
         if event == Event.EPOCH_END:
             return self.target is not None and self.target.wants_epoch_end
+        if event == Event.FIT_END:
+            return callable(getattr(self.target, "fit_end", None))
         return False
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -313,6 +315,8 @@ class IRDRO(Algorithm):
             self._replace_loss(state)
         elif event == Event.BATCH_END:
             self._batch_end(state, logger)
+        elif event == Event.FIT_END:
+            self.target.fit_end()  # type: ignore[union-attr]  # optional; match() checked it exists
         elif event == Event.EPOCH_END:
             assert self.target is not None
             metrics = self.target.epoch_end(want_stats=bool(self.log_interval))
@@ -331,6 +335,9 @@ class IRDRO(Algorithm):
             options = FeedbackOptions(self._rule, self.rule_options, self.table_options, self.groups, self.mode)
             target.attach(options, self.target)
         self.target = target
+        bind = getattr(target, "bind", None)
+        if callable(bind):  # optional: targets that need the run (the sharded sampler's checkpoint files)
+            bind(state)
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None

@@ -7,6 +7,9 @@ train DataLoader, and from then on only calls the interface:
 * :class:`SamplerTarget`: an :class:`~irdro_sampler.IRDROSampler` in the DataLoader (``sampler=``, or
   inside ``batch_sampler=``, e.g. ``IRDROBatchSampler(sampler)`` or a ``BatchSampler``). The sampler
   keeps the table and decides every draw.
+* :class:`~.sharded_target.ShardedSamplerTarget`: a
+  :class:`~irdro_sampler.sharded_sampler.ShardedIRDROSampler` (the table sharded over the ranks), its
+  rows checkpointed in per-rank files beside Composer's checkpoint (see :mod:`.sharded_target`).
 * :class:`StreamingTarget`: a weighted streaming dataset (anything with ``set_weights`` and
   ``round_size``, such as ``irdro_sampler.integrations.streaming.WeightedStreamingDataset``) plus a
   :class:`~irdro_sampler.RoundFeedback`, which keeps the table and fits each round's weights.
@@ -32,6 +35,7 @@ __all__ = [
     "FeedbackOptions",
     "FeedbackTarget",
     "SamplerTarget",
+    "ShardedSamplerTarget",
     "StreamingTarget",
     "TargetFinder",
     "check_target_states",
@@ -70,6 +74,10 @@ class FeedbackTarget(Protocol):
             only then, so other targets leave no trace of it).
         tuple_index_last: whether a tuple batch's last element holds the sample indices.
         has_groups: whether the samples carry group ids (class labels, sources) the cut judges them by.
+
+    Optional: ``bind(state)``, called with Composer's ``State`` at ``FIT_START`` after :meth:`attach` and
+    before a checkpoint's state is loaded, for a target whose checkpoint needs the run's files (the
+    sharded sampler's rows are written beside the checkpoint file); ``fit_end()``, called at ``FIT_END``.
     """
 
     name: str
@@ -378,8 +386,13 @@ class StreamingTarget:
 # ---------------------------------------------------------------------------------------------- registry
 # Consulted in order at FIT_START; the first finder that returns a target wins. The sampler comes first:
 # a DataLoader with an IRDROSampler is fed through it whatever its dataset is.
-_FINDERS: list[TargetFinder] = [SamplerTarget.find, StreamingTarget.find]
-_STATE_CHECKS: list[StateCheck] = [SamplerTarget.check_state, StreamingTarget.check_state]
+# The sharded sampler's target lives in .sharded_target (it subclasses SamplerTarget, so it is imported here,
+# after SamplerTarget exists; that module imports Composer only inside its functions).
+from .sharded_target import ShardedSamplerTarget  # noqa: E402
+
+_FINDERS: list[TargetFinder] = [SamplerTarget.find, ShardedSamplerTarget.find, StreamingTarget.find]
+_STATE_CHECKS: list[StateCheck] = [SamplerTarget.check_state, ShardedSamplerTarget.check_state,
+                                   StreamingTarget.check_state]
 
 
 def register_target(finder: TargetFinder, *, check_state: StateCheck | None = None, first: bool = False) -> TargetFinder:
