@@ -345,11 +345,11 @@ def format_report(configs: list[dict[str, Any]], analysis: dict[str, Any], seeds
             f"median oracle share at noise >= 10% {num(share)} (target >= 0.5: "
             f"{'PASS' if share is not None and share >= 0.5 else 'FAIL'})")
     lines += ["", "### Per configuration", "",
-              "Δ main / Δ rare (± spread of the main metric); `*` = harmed; cut = fraction cut at the end "
+              "Δ main / Δ rare; spread of the defaults-without-groups arm (the others' differ a little); `*` = harmed; cut = fraction cut at the end "
               "(defaults with / without groups); noise draws = share of draws on noisy samples (defaults "
               "without groups) against their share.", "",
-              "| configuration | uniform main | spread | oracle | irdro | irdro-nogroups | reweight | cut g / no g "
-              "| noise draws / share |",
+              "| configuration | uniform main | spread main / rare | oracle | irdro | irdro-nogroups | reweight "
+              "| cut g / no g | noise draws / share |",
               "|---|---|---|---|---|---|---|---|---|"]
     for row in analysis["rows"]:
         ref = row["uniform"]["score"]
@@ -361,12 +361,13 @@ def format_report(configs: list[dict[str, Any]], analysis: dict[str, Any], seeds
                 continue
             mark = "*" if a["harmed"] else ""
             cells.append(f"{_fmt(a['score']['delta'], ref)} / {_fmt(a['rare']['delta'], ref)}{mark}")
-        spread = row["arms"]["irdro-nogroups"]["score"]["spread"]
+        ng_spread = row["arms"]["irdro-nogroups"]
+        spread = f"{_fmt(ng_spread['score']['spread'], ref).lstrip('+')} / {_fmt(ng_spread['rare']['spread'], ref).lstrip('+')}"
         cut = "/".join(num(row["arms"][a].get("truncated_fraction")) if a in row["arms"] else "–"
                        for a in ("irdro", "irdro-nogroups"))
         ng = row["arms"]["irdro-nogroups"]
         draws = f"{ng['noise_draws']:.3f} / {ng['noise_share']:.3f}" if row["noise"] > 0 else "–"
-        lines.append(f"| `{row['config']}` | {_fmt(ref, ref).lstrip('+')} | {_fmt(spread, ref).lstrip('+')} | "
+        lines.append(f"| `{row['config']}` | {_fmt(ref, ref).lstrip('+')} | {spread} | "
                      + " | ".join(cells) + f" | {cut} | {draws} |")
     lines += ["", "Plots: " + ", ".join(f"[{Path(p).name}]({Path(p).name})" for p in plots), ""]
     return "\n".join(lines) + "\n"
@@ -457,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.time()
     planned = len(configs)
-    if args.report_only:
+    if args.report_only:  # the command that made the runs, then how this report was made from them
+        rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+        command = (command.replace(" --report-only", "") + "` (runs); report written from its runs.jsonl by `"
+                   + "python benchmarks/task_suite.py --report-only " + " ".join(shlex.quote(a) for a in rest)).rstrip()
         runs = completed_runs(configs, seeds, out)
         names = {r["config"] for r in runs}
         configs = [c for c in configs if c["name"] in names]
