@@ -46,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 CONFIGS_PATH = HERE / "task_suite_configs.json"
+#: Appended to the full suite's RESULTS_suite.md: the reading of the last full run's figures.
+NOTES_PATH = HERE / "task_suite_notes.md"
 SUITE_SEED = 18
 #: Arm name -> IRDROSampler options (None: not an IRDROSampler arm), as in quality_tasks.TASK_ARMS.
 ARMS: dict[str, dict[str, Any] | None] = {
@@ -295,7 +297,7 @@ def _fmt(x: float, ref: float) -> str:
 
 
 def format_report(configs: list[dict[str, Any]], analysis: dict[str, Any], seeds: int, command: str,
-                  elapsed: float, plots: list[str]) -> str:
+                  elapsed: float, plots: list[str], notes: Path | None = None) -> str:
     s = analysis["summary"]
     pct = lambda a, b: f"{a}/{b} ({100 * a / b:.0f}%)" if b else "–"  # noqa: E731
     num = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
@@ -370,6 +372,8 @@ def format_report(configs: list[dict[str, Any]], analysis: dict[str, Any], seeds
         lines.append(f"| `{row['config']}` | {_fmt(ref, ref).lstrip('+')} | {spread} | "
                      + " | ".join(cells) + f" | {cut} | {draws} |")
     lines += ["", "Plots: " + ", ".join(f"[{Path(p).name}]({Path(p).name})" for p in plots), ""]
+    if notes is not None and notes.exists():  # hand-written reading of the figures, kept across re-reports
+        lines += [notes.read_text().rstrip(), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -474,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     prefix = results.parent / ("suite" if not args.quick else "suite_quick")
     plots = plot(analysis, prefix)
     (out / ("analysis_quick.json" if args.quick else "analysis.json")).write_text(json.dumps(analysis, indent=1))
-    text = format_report(configs, analysis, seeds, command, elapsed, plots)
+    notes = None if args.quick or len(configs) < planned else NOTES_PATH
+    text = format_report(configs, analysis, seeds, command, elapsed, plots, notes)
     if len(configs) < planned:
         text = text.replace("`\n\n", f"`\n\n**Subset:** {len(configs)} of the {planned} configurations had all their "
                             "runs when this report was written (the others did not finish in the time available).\n\n", 1)
