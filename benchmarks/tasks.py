@@ -14,8 +14,13 @@ with ``IRDROSampler`` (or a uniform baseline) exactly as a user would:
   heavy-tailed corruption (target + 2 standard deviations times a Student-t draw with 2 degrees of freedom). Metrics: test RMSE
   (negated, so higher is better everywhere), RMSE of the rare group.
 
-Every arm of one (task, noise, seed) starts from the same initial model, sees the same number of
-steps and batch size, and is evaluated on the same clean test set. ``uniform`` is shuffled epochs
+A third kind, ``"lm"`` (built by ``task_suite_families.py``), trains the demo's tiny byte-level GPT-2
+(``irdro_sampler.demo.model``) on byte documents: ``x`` and ``y`` are the token ids, ``y_test`` the
+held-out documents' domain ids; the metrics are negated held-out losses (nats/byte).
+
+Every arm of one (task, noise, seed) starts from the same initial model (``init_state`` if given, e.g. a
+shared uniformly pretrained checkpoint), sees the same number of steps and batch size, and is evaluated
+on the same clean test set. ``uniform`` is shuffled epochs
 (``DataLoader(shuffle=True)``); ``oracle`` is shuffled epochs over the clean training samples only.
 """
 
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +57,14 @@ class Task:
     epochs: int
     batch_size: int
     lr: float
+    # Options of the randomised suite (task_suite.py); the defaults are the quality benchmark's families.
+    width: int = 64  # hidden units (MLP) or embedding width (LM)
+    layers: int = 1  # hidden layers (MLP) or transformer blocks (LM)
+    y_scale: float = 60.0  # regression head: outputs are net(x) * y_scale + median(y)
+    steps: int | None = None  # training steps; None: epochs * ceil(n / batch_size)
+    group_labels: np.ndarray | None = None  # what groups="labels" passes; None: the (noisy) class labels
+    init_state: dict | None = None  # a state dict every arm starts from; None: fresh init from the seed
+    meta: dict = field(default_factory=dict)  # family-specific facts (LM: domain names, shares, rare ones)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -134,17 +147,45 @@ class Model(torch.nn.Module):
     def __init__(self, task: Task) -> None:
         super().__init__()
         d = task.x.shape[1]
-        self.net = torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.ReLU(), torch.nn.Linear(64, task.num_outputs))
+        hidden: list[torch.nn.Module] = []
+        for k in range(task.layers):
+            hidden += [torch.nn.Linear(d if k == 0 else task.width, task.width), torch.nn.ReLU()]
+        self.net = torch.nn.Sequential(*hidden, torch.nn.Linear(task.width, task.num_outputs))
         if task.kind == "regression":  # predict in target units: a standardised head
             self.register_buffer("mu", task.y.median().reshape(()))
-            self.register_buffer("sigma", torch.tensor(60.0))
+            self.register_buffer("sigma", torch.tensor(float(task.y_scale)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
         return out.squeeze(-1) * self.sigma + self.mu if hasattr(self, "mu") else out
 
 
+class ByteLM(torch.nn.Module):
+    """The demo's tiny byte-level GPT-2 (``irdro_sampler.demo.model``); ``forward`` returns the logits."""
+
+    def __init__(self, task: Task, seed: int) -> None:
+        super().__init__()
+        from irdro_sampler.demo.model import ModelConfig, build_hf_model
+
+        cfg = ModelConfig(n_layer=task.layers, n_embd=task.width, n_head=4, seq_len=task.x.shape[1])
+        self.lm = build_hf_model(cfg, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=x).logits
+
+
+def build_model(task: Task, seed: int) -> torch.nn.Module:
+    """The task's model, initialised from ``seed`` (after ``torch.manual_seed(seed)``) or ``task.init_state``."""
+    model = ByteLM(task, seed) if task.kind == "lm" else Model(task)
+    if task.init_state is not None:
+        model.load_state_dict(task.init_state)
+    return model
+
+
 def per_sample_loss(task: Task, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if task.kind == "lm":  # token-mean cross-entropy of each document (next-byte prediction)
+        ce = F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), y[:, 1:].reshape(-1), reduction="none")
+        return ce.view(y.shape[0], -1).mean(1)
     if task.kind == "classification":
         return F.cross_entropy(out, y, reduction="none")
     return (out - y) ** 2
@@ -152,6 +193,8 @@ def per_sample_loss(task: Task, out: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def evaluate(task: Task, model: torch.nn.Module) -> dict[str, float]:
+    if task.kind == "lm":
+        return evaluate_lm(task, model)
     out = model(task.x_test)
     rare = torch.from_numpy(task.rare_test)
     if task.kind == "classification":
@@ -164,17 +207,32 @@ def evaluate(task: Task, model: torch.nn.Module) -> dict[str, float]:
             "worst": -max(err[rare].mean().sqrt().item(), err[~rare].mean().sqrt().item())}
 
 
+@torch.no_grad()
+def evaluate_lm(task: Task, model: torch.nn.Module) -> dict[str, float]:
+    """Negated held-out losses (nats/byte): ``score`` weights each clean domain by its training share (the
+    ERM objective), ``rare`` is the mean over the rare domains, ``worst`` the largest domain loss."""
+    per = torch.cat([per_sample_loss(task, model(x), x) for x in task.x_test.split(256)]).numpy()
+    dom = task.y_test.numpy()
+    loss = {d: float(per[dom == i].mean()) for i, d in enumerate(task.meta["domains"]) if (dom == i).any()}
+    shares = task.meta["train_shares"]
+    score = sum(shares[d] * loss[d] for d in shares) / sum(shares.values())
+    rare = float(np.mean([loss[d] for d in task.meta["rare_domains"]]))
+    return {"score": -score, "rare": -rare, "worst": -max(loss.values())}
+
+
 # ------------------------------------------------------------------------------------------ arms
 def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
-            on_epoch_end: Callable[[int, IRDROSampler | None, np.ndarray], None] | None = None) -> dict[str, Any]:
+            on_epoch_end: Callable[[int, IRDROSampler | None, np.ndarray], None] | None = None,
+            return_state: bool = False) -> dict[str, Any]:
     """Train one arm; ``options`` are IRDROSampler options (None for the uniform/oracle/reweight arms).
+    With ``return_state`` the result holds the trained model's state dict under ``"state"``.
 
     ``on_epoch_end(epoch, sampler, drawn)``, if given, is called after every epoch (for diagnostics:
     ``benchmarks/cut_recall.py``); ``sampler`` is None for arms without one, ``drawn`` counts the draws
     of each training sample so far.
     """
     torch.manual_seed(seed)
-    model = Model(task)
+    model = build_model(task, seed)
     opt = torch.optim.Adam(model.parameters(), lr=task.lr)
     n = len(task.y)
     ds = IndexedDataset(TensorDataset(task.x, task.y))
@@ -188,10 +246,10 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
     else:
         options = dict(options)
         if options.get("groups") == "labels":  # what a classifier user passes: the class labels
-            options["groups"] = task.y.numpy()
+            options["groups"] = task.y.numpy() if task.group_labels is None else task.group_labels
         sampler = IRDROSampler(ds, task.batch_size, seed=seed, **options)
         loader = DataLoader(ds, batch_size=task.batch_size, sampler=sampler)
-    steps_total = task.epochs * math.ceil(n / task.batch_size)
+    steps_total = task.steps if task.steps is not None else task.epochs * math.ceil(n / task.batch_size)
     drawn = np.zeros(n, dtype=np.int64)
     step = 0
     epoch = 0
@@ -218,7 +276,10 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
         epoch += 1
         if on_epoch_end is not None:
             on_epoch_end(epoch, sampler, drawn)
+    model.eval()
     result = evaluate(task, model)
+    if return_state:
+        result["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     total_draws = drawn.sum()
     result["noise_draws"] = float(drawn[task.noisy].sum() / total_draws)
     result["noise_share"] = float(task.noisy.mean())

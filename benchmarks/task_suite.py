@@ -1,0 +1,492 @@
+"""Randomised task suite (issue 18): does the sampler harm tasks nobody tuned it for?
+
+A seeded generator draws task configurations (:func:`draw_configs`): a family (Gaussian-mixture or digits
+classification with 5-50 classes and class sizes from flat to Zipf, tabular regression with light or
+heavy tails, the demo's byte LM), a noise kind and share (none, symmetric or class-pair label flips,
+outlier targets, random-byte documents; 5-30%), model width and depth, learning rate, batch size and
+epochs. The list was drawn once and is committed as ``task_suite_configs.json``; ``--draw`` rewrites it
+(the test checks that it reproduces from its seed). Families: ``task_suite_families.py``; training loop
+and arms: ``tasks.run_arm`` (the quality benchmark's).
+
+Arms, every one from the same initial model with the same steps and batch size per (configuration,
+seed): ``uniform`` (shuffled epochs), ``oracle`` (shuffled epochs over the clean samples only; at 0%
+noise it *is* uniform and is not re-run), ``irdro`` (library defaults, groups = the class labels, or
+for the LM the documents' source domains; not run on regression, which has no labels), ``irdro-nogroups``
+(library defaults, no groups), ``reweight`` (the paper's in-batch KL-DRO reweighting of shuffled
+batches).
+
+Report (``RESULTS_suite.md`` and PNGs): per configuration the paired deltas to uniform on the main
+metric and the rare group's metric, the seed spread (the larger of uniform's std over seeds and the
+paired deltas' std), "harmed" (worse than uniform by more than the spread on the main or the rare
+metric), the fraction of configurations harmed per arm, the share of the oracle's gain captured at
+noise >= 10% and the fraction of samples cut at 0% noise (``sampler.stats()["truncated_fraction"]`` at
+the end of training, as in the quality benchmark).
+
+Runs are appended to ``--out``/runs.jsonl as they finish, so an interrupted run resumes::
+
+    nice -n 10 python benchmarks/task_suite.py            # the whole suite, 3 seeds (< 1 hour on 2 cores)
+    python benchmarks/task_suite.py --quick               # a handful of configurations, 1 seed (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+CONFIGS_PATH = HERE / "task_suite_configs.json"
+#: Appended to the full suite's RESULTS_suite.md: the reading of the last full run's figures.
+NOTES_PATH = HERE / "task_suite_notes.md"
+SUITE_SEED = 18
+#: Arm name -> IRDROSampler options (None: not an IRDROSampler arm), as in quality_tasks.TASK_ARMS.
+ARMS: dict[str, dict[str, Any] | None] = {
+    "uniform": None,
+    "oracle": None,
+    "irdro": {"groups": "labels"},
+    "irdro-nogroups": {},
+    "reweight": None,
+}
+COMPARED = ("oracle", "irdro", "irdro-nogroups", "reweight")
+#: Steps of one MLP run are capped (epochs are reduced to fit) at MAX_STEPS and at an estimated
+#: STEP_BUDGET_MS of training (2.5 ms + 0.06 ms per sample of a batch per step, measured on the shared
+#: 2-core machine) so that the suite fits in an hour...
+MAX_STEPS = 700
+STEP_BUDGET_MS = 3000.0
+#: ... and raised to at least MIN_STEPS (a run shorter than that is not a trained model).
+MIN_STEPS = 150
+#: Families in the suite and how many configurations of each (drawn in a seeded order).
+FAMILY_COUNTS = {"gmm": 14, "digits": 9, "regression": 13, "lm": 6}
+METRICS = ("score", "rare", "worst")
+
+
+# --------------------------------------------------------------------------------- configurations
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def _sig(x: float, digits: int = 3) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def draw_config(rng: np.random.Generator, family: str, index: int) -> dict[str, Any]:
+    """One configuration of ``family`` (plain JSON types; fully determined by ``rng``'s state)."""
+    cfg: dict[str, Any] = {"name": "", "family": family, "data_seed": int(rng.integers(1 << 30))}
+    kinds = {"gmm": ("symmetric", "pair"), "digits": ("symmetric", "pair"), "regression": ("outliers",),
+             "lm": ("random-bytes",)}[family]
+    if rng.random() < 0.25:
+        cfg["noise_kind"], cfg["noise"] = "none", 0.0
+    else:
+        cfg["noise_kind"] = str(rng.choice(kinds))
+        cfg["noise"] = round(float(rng.uniform(0.05, 0.30)), 2)
+    if family == "lm":
+        cfg.update(seq_len=32, common_docs=int(rng.integers(300, 601)),
+                   rare_docs=int(rng.integers(30, 81)), heldout_docs=48, width=int(rng.choice([32, 48, 64])),
+                   layers=int(rng.integers(1, 3)), lr=_sig(_log_uniform(rng, 2e-3, 6e-3)),
+                   batch_size=16, pretrain_steps=100, steps=int(rng.integers(80, 121)), epochs=1)
+        cfg["pretrain_lr"] = cfg["lr"]
+        n = None
+    else:
+        cfg.update(width=int(rng.choice([16, 32, 64, 128])), layers=int(rng.integers(1, 3)),
+                   lr=_sig(_log_uniform(rng, 1e-3, 1e-2)), batch_size=int(rng.choice([16, 32, 64, 128])),
+                   epochs=int(rng.integers(8, 41)), steps=None)
+        from task_suite_families import zipf_sizes
+
+        if family == "gmm":
+            cfg.update(classes=int(rng.integers(5, 51)), dim=int(rng.integers(8, 33)),
+                       separation=_sig(rng.uniform(1.8, 3.0)), largest_class=int(rng.integers(60, 201)),
+                       zipf=_sig(rng.uniform(0.0, 1.5)), test_per_class=40)
+            n = int(zipf_sizes(cfg["classes"], cfg["largest_class"], cfg["zipf"]).sum())
+        elif family == "digits":
+            cfg.update(classes=int(rng.integers(5, 11)), largest_class=int(rng.integers(60, 101)),
+                       zipf=_sig(rng.uniform(0.0, 1.5)))
+            n = int(zipf_sizes(cfg["classes"], cfg["largest_class"], cfg["zipf"]).sum())
+        else:
+            cfg.update(dim=int(rng.integers(4, 17)), n_train=int(rng.integers(500, 2001)),
+                       rare_keep=_sig(rng.uniform(0.1, 0.3)), tails=str(rng.choice(["light", "heavy"])),
+                       y_unit=_sig(10 ** rng.uniform(-1, 3)), y_offset=_sig(rng.normal(0, 3)), n_test=2000)
+            n = cfg["n_train"]
+        per_epoch = math.ceil(n / cfg["batch_size"])
+        cap = int(min(MAX_STEPS, STEP_BUDGET_MS / (2.5 + 0.06 * cfg["batch_size"])))
+        cfg["epochs"] = max(1, min(max(cfg["epochs"], -(-MIN_STEPS // per_epoch)), cap // per_epoch))
+    noise = "clean" if cfg["noise_kind"] == "none" else f"{cfg['noise_kind']}{round(100 * cfg['noise'])}"
+    cfg["name"] = f"{index:02d}-{family}-{noise}"
+    cfg["approx_train_size"] = n
+    return cfg
+
+
+def draw_configs(seed: int = SUITE_SEED, counts: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The suite's configurations: ``counts`` per family, in an order shuffled by ``seed``."""
+    counts = counts or FAMILY_COUNTS
+    rng = np.random.default_rng(seed)
+    families = [f for f, c in counts.items() for _ in range(c)]
+    families = [families[i] for i in rng.permutation(len(families))]
+    return [draw_config(rng, fam, i) for i, fam in enumerate(families)]
+
+
+def load_configs(path: Path = CONFIGS_PATH) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def quick_configs(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A handful for CI: the cheapest configuration of each family, plus the cheapest classifier with
+    symmetric flips at >= 20% (where the oracle must beat uniform)."""
+    def cost(c: dict[str, Any]) -> float:
+        if c["family"] == "lm":
+            return 1e9 + c["steps"] * (c["width"] + 16)
+        return c["epochs"] * math.ceil(c["approx_train_size"] / c["batch_size"])
+
+    picked = [min((c for c in configs if c["family"] == f), key=cost) for f in FAMILY_COUNTS]
+    noisy = [c for c in configs if c["family"] in ("gmm", "digits") and c["noise_kind"] == "symmetric"
+             and c["noise"] >= 0.2]
+    extra = min(noisy, key=cost)
+    if extra not in picked:
+        picked.append(extra)
+    return picked
+
+
+def config_digest(cfg: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def arms_for(cfg: dict[str, Any]) -> list[str]:
+    return [a for a in ARMS if not (a == "irdro" and cfg["family"] == "regression")]
+
+
+# ------------------------------------------------------------------------------------------- runs
+def run_suite(configs: list[dict[str, Any]], seeds: int, out: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Every (configuration, seed, arm) run not yet in ``out/runs.jsonl``; returns all runs of ``configs``."""
+    import torch
+    from task_suite_families import make_task
+    from tasks import run_arm
+    from tqdm import tqdm
+
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.jsonl"
+    done = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[(r["digest"], r["seed"], r["arm"])] = r
+    todo = [(c, s) for c in configs for s in range(seeds)]
+    total = sum(len(arms_for(c)) for c, _ in todo)
+    bar = tqdm(total=total, desc="suite", disable=not progress, smoothing=0.05)
+    for cfg, seed in todo:
+        digest = config_digest(cfg)
+        arms = arms_for(cfg)
+        missing = [a for a in arms if (digest, seed, a) not in done]
+        bar.update(len(arms) - len(missing))
+        if not missing:
+            continue
+        bar.set_postfix_str(cfg["name"])
+        task = make_task(cfg, seed)
+        for arm in missing:
+            t0 = time.time()
+            if arm == "oracle" and not task.noisy.any():  # no noise: the oracle's loader is uniform's
+                res = dict(run_arm(task, "uniform", None, seed) if (digest, seed, "uniform") not in done
+                           else done[(digest, seed, "uniform")])
+            else:
+                options = ARMS[arm]
+                res = run_arm(task, arm if options is None else "irdro", options, seed)
+            rec = {"config": cfg["name"], "digest": digest, "seed": seed, "arm": arm,
+                   "seconds": round(time.time() - t0, 2),
+                   **{k: v for k, v in res.items() if isinstance(v, float)}}
+            done[(digest, seed, arm)] = rec
+            with log.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.update(1)
+    bar.close()
+    wanted = {(config_digest(c), s, a) for c in configs for s in range(seeds) for a in arms_for(c)}
+    return [r for k, r in done.items() if k in wanted]
+
+
+def completed_runs(configs: list[dict[str, Any]], seeds: int, out: Path) -> list[dict[str, Any]]:
+    """The runs in ``out/runs.jsonl`` of the configurations that have every (seed, arm) run."""
+    log = out / "runs.jsonl"
+    runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    have = {(r["digest"], r["seed"], r["arm"]): r for r in runs}
+    keep = []
+    for c in configs:
+        keys = [(config_digest(c), s, a) for s in range(seeds) for a in arms_for(c)]
+        if all(k in have for k in keys):
+            keep += [have[k] for k in keys]
+    return keep
+
+
+# ---------------------------------------------------------------------------------------- analysis
+def analyse(configs: list[dict[str, Any]], runs: list[dict[str, Any]], seeds: int) -> dict[str, Any]:
+    """Per configuration and arm: paired deltas, spreads, harmed flags, oracle share, cut and draw shares;
+    and the per-arm summary. Plain JSON types."""
+    by = {(r["config"], r["arm"], r["seed"]): r for r in runs}
+    rows = []
+    for cfg in configs:
+        name = cfg["name"]
+        base = [by[(name, "uniform", s)] for s in range(seeds)]
+        row: dict[str, Any] = {"config": name, "family": cfg["family"], "noise_kind": cfg["noise_kind"],
+                               "noise": cfg["noise"], "uniform": {m: float(np.mean([b[m] for b in base]))
+                                                                  for m in METRICS}, "arms": {}}
+        for arm in COMPARED:
+            if (name, arm, 0) not in by:
+                continue
+            res = [by[(name, arm, s)] for s in range(seeds)]
+            a: dict[str, Any] = {}
+            for m in METRICS:
+                d = np.array([r[m] - b[m] for r, b in zip(res, base, strict=True)])
+                spread = max(float(np.std([b[m] for b in base], ddof=1)), float(d.std(ddof=1))) if seeds > 1 else 0.0
+                a[m] = {"delta": float(d.mean()), "spread": spread, "worse": bool(d.mean() < -spread)}
+            a["harmed"] = a["score"]["worse"] or a["rare"]["worse"]
+            a["harmed_incl_worst"] = a["harmed"] or a["worst"]["worse"]
+            a["better"] = bool(a["score"]["delta"] > a["score"]["spread"])
+            for k in ("noise_draws", "noise_share", "rare_draws", "rare_share", "truncated_fraction"):
+                if k in res[0]:
+                    a[k] = float(np.mean([r[k] for r in res]))
+            row["arms"][arm] = a
+        oracle_gain = row["arms"]["oracle"]["score"]["delta"]
+        row["oracle_gain"] = oracle_gain
+        row["oracle_gain_significant"] = bool(oracle_gain > row["arms"]["oracle"]["score"]["spread"])
+        for a in row["arms"].values():
+            a["oracle_share"] = a["score"]["delta"] / oracle_gain if cfg["noise"] >= 0.1 and oracle_gain > 0 else None
+        rows.append(row)
+    summary = {}
+    for arm in COMPARED:
+        have = [r for r in rows if arm in r["arms"]]
+        clean = [r for r in have if r["noise"] == 0]
+        noisy = [r for r in have if r["noise"] >= 0.1]
+        shares = [r["arms"][arm]["oracle_share"] for r in noisy if r["arms"][arm]["oracle_share"] is not None]
+        shares_sig = [r["arms"][arm]["oracle_share"] for r in noisy if r["oracle_gain_significant"]]
+        cuts = [r["arms"][arm]["truncated_fraction"] for r in clean if "truncated_fraction" in r["arms"][arm]]
+        summary[arm] = {
+            "configs": len(have),
+            "harmed": sum(r["arms"][arm]["harmed"] for r in have),
+            "harmed_main": sum(r["arms"][arm]["score"]["worse"] for r in have),
+            "harmed_rare": sum(r["arms"][arm]["rare"]["worse"] for r in have),
+            "harmed_incl_worst": sum(r["arms"][arm]["harmed_incl_worst"] for r in have),
+            "better_main": sum(r["arms"][arm]["better"] for r in have),
+            "harmed_names": [r["config"] for r in have if r["arms"][arm]["harmed"]],
+            "clean_configs": len(clean),
+            "clean_harmed": sum(r["arms"][arm]["harmed"] for r in clean),
+            "clean_cut_mean": float(np.mean(cuts)) if cuts else None,
+            "clean_cut_max": float(np.max(cuts)) if cuts else None,
+            "noisy_configs": len(noisy),
+            "oracle_share_median": float(np.median(shares)) if shares else None,
+            "oracle_share_n": len(shares),
+            "oracle_share_median_significant": float(np.median(shares_sig)) if shares_sig else None,
+            "oracle_share_n_significant": len(shares_sig),
+        }
+    return {"rows": rows, "summary": summary}
+
+
+# ------------------------------------------------------------------------------------------ report
+def _fmt(x: float, ref: float) -> str:
+    """Three decimals for metrics below 10 in size (accuracy, nats), else three significant digits of ``ref``."""
+    scale = max(abs(ref), 1e-12)
+    digits = 3 if scale < 10 else max(0, 2 - int(math.floor(math.log10(scale))))
+    return f"{x:+.{digits}f}"
+
+
+def format_report(configs: list[dict[str, Any]], analysis: dict[str, Any], seeds: int, command: str,
+                  elapsed: float, plots: list[str], notes: Path | None = None) -> str:
+    s = analysis["summary"]
+    pct = lambda a, b: f"{a}/{b} ({100 * a / b:.0f}%)" if b else "–"  # noqa: E731
+    num = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+    fams = ", ".join(f"{f} {sum(c['family'] == f for c in configs)}" for f in FAMILY_COUNTS)
+    lines = [
+        "## Randomised task suite (benchmarks/task_suite.py)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"{len(configs)} configurations ({fams}; list: `benchmarks/task_suite_configs.json`, drawn from seed "
+        f"{SUITE_SEED}) x {seeds} seed(s), {elapsed / 60:.0f} min on a shared 2-core machine. Each arm of a "
+        "(configuration, seed) starts from the same model with the same steps and batch size. Metrics are "
+        "higher-is-better: accuracy on a balanced test set (rare = the 30% of classes with the fewest training "
+        "samples), negated test RMSE in target units (rare = the under-sampled input region), negated held-out "
+        "loss in nats/byte (LM; rare = the three rare domains). Δ = paired difference to uniform (mean over "
+        "seeds); spread = the larger of uniform's std over seeds and the paired differences' std. "
+        "**Harmed** = Δ < -spread on the main metric or on the rare group's. Oracle share = Δarm / Δoracle on "
+        "the main metric, at noise >= 10% where the oracle gained. Cut = the samples the sampler's cut "
+        "excludes at the end of training (`stats()['truncated_fraction']`). `irdro` passes groups (class labels; "
+        "the LM's source domains, noise documents inside random sources) and is not run on regression.",
+        "",
+        "### Summary per arm",
+        "",
+        "| arm | harmed (main or rare) | harmed main | harmed rare | harmed incl. worst class | better than uniform (main, > spread) "
+        "| 0% noise: harmed | 0% noise: cut mean / max | noise >= 10%: median oracle share (n) | same, oracle gain > spread (n) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in COMPARED:
+        a = s[arm]
+        lines.append(
+            f"| `{arm}` | {pct(a['harmed'], a['configs'])} | {a['harmed_main']} | {a['harmed_rare']} | "
+            f"{a['harmed_incl_worst']} | {a['better_main']} | {pct(a['clean_harmed'], a['clean_configs'])} | "
+            f"{num(a['clean_cut_mean'])} / {num(a['clean_cut_max'])} | {num(a['oracle_share_median'])} "
+            f"({a['oracle_share_n']}) | {num(a['oracle_share_median_significant'])} ({a['oracle_share_n_significant']}) |")
+    lines += ["", "Harmed configurations:", ""]
+    for arm in COMPARED:
+        lines.append(f"- `{arm}`: " + (", ".join(f"`{n}`" for n in s[arm]["harmed_names"]) or "none"))
+    lines += ["", "Targets of issue 18 for the defaults (`irdro`, `irdro-nogroups`):", ""]
+    for arm in ("irdro", "irdro-nogroups"):
+        a = s[arm]
+        frac = a["harmed"] / a["configs"] if a["configs"] else float("nan")
+        share = a["oracle_share_median"]
+        lines.append(
+            f"- `{arm}`: harmed {100 * frac:.0f}% (target <= 5%: {'PASS' if frac <= 0.05 else 'FAIL'}); 0% noise "
+            f"harmed {a['clean_harmed']} (target 0: {'PASS' if a['clean_harmed'] == 0 else 'FAIL'}); cut at 0% noise "
+            f"{num(a['clean_cut_mean'])} (target < 0.02: {'PASS' if (a['clean_cut_mean'] or 0) < 0.02 else 'FAIL'}); "
+            f"median oracle share at noise >= 10% {num(share)} (target >= 0.5: "
+            f"{'PASS' if share is not None and share >= 0.5 else 'FAIL'})")
+    lines += ["", "### Per configuration", "",
+              "Δ main / Δ rare; spread of the defaults-without-groups arm (the others' differ a little); `*` = harmed; cut = fraction cut at the end "
+              "(defaults with / without groups); noise draws = share of draws on noisy samples (defaults "
+              "without groups) against their share.", "",
+              "| configuration | uniform main | spread main / rare | oracle | irdro | irdro-nogroups | reweight "
+              "| cut g / no g | noise draws / share |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in analysis["rows"]:
+        ref = row["uniform"]["score"]
+        cells = []
+        for arm in COMPARED:
+            a = row["arms"].get(arm)
+            if a is None:
+                cells.append("–")
+                continue
+            mark = "*" if a["harmed"] else ""
+            cells.append(f"{_fmt(a['score']['delta'], ref)} / {_fmt(a['rare']['delta'], ref)}{mark}")
+        ng_spread = row["arms"]["irdro-nogroups"]
+        spread = f"{_fmt(ng_spread['score']['spread'], ref).lstrip('+')} / {_fmt(ng_spread['rare']['spread'], ref).lstrip('+')}"
+        cut = "/".join(num(row["arms"][a].get("truncated_fraction")) if a in row["arms"] else "–"
+                       for a in ("irdro", "irdro-nogroups"))
+        ng = row["arms"]["irdro-nogroups"]
+        draws = f"{ng['noise_draws']:.3f} / {ng['noise_share']:.3f}" if row["noise"] > 0 else "–"
+        lines.append(f"| `{row['config']}` | {_fmt(ref, ref).lstrip('+')} | {spread} | "
+                     + " | ".join(cells) + f" | {cut} | {draws} |")
+    lines += ["", "Plots: " + ", ".join(f"[{Path(p).name}]({Path(p).name})" for p in plots), ""]
+    if notes is not None and notes.exists():  # hand-written reading of the figures, kept across re-reports
+        lines += [notes.read_text().rstrip(), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(analysis: dict[str, Any], prefix: Path) -> list[str]:
+    """Distribution of the paired deltas (in seed spreads) per arm, and the oracle share against the noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = analysis["rows"]
+    colors = {"gmm": "tab:blue", "digits": "tab:cyan", "regression": "tab:orange", "lm": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    rng = np.random.default_rng(0)
+    for ax, metric, title in ((axes[0], "score", "main metric"), (axes[1], "rare", "rare group")):
+        data = []
+        for k, arm in enumerate(COMPARED):
+            vals = [(r["arms"][arm][metric]["delta"] / max(r["arms"][arm][metric]["spread"], 1e-12), r["family"])
+                    for r in rows if arm in r["arms"]]
+            data.append([v for v, _ in vals])
+            jitter = rng.uniform(-0.15, 0.15, len(vals))
+            ax.scatter(k + jitter, np.clip([v for v, _ in vals], -8, 8), s=12,
+                       c=[colors[f] for _, f in vals], alpha=0.8, zorder=3)
+        ax.boxplot(data, positions=range(len(COMPARED)), widths=0.5, showfliers=False)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.axhline(-1, color="red", lw=0.8, ls="--")
+        ax.set_xticks(range(len(COMPARED)), COMPARED)
+        ax.set_ylabel("paired Δ to uniform / seed spread (clipped to ±8)")
+        ax.set_title(f"{title}: below the red line = harmed")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=f) for f, c in colors.items()]
+    axes[1].legend(handles=handles, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    p1 = f"{prefix}_deltas.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"irdro": "o", "irdro-nogroups": "s", "reweight": "^"}
+    for arm, mk in markers.items():
+        pts = [(r["noise"], r["arms"][arm]["oracle_share"]) for r in rows
+               if arm in r["arms"] and r["arms"][arm]["oracle_share"] is not None]
+        if pts:
+            x, y = zip(*pts, strict=True)
+            ax.scatter(np.array(x) + rng.uniform(-0.004, 0.004, len(x)), np.clip(y, -2, 2), marker=mk, label=arm,
+                       alpha=0.8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhline(1, color="gray", lw=0.8, ls=":")
+    ax.axhline(0.5, color="red", lw=0.8, ls="--")
+    ax.set_xlabel("noise share")
+    ax.set_ylabel("share of the oracle's gain (main metric, clipped to ±2)")
+    ax.set_title("noise >= 10%: share of the clean-data oracle's gain captured")
+    ax.legend()
+    fig.tight_layout()
+    p2 = f"{prefix}_oracle_share.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
+
+
+# -------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a handful of configurations, 1 seed (< 2 minutes)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; 1 with --quick)")
+    ap.add_argument("--configs", default=str(CONFIGS_PATH), help="the committed configuration list")
+    ap.add_argument("--only", default=None, help="comma-separated configuration names or families to run")
+    ap.add_argument("--draw", action="store_true", help="(re)draw the configuration list into --configs and exit")
+    ap.add_argument("--out", default=str(HERE / "task_suite_out"))
+    ap.add_argument("--results", default=None, help="markdown file (default RESULTS_suite.md; quick: under --out)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no training: report the configurations whose runs in --out are complete (a stated subset)")
+    args = ap.parse_args(argv)
+    command = "nice -n 10 python benchmarks/task_suite.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.draw:
+        Path(args.configs).write_text(json.dumps({"seed": SUITE_SEED, "counts": FAMILY_COUNTS,
+                                                  "configs": draw_configs(SUITE_SEED)}, indent=1) + "\n")
+        return 0
+    configs = load_configs(Path(args.configs))["configs"]
+    if args.quick:
+        configs = quick_configs(configs)
+    if args.only:
+        keep = set(args.only.split(","))
+        configs = [c for c in configs if c["name"] in keep or c["family"] in keep]
+    seeds = args.seeds or (1 if args.quick else 3)
+    out = Path(args.out)
+    t0 = time.time()
+    planned = len(configs)
+    if args.report_only:  # the command that made the runs, then how this report was made from them
+        rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+        command = (command.replace(" --report-only", "") + "` (runs); report written from its runs.jsonl by `"
+                   + "python benchmarks/task_suite.py --report-only " + " ".join(shlex.quote(a) for a in rest)).rstrip()
+        runs = completed_runs(configs, seeds, out)
+        names = {r["config"] for r in runs}
+        configs = [c for c in configs if c["name"] in names]
+    else:
+        runs = run_suite(configs, seeds, out, progress=not args.no_progress)
+    elapsed = sum(r["seconds"] for r in runs) or time.time() - t0
+    analysis = analyse(configs, runs, seeds)
+    results = Path(args.results) if args.results else (out / "RESULTS_suite.md" if args.quick
+                                                        else HERE / "RESULTS_suite.md")
+    prefix = results.parent / ("suite" if not args.quick else "suite_quick")
+    plots = plot(analysis, prefix)
+    (out / ("analysis_quick.json" if args.quick else "analysis.json")).write_text(json.dumps(analysis, indent=1))
+    notes = None if args.quick or len(configs) < planned else NOTES_PATH
+    text = format_report(configs, analysis, seeds, command, elapsed, plots, notes)
+    if len(configs) < planned:
+        text = text.replace("`\n\n", f"`\n\n**Subset:** {len(configs)} of the {planned} configurations had all their "
+                            "runs when this report was written (the others did not finish in the time available).\n\n", 1)
+    results.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

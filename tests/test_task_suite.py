@@ -1,0 +1,81 @@
+"""The randomised task suite (benchmarks/task_suite.py): the committed list reproduces, its families build
+as documented, and the quick path runs and reports (about a minute: marked slow)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import task_suite  # noqa: E402
+import task_suite_families  # noqa: E402
+
+
+def test_committed_configurations_reproduce_from_their_seed():
+    saved = task_suite.load_configs()
+    assert saved["seed"] == task_suite.SUITE_SEED and saved["counts"] == task_suite.FAMILY_COUNTS
+    assert saved["configs"] == task_suite.draw_configs(saved["seed"])
+    configs = saved["configs"]
+    assert len(configs) >= 40 and len({c["name"] for c in configs}) == len(configs)
+    assert {c["family"] for c in configs} == {"gmm", "digits", "regression", "lm"}
+    assert any(c["noise"] == 0 for c in configs) and sum(c["noise"] >= 0.1 for c in configs) >= 10
+    assert all(0.0 <= c["noise"] <= 0.3 for c in configs)
+    classes = [c["classes"] for c in configs if "classes" in c]
+    assert min(classes) >= 5 and max(classes) <= 50
+    assert task_suite.draw_configs(saved["seed"] + 1) != configs  # the seed matters
+
+
+@pytest.mark.parametrize("family", ["gmm", "digits", "regression"])
+def test_family_noise_is_the_configured_share_and_kind(family):
+    cfg = next(c for c in task_suite.load_configs()["configs"] if c["family"] == family and c["noise"] >= 0.1)
+    clean = task_suite_families.BUILDERS[family]({**cfg, "noise_kind": "none", "noise": 0.0}, 0)
+    task = task_suite_families.BUILDERS[family](cfg, 0)
+    n = task.noisy.size
+    assert abs(task.noisy.mean() - cfg["noise"]) < 4 * np.sqrt(cfg["noise"] * (1 - cfg["noise"]) / n)
+    assert np.array_equal(clean.x.numpy(), task.x.numpy())  # data fixed by the configuration, not the seed
+    changed = (clean.y != task.y).numpy()
+    assert np.array_equal(changed, task.noisy)  # exactly the noisy samples differ
+    assert 0 < task.rare.mean() < 0.5 and task.rare_test.any()
+
+
+def test_zipf_sizes_and_pair_flips():
+    sizes = task_suite_families.zipf_sizes(10, 200, 1.0)
+    assert sizes[0] == 200 and sizes[1] == 100 and sizes.min() >= 6
+    assert np.all(task_suite_families.zipf_sizes(7, 50, 0.0) == 50)
+    y = np.arange(12) % 6
+    flipped = task_suite_families.flip_labels(y, np.ones(12, bool), 6, "pair", np.random.default_rng(0))
+    assert np.all(flipped != y)
+    assert len({(a, b) for a, b in zip(y, flipped, strict=True)}) == 6  # one fixed target per class
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_and_reports(tmp_path):
+    task_suite.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    text = (tmp_path / "RESULTS_suite.md").read_text()
+    analysis = json.loads((tmp_path / "analysis_quick.json").read_text())
+    quick = task_suite.quick_configs(task_suite.load_configs()["configs"])
+    assert [r["config"] for r in analysis["rows"]] == [c["name"] for c in quick]
+    assert "Command: `" in text and "### Summary per arm" in text and "### Per configuration" in text
+    for png in ("suite_quick_deltas.png", "suite_quick_oracle_share.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    for row in analysis["rows"]:
+        cfg = next(c for c in quick if c["name"] == row["config"])
+        assert set(row["arms"]) == set(task_suite.arms_for(cfg)) - {"uniform"}
+        if cfg["noise"] == 0:  # the oracle is uniform there
+            assert row["arms"]["oracle"]["score"]["delta"] == 0.0
+        for arm in ("irdro", "irdro-nogroups"):
+            if arm in row["arms"]:
+                assert 0.0 <= row["arms"][arm]["truncated_fraction"] <= 1.0
+        assert row["arms"]["oracle"].get("noise_draws", 0.0) == 0.0
+    # A real property at the fixed seed: on the classifier with >= 20% symmetric flips, training on the
+    # clean samples only beats training on all of them, and the suite's summary counts its arms.
+    noisy = next(r for r in analysis["rows"] if r["noise_kind"] == "symmetric" and r["noise"] >= 0.2)
+    assert noisy["oracle_gain"] > 0.01
+    assert noisy["arms"]["irdro-nogroups"]["noise_draws"] > 0
+    assert analysis["summary"]["irdro-nogroups"]["configs"] == len(quick)
+    assert analysis["summary"]["irdro"]["configs"] == sum(c["family"] != "regression" for c in quick)
