@@ -169,7 +169,9 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
                 f"ShardedIRDROSampler: the ranks applied different feedback by batch {b} (a record dropped, "
                 "duplicated or changed on some rank): every rank must call update() with the same gathered "
                 "feedback of all ranks")
-        if not refit and (overflowed > 0 or not TOTAL_RANGE[0] <= float(totals.sum()) <= TOTAL_RANGE[1]):
+        rebase = not refit and (overflowed > 0 or not TOTAL_RANGE[0] <= float(totals.sum()) <= TOTAL_RANGE[1])
+        self.scheme.settle(discard=rebase)  # every rank alike: a mass change applied nowhere or everywhere
+        if rebase:
             self._rebase()
             totals = reduce_totals(self.scheme, group=self.group)[0]
         return totals

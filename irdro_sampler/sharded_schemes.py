@@ -61,7 +61,13 @@ class ShardedDrawScheme(Protocol):
         """A length-S vector of this rank's shard totals (0 elsewhere), for :func:`reduce_totals`."""
 
     def set_masses(self, ids: np.ndarray, mass: np.ndarray) -> None:
-        """Set the masses of distinct, owned global ``ids`` (finite, >= 0), after feedback."""
+        """Set the masses of distinct, owned global ``ids`` (finite, >= 0), after feedback. The change
+        may wait for :meth:`settle`; :meth:`totals` includes it."""
+
+    def settle(self, *, discard: bool) -> None:
+        """After the step's reduction, on every rank alike: make the changes of :meth:`set_masses` final,
+        or drop them (``discard``: a rebase follows and :meth:`fill` replaces every mass). So whether a
+        rank applied its part never depends on what it owns, only on the reduced flags."""
 
     def fill(self, masses_of_range: Callable[[int, int], np.ndarray]) -> None:
         """Replace every owned mass (refresh, rebase): ``masses_of_range(a, z)`` gives ids ``[a, z)``."""
@@ -109,6 +115,9 @@ class ShardedIIDDraws:
     def set_masses(self, ids: np.ndarray, mass: np.ndarray) -> None:
         self.masses.set(ids, mass)
 
+    def settle(self, *, discard: bool) -> None:
+        pass  # a discarded change is overwritten by the rebuild that follows
+
     def fill(self, masses_of_range: Callable[[int, int], np.ndarray]) -> None:
         self.masses.fill(masses_of_range)
 
@@ -142,6 +151,10 @@ class ShardedBalancedScheme:
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.draws = ShardedBalancedDraws(shards, rank, world_size, global_batch=global_batch,
                                           uniform_mix=uniform_mix, seed=seed, group=group)
+        # Mass changes waiting for settle(): a change moves credit offsets (float32), which a rebuild
+        # does not undo bit for bit, so a rank must not apply its part when another rank overflowed.
+        self._staged: list[tuple[np.ndarray, np.ndarray]] = []
+        self._staged_change = np.zeros(len(self.draws.owned_shards))
 
     @property
     def nbytes(self) -> int:
@@ -152,13 +165,25 @@ class ShardedBalancedScheme:
     def totals(self) -> np.ndarray:
         out = np.zeros(self.shards.num_shards, dtype=np.float64)
         owned = self.draws.owned_shards
-        out[owned.start : owned.stop] = np.maximum(self.draws.shard_totals, 0.0)  # a running sum: never below 0
+        # Running sums (and the staged changes): clipped at 0, the owners' values win the max-reduction.
+        out[owned.start : owned.stop] = np.maximum(self.draws.shard_totals + self._staged_change, 0.0)
         return out
 
     def set_masses(self, ids: np.ndarray, mass: np.ndarray) -> None:
-        self.draws.set_masses(ids, mass)
+        d = self.draws
+        shard = self.shards.shard_of(ids) - d.owned_shards.start
+        self._staged_change += np.bincount(shard, weights=mass - d.mass_of(ids), minlength=self._staged_change.size)
+        self._staged.append((ids, mass))
+
+    def settle(self, *, discard: bool) -> None:
+        staged, self._staged = self._staged, []
+        self._staged_change[:] = 0.0
+        if not discard:
+            for ids, mass in staged:
+                self.draws.set_masses(ids, mass)
 
     def fill(self, masses_of_range: Callable[[int, int], np.ndarray]) -> None:
+        self.settle(discard=True)
         d = self.draws
         mass = np.empty(d.stop - d.start)
         for s in d.owned_shards:

@@ -73,8 +73,8 @@ def _run(name: str, rank: int, world: int, folder: str) -> dict:
             ids, _ = r.batch(b)
             r.update(ids, _loss(name, ids, b), step=b)
             after.append(ids)
-        out["resumed"], out["resumed_next"] = np.stack(after), r.batch(END)[0]
-        out["resumed_fingerprint"] = r.fingerprint()
+        out["resumed"], out["resumed_fingerprint"] = np.stack(after), r.fingerprint()
+        out["resumed_next"] = r.batch(END)[0]
     return out
 
 

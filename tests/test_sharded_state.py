@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 from _core_helpers import loss_of, spawn_gloo
 
@@ -18,6 +19,20 @@ OPTS = dict(seed=8, feedback_delay=3, refresh_interval=7, truncate_zscore=2.5)
 
 def _loss(ids: np.ndarray, step: int) -> np.ndarray:
     return loss_of(ids, step) * np.where(ids % 89 == 0, 9.0, 1.0)
+
+
+def _as_version_1(folder: str, to: Path) -> str:
+    """A copy of ``folder`` in the format before draw schemes (version 1: no ``draws`` fields)."""
+    to.mkdir()
+    for path in Path(folder).iterdir():
+        state = torch.load(path, weights_only=True)
+        if path.name == "common.pt":
+            assert state.pop("draws") == "iid" and state.pop("draw_state") is None
+            state["version"] = 1
+        else:
+            assert state.pop("draws") is None
+        torch.save(state, to / path.name)
+    return str(to)
 
 
 def _steps(s: ShardedIRDROSampler, first: int, last: int) -> list[np.ndarray]:
@@ -62,14 +77,16 @@ def test_saved_on_4_ranks_resumes_on_1_2_and_4(tmp_path: Path):
     assert len({r[2] for r in ref}) == 1
     files = sorted(p.name for p in Path(folder).iterdir())
     assert files == ["common.pt", "rows-0-512.pt", "rows-1024-1536.pt", "rows-1536-2048.pt", "rows-512-1024.pt"]
-    for world in (1, 2, 4):
-        for rank, (status, after, fp) in enumerate(spawn_gloo(_resume, world, folder, "")):
+    legacy = _as_version_1(folder, tmp_path / "version_1")
+    for world in (1, 2, 4):  # on 1 rank from the version-1 copy: today's files still load
+        for rank, (status, after, fp) in enumerate(spawn_gloo(_resume, world, legacy if world == 1 else folder, "")):
             assert status == "ok"
             assert all(np.array_equal(a, b) for a, b in zip(after, ref[0][1], strict=True)), f"world {world} rank {rank}"
             assert fp == ref[0][2]
     # Bad input, refused on every rank with the file and the field named.
     out = spawn_gloo(_resume, 2, folder, "seed")
     assert all(r[0] == "error" and "common.pt: seed is 8 but this sampler has seed=9" in r[1] for r in out)
+    # (An i.i.d. state refused by a balanced sampler: tests/test_sharded_sampler_balanced.py.)
     Path(folder, "rows-512-1024.pt").unlink()
     out = spawn_gloo(_resume, 2, folder, "")
     assert all(r[0] == "error" for r in out)
