@@ -75,6 +75,12 @@ def _run(name: str, rank: int, world: int, folder: str) -> dict:
             after.append(ids)
         out["resumed"], out["resumed_fingerprint"] = np.stack(after), r.fingerprint()
         out["resumed_next"] = r.batch(END)[0]
+        try:  # a balanced state is refused by an i.i.d. sampler, on every rank, naming the file and field
+            ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=SHARDS, **{**OPTS, "draws": "iid"},
+                                **SCENARIOS[name]).load(Path(folder, name))
+            out["iid_load"] = "accepted"
+        except ValueError as e:
+            out["iid_load"] = str(e)
     return out
 
 
@@ -138,3 +144,4 @@ def test_saved_on_4_ranks_continues_on_2_identically(runs, name):
         assert out["resumed_fingerprint"] == ref["fingerprint"]
         # The 4-rank run replayed batch 5 before drawing END: the replay changed nothing.
         assert np.array_equal(out["resumed_next"], ref["next"])
+        assert "common.pt: draws is 'balanced' but this sampler has draws='iid'" in out["iid_load"]
