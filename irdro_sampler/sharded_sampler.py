@@ -60,8 +60,8 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
 
     def __init__(
         self, dataset_size: int, batch_size: int, *, num_shards: int | None = None, groups: Any = None,
-        group: Any = None, draws: str = "iid", seed: int = 0, feedback_delay: int = 32, refresh_interval: int | None = None,
-        num_samples: int | None = None, ema: float = DEFAULT_EMA, prior: float | str = DEFAULT_PRIOR,
+        group: Any = None, draws: str = "iid", seed: int = 0, feedback_delay: int = 32,
+        refresh_interval: int | None = None, num_samples: int | None = None, ema: float = DEFAULT_EMA, prior: float | str = DEFAULT_PRIOR,
         **rule_options: Any,
     ) -> None:
         n = check_int(dataset_size, "dataset_size", minimum=1)
