@@ -23,8 +23,9 @@ in the shard's id order, so the same whichever rank owns it, and summed over the
 order. The global total is therefore a function of the shards' masses and updates, not of the world
 size.
 
-Per draw: two all-gathers (``ceil(S / world) + 1 + G`` float64 per rank, then ``2 G``), a third
-(``G`` keys) only on draws that re-key; O(G log(N / world)) work per rank, nothing O(N). A re-key
+Per draw: two all-gathers (``ceil(S / world) + 1 + G`` float64 per rank, then ``3 G``: each copy's
+value, id and mass, so every rank also learns the drawn masses), a third (``G`` keys) only on draws
+that re-key; O(G log(N / world)) work per rank, nothing O(N). A re-key
 (rare: at refreshes and when the total drifts by 1/8) is O(N / world) per rank.
 
 **Against the unsharded ``BalancedDraws``.** Bit for bit the same batches (ids, counts and, through the
@@ -255,13 +256,18 @@ class ShardedBalancedDraws:
         self.drift2 += floor - self.beta * step
 
     # -- one global batch -------------------------------------------------------------------------------
-    def draw(self, b: int, size: int) -> np.ndarray:
+    def draw(self, b: int, size: int, *, commit: bool = True) -> np.ndarray:
         """Global batch ``b`` of ``size`` ids (a collective): the same array on every rank.
 
         A pure function of the seed, ``b`` and the state (masses, credits, clocks), whatever the world
         size. The ``size`` largest copies of the ranks among the candidates (module docstring), in the
-        order of the shuffle stream ``(seed, b)`` (the unsharded sampler's).
+        order of the shuffle stream ``(seed, b)`` (the unsharded sampler's). ``commit=False`` (a stale
+        replay, as the unsharded ``draw(commit=False)``) neither advances the clocks nor records the draws.
         """
+        return self.draw_with_masses(b, size, commit=commit)[0]
+
+    def draw_with_masses(self, b: int, size: int, *, commit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`draw`, and the masses of the drawn ids (handed out by their owners in the same collective)."""
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self._update_keys()
@@ -280,13 +286,16 @@ class ShardedBalancedDraws:
         self.total = total
         smallest = self._all_gather(self._smallest_keys(size)) if rekey else rows[:, self._slots + 1 :]
         kth = float(np.partition(smallest.ravel(), size - 1)[size - 1])  # inf: fewer than size finite keys
-        self._advance(size, total)
-        ids, values = self._top_copies(max(self.clock, kth), size)
-        ids, counts = self._merge(self._all_gather(np.concatenate([values, ids.astype(np.float64)])), size)
-        self._commit(ids, counts)
+        if commit:
+            self._advance(size, total)
+        ids, values, mass = self._top_copies(max(self.clock, kth), size)
+        gathered = self._all_gather(np.concatenate([values, ids.astype(np.float64), mass]))
+        ids, counts, mass = self._merge(gathered, size)
+        if commit:
+            self._commit(ids, counts)
         out = np.repeat(ids, counts)
         np.random.default_rng([self.seed, b]).shuffle(out)  # ranks take slices: spread repeats over them
-        return out
+        return out, mass[np.searchsorted(ids, out)]
 
     def _all_gather(self, values: np.ndarray) -> np.ndarray:
         """Every rank's ``values`` (equal lengths), one row per rank."""
@@ -312,33 +321,38 @@ class ShardedBalancedDraws:
         out[: keys.size] = keys
         return out
 
-    def _top_copies(self, limit: float, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's ``size`` largest copies among keys ``<= limit``: (global ids, values), padded (-1, -inf)."""
-        ids, values = np.full(size, -1, dtype=np.int64), np.full(size, -np.inf)
+    def _top_copies(self, limit: float, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's ``size`` largest copies among keys ``<= limit``: (global ids, values, masses), padded
+        (-1, -inf, 0)."""
+        ids, values, masses = np.full(size, -1, dtype=np.int64), np.full(size, -np.inf), np.zeros(size)
         if self._keys is None:
-            return ids, values
+            return ids, values, masses
         cand = self._keys.candidates(limit, 1)  # a superset of keys <= limit
         cand = cand[self._keys.levels[0][cand] <= limit]
         if cand.size == 0:
-            return ids, values
+            return ids, values, masses
         records = self._records[cand]
         glob = cand + self.start
         theta = phases(self.seed, glob, records["draws"])
         rank = self._credits(records["offset"], records["mass"]) - _RANK_PHASE_OFF * theta
         top_ids, top_values = _largest_copies(glob, rank, size)
         ids[: top_ids.size], values[: top_values.size] = top_ids, top_values
-        return ids, values
+        masses[: top_ids.size] = self.masses[top_ids - self.start]
+        return ids, values, masses
 
     @staticmethod
-    def _merge(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``size`` of every rank's copies (value descending, id ascending): sorted ids, counts."""
-        values, ids = rows[:, :size].ravel(), rows[:, size:].ravel().astype(np.int64)
+    def _merge(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The first ``size`` of every rank's copies (value descending, id ascending): sorted ids, counts
+        and masses."""
+        values, ids = rows[:, :size].ravel(), rows[:, size : 2 * size].ravel().astype(np.int64)
+        masses = rows[:, 2 * size :].ravel()
         valid = ids >= 0
         if np.count_nonzero(valid) < size:  # every rank sees the same rows: all raise together
             raise RuntimeError("balanced draws: no sample has a positive probability")
-        values, ids = values[valid], ids[valid]
+        values, ids, masses = values[valid], ids[valid], masses[valid]
         keep = np.lexsort((ids, -values))[:size]
-        return np.unique(ids[keep], return_counts=True)
+        uniq, first, counts = np.unique(ids[keep], return_index=True, return_counts=True)
+        return uniq, counts, masses[keep][first]
 
     def _commit(self, ids: np.ndarray, counts: np.ndarray) -> None:
         """Record the owned draws: credits drop by the count, phases are replaced (as ``StrideScheduler.commit``)."""

@@ -76,7 +76,8 @@ class ShardMasses:
 def reduce_totals(masses: ShardMasses, flag: float = 0.0, digest: bytes = b"",
                   group: Any = None) -> tuple[np.ndarray, float, bool]:
     """The global S-vector of shard totals, the largest ``flag`` of any rank, and whether every rank
-    passed the same ``digest`` (one collective).
+    passed the same ``digest`` (one collective). ``masses``: anything with ``shards`` and ``totals()``
+    (a :class:`ShardMasses` or a scheme of :mod:`irdro_sampler.sharded_schemes`).
 
     A max-reduction: a shard's total is non-negative and non-zero on its owner only, so the maximum is
     the owner's value, exact and the same for every world size. The digest rides along as 21-bit chunks

@@ -1,18 +1,19 @@
-"""ShardedIRDROSampler: the loss table spread over the ranks of a process group (experimental, i.i.d. draws).
+"""ShardedIRDROSampler: the loss table spread over the ranks of a process group (experimental).
 
 Each rank keeps the rows of its virtual shards only (:mod:`irdro_sampler.virtual_shards`): the running
-losses (:class:`LossTable` over its id range) and one sum tree of masses per shard
-(:class:`~irdro_sampler.sharded_draws.ShardMasses`). Per-rank memory is the unsharded sampler's bytes
+losses (:class:`LossTable` over its id range) and the draw structure of its ids, a scheme of
+:mod:`irdro_sampler.sharded_schemes` chosen by name (``draws="iid"``: one sum tree of masses per shard;
+``draws="balanced"``: the stride scheme's credits). Per-rank memory is the unsharded sampler's bytes
 per sample times N / world. Every rank still receives the gathered feedback of all ranks (as with
 :class:`IRDROSampler`) and applies the part it owns; the refresh fits the rule with
-:func:`~irdro_sampler.distributed_fit.fit_sharded` (exactly the unsharded fit) and draws go through
-:func:`~irdro_sampler.sharded_draws.draw_global_batch`. So global batch ``b`` is a pure function of
-(seed, ``b``, applied feedback) and of nothing about the world size: the same run on 1, 2 or 4 ranks
-draws the same global batches (tested), which is what makes an elastic restart exact.
+:func:`~irdro_sampler.distributed_fit.fit_sharded` (exactly the unsharded fit) and the scheme draws
+the global batch. So global batch ``b`` is a pure function of (seed, ``b``, applied feedback) and of
+nothing about the world size: the same run on 1, 2 or 4 ranks draws the same global batches (tested,
+both schemes), which is what makes an elastic restart exact.
 
 Every draw and refresh is a collective: all ranks iterate in step (as DataLoaders over a sampler do).
-Not yet here (see ``docs/sharding.md``): balanced draws, saving through ``torch.distributed.checkpoint``,
-the Composer and streaming wiring.
+Not yet here (see ``docs/sharding.md``): saving through ``torch.distributed.checkpoint``, the Composer
+and streaming wiring.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ from .feedback import FeedbackQueue, Record
 from .fingerprint import options_fingerprint
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
-from .sharded_draws import ShardMasses, draw_global_batch, reduce_totals
+from .sharded_draws import reduce_totals
+from .sharded_schemes import ShardedDrawScheme, sharded_draw_scheme
 from .tilted_masses import TOTAL_RANGE
 from .virtual_shards import VirtualShards, default_num_shards
 from .weights import DROWeighting, WeightParams, finish_max_kept, max_kept_parts
 
 
 class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
-    """IR-DRO draws with the loss table sharded over the ranks of ``group`` (i.i.d. draws).
+    """IR-DRO draws with the loss table sharded over the ranks of ``group``.
 
     Args:
         dataset_size: N, the samples of the whole data set.
@@ -50,17 +52,20 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         groups: ``None``, or a callable ``(start, stop) -> group ids of samples [start, stop)`` (so a
             rank never holds the ids of samples it does not own).
         group: the process group (default: the world).
+        draws: ``"iid"`` (default) or ``"balanced"`` (:mod:`irdro_sampler.sharded_schemes`; the unsharded
+            sampler's default is ``"balanced"``, whose per-step cost here is still being measured).
         the rest: as :class:`IRDROSampler` (``seed``, ``feedback_delay``, ``refresh_interval``,
             ``num_samples`` per rank per epoch, ``ema``, ``prior`` and :class:`DROWeighting`'s options).
     """
 
     def __init__(
         self, dataset_size: int, batch_size: int, *, num_shards: int | None = None, groups: Any = None,
-        group: Any = None, seed: int = 0, feedback_delay: int = 32, refresh_interval: int | None = None,
-        num_samples: int | None = None, ema: float = DEFAULT_EMA, prior: float | str = DEFAULT_PRIOR,
+        group: Any = None, draws: str = "iid", seed: int = 0, feedback_delay: int = 32,
+        refresh_interval: int | None = None, num_samples: int | None = None, ema: float = DEFAULT_EMA, prior: float | str = DEFAULT_PRIOR,
         **rule_options: Any,
     ) -> None:
         n = check_int(dataset_size, "dataset_size", minimum=1)
+        scheme_cls = sharded_draw_scheme(draws)
         self.group = group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.shards = VirtualShards(n, default_num_shards(n) if num_shards is None else num_shards)
@@ -81,17 +86,25 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         self.rule = DROWeighting(**rule_options)
         local_groups = None if groups is None else groups(self.start, self.stop)
         self.table = LossTable(self.stop - self.start, ema=ema, prior=prior, groups=local_groups)
-        self.masses = ShardMasses(self.shards, self.rank, self.world)
+        self.scheme: ShardedDrawScheme = scheme_cls(
+            self.shards, self.rank, self.world, global_batch=self.layout.global_batch_size,
+            uniform_mix=self.rule.uniform_mix, seed=self.seed, group=group)
         self.feedback = FeedbackQueue(n)
         self.drawn = DrawnBatches()
         self.params: WeightParams | None = None
         self.refresh_block = -1
         self.last_drawn = -1
         self.epoch = 0
+        self.rebases = 0  # shifts re-chosen because a mass overflowed or the total left its range
 
     @property
     def dataset_size(self) -> int:
         return self.shards.dataset_size
+
+    @property
+    def draws(self) -> str:
+        """The draw scheme's name (``'iid'`` or ``'balanced'``)."""
+        return self.scheme.name
 
     @property
     def batches_per_epoch(self) -> int:
@@ -125,12 +138,11 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         if buffered is not None:
             return buffered
         replay = b <= self.last_drawn  # no longer buffered: drawn again from the current weights, no state change
+        if not replay and self.scheme.depends_on_history:
+            for skipped in range(self.last_drawn + 1, b):  # as IRDROSampler: a late start draws them first
+                self.batch(skipped)
         totals = None if replay else self._advance_to(b)
-        ids, mass, total = draw_global_batch(self.masses, self.seed, b, self.layout.global_size(b),
-                                             self.rule.uniform_mix, self.group, totals=totals)
-        u, n = self.rule.uniform_mix, self.dataset_size
-        probs = u / n + (1.0 - u) * (mass / total if total > 0 else np.zeros_like(mass))
-        out = (ids, probs)
+        out = self.scheme.draw(b, self.layout.global_size(b), totals, commit=not replay)
         if not replay:
             self.drawn.put(b, out, self.feedback_delay)
             self.last_drawn = b
@@ -151,15 +163,17 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
             bad = self._apply(due, update_masses=True)
         # One collective: the shard totals, whether any rank saw a mass overflow (both decide a rebase on
         # every rank alike) and whether all ranks applied the same feedback so far.
-        totals, overflowed, agree = reduce_totals(self.masses, float(bad), self.feedback.digest, self.group)
+        totals, overflowed, agree = reduce_totals(self.scheme, float(bad), self.feedback.digest, self.group)
         if not agree:
             raise RuntimeError(
                 f"ShardedIRDROSampler: the ranks applied different feedback by batch {b} (a record dropped, "
                 "duplicated or changed on some rank): every rank must call update() with the same gathered "
                 "feedback of all ranks")
-        if not refit and (overflowed > 0 or not TOTAL_RANGE[0] <= float(totals.sum()) <= TOTAL_RANGE[1]):
+        rebase = not refit and (overflowed > 0 or not TOTAL_RANGE[0] <= float(totals.sum()) <= TOTAL_RANGE[1])
+        self.scheme.settle(discard=rebase)  # every rank alike: a mass change applied nowhere or everywhere
+        if rebase:
             self._rebase()
-            totals = reduce_totals(self.masses, group=self.group)[0]
+            totals = reduce_totals(self.scheme, group=self.group)[0]
         return totals
 
     def _apply(self, records: list[Record], *, update_masses: bool) -> bool:
@@ -176,7 +190,7 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         mass = self.rule.masses_at(self.table, local, self.params)[0]
         if not np.all(np.isfinite(mass)):
             return True
-        self.masses.set(local + self.start, mass)
+        self.scheme.set_masses(local + self.start, mass)
         return False
 
     def _rebase(self) -> None:
@@ -185,17 +199,18 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         shift = finish_max_kept(float(both[0]), bool(both[1]), self.params.prior)
         self.params = self.params._replace(shift=shift)
+        self.rebases += 1
         self._rebuild()
 
     def _rebuild(self) -> None:
         """Every owned mass from the table under the current params (O(N / world))."""
         start = self.start
-        self.masses.fill(lambda a, z: self.rule.masses_at(self.table, slice(a - start, z - start), self.params)[0])
+        self.scheme.fill(lambda a, z: self.rule.masses_at(self.table, slice(a - start, z - start), self.params)[0])
 
     @property
     def nbytes(self) -> int:
-        """Bytes of this rank's O(N / world) structures: its table rows and its shards' sum trees."""
-        return self.table.nbytes + self.masses.nbytes
+        """Bytes of this rank's O(N / world) structures: its table rows and its draw scheme's."""
+        return self.table.nbytes + self.scheme.nbytes
 
     def save(self, folder: str | os.PathLike) -> None:
         """Save into ``folder``, one row file per rank plus ``common.pt`` (a collective; see
@@ -209,5 +224,6 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
     def fingerprint(self) -> int:
         """Equal on ranks that agree, and across world sizes: options and every applied feedback record."""
         options = (self.seed, self.dataset_size, self.shards.num_shards, self.layout.num_samples * self.world,
-                   self.feedback_delay, self.refresh_interval, self.rule.identity(), self.table.ema, self.table.prior)
+                   self.feedback_delay, self.refresh_interval, self.rule.identity(), self.table.ema, self.table.prior,
+                   self.scheme.name)
         return options_fingerprint(options, key=self.feedback.digest)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 from _core_helpers import loss_of, spawn_gloo
 
@@ -18,6 +19,20 @@ OPTS = dict(seed=8, feedback_delay=3, refresh_interval=7, truncate_zscore=2.5)
 
 def _loss(ids: np.ndarray, step: int) -> np.ndarray:
     return loss_of(ids, step) * np.where(ids % 89 == 0, 9.0, 1.0)
+
+
+def _as_version_1(folder: str, to: Path) -> str:
+    """A copy of ``folder`` in the format before draw schemes (version 1: no ``draws`` fields)."""
+    to.mkdir()
+    for path in Path(folder).iterdir():
+        state = torch.load(path, weights_only=True)
+        if path.name == "common.pt":
+            assert state.pop("draws") == "iid" and state.pop("draw_state") is None
+            state["version"] = 1
+        else:
+            assert state.pop("draws") is None
+        torch.save(state, to / path.name)
+    return str(to)
 
 
 def _steps(s: ShardedIRDROSampler, first: int, last: int) -> list[np.ndarray]:
@@ -55,7 +70,7 @@ def _load_and_continue(world: int, folder: str, bad: str) -> tuple:
     shards = SHARDS * 2 if bad == "num_shards" else SHARDS
     s = ShardedIRDROSampler(n, GLOBAL_BATCH // world, num_shards=shards, **opts)
     try:
-        s.load(folder)
+        s.load(str(Path(folder).parent / "version_1") if bad == "version_1" else folder)
     except ValueError as e:
         return ("error", str(e))
     return ("ok", _steps(s, SAVE_AT + 1, END), s.fingerprint())
@@ -68,17 +83,22 @@ def test_saved_on_4_ranks_resumes_on_2_4_and_8(tmp_path: Path):
     assert len({r[2] for r in ref}) == 1
     files = sorted(p.name for p in Path(folder).iterdir())
     assert files == ["common.pt", "rows-0-512.pt", "rows-1024-1536.pt", "rows-1536-2048.pt", "rows-512-1024.pt"]
+    legacy = _as_version_1(folder, tmp_path / "version_1")  # today's files still load (on 2 ranks)
     for world in (2, 4, 8):
-        for rank, per in enumerate(spawn_gloo(_resume, world, folder, ("",))):
+        for rank, per in enumerate(spawn_gloo(_resume, world, folder, ("", "version_1") if world == 2 else ("",))):
             status, after, fp = per[""]
             assert status == "ok"
             assert all(np.array_equal(a, b) for a, b in zip(after, ref[0][1], strict=True)), f"world {world} rank {rank}"
             assert fp == ref[0][2]
+            if world == 2:
+                assert per["version_1"] == per[""], f"rank {rank}: a version-1 copy continues otherwise"
+    assert Path(legacy).is_dir()
     # Bad input, refused on every rank with the file and the field named.
     out = spawn_gloo(_resume, 2, folder, ("seed", "num_shards", "dataset_size"))
     for field, saved, mine in (("seed", 8, 9), ("num_shards", SHARDS, 2 * SHARDS), ("dataset_size", N, N + 1)):
         message = f"common.pt: {field} is {saved} but this sampler has {field}={mine}"
         assert all(r[field][0] == "error" and message in r[field][1] for r in out), (field, out)
+    # (An i.i.d. state refused by a balanced sampler: tests/test_sharded_sampler_balanced.py.)
     Path(folder, "rows-512-1024.pt").unlink()
     out = [r[""] for r in spawn_gloo(_resume, 2, folder, ("",))]
     assert all(r[0] == "error" for r in out)
