@@ -103,11 +103,11 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _rank(rank: int, world: int, port: int, n: int, steps: int, folder: str, results) -> None:
+def _rank(rank: int, world: int, port: int, n: int, steps: int, folder: str, draws: str, results) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         traffic = _Traffic()
-        s = ShardedIRDROSampler(n, GLOBAL_BATCH // world, feedback_delay=4, refresh_interval=REFRESH)
+        s = ShardedIRDROSampler(n, GLOBAL_BATCH // world, feedback_delay=4, refresh_interval=REFRESH, draws=draws)
         out = _measure(s, steps, traffic)
         dist.barrier()
         t0 = time.perf_counter()
@@ -122,8 +122,8 @@ def _rank(rank: int, world: int, port: int, n: int, steps: int, folder: str, res
         dist.destroy_process_group()
 
 
-def _unsharded(n: int, steps: int, results) -> None:
-    s = IRDROSampler(n, GLOBAL_BATCH, draws="iid", feedback_delay=4, refresh_interval=REFRESH)
+def _unsharded(n: int, steps: int, draws: str, results) -> None:
+    s = IRDROSampler(n, GLOBAL_BATCH, draws=draws, feedback_delay=4, refresh_interval=REFRESH)
     out = _measure(s, steps, None)
     out.update(nbytes=s.nbytes, rss=_peak_rss(), shards=0,
                save=float("nan"), load=float("nan"))
@@ -136,17 +136,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(n: int, world: int | None, steps: int) -> dict:
+def run(n: int, world: int | None, steps: int, draws: str = "iid") -> dict:
     """``world=None``: one unsharded process (its own process, so its peak memory is its own)."""
     results = mp.Manager().dict()
     if world is None:
-        proc = mp.get_context("spawn").Process(target=_unsharded, args=(n, steps, results))
+        proc = mp.get_context("spawn").Process(target=_unsharded, args=(n, steps, draws, results))
         proc.start()
         proc.join()
         per = [results[0]]
     else:
         with tempfile.TemporaryDirectory() as folder:
-            mp.spawn(_rank, args=(world, _free_port(), n, steps, folder, results), nprocs=world, join=True)
+            mp.spawn(_rank, args=(world, _free_port(), n, steps, folder, draws, results), nprocs=world, join=True)
             per = [results[r] for r in range(world)]
     wall = np.concatenate([p["wall"] for p in per]) * 1e3
     cpu = np.concatenate([p["cpu"] for p in per]) * 1e3
@@ -175,15 +175,18 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, nargs="*", default=[1, 2, 4, 8])
     ap.add_argument("--unsharded", type=float, nargs="*", default=[1e7, 2.5e7, 2e8],
                     help="N of the unsharded baselines")
+    ap.add_argument("--balanced-n", type=float, nargs="*", default=[1e7],
+                    help="N of the balanced-draw rows (unsharded and sharded on --worlds)")
     ap.add_argument("--steps", type=int, default=41)
     ap.add_argument("--out", default=str(HERE / "RESULTS_scale.md"))
     args = ap.parse_args()
-    configs = [(int(n), None) for n in args.unsharded] + [(int(n), w) for n in args.n for w in args.worlds]
+    configs = [(int(n), None, "iid") for n in args.unsharded] + [(int(n), w, "iid") for n in args.n for w in args.worlds]
+    configs += [(int(n), w, "balanced") for n in args.balanced_n for w in [None, *args.worlds]]
     rows = []
-    for n, world in tqdm(configs, desc="configurations"):
-        label = "unsharded" if world is None else f"sharded x{world}"
+    for n, world, draws in tqdm(configs, desc="configurations"):
+        label = ("unsharded" if world is None else f"sharded x{world}") + ("" if draws == "iid" else " balanced")
         tqdm.write(f"N={n:.1e} {label} ...")
-        rows.append((n, label, run(n, world, args.steps)))
+        rows.append((n, label, run(n, world, args.steps, draws)))
     load = os.getloadavg()
     lines = [
         "## Sharded table scaling (`benchmarks/bench_scale.py`)",
@@ -191,7 +194,8 @@ def main() -> None:
         f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`".rstrip(),
         "",
         f"One 2-core VM (1-min load at the end {load[0]:.1f}), gloo over 127.0.0.1. Global batch {GLOBAL_BATCH}, "
-        f"{args.steps} steps after the first, a refit every {REFRESH} steps (reported apart), i.i.d. draws, "
+        f"{args.steps} steps after the first, a refit every {REFRESH} steps (reported apart), i.i.d. draws unless "
+        "the row says balanced, "
         "`default_num_shards` virtual shards. Ranks share the 2 cores: wall time on x4 and x8 includes the other "
         "ranks' turns. CPU ms: the rank process's CPU time (gloo's threads and the kernel's loopback work included); "
         "main thread: the sampler's own computation. Peak RSS (includes torch, ~0.45 GB): through the steps, and "
@@ -203,7 +207,7 @@ def main() -> None:
         "|" + "---|" * 17,
     ]
     for n, label, r in rows:
-        world = 1 if label == "unsharded" else int(label.split("x")[1])
+        world = int(label.split("x")[1].split()[0]) if "x" in label else 1
         lines.append(
             f"| {n:.1e} | {label} | {r['shards']} | {r['bytes_per_rank']:,} | {r['bytes_per_rank'] / (n / world):.2f} | "
             f"{r['rss_steps'] / 2**20:.0f} | {r['rss_per_rank'] / 2**20:.0f} | {r['first_s']:.2f} | "
