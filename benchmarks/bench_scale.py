@@ -191,7 +191,7 @@ def main() -> None:
     lines = [
         "## Sharded table scaling (`benchmarks/bench_scale.py`)",
         "",
-        f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `{' '.join(['python', f'benchmarks/{Path(__file__).name}', shlex.join(sys.argv[1:])]).strip()}`",
         "",
         f"One 2-core VM (1-min load at the end {load[0]:.1f}), gloo over 127.0.0.1. Global batch {GLOBAL_BATCH}, "
         f"{args.steps} steps after the first, a refit every {REFRESH} steps (reported apart), i.i.d. draws unless "

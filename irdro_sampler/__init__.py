@@ -14,6 +14,7 @@ from .loss_table import LossTable
 from .round_feedback import RoundFeedback
 from .sampler import DRAW_SCHEMES, IRDROSampler
 from .saving import save_state
+from .sharded_sampler import ShardedIRDROSampler
 from .sum_tree import FanoutSumTree
 from .weights import (
     DROWeighting,
@@ -43,6 +44,7 @@ __all__ = [
     "IndexedDataset",
     "LossTable",
     "RoundFeedback",
+    "ShardedIRDROSampler",
     "WeightParams",
     "balanced_counts",
     "cut_threshold",
