@@ -70,8 +70,11 @@ class VirtualShards:
         return ((shard + 1) * world_size - 1) // self.num_shards
 
 
-def default_num_shards(dataset_size: int, *, per_shard: int = 1 << 16, most: int = 1 << 16) -> int:
-    """A power of two giving about ``per_shard`` samples per shard, between 1 and ``most``: enough shards
-    to spread over thousands of ranks, few enough that per-shard totals cost nothing to reduce."""
-    want = max(1, -(-check_int(dataset_size, "dataset_size", minimum=1) // per_shard))
-    return min(most, 1 << (want - 1).bit_length())
+def default_num_shards(dataset_size: int, *, per_shard: int = 1 << 16, least: int = 1 << 8,
+                       most: int = 1 << 16) -> int:
+    """A power of two giving about ``per_shard`` samples per shard, between ``least`` (fewer for a data set
+    smaller than that) and ``most``: enough shards to spread over up to ``least`` ranks at any size and
+    thousands at scale, few enough that per-shard totals cost nothing to reduce."""
+    n = check_int(dataset_size, "dataset_size", minimum=1)
+    want = max(1, -(-n // per_shard))
+    return min(most, max(min(least, 1 << (n.bit_length() - 1)), 1 << (want - 1).bit_length()))

@@ -28,6 +28,7 @@ TINY_FLAGS: dict[str, list[str]] = {
     "composer_streaming_lm.py": ["--steps", "12"],
     "hf_trainer.py": ["--samples", "256", "--epochs", "1"],
     "lightning_train.py": ["--samples", "2000", "--epochs", "1"],
+    "sharded_pytorch.py": ["--samples", "4000", "--epochs", "1"],
     # Writes into a fresh temporary folder, not into the repository's examples/llmfoundry_tokenizer.
     "llmfoundry_setup.py": ["--docs", "50", "--data", os.path.join(_SCRATCH, "data"), "--tokenizer",
                             os.path.join(_SCRATCH, "tokenizer")],
@@ -207,3 +208,19 @@ def test_lightning_example_shows_its_claim():
     assert irdro["common"] <= uniform["common"] + 0.01, (irdro, uniform)
     assert irdro["drawn_noise"] < irdro["share_noise"], irdro
     assert irdro["drawn_rare"] > irdro["share_rare"], irdro
+
+
+@pytest.mark.slow
+def test_sharded_example_shows_its_claim(tmp_path):
+    """At the default seed and flags on 2 gloo ranks, library defaults: the rare group gets more than its
+    5% share of the draws and the noise less than its 2% share; the sampler saved on 2 ranks resumes on 1
+    with the same fingerprint (every rank of any world size shares it)."""
+    first = _run("sharded_pytorch.py", "--samples", "20000", "--epochs", "3", "--save", str(tmp_path / "s"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = re.findall(r"drawn rare ([\d.]+)% noise ([\d.]+)%", first.stdout)[-1]
+    assert float(last[0]) > 5.0 and float(last[1]) < 2.0, first.stdout
+    saved = re.search(r"saved on 2 rank\(s\): sampler fingerprint (0x[0-9a-f]+)", first.stdout)
+    second = _run("sharded_pytorch.py", "--samples", "20000", "--world", "1", "--resume", str(tmp_path / "s"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = re.search(r"resumed on 1 rank\(s\): sampler fingerprint (0x[0-9a-f]+)", second.stdout)
+    assert saved and resumed and saved.group(1) == resumed.group(1), (first.stdout, second.stdout)

@@ -39,7 +39,9 @@ def test_a_shard_moves_whole_between_world_sizes():
 
 def test_default_num_shards():
     assert default_num_shards(1) == 1
-    assert default_num_shards(70_000) == 2
+    assert default_num_shards(70_000) == 256  # at least 256 shards: room for 256 ranks
+    assert default_num_shards(100) == 64  # fewer only below 256 samples
+    assert default_num_shards(20_000) == 256
     assert default_num_shards(10**8) == 2048
     assert default_num_shards(10**12) == 1 << 16
     n = default_num_shards(3 * 10**7)
