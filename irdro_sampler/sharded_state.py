@@ -72,7 +72,7 @@ def _common(sampler: Any) -> dict[str, Any]:
         "group_threshold": None if params is None or params.group_threshold is None
         else torch.from_numpy(params.group_threshold.copy()),
         "schedule": {**f.schedule(), "last_drawn": sampler.last_drawn, "refresh_block": sampler.refresh_block,
-                     "start_batch": 0},
+                     "start_batch": sampler.start_batch},
         "feedback_digest": f.digest.hex(),
         "pending": pack_records([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
         "drawn": pack_records([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
@@ -139,7 +139,7 @@ def _commit(sampler: Any, rows: dict, draw_state: Any, sched: dict, pending: lis
     for key in ("losses", "counts", "last_step"):
         getattr(sampler.table, key)[:] = rows[key]
     sampler.table.num_seen = int(np.count_nonzero(rows["counts"]))
-    sampler.epoch = epoch
+    sampler.epoch, sampler.start_batch = epoch, sched["start_batch"]
     sampler.feedback.restore(sched, [(k[0], k[1], i, v) for k, i, v in pending], digest)
     sampler.drawn.batches = {k[0]: (i, p) for k, i, p in drawn}
     sampler.last_drawn, sampler.refresh_block, sampler.params = sched["last_drawn"], sched["refresh_block"], params
