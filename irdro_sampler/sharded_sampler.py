@@ -12,7 +12,9 @@ nothing about the world size: the same run on 1, 2 or 4 ranks draws the same glo
 both schemes), which is what makes an elastic restart exact.
 
 Every draw and refresh is a collective: all ranks iterate in step (as DataLoaders over a sampler do).
-Not yet here (see ``docs/sharding.md``): saving through ``torch.distributed.checkpoint``, the Composer
+So are :meth:`~ShardedIRDROSampler.importance_weights` (without a buffered ``step``),
+:meth:`~ShardedIRDROSampler.stats` and :meth:`~ShardedIRDROSampler.local_probabilities`
+(:mod:`irdro_sampler.sharded_queries`). Not yet here (see ``docs/sharding.md``): saving through ``torch.distributed.checkpoint``, the Composer
 and streaming wiring.
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import sharded_state
+from . import sharded_queries, sharded_state
 from ._validation import check_int
 from .distributed_fit import fit_sharded
 from .drawn_batches import DrawnBatches
@@ -38,7 +40,7 @@ from .sharded_draws import reduce_totals
 from .sharded_schemes import ShardedDrawScheme, sharded_draw_scheme
 from .tilted_masses import TOTAL_RANGE
 from .virtual_shards import VirtualShards, default_num_shards
-from .weights import DROWeighting, WeightParams, finish_max_kept, max_kept_parts
+from .weights import DROWeighting, WeightParams, cut_transitions, finish_max_kept, max_kept_parts
 
 
 class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
@@ -96,6 +98,10 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         self.last_drawn = -1
         self.epoch = 0
         self.rebases = 0  # shifts re-chosen because a mass overflowed or the total left its range
+        self.refreshes = 0  # refits (every rank alike)
+        # Feedback on this rank's samples that were cut, and of those the ones kept again (summed in stats()).
+        self.remeasured_cut = self.readmitted = 0
+        self.start_batch = 0  # where the next iter() starts (set_start_batch), saved in common.pt
 
     @property
     def dataset_size(self) -> int:
@@ -116,13 +122,24 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = check_int(epoch, "epoch", minimum=0)
 
+    def set_start_batch(self, batch_in_epoch: int) -> None:
+        """Make the next ``iter()`` (only) start at ``batch_in_epoch`` of the current epoch, as
+        :meth:`IRDROSampler.set_start_batch` (for loops that resume mid-epoch without replaying the batches
+        already trained). Local: call it on every rank alike. Saved by :meth:`save`."""
+        start = check_int(batch_in_epoch, "batch_in_epoch", minimum=0)
+        if start > self.batches_per_epoch:
+            raise ValueError(f"batch_in_epoch must be <= {self.batches_per_epoch}, got {batch_in_epoch}")
+        self.start_batch = start
+
     def __iter__(self) -> Iterator[int]:
         for batch in self.iter_batches():
             yield from batch.tolist()
 
     def iter_batches(self) -> Iterator[np.ndarray]:
-        """This rank's batches of the current epoch (each drawn when requested; a collective)."""
-        for j in range(self.batches_per_epoch):
+        """This rank's batches of the current epoch from :meth:`set_start_batch`'s (each drawn when requested;
+        a collective). A history-dependent scheme draws the batches skipped first, as :meth:`batch` does."""
+        start, self.start_batch = self.start_batch, 0
+        for j in range(start, self.batches_per_epoch):
             b = self.epoch * self.batches_per_epoch + j
             yield self.batch(b)[0][self.layout.rank_slice(b)]
 
@@ -138,6 +155,8 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         if buffered is not None:
             return buffered
         replay = b <= self.last_drawn  # no longer buffered: drawn again from the current weights, no state change
+        if replay and b > self.feedback.max_reported_step:  # not yet trained, yet no longer buffered
+            self.drawn.stale_replays += 1
         if not replay and self.scheme.depends_on_history:
             for skipped in range(self.last_drawn + 1, b):  # as IRDROSampler: a late start draws them first
                 self.batch(skipped)
@@ -156,6 +175,7 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         if refit:
             self._apply(due, update_masses=False)
             self.refresh_block = b // self.refresh_interval
+            self.refreshes += 1
             self.params = fit_sharded(self.rule, self.table, self.start, self.dataset_size, self.group)
             self._rebuild()
             bad = False
@@ -182,8 +202,13 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         for step, _, idx, val in records:
             own = (idx >= self.start) & (idx < self.stop)
             if own.any():
-                uniq, _, _ = self.table._apply(idx[own] - self.start, val[own], step)
+                uniq, old, new = self.table._apply(idx[own] - self.start, val[own], step)
                 touched.append(uniq)
+                if self.params is not None:
+                    grp = None if self.table.groups is None else self.table.groups[uniq]
+                    remeasured, readmitted = cut_transitions(old, new, self.params, grp)
+                    self.remeasured_cut += remeasured
+                    self.readmitted += readmitted
         if not update_masses or not touched:
             return False
         local = np.unique(np.concatenate(touched))
@@ -206,6 +231,31 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         """Every owned mass from the table under the current params (O(N / world))."""
         start = self.start
         self.scheme.fill(lambda a, z: self.rule.masses_at(self.table, slice(a - start, z - start), self.params)[0])
+
+    # ------------------------------------------------------------------------------------ queries
+    def importance_weights(self, indices: Any, step: int | None = None) -> np.ndarray:
+        """``1 / (N p_i)`` for ``indices`` (this rank's; any global ids, any number per rank), as
+        :meth:`IRDROSampler.importance_weights`.
+
+        With ``step`` (a global batch still buffered, the same on every rank) ``p_i`` is the probability the
+        batch drew the id with: local, no communication; an id the batch did not draw is a ``ValueError``.
+        Otherwise (no ``step``, or not buffered) ``p_i`` is the current distribution's, which needs the
+        owners' masses: **a collective**, every rank calls it (O(ids of all ranks + S) traffic; bad indices
+        on one rank raise on every rank). Finite while ``uniform_mix > 0``.
+        """
+        return sharded_queries.importance_weights(self, indices, step)
+
+    def local_probabilities(self) -> np.ndarray:
+        """The current distribution over this rank's ids ``[start, stop)`` (float64; the ranks' parts
+        together are :meth:`IRDROSampler.probabilities`). A collective (O(S) traffic), O(N / world)."""
+        return sharded_queries.local_probabilities(self)
+
+    def stats(self) -> dict[str, float]:
+        """The diagnostics of :meth:`IRDROSampler.stats`, all keys, for the global distribution (a
+        collective: O(S) + O(1) reduced numbers, O(N / world) work; see :func:`sharded_queries.stats`).
+        ``remeasured_cut`` and ``readmitted`` are summed over ranks; the event counters restart at 0 after
+        :meth:`load` (the row-file format does not carry them yet)."""
+        return sharded_queries.stats(self)
 
     @property
     def nbytes(self) -> int:

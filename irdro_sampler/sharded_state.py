@@ -13,6 +13,14 @@ ids (memory-mapped, so a rank reads about its N / world rows whatever the saving
 commits nothing until every file it needs was read and checked. Since the draws do not depend on the
 world size, a run saved on 4 ranks continues on 2 or 8 with the same global batches.
 
+Memory: ``save`` writes the table rows straight from the table's arrays (the row file holds the running
+losses as float32 with NaN for unseen samples, the visit counts as uint32 and the last steps as int32:
+no copy of the table). ``load`` checks the overlapping rows in chunks of :data:`CHUNK` rows, all files
+first, then copies them into the table chunk by chunk, and releases the row file's pages behind each
+chunk (``madvise``): its temporaries are bounded by the chunk size, not by N / world. Files written
+with the table's ``state_dict`` layout (int64 counts, 0.0 for unseen losses: before this change) load
+alike.
+
 Versions: 1 (i.i.d. draws only, no ``draws`` field: loads as ``draws="iid"``), 2 (``draws``,
 ``draw_state`` in ``common.pt`` and ``draws`` in each row file).
 """
@@ -27,9 +35,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._validation import MAX_LOSS, state_entry, state_int
+from ._validation import MAX_LOSS, MAX_STEP, check_fraction, state_entry, state_int
 from .fingerprint import EMPTY_DIGEST
-from .loss_table import check_table_state
+from .row_chunks import copy_rows, release_pages, row_chunk
 from .sampler_state import _check_params, _check_records, _check_schedule, pack_records
 from .saving import save_state
 
@@ -37,6 +45,9 @@ FORMAT = "irdro_sampler.ShardedIRDROSampler"
 VERSION = 2
 VERSIONS = (1, 2)  # what load reads
 COMMON = "common.pt"
+#: Rows checked and copied at a time by ``load`` (bounds its temporaries: ~30 bytes per row).
+CHUNK = 1 << 22
+_TABLE_ARRAYS = ("losses", "counts", "last_step")
 #: The fields of common.pt that must equal the loading sampler's.
 MATCHING = ("dataset_size", "num_shards", "seed", "global_batch_size", "num_samples_global", "feedback_delay",
             "refresh_interval")
@@ -46,15 +57,22 @@ def save(sampler: Any, folder: str | os.PathLike) -> None:
     """Write ``sampler``'s state into ``folder`` (a collective: every rank calls it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    table = sampler.table
-    rows = {"first": sampler.start, "stop": sampler.stop,
-            "table": {**table.state_dict(), "groups": None},  # group ids are rebuilt from the groups callable
+    rows = {"first": sampler.start, "stop": sampler.stop, "table": _row_table(sampler.table),
             "draws": sampler.scheme.row_state()}
     save_state(rows, folder / f"rows-{sampler.start}-{sampler.stop}.pt")
     dist.barrier(group=sampler.group)
     if sampler.rank == 0:
         save_state(_common(sampler), folder / COMMON)
     dist.barrier(group=sampler.group)
+
+
+def _row_table(table: Any) -> dict[str, Any]:
+    """The table's rows as :meth:`LossTable.state_dict` names them, sharing the table's memory (torch.save
+    writes them from there: no copy). Unseen losses stay NaN and counts uint32 (``load`` takes both, and
+    the state_dict layout); group ids are rebuilt from the ``groups`` callable on load."""
+    return {"num_samples": table.dataset_size, "ema": table.ema, "prior": table.prior,
+            **{key: torch.from_numpy(getattr(table, key)) for key in _TABLE_ARRAYS},
+            "num_skipped": table.num_skipped, "groups": None}
 
 
 def _common(sampler: Any) -> dict[str, Any]:
@@ -72,7 +90,7 @@ def _common(sampler: Any) -> dict[str, Any]:
         "group_threshold": None if params is None or params.group_threshold is None
         else torch.from_numpy(params.group_threshold.copy()),
         "schedule": {**f.schedule(), "last_drawn": sampler.last_drawn, "refresh_block": sampler.refresh_block,
-                     "start_batch": 0},
+                     "start_batch": sampler.start_batch},
         "feedback_digest": f.digest.hex(),
         "pending": pack_records([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
         "drawn": pack_records([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
@@ -134,12 +152,11 @@ def _check(sampler: Any, folder: Path) -> tuple:
     return rows, draw_state, sched, pending, drawn, params, epoch, bytes.fromhex(digest) if digest else EMPTY_DIGEST
 
 
-def _commit(sampler: Any, rows: dict, draw_state: Any, sched: dict, pending: list, drawn: list, params: Any,
+def _commit(sampler: Any, rows: list, draw_state: Any, sched: dict, pending: list, drawn: list, params: Any,
             epoch: int, digest: bytes) -> None:
-    for key in ("losses", "counts", "last_step"):
-        getattr(sampler.table, key)[:] = rows[key]
-    sampler.table.num_seen = int(np.count_nonzero(rows["counts"]))
-    sampler.epoch = epoch
+    table = sampler.table
+    table.num_seen = copy_rows(table, rows, sampler.start, CHUNK)
+    sampler.epoch, sampler.start_batch = epoch, sched["start_batch"]
     sampler.feedback.restore(sched, [(k[0], k[1], i, v) for k, i, v in pending], digest)
     sampler.drawn.batches = {k[0]: (i, p) for k, i, p in drawn}
     sampler.last_drawn, sampler.refresh_block, sampler.params = sched["last_drawn"], sched["refresh_block"], params
@@ -154,23 +171,68 @@ def _read(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def _read_rows(folder: Path, ranges: Any, start: int, stop: int) -> tuple[dict[str, np.ndarray], list[tuple[str, Any]]]:
-    """The saved rows of ids ``[start, stop)``, from the row files that overlap them, and those files'
-    draw-scheme parts ``(file, part)`` in id order."""
-    out = {"losses": np.empty(stop - start, np.float32), "counts": np.empty(stop - start, np.uint32),
-           "last_step": np.empty(stop - start, np.int32)}
-    covered, parts = 0, []
+def _read_rows(folder: Path, ranges: Any, start: int, stop: int) -> tuple[list[tuple], list[tuple[str, Any]]]:
+    """The saved rows of ids ``[start, stop)`` as pieces ``(lo, hi, first, arrays)`` (ids ``[lo, hi)`` of
+    the file of ids from ``first``; ``arrays`` its memory-mapped tensors), every row checked chunk by
+    chunk, and those files' draw-scheme parts ``(file, part)`` in id order. Nothing is copied."""
+    covered, pieces, parts = 0, [], []
     for first, end in ranges:
         lo, hi = max(first, start), min(end, stop)
         if lo >= hi:
             continue
         path = folder / f"rows-{first}-{end}.pt"
         saved = _read(path)
-        table = check_table_state(saved.get("table"), end - first, f"{path}['table']")
-        for key in out:
-            out[key][lo - start : hi - start] = np.asarray(table[key])[lo - first : hi - first]
+        arrays = _check_row_table(saved.get("table"), end - first, f"{path}['table']")
+        for a in range(lo - first, hi - first, CHUNK):
+            _check_row_chunk(arrays, a, min(a + CHUNK, hi - first), f"{path}['table']")
+        pieces.append((lo, hi, first, arrays))
         covered += hi - lo
         parts.append((str(path), saved.get("draws")))
     if covered != stop - start:
         raise ValueError(f"{folder / COMMON}: row_files cover {covered} of the {stop - start} rows [{start}, {stop})")
-    return out, parts
+    return pieces, parts
+
+
+def _check_row_table(state: Any, n: int, where: str) -> dict[str, torch.Tensor]:
+    """The entries of a row file's table that need no pass over the rows: size, ``ema``, ``prior``, and
+    the three arrays' kinds and shapes (as :func:`~irdro_sampler.loss_table.check_table_state`)."""
+    saved = state_int(state, "num_samples", where, minimum=1)
+    if saved != n:
+        raise ValueError(f"{where}['num_samples'] is {saved} but the file name promises {n} rows")
+    check_fraction(state_entry(state, "ema", where), f"{where}['ema']", low_open=False, high_open=True)
+    prior = state_entry(state, "prior", where)
+    if prior != "mean" and (isinstance(prior, bool) or not isinstance(prior, (int, float)) or not np.isfinite(prior)):
+        raise ValueError(f"{where}['prior'] must be 'mean' or a finite number, got {prior!r}")
+    out = {}
+    for key in _TABLE_ARRAYS:
+        value = state_entry(state, key, where)
+        kind = "float" if key == "losses" else "int"
+        ok = isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == n and not value.is_complex() \
+            and value.dtype != torch.bool and value.is_floating_point() == (kind == "float")
+        if not ok:
+            got = f"{value.dtype}{tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{where}['{key}'] must be a 1-d {kind} tensor of {n} entries, got {got}")
+        out[key] = value
+    return out
+
+
+def _check_row_chunk(arrays: dict[str, torch.Tensor], a: int, z: int, where: str) -> None:
+    """Rows ``[a, z)`` of a row file: counts in the uint32 range, last steps in [-1, MAX_STEP], and for seen
+    rows (counts > 0) finite float32 losses and steps >= 0. ``ValueError`` naming the row otherwise."""
+    losses, counts, last_step = (row_chunk(arrays[key], a, z) for key in _TABLE_ARRAYS)
+    _check_where(counts, None, f"{where}['counts']", 0, np.iinfo(np.uint32).max, a)
+    _check_where(last_step, None, f"{where}['last_step']", -1, MAX_STEP, a)
+    seen = counts > 0
+    _check_where(losses, seen, f"{where}['losses'] of seen samples (counts > 0)", -MAX_LOSS, MAX_LOSS, a)
+    _check_where(last_step, seen, f"{where}['last_step'] of seen samples (counts > 0)", 0, MAX_STEP, a)
+    release_pages(*(arrays[key][a:z] for key in _TABLE_ARRAYS))
+
+
+def _check_where(arr: np.ndarray, mask: np.ndarray | None, name: str, low: float, high: float, offset: int) -> None:
+    with np.errstate(invalid="ignore"):
+        bad = ~((arr >= low) & (arr <= high))
+    if mask is not None:
+        bad &= mask
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name} must lie in [{low:.8g}, {high:.8g}], got {arr[i].item()!r} at position {i + offset}")

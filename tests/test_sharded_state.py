@@ -22,7 +22,8 @@ def _loss(ids: np.ndarray, step: int) -> np.ndarray:
 
 
 def _as_version_1(folder: str, to: Path) -> str:
-    """A copy of ``folder`` in the format before draw schemes (version 1: no ``draws`` fields)."""
+    """A copy of ``folder`` in the format before draw schemes (version 1: no ``draws`` fields), its row files
+    in the table layout of then."""
     to.mkdir()
     for path in Path(folder).iterdir():
         state = torch.load(path, weights_only=True)
@@ -31,6 +32,11 @@ def _as_version_1(folder: str, to: Path) -> str:
             state["version"] = 1
         else:
             assert state.pop("draws") is None
+            # The table as LossTable.state_dict wrote it then: int64 counts, 0.0 for unseen losses.
+            table = state["table"]
+            assert table["counts"].dtype == torch.uint32 and table["losses"].isnan().any()
+            table["counts"] = table["counts"].to(torch.int64)
+            table["losses"] = torch.nan_to_num(table["losses"], nan=0.0)
         torch.save(state, to / path.name)
     return str(to)
 
@@ -91,9 +97,9 @@ def test_saved_on_4_ranks_resumes_on_2_4_and_8(tmp_path: Path):
             assert all(np.array_equal(a, b) for a, b in zip(after, ref[0][1], strict=True)), f"world {world} rank {rank}"
             assert fp == ref[0][2]
             if world == 2:
-                legacy_status, legacy_after, legacy_fp = per["version_1"]  # the same continuation
+                legacy_status, legacy_after, legacy_fp = per["version_1"]
                 assert legacy_status == "ok" and legacy_fp == fp, f"rank {rank}: a version-1 copy continues otherwise"
-                assert all(np.array_equal(a, b) for a, b in zip(legacy_after, after, strict=True))
+                assert all(np.array_equal(a, b) for a, b in zip(legacy_after, after, strict=True)), f"rank {rank}"
     assert Path(legacy).is_dir()
     # Bad input, refused on every rank with the file and the field named.
     out = spawn_gloo(_resume, 2, folder, ("seed", "num_shards", "dataset_size"))
