@@ -50,6 +50,7 @@ from .stride import (
     _RANK_PHASE_OFF,
     _RECORD,
     _REKEY_DRIFT,
+    CreditModel,
     KeyMinTree,
     _copies,
     phases,
@@ -66,7 +67,7 @@ _SCALARS = ("clock", "drift1", "drift2", "alpha", "beta", "ref_total", "rekeys",
 _CONFIG = ("dataset_size", "num_shards", "global_batch", "uniform_mix", "seed")
 
 
-class ShardedBalancedDraws:
+class ShardedBalancedDraws(CreditModel):
     """This rank's part of the balanced draws over ``shards``: records of ids ``[start, stop)`` only.
 
     Collective calls (every rank of ``group`` calls them in the same order with the same arguments):
@@ -181,24 +182,10 @@ class ShardedBalancedDraws:
         self.shard_moved[k] = 0.0
 
     # -- credits and keys (as StrideScheduler, on the owned range) --------------------------------------
-    def rates(self, mass: np.ndarray) -> np.ndarray:
-        """Predicted draws per unit of the model clock (``w = alpha m + beta``)."""
-        return self.alpha * mass + self.beta
-
-    def _credits(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
-        return offsets + (self.rates(mass) * self.clock + (mass * self.drift1 + self.drift2))
-
     def credits_of(self, ids: np.ndarray) -> np.ndarray:
         """Exact credits ``E - D + theta`` of owned global ``ids`` after the last draw."""
         local = np.asarray(ids, dtype=np.int64) - self.start
         return self._credits(self.offsets[local], self.masses[local])
-
-    def _keys_of(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
-        rate = self.rates(mass)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            key = (1.0 - offsets.astype(np.float64)) / rate
-        key[rate <= 0.0] = np.inf
-        return key.astype(np.float32)
 
     def _fold(self) -> None:
         """Fold the clocks into the offsets (and the held credits in), as ``StrideScheduler.rekey``."""

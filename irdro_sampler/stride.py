@@ -171,7 +171,37 @@ def _tighten(values: np.ndarray, limit: float, due: float, count: int) -> float:
     return limit
 
 
-class StrideScheduler:
+class CreditModel:
+    """The credit arithmetic shared by :class:`StrideScheduler` and the sharded balanced draws: a sample's
+    exact credit ``E - D + theta`` from its stored offset, its mass and the model clock, and its key (the
+    model time at which the credit reaches 1). One copy, so both give the same bits.
+
+    Needs the attributes ``alpha``, ``beta`` (rate ``w = alpha m + beta``), ``clock``, ``drift1``, ``drift2``.
+    """
+
+    alpha: float
+    beta: float
+    clock: float
+    drift1: float
+    drift2: float
+
+    def rates(self, mass: np.ndarray) -> np.ndarray:
+        """Predicted draws per unit of the model clock (``w = alpha m + beta``)."""
+        return self.alpha * mass + self.beta
+
+    def _credits(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        """Exact credits ``E - D + theta`` (after the last advanced batch) of samples with these fields."""
+        return offsets + (self.rates(mass) * self.clock + (mass * self.drift1 + self.drift2))
+
+    def _keys_of(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        rate = self.rates(mass)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            key = (1.0 - offsets.astype(np.float64)) / rate
+        key[rate <= 0.0] = np.inf
+        return key.astype(np.float32)
+
+
+class StrideScheduler(CreditModel):
     """Credits, phases and the key tree of the balanced draws (see the module docstring).
 
     Each sample's mass is kept beside its credit, in one 16-byte record (``masses``: float64, written
@@ -195,25 +225,9 @@ class StrideScheduler:
         self._selected: tuple[np.ndarray, ...] | None = None  # the last select(), for commit()
         self._stale: list[np.ndarray] = []  # samples whose key changed since the key tree last saw them
 
-    # -- credits and keys -----------------------------------------------------------------------------
-    def rates(self, mass: np.ndarray) -> np.ndarray:
-        """Predicted draws per unit of the model clock (``w = alpha m + beta``)."""
-        return self.alpha * mass + self.beta
-
-    def _credits(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
-        """Exact credits ``E - D + theta`` (after the last advanced batch) of samples with these fields."""
-        return offsets + (self.rates(mass) * self.clock + (mass * self.drift1 + self.drift2))
-
     def leaf_keys(self, indices: np.ndarray | slice) -> np.ndarray:
         """Model time at which each credit (ignoring drift) reaches 1, as float32; inf for rate 0."""
         return self._keys_of(self.offsets[indices], self.masses[indices])
-
-    def _keys_of(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
-        rate = self.rates(mass)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            key = (1.0 - offsets.astype(np.float64)) / rate
-        key[rate <= 0.0] = np.inf
-        return key.astype(np.float32)
 
     def _rebuild_keys(self) -> None:
         self._stale = []

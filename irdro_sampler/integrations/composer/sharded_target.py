@@ -46,7 +46,7 @@ from irdro_sampler._validation import as_groups
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
 from irdro_sampler.sharded_state import COMMON
 
-from .targets import FeedbackOptions, SamplerTarget
+from .targets import FeedbackOptions, SamplerTarget, option_conflicts
 
 __all__ = ["ENTRY", "SIDECAR_SUFFIX", "ShardedBatchSampler", "ShardedSamplerTarget"]
 
@@ -134,19 +134,9 @@ class ShardedSamplerTarget(SamplerTarget):
                 raise ValueError(f"IRDRO checkpoint: {ENTRY}[{key!r}] is {entry.get(key)!r}")
 
     def _conflicts(self, options: FeedbackOptions) -> list[str]:
-        rule_cfg = self.sampler.rule.config()
-        conflicts = [
-            f"{k}={v!r} (sampler: {rule_cfg.get(k)!r})" for k, v in options.rule_options.items() if rule_cfg.get(k) != v
-        ]
-        table = self.sampler.table
-        for k, v in options.table_options.items():
-            if getattr(table, k, v) != v:
-                conflicts.append(f"{k}={v!r} (sampler: {getattr(table, k)!r})")
-        if options.groups is not None:
-            mine = as_groups(options.groups, self.sampler.dataset_size)[self.sampler.start : self.sampler.stop]
-            if table.groups is None or not np.array_equal(mine, table.groups):
-                conflicts.append("groups (the sampler has other groups or none)")
-        return conflicts
+        s = self.sampler  # its table holds the group ids of its own rows only
+        return option_conflicts(s.rule.config(), s.table, options,
+                                lambda groups: as_groups(groups, s.dataset_size)[s.start : s.stop])
 
     def bind(self, state: Any) -> None:
         """Called by IRDRO at ``FIT_START`` (after :meth:`attach`, before loading): keep Composer's ``State``,

@@ -138,6 +138,23 @@ TargetFinder = Callable[[Any], "FeedbackTarget | None"]
 StateCheck = Callable[[Mapping[str, Any]], None]
 
 
+def option_conflicts(rule_cfg: dict[str, Any], table: Any, options: FeedbackOptions,
+                     expected_groups: Any) -> list[str]:
+    """The rule, table and group options of ``IRDRO(...)`` that differ from the sampler's (named, with both
+    values). ``expected_groups(groups)`` gives the group ids the sampler's table should hold for them."""
+    conflicts = [
+        f"{k}={v!r} (sampler: {rule_cfg.get(k)!r})" for k, v in options.rule_options.items() if rule_cfg.get(k) != v
+    ]
+    for k, v in options.table_options.items():
+        if getattr(table, k, v) != v:
+            conflicts.append(f"{k}={v!r} (sampler: {getattr(table, k)!r})")
+    if options.groups is not None and (
+        table.groups is None or not np.array_equal(expected_groups(options.groups), table.groups)
+    ):
+        conflicts.append("groups (the sampler has other groups or none)")
+    return conflicts
+
+
 class SamplerTarget:
     """An :class:`~irdro_sampler.IRDROSampler` in the train DataLoader: the sampler decides everything.
 
@@ -197,19 +214,9 @@ class SamplerTarget:
             )
 
     def _conflicts(self, options: FeedbackOptions) -> list[str]:
-        rule_cfg = self.sampler.rule.config()
-        conflicts = [
-            f"{k}={v!r} (sampler: {rule_cfg.get(k)!r})" for k, v in options.rule_options.items() if rule_cfg.get(k) != v
-        ]
         table = self.sampler.table
-        for k, v in options.table_options.items():
-            if getattr(table, k, v) != v:
-                conflicts.append(f"{k}={v!r} (sampler: {getattr(table, k)!r})")
-        if options.groups is not None and (
-            table.groups is None or not np.array_equal(as_groups(options.groups, table.dataset_size), table.groups)
-        ):
-            conflicts.append("groups (the sampler has other groups or none)")
-        return conflicts
+        return option_conflicts(self.sampler.rule.config(), table, options,
+                                lambda groups: as_groups(groups, table.dataset_size))
 
     def global_step(self, timestamp: Any) -> int:
         # The sampler's global batch index: epoch * batches_per_epoch + batch_in_epoch.
