@@ -56,7 +56,18 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "irdro": {"groups": "labels"},
     "irdro-nogroups": {},
     "reweight": None,
+    # Cut rules that need evidence of noise (issue 18; RESULTS_suite_rules.md): run with --arms.
+    "mixture-valley": {"groups": "labels", "cut_rule": "mixture-valley"},
+    "mixture-valley-nogroups": {"cut_rule": "mixture-valley"},
+    "mixture-valley-agree": {"groups": "labels", "cut_rule": "mixture-valley-agree"},
+    "tail-normal": {"groups": "labels", "cut_rule": "tail-normal"},
+    "tail-normal-nogroups": {"cut_rule": "tail-normal"},
+    "tail-normal-agree": {"groups": "labels", "cut_rule": "tail-normal-agree"},
+    "tail-exp": {"groups": "labels", "cut_rule": "tail-exp"},
+    "tail-exp-nogroups": {"cut_rule": "tail-exp"},
 }
+#: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
+BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
 COMPARED = ("oracle", "irdro", "irdro-nogroups", "reweight")
 #: Steps of one MLP run are capped (epochs are reduced to fit) at MAX_STEPS and at an estimated
 #: STEP_BUDGET_MS of training (2.5 ms + 0.06 ms per sample of a batch per step, measured on the shared
@@ -159,12 +170,14 @@ def config_digest(cfg: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def arms_for(cfg: dict[str, Any]) -> list[str]:
-    return [a for a in ARMS if not (a == "irdro" and cfg["family"] == "regression")]
+def arms_for(cfg: dict[str, Any], arms: tuple[str, ...] = BASE_ARMS) -> list[str]:
+    """The arms run on ``cfg``: arms that pass groups (the class labels) are not run on regression."""
+    return [a for a in arms if not (cfg["family"] == "regression" and (ARMS[a] or {}).get("groups") == "labels")]
 
 
 # ------------------------------------------------------------------------------------------- runs
-def run_suite(configs: list[dict[str, Any]], seeds: int, out: Path, progress: bool = True) -> list[dict[str, Any]]:
+def run_suite(configs: list[dict[str, Any]], seeds: int, out: Path, progress: bool = True,
+              arms_run: tuple[str, ...] = BASE_ARMS) -> list[dict[str, Any]]:
     """Every (configuration, seed, arm) run not yet in ``out/runs.jsonl``; returns all runs of ``configs``."""
     import torch
     from task_suite_families import make_task
@@ -181,11 +194,11 @@ def run_suite(configs: list[dict[str, Any]], seeds: int, out: Path, progress: bo
                 r = json.loads(line)
                 done[(r["digest"], r["seed"], r["arm"])] = r
     todo = [(c, s) for c in configs for s in range(seeds)]
-    total = sum(len(arms_for(c)) for c, _ in todo)
+    total = sum(len(arms_for(c, arms_run)) for c, _ in todo)
     bar = tqdm(total=total, desc="suite", disable=not progress, smoothing=0.05)
     for cfg, seed in todo:
         digest = config_digest(cfg)
-        arms = arms_for(cfg)
+        arms = arms_for(cfg, arms_run)
         missing = [a for a in arms if (digest, seed, a) not in done]
         bar.update(len(arms) - len(missing))
         if not missing:
@@ -208,18 +221,19 @@ def run_suite(configs: list[dict[str, Any]], seeds: int, out: Path, progress: bo
                 f.write(json.dumps(rec) + "\n")
             bar.update(1)
     bar.close()
-    wanted = {(config_digest(c), s, a) for c in configs for s in range(seeds) for a in arms_for(c)}
+    wanted = {(config_digest(c), s, a) for c in configs for s in range(seeds) for a in arms_for(c, arms_run)}
     return [r for k, r in done.items() if k in wanted]
 
 
-def completed_runs(configs: list[dict[str, Any]], seeds: int, out: Path) -> list[dict[str, Any]]:
+def completed_runs(configs: list[dict[str, Any]], seeds: int, out: Path,
+                   arms_run: tuple[str, ...] = BASE_ARMS) -> list[dict[str, Any]]:
     """The runs in ``out/runs.jsonl`` of the configurations that have every (seed, arm) run."""
     log = out / "runs.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     have = {(r["digest"], r["seed"], r["arm"]): r for r in runs}
     keep = []
     for c in configs:
-        keys = [(config_digest(c), s, a) for s in range(seeds) for a in arms_for(c)]
+        keys = [(config_digest(c), s, a) for s in range(seeds) for a in arms_for(c, arms_run)]
         if all(k in have for k in keys):
             keep += [have[k] for k in keys]
     return keep
