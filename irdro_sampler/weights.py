@@ -34,7 +34,7 @@ DEFAULT_ESS_FRACTION = 0.9
 DEFAULT_TEMPERATURE = 1.0
 # How the adaptive cut is computed from the seen losses (per group when groups are known).
 CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixture-valley", "tail-exp-agree",
-             "tail-normal-agree", "mixture-valley-agree")
+             "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide")
 # The evidence rules (issue 18): cut only the part of the upper tail that a model of the bulk does not
 # predict. The bulk is fitted on log-losses below TAIL_FIT_QUANTILE; a sample's upper tail (the samples at
 # or above it, k of n) is excess when k >= TAIL_MIN_COUNT, k >= TAIL_EXCESS_FACTOR times the count the
@@ -44,6 +44,9 @@ TAIL_FIT_QUANTILE = 0.6
 TAIL_EXCESS_FACTOR = 4.0
 TAIL_ALPHA = 1e-4
 TAIL_MIN_COUNT = 3
+# "tail-normal-wide": once the tail is excess (the test above), the cut starts at the lowest loss whose upper
+# tail is at least this many times the model's count (half of it excess), not at the first excess point.
+TAIL_PLACE_FACTOR = 2.0
 # Evidence rules scan at most this many candidate cut points (evenly spaced ranks of the upper tail).
 _TAIL_CANDIDATES = 2048
 # A group with fewer seen samples than this is never cut: its median and MAD are not yet evidence.
@@ -144,7 +147,7 @@ def _mixture_threshold(x: np.ndarray, z: float, iterations: int = 60) -> float:
     return float(np.exp(grid[above[0]])) if above.size else math.inf
 
 
-def _tail_threshold(x: np.ndarray, z: float, reference: str = "exp") -> float:
+def _tail_threshold(x: np.ndarray, z: float, reference: str = "exp", place: float | None = None) -> float:
     """Cut only the excess of the upper tail over a model of the bulk, fitted on the log-losses below
     their :data:`TAIL_FIT_QUANTILE` quantile.
 
@@ -153,8 +156,9 @@ def _tail_threshold(x: np.ndarray, z: float, reference: str = "exp") -> float:
     cross-entropy of a clean classifier fits it). ``"normal"``: a normal on log-losses with centre the
     median and scale from the lower quartile (``(q50 - q25) / 0.6745``; tighter: squared errors of a
     regression fit it, a clean classifier's long tail does not). The threshold is just below the lowest
-    loss whose upper tail is excess (see :data:`TAIL_EXCESS_FACTOR`); ``inf`` without evidence. ``z`` is
-    not used beyond switching the cut on.
+    loss whose upper tail is excess (see :data:`TAIL_EXCESS_FACTOR`); ``inf`` without evidence. With
+    ``place``, once there is evidence the cut starts lower: at the lowest candidate whose upper tail holds
+    ``place`` times the model's count. ``z`` is not used beyond switching the cut on.
     """
     lx = np.sort(_log_losses(x))
     n = lx.size
@@ -184,6 +188,8 @@ def _tail_threshold(x: np.ndarray, z: float, reference: str = "exp") -> float:
     hits = np.flatnonzero(excess)
     if hits.size == 0:
         return math.inf
+    if place is not None:
+        hits = np.flatnonzero((k >= TAIL_MIN_COUNT) & (k >= place * lam))
     i = int(np.searchsorted(lx, v[hits[0]], side="left"))
     below = lx[i - 1] if i > 0 else v[hits[0]] - 1.0
     return float(np.exp(min(0.5 * (below + v[hits[0]]), 700.0)))
@@ -232,6 +238,7 @@ _ADAPTIVE_CUTS = {
     "tail-exp-agree": lambda x, z: _tail_threshold(x, z, "exp"),
     "tail-normal-agree": lambda x, z: _tail_threshold(x, z, "normal"),
     "mixture-valley-agree": _mixture_valley_threshold,
+    "tail-normal-wide": lambda x, z: _tail_threshold(x, z, "normal", TAIL_PLACE_FACTOR),
 }
 
 
