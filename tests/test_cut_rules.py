@@ -10,7 +10,7 @@ import pytest
 
 from irdro_sampler.weights import CUT_RULES, MIN_GROUP_SEEN, DROWeighting, cut_threshold, group_cut_thresholds
 
-EVIDENCE = ("tail-normal", "mixture-valley", "tail-exp")
+EVIDENCE = ("tail-normal", "tail-normal-wide", "mixture-valley", "tail-exp")
 SEEDS = 60
 
 
@@ -35,7 +35,7 @@ def test_clean_losses_are_not_cut(rule: str, kind: str) -> None:
     assert fired <= 1
 
 
-@pytest.mark.parametrize("rule", ["tail-normal", "mixture-valley"])
+@pytest.mark.parametrize("rule", ["tail-normal", "tail-normal-wide", "mixture-valley"])
 @pytest.mark.parametrize("frac", [0.1, 0.2, 0.3])
 @pytest.mark.parametrize("bulk", ["gamma", "ce"])
 def test_planted_high_mode_is_cut(rule: str, frac: float, bulk: str) -> None:
@@ -49,7 +49,8 @@ def test_planted_high_mode_is_cut(rule: str, frac: float, bulk: str) -> None:
         recall.append(np.mean(noise > t))
         false_cut.append(np.mean(x > t))
     assert np.mean(recall) >= 0.9
-    assert np.mean(false_cut) <= 0.01
+    # "wide" starts the cut where half the tail above is excess: it takes more of the clean tail along.
+    assert np.mean(false_cut) <= (0.03 if rule == "tail-normal-wide" else 0.01)
 
 
 def test_tail_exp_sees_a_tight_mode_over_a_light_tail() -> None:
