@@ -85,6 +85,12 @@ def cut_threshold(
         noisy labels); cuts where the upper component becomes the likelier one, only if the two are
         well separated (Ashman's D >= 2) and the upper one holds less than half the samples. ``z`` is
         not used beyond switching the cut on.
+      - evidence rules (issue 18; they cut only where the losses show noise, compared on the task suite in
+        benchmarks/RESULTS_suite_rules.md): ``"tail-normal"``, ``"tail-normal-wide"``, ``"tail-exp"``
+        (:func:`_tail_threshold`: the excess of the upper tail over a model of the bulk) and
+        ``"mixture-valley"`` (:func:`_mixture_valley_threshold`: a separate high mode with a density
+        valley); their ``"-agree"`` forms cut per group only where the rule over all samples agrees
+        (:func:`group_cut_thresholds`).
 
     Both may be given; the lower threshold wins. ``losses`` should be the *seen* losses only:
     filling unseen samples with a prior and including them would pull the quantile towards the prior.
