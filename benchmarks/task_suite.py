@@ -63,6 +63,7 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "tail-normal": {"groups": "labels", "cut_rule": "tail-normal"},
     "tail-normal-nogroups": {"cut_rule": "tail-normal"},
     "tail-normal-agree": {"groups": "labels", "cut_rule": "tail-normal-agree"},
+    "tail-normal-soft-nogroups": {"cut_rule": "tail-normal", "ess_fraction": 0.97},  # and a milder tilt
     "tail-normal-wide-nogroups": {"cut_rule": "tail-normal-wide"},
     "tail-normal-wide": {"groups": "labels", "cut_rule": "tail-normal-wide"},
     "tail-exp": {"groups": "labels", "cut_rule": "tail-exp"},
