@@ -56,7 +56,21 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "irdro": {"groups": "labels"},
     "irdro-nogroups": {},
     "reweight": None,
+    # Cut rules that need evidence of noise (issue 18; RESULTS_suite_rules.md): run with --arms.
+    "mixture-valley": {"groups": "labels", "cut_rule": "mixture-valley"},
+    "mixture-valley-nogroups": {"cut_rule": "mixture-valley"},
+    "mixture-valley-agree": {"groups": "labels", "cut_rule": "mixture-valley-agree"},
+    "tail-normal": {"groups": "labels", "cut_rule": "tail-normal"},
+    "tail-normal-nogroups": {"cut_rule": "tail-normal"},
+    "tail-normal-agree": {"groups": "labels", "cut_rule": "tail-normal-agree"},
+    "tail-normal-soft-nogroups": {"cut_rule": "tail-normal", "ess_fraction": 0.97},  # and a milder tilt
+    "tail-normal-wide-nogroups": {"cut_rule": "tail-normal-wide"},
+    "tail-normal-wide": {"groups": "labels", "cut_rule": "tail-normal-wide"},
+    "tail-exp": {"groups": "labels", "cut_rule": "tail-exp"},
+    "tail-exp-nogroups": {"cut_rule": "tail-exp"},
 }
+#: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
+BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
 COMPARED = ("oracle", "irdro", "irdro-nogroups", "reweight")
 #: Steps of one MLP run are capped (epochs are reduced to fit) at MAX_STEPS and at an estimated
 #: STEP_BUDGET_MS of training (2.5 ms + 0.06 ms per sample of a batch per step, measured on the shared
@@ -159,12 +173,14 @@ def config_digest(cfg: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def arms_for(cfg: dict[str, Any]) -> list[str]:
-    return [a for a in ARMS if not (a == "irdro" and cfg["family"] == "regression")]
+def arms_for(cfg: dict[str, Any], arms: tuple[str, ...] = BASE_ARMS) -> list[str]:
+    """The arms run on ``cfg``: arms that pass groups (the class labels) are not run on regression."""
+    return [a for a in arms if not (cfg["family"] == "regression" and (ARMS[a] or {}).get("groups") == "labels")]
 
 
 # ------------------------------------------------------------------------------------------- runs
-def run_suite(configs: list[dict[str, Any]], seeds: int, out: Path, progress: bool = True) -> list[dict[str, Any]]:
+def run_suite(configs: list[dict[str, Any]], seeds: int, out: Path, progress: bool = True,
+              arms_run: tuple[str, ...] = BASE_ARMS) -> list[dict[str, Any]]:
     """Every (configuration, seed, arm) run not yet in ``out/runs.jsonl``; returns all runs of ``configs``."""
     import torch
     from task_suite_families import make_task
@@ -181,11 +197,11 @@ def run_suite(configs: list[dict[str, Any]], seeds: int, out: Path, progress: bo
                 r = json.loads(line)
                 done[(r["digest"], r["seed"], r["arm"])] = r
     todo = [(c, s) for c in configs for s in range(seeds)]
-    total = sum(len(arms_for(c)) for c, _ in todo)
+    total = sum(len(arms_for(c, arms_run)) for c, _ in todo)
     bar = tqdm(total=total, desc="suite", disable=not progress, smoothing=0.05)
     for cfg, seed in todo:
         digest = config_digest(cfg)
-        arms = arms_for(cfg)
+        arms = arms_for(cfg, arms_run)
         missing = [a for a in arms if (digest, seed, a) not in done]
         bar.update(len(arms) - len(missing))
         if not missing:
@@ -208,27 +224,29 @@ def run_suite(configs: list[dict[str, Any]], seeds: int, out: Path, progress: bo
                 f.write(json.dumps(rec) + "\n")
             bar.update(1)
     bar.close()
-    wanted = {(config_digest(c), s, a) for c in configs for s in range(seeds) for a in arms_for(c)}
+    wanted = {(config_digest(c), s, a) for c in configs for s in range(seeds) for a in arms_for(c, arms_run)}
     return [r for k, r in done.items() if k in wanted]
 
 
-def completed_runs(configs: list[dict[str, Any]], seeds: int, out: Path) -> list[dict[str, Any]]:
+def completed_runs(configs: list[dict[str, Any]], seeds: int, out: Path,
+                   arms_run: tuple[str, ...] = BASE_ARMS) -> list[dict[str, Any]]:
     """The runs in ``out/runs.jsonl`` of the configurations that have every (seed, arm) run."""
     log = out / "runs.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     have = {(r["digest"], r["seed"], r["arm"]): r for r in runs}
     keep = []
     for c in configs:
-        keys = [(config_digest(c), s, a) for s in range(seeds) for a in arms_for(c)]
+        keys = [(config_digest(c), s, a) for s in range(seeds) for a in arms_for(c, arms_run)]
         if all(k in have for k in keys):
             keep += [have[k] for k in keys]
     return keep
 
 
 # ---------------------------------------------------------------------------------------- analysis
-def analyse(configs: list[dict[str, Any]], runs: list[dict[str, Any]], seeds: int) -> dict[str, Any]:
-    """Per configuration and arm: paired deltas, spreads, harmed flags, oracle share, cut and draw shares;
-    and the per-arm summary. Plain JSON types."""
+def analyse(configs: list[dict[str, Any]], runs: list[dict[str, Any]], seeds: int,
+            compared: tuple[str, ...] = COMPARED) -> dict[str, Any]:
+    """Per configuration and arm (``compared``, which must include ``oracle``): paired deltas, spreads,
+    harmed flags, oracle share, cut and draw shares; and the per-arm summary. Plain JSON types."""
     by = {(r["config"], r["arm"], r["seed"]): r for r in runs}
     rows = []
     for cfg in configs:
@@ -237,7 +255,7 @@ def analyse(configs: list[dict[str, Any]], runs: list[dict[str, Any]], seeds: in
         row: dict[str, Any] = {"config": name, "family": cfg["family"], "noise_kind": cfg["noise_kind"],
                                "noise": cfg["noise"], "uniform": {m: float(np.mean([b[m] for b in base]))
                                                                   for m in METRICS}, "arms": {}}
-        for arm in COMPARED:
+        for arm in compared:
             if (name, arm, 0) not in by:
                 continue
             res = [by[(name, arm, s)] for s in range(seeds)]
@@ -260,7 +278,7 @@ def analyse(configs: list[dict[str, Any]], runs: list[dict[str, Any]], seeds: in
             a["oracle_share"] = a["score"]["delta"] / oracle_gain if cfg["noise"] >= 0.1 and oracle_gain > 0 else None
         rows.append(row)
     summary = {}
-    for arm in COMPARED:
+    for arm in compared:
         have = [r for r in rows if arm in r["arms"]]
         clean = [r for r in have if r["noise"] == 0]
         noisy = [r for r in have if r["noise"] >= 0.1]
@@ -377,6 +395,74 @@ def format_report(configs: list[dict[str, Any]], analysis: dict[str, Any], seeds
     return "\n".join(lines) + "\n"
 
 
+def format_rules_report(configs: list[dict[str, Any]], analysis: dict[str, Any], seeds: int, command: str,
+                        arms: tuple[str, ...]) -> str:
+    """The cut rules compared on the suite (RESULTS_suite_rules.md): issue 18's targets per arm, the byte
+    LM's rare/worst deltas, and per configuration the deltas and the cut of every compared arm."""
+    s, rows = analysis["summary"], analysis["rows"]
+    pct = lambda a, b: f"{a}/{b} ({100 * a / b:.0f}%)" if b else "–"  # noqa: E731
+    num = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+    ok = lambda c: "PASS" if c else "FAIL"  # noqa: E731
+    lines = [
+        "## Cut rules that need evidence of noise, on the randomised task suite (issue 18)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"{len(configs)} configurations x {seeds} seed(s), the suite of RESULTS_suite.md (same definitions: Δ paired "
+        "to uniform, spread, harmed = Δ < -spread on main or rare; uniform/oracle/default runs reused from "
+        "`task_suite_out/runs.jsonl`). Arms ending in `-nogroups` pass no groups; the others pass the class labels "
+        "(LM: source domains) and are not run on regression. Cut = `truncated_fraction` at the end of training.",
+        "",
+        "| arm | harmed | harmed main / rare | better (main) | 0% noise: harmed | 0% noise: cut mean / max "
+        "| noise >= 10%: median oracle share (n) | targets: harmed <= 5% / 0% harmed 0 / cut < 2% / share >= 0.5 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        a = s[arm]
+        frac = a["harmed"] / a["configs"] if a["configs"] else math.nan
+        share = a["oracle_share_median"]
+        targets = " / ".join([ok(frac <= 0.05), ok(a["clean_harmed"] == 0),
+                              ok(a["clean_cut_mean"] is not None and a["clean_cut_mean"] < 0.02),
+                              ok(share is not None and share >= 0.5)])
+        lines.append(
+            f"| `{arm}` | {pct(a['harmed'], a['configs'])} | {a['harmed_main']} / {a['harmed_rare']} | "
+            f"{a['better_main']} | {pct(a['clean_harmed'], a['clean_configs'])} | {num(a['clean_cut_mean'])} / "
+            f"{num(a['clean_cut_max'])} | {num(share)} ({a['oracle_share_n']}) | {targets} |")
+    lines += ["", "Harmed configurations:", ""]
+    for arm in arms:
+        lines.append(f"- `{arm}`: " + (", ".join(f"`{n}`" for n in s[arm]["harmed_names"]) or "none"))
+    lines += ["", "### Byte LM: Δ rare / Δ worst (nats/byte, higher is better; spread of each in brackets)", "",
+              "| configuration | " + " | ".join(f"`{a}`" for a in arms) + " |",
+              "|---|" + "---|" * len(arms)]
+    for row in rows:
+        if row["family"] != "lm":
+            continue
+        cells = []
+        for arm in arms:
+            a = row["arms"].get(arm)
+            cells.append("–" if a is None else f"{a['rare']['delta']:+.3f} / {a['worst']['delta']:+.3f} "
+                         f"({a['rare']['spread']:.3f} / {a['worst']['spread']:.3f})" + ("*" if a["harmed"] else ""))
+        lines.append(f"| `{row['config']}` | " + " | ".join(cells) + " |")
+    lines += ["", "### Per configuration: Δ main / Δ rare (`*` harmed), cut fraction in brackets", "",
+              "| configuration | uniform main | spread main / rare | " + " | ".join(f"`{a}`" for a in arms) + " |",
+              "|---|---|---|" + "---|" * len(arms)]
+    for row in rows:
+        ref = row["uniform"]["score"]
+        o = row["arms"]["oracle"]
+        cells = []
+        for arm in arms:
+            a = row["arms"].get(arm)
+            if a is None:
+                cells.append("–")
+                continue
+            cut = f" ({a['truncated_fraction']:.2f})" if "truncated_fraction" in a else ""
+            cells.append(f"{_fmt(a['score']['delta'], ref)} / {_fmt(a['rare']['delta'], ref)}"
+                         f"{'*' if a['harmed'] else ''}{cut}")
+        spread = f"{_fmt(o['score']['spread'], ref).lstrip('+')} / {_fmt(o['rare']['spread'], ref).lstrip('+')}"
+        lines.append(f"| `{row['config']}` | {_fmt(ref, ref).lstrip('+')} | {spread} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(analysis: dict[str, Any], prefix: Path) -> list[str]:
     """Distribution of the paired deltas (in seed spreads) per arm, and the oracle share against the noise."""
     import matplotlib
@@ -444,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE / "task_suite_out"))
     ap.add_argument("--results", default=None, help="markdown file (default RESULTS_suite.md; quick: under --out)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--arms", default=None,
+                    help="comma-separated arms to run and compare (with uniform and oracle; e.g. the cut rules' arms); "
+                         "the report goes to --results (default RESULTS_suite_rules.md)")
     ap.add_argument("--report-only", action="store_true",
                     help="no training: report the configurations whose runs in --out are complete (a stated subset)")
     args = ap.parse_args(argv)
@@ -462,15 +551,34 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.time()
     planned = len(configs)
+    if args.arms:
+        compared = tuple(a for a in args.arms.split(",") if a not in ("uniform", "oracle"))
+        unknown = [a for a in compared if a not in ARMS]
+        if unknown:
+            ap.error(f"unknown arms {unknown}; known: {list(ARMS)}")
+        arms_run = ("uniform", "oracle", *compared)
+    else:
+        compared, arms_run = COMPARED, BASE_ARMS
     if args.report_only:  # the command that made the runs, then how this report was made from them
         rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
         command = (command.replace(" --report-only", "") + "` (runs); report written from its runs.jsonl by `"
                    + "python benchmarks/task_suite.py --report-only " + " ".join(shlex.quote(a) for a in rest)).rstrip()
-        runs = completed_runs(configs, seeds, out)
+        runs = completed_runs(configs, seeds, out, arms_run)
         names = {r["config"] for r in runs}
         configs = [c for c in configs if c["name"] in names]
     else:
-        runs = run_suite(configs, seeds, out, progress=not args.no_progress)
+        runs = run_suite(configs, seeds, out, progress=not args.no_progress, arms_run=arms_run)
+    if args.arms:
+        analysis = analyse(configs, runs, seeds, ("oracle", *compared))
+        results = Path(args.results) if args.results else HERE / "RESULTS_suite_rules.md"
+        text = format_rules_report(configs, analysis, seeds, command, compared)
+        if len(configs) < planned:
+            text = text.replace("`\n\n", f"`\n\n**Subset:** {len(configs)} of the {planned} configurations had "
+                                "all their runs when this report was written.\n\n", 1)
+        results.write_text(text)
+        (out / "analysis_rules.json").write_text(json.dumps(analysis, indent=1))
+        print(text)
+        return 0
     elapsed = sum(r["seconds"] for r in runs) or time.time() - t0
     analysis = analyse(configs, runs, seeds)
     results = Path(args.results) if args.results else (out / "RESULTS_suite.md" if args.quick

@@ -33,7 +33,22 @@ DEFAULT_ESS_FRACTION = 0.9
 # The temperature of the paper's in-batch reweighting and of ``temperature_for`` on a single loss.
 DEFAULT_TEMPERATURE = 1.0
 # How the adaptive cut is computed from the seen losses (per group when groups are known).
-CUT_RULES = ("zscore", "log-zscore", "mixture")
+CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixture-valley", "tail-exp-agree",
+             "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide")
+# The evidence rules (issue 18): cut only the part of the upper tail that a model of the bulk does not
+# predict. The bulk is fitted on log-losses below TAIL_FIT_QUANTILE; a sample's upper tail (the samples at
+# or above it, k of n) is excess when k >= TAIL_MIN_COUNT, k >= TAIL_EXCESS_FACTOR times the count the
+# model predicts (lam) and the Poisson Chernoff bound exp(-(k log(k/lam) - k + lam)) is below
+# TAIL_ALPHA. Measured false-alarm rate (any cut) on clean draws: tests/test_cut_rules.py.
+TAIL_FIT_QUANTILE = 0.6
+TAIL_EXCESS_FACTOR = 4.0
+TAIL_ALPHA = 1e-4
+TAIL_MIN_COUNT = 3
+# "tail-normal-wide": once the tail is excess (the test above), the cut starts at the lowest loss whose upper
+# tail is at least this many times the model's count (half of it excess), not at the first excess point.
+TAIL_PLACE_FACTOR = 2.0
+# Evidence rules scan at most this many candidate cut points (evenly spaced ranks of the upper tail).
+_TAIL_CANDIDATES = 2048
 # A group with fewer seen samples than this is never cut: its median and MAD are not yet evidence.
 MIN_GROUP_SEEN = 8
 # 1.4826 * MAD estimates the standard deviation of a normal distribution.
@@ -70,6 +85,12 @@ def cut_threshold(
         noisy labels); cuts where the upper component becomes the likelier one, only if the two are
         well separated (Ashman's D >= 2) and the upper one holds less than half the samples. ``z`` is
         not used beyond switching the cut on.
+      - evidence rules (issue 18; they cut only where the losses show noise, compared on the task suite in
+        benchmarks/RESULTS_suite_rules.md): ``"tail-normal"``, ``"tail-normal-wide"``, ``"tail-exp"``
+        (:func:`_tail_threshold`: the excess of the upper tail over a model of the bulk) and
+        ``"mixture-valley"`` (:func:`_mixture_valley_threshold`: a separate high mode with a density
+        valley); their ``"-agree"`` forms cut per group only where the rule over all samples agrees
+        (:func:`group_cut_thresholds`).
 
     Both may be given; the lower threshold wins. ``losses`` should be the *seen* losses only:
     filling unseen samples with a prior and including them would pull the quantile towards the prior.
@@ -132,7 +153,99 @@ def _mixture_threshold(x: np.ndarray, z: float, iterations: int = 60) -> float:
     return float(np.exp(grid[above[0]])) if above.size else math.inf
 
 
-_ADAPTIVE_CUTS = {"zscore": _robust_z_threshold, "log-zscore": _log_z_threshold, "mixture": _mixture_threshold}
+def _tail_threshold(x: np.ndarray, z: float, reference: str = "exp", place: float | None = None) -> float:
+    """Cut only the excess of the upper tail over a model of the bulk, fitted on the log-losses below
+    their :data:`TAIL_FIT_QUANTILE` quantile.
+
+    ``reference="exp"``: the log-losses' survival decays exponentially beyond the median at the rate
+    fitted between the median and the fit quantile (a Pareto tail of the losses; lenient: the right-skewed
+    cross-entropy of a clean classifier fits it). ``"normal"``: a normal on log-losses with centre the
+    median and scale from the lower quartile (``(q50 - q25) / 0.6745``; tighter: squared errors of a
+    regression fit it, a clean classifier's long tail does not). The threshold is just below the lowest
+    loss whose upper tail is excess (see :data:`TAIL_EXCESS_FACTOR`); ``inf`` without evidence. With
+    ``place``, once there is evidence the cut starts lower: at the lowest candidate whose upper tail holds
+    ``place`` times the model's count. ``z`` is not used beyond switching the cut on.
+    """
+    lx = np.sort(_log_losses(x))
+    n = lx.size
+    if n < MIN_GROUP_SEEN or lx[-1] == lx[0]:
+        return math.inf
+    q25, q50, qf = np.quantile(lx, [0.25, 0.5, TAIL_FIT_QUANTILE])
+    start = int(np.searchsorted(lx, qf, side="right"))
+    if start >= n:
+        return math.inf
+    idx = np.unique(np.linspace(start, n - 1, min(n - start, _TAIL_CANDIDATES)).round().astype(np.int64))
+    v = lx[idx]
+    k = (n - np.searchsorted(lx, v, side="left")).astype(np.float64)  # samples at or above each candidate
+    if reference == "exp":
+        width = float(qf - q50)
+        if width <= 0:
+            return math.inf
+        rate = math.log(0.5 / (1.0 - TAIL_FIT_QUANTILE)) / width
+        lam = n * (1.0 - TAIL_FIT_QUANTILE) * np.exp(-rate * (v - qf))
+    else:
+        scale = float(q50 - q25) / 0.6745
+        if scale <= 0:
+            return math.inf
+        lam = n * 0.5 * np.array([math.erfc((t - q50) / (scale * math.sqrt(2.0))) for t in v])
+    lam = np.maximum(lam, 1e-300)
+    chernoff = k * np.log(k / lam) - k + lam  # -log of the Poisson upper-tail bound (k > lam)
+    excess = (k >= TAIL_MIN_COUNT) & (k >= TAIL_EXCESS_FACTOR * lam) & (chernoff >= math.log(1.0 / TAIL_ALPHA))
+    hits = np.flatnonzero(excess)
+    if hits.size == 0:
+        return math.inf
+    if place is not None:
+        hits = np.flatnonzero((k >= TAIL_MIN_COUNT) & (k >= place * lam))
+    i = int(np.searchsorted(lx, v[hits[0]], side="left"))
+    below = lx[i - 1] if i > 0 else v[hits[0]] - 1.0
+    return float(np.exp(min(0.5 * (below + v[hits[0]]), 700.0)))
+
+
+def _mixture_valley_threshold(x: np.ndarray, z: float, iterations: int = 60) -> float:
+    """The two-component mixture of ``"mixture"`` (same EM), accepted only as evidence of a separate
+    high mode: Ashman's D >= 2, the upper component holding 0.5%-45% of the samples, and the fitted
+    mixture density having a valley between the two means at most half the height of the lower of its
+    two peaks. Cuts at the valley."""
+    lx = _log_losses(x)
+    if lx.size < MIN_GROUP_SEEN or float(lx.max() - lx.min()) == 0.0:
+        return math.inf
+    mu = np.quantile(lx, [0.25, 0.95])
+    var = np.full(2, max(float(lx.var()) / 4.0, 1e-12))
+    weight = np.array([0.8, 0.2])
+    for _ in range(iterations):
+        log_r = -0.5 * (lx[:, None] - mu) ** 2 / var - 0.5 * np.log(var) + np.log(weight)
+        log_r -= log_r.max(axis=1, keepdims=True)
+        r = np.exp(log_r)
+        r /= r.sum(axis=1, keepdims=True)
+        nk = r.sum(axis=0) + 1e-300
+        weight = np.maximum(nk / lx.size, 1e-12)
+        mu = (r * lx[:, None]).sum(axis=0) / nk
+        var = np.maximum((r * (lx[:, None] - mu) ** 2).sum(axis=0) / nk, 1e-12)
+    lo, hi = (0, 1) if mu[0] <= mu[1] else (1, 0)
+    separation = (mu[hi] - mu[lo]) / math.sqrt(0.5 * (var[lo] + var[hi]))
+    if separation < 2.0 or not 0.005 <= weight[hi] <= 0.45:
+        return math.inf
+    sd = np.sqrt(var)
+    grid = np.linspace(mu[lo], mu[hi], 1025)
+    dens = sum(weight[k] / sd[k] * np.exp(-0.5 * ((grid - mu[k]) / sd[k]) ** 2) for k in (lo, hi))
+    valley = int(np.argmin(dens))
+    if valley in (0, grid.size - 1):
+        return math.inf
+    peak = min(float(dens[: valley + 1].max()), float(dens[valley:].max()))
+    if dens[valley] > 0.5 * peak:
+        return math.inf
+    return float(np.exp(grid[valley]))
+
+
+_ADAPTIVE_CUTS = {
+    "zscore": _robust_z_threshold, "log-zscore": _log_z_threshold, "mixture": _mixture_threshold,
+    "tail-exp": lambda x, z: _tail_threshold(x, z, "exp"), "tail-normal": lambda x, z: _tail_threshold(x, z, "normal"),
+    "mixture-valley": _mixture_valley_threshold,
+    "tail-exp-agree": lambda x, z: _tail_threshold(x, z, "exp"),
+    "tail-normal-agree": lambda x, z: _tail_threshold(x, z, "normal"),
+    "mixture-valley-agree": _mixture_valley_threshold,
+    "tail-normal-wide": lambda x, z: _tail_threshold(x, z, "normal", TAIL_PLACE_FACTOR),
+}
 
 
 def _check_cut_rule(rule: Any) -> str:
@@ -148,11 +261,19 @@ def group_cut_thresholds(
     """:func:`cut_threshold` of each group's ``losses`` (seen ones); index the result by group id.
 
     Groups with fewer than :data:`MIN_GROUP_SEEN` samples get ``inf`` (not enough evidence to cut).
+    The ``"*-agree"`` rules cut a sample only where its group's rule and the same rule over all the
+    samples agree: each group's threshold is the larger of the two.
     """
     groups = np.asarray(groups)
     out = np.full(num_groups, math.inf)
     if groups.size == 0:
         return out
+    if cut_rule.endswith("-agree"):
+        overall = cut_threshold(losses, truncate_quantile=truncate_quantile, truncate_zscore=truncate_zscore,
+                                cut_rule=cut_rule)
+        own = group_cut_thresholds(losses, groups, num_groups=num_groups, truncate_quantile=truncate_quantile,
+                                   truncate_zscore=truncate_zscore, cut_rule=cut_rule[: -len("-agree")])
+        return np.maximum(own, overall)
     order = np.argsort(groups, kind="stable")
     ids, starts = np.unique(groups[order], return_index=True)
     for g, part in zip(ids, np.split(losses[order], starts[1:]), strict=True):
