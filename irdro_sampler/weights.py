@@ -125,11 +125,13 @@ def _log_z_threshold(x: np.ndarray, z: float) -> float:
     return float(np.exp(min(_robust_z_threshold(_log_losses(x), z), 700.0)))
 
 
-def _mixture_threshold(x: np.ndarray, z: float, iterations: int = 60) -> float:
-    """Two-component 1-D Gaussian mixture on log-losses by EM from a quantile start (deterministic)."""
+def _log_mixture(x: np.ndarray, iterations: int) -> tuple | None:
+    """Two-component 1-D Gaussian mixture on log-losses by EM from a quantile start (deterministic):
+    ``(weight, mu, var, lo, hi, separation)`` with ``lo`` / ``hi`` the lower / upper component and
+    ``separation`` Ashman's D; ``None`` when there are too few or identical losses."""
     lx = _log_losses(x)
     if lx.size < MIN_GROUP_SEEN or float(lx.max() - lx.min()) == 0.0:
-        return math.inf
+        return None
     mu = np.quantile(lx, [0.25, 0.95])
     var = np.full(2, max(float(lx.var()) / 4.0, 1e-12))
     weight = np.array([0.8, 0.2])
@@ -144,6 +146,15 @@ def _mixture_threshold(x: np.ndarray, z: float, iterations: int = 60) -> float:
         var = np.maximum((r * (lx[:, None] - mu) ** 2).sum(axis=0) / nk, 1e-12)
     lo, hi = (0, 1) if mu[0] <= mu[1] else (1, 0)
     separation = (mu[hi] - mu[lo]) / math.sqrt(0.5 * (var[lo] + var[hi]))
+    return weight, mu, var, lo, hi, separation
+
+
+def _mixture_threshold(x: np.ndarray, z: float, iterations: int = 60) -> float:
+    """Two-component 1-D Gaussian mixture on log-losses by EM from a quantile start (deterministic)."""
+    fit = _log_mixture(x, iterations)
+    if fit is None:
+        return math.inf
+    weight, mu, var, lo, hi, separation = fit
     if separation < 2.0 or weight[hi] >= 0.5:
         return math.inf
     # Where the upper component's log-density overtakes the lower one's, between the two means.
@@ -206,23 +217,10 @@ def _mixture_valley_threshold(x: np.ndarray, z: float, iterations: int = 60) -> 
     high mode: Ashman's D >= 2, the upper component holding 0.5%-45% of the samples, and the fitted
     mixture density having a valley between the two means at most half the height of the lower of its
     two peaks. Cuts at the valley."""
-    lx = _log_losses(x)
-    if lx.size < MIN_GROUP_SEEN or float(lx.max() - lx.min()) == 0.0:
+    fit = _log_mixture(x, iterations)
+    if fit is None:
         return math.inf
-    mu = np.quantile(lx, [0.25, 0.95])
-    var = np.full(2, max(float(lx.var()) / 4.0, 1e-12))
-    weight = np.array([0.8, 0.2])
-    for _ in range(iterations):
-        log_r = -0.5 * (lx[:, None] - mu) ** 2 / var - 0.5 * np.log(var) + np.log(weight)
-        log_r -= log_r.max(axis=1, keepdims=True)
-        r = np.exp(log_r)
-        r /= r.sum(axis=1, keepdims=True)
-        nk = r.sum(axis=0) + 1e-300
-        weight = np.maximum(nk / lx.size, 1e-12)
-        mu = (r * lx[:, None]).sum(axis=0) / nk
-        var = np.maximum((r * (lx[:, None] - mu) ** 2).sum(axis=0) / nk, 1e-12)
-    lo, hi = (0, 1) if mu[0] <= mu[1] else (1, 0)
-    separation = (mu[hi] - mu[lo]) / math.sqrt(0.5 * (var[lo] + var[hi]))
+    weight, mu, var, lo, hi, separation = fit
     if separation < 2.0 or not 0.005 <= weight[hi] <= 0.45:
         return math.inf
     sd = np.sqrt(var)
