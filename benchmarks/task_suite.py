@@ -314,6 +314,19 @@ def _fmt(x: float, ref: float) -> str:
     return f"{x:+.{digits}f}"
 
 
+def _delta_cell(arm: dict[str, Any] | None, ref: float, *, with_cut: bool = False) -> str:
+    """``Δ main / Δ rare`` of one arm against uniform, ``*`` if harmed, the cut fraction in brackets if asked."""
+    if arm is None:
+        return "–"
+    cut = f" ({arm['truncated_fraction']:.2f})" if with_cut and "truncated_fraction" in arm else ""
+    return f"{_fmt(arm['score']['delta'], ref)} / {_fmt(arm['rare']['delta'], ref)}{'*' if arm['harmed'] else ''}{cut}"
+
+
+def _spread_cell(arm: dict[str, Any], ref: float) -> str:
+    """The seed spread of one arm's main and rare metric."""
+    return f"{_fmt(arm['score']['spread'], ref).lstrip('+')} / {_fmt(arm['rare']['spread'], ref).lstrip('+')}"
+
+
 def format_report(configs: list[dict[str, Any]], analysis: dict[str, Any], seeds: int, command: str,
                   elapsed: float, plots: list[str], notes: Path | None = None) -> str:
     s = analysis["summary"]
@@ -373,16 +386,8 @@ def format_report(configs: list[dict[str, Any]], analysis: dict[str, Any], seeds
               "|---|---|---|---|---|---|---|---|---|"]
     for row in analysis["rows"]:
         ref = row["uniform"]["score"]
-        cells = []
-        for arm in COMPARED:
-            a = row["arms"].get(arm)
-            if a is None:
-                cells.append("–")
-                continue
-            mark = "*" if a["harmed"] else ""
-            cells.append(f"{_fmt(a['score']['delta'], ref)} / {_fmt(a['rare']['delta'], ref)}{mark}")
-        ng_spread = row["arms"]["irdro-nogroups"]
-        spread = f"{_fmt(ng_spread['score']['spread'], ref).lstrip('+')} / {_fmt(ng_spread['rare']['spread'], ref).lstrip('+')}"
+        cells = [_delta_cell(row["arms"].get(arm), ref) for arm in COMPARED]
+        spread = _spread_cell(row["arms"]["irdro-nogroups"], ref)
         cut = "/".join(num(row["arms"][a].get("truncated_fraction")) if a in row["arms"] else "–"
                        for a in ("irdro", "irdro-nogroups"))
         ng = row["arms"]["irdro-nogroups"]
@@ -449,16 +454,8 @@ def format_rules_report(configs: list[dict[str, Any]], analysis: dict[str, Any],
     for row in rows:
         ref = row["uniform"]["score"]
         o = row["arms"]["oracle"]
-        cells = []
-        for arm in arms:
-            a = row["arms"].get(arm)
-            if a is None:
-                cells.append("–")
-                continue
-            cut = f" ({a['truncated_fraction']:.2f})" if "truncated_fraction" in a else ""
-            cells.append(f"{_fmt(a['score']['delta'], ref)} / {_fmt(a['rare']['delta'], ref)}"
-                         f"{'*' if a['harmed'] else ''}{cut}")
-        spread = f"{_fmt(o['score']['spread'], ref).lstrip('+')} / {_fmt(o['rare']['spread'], ref).lstrip('+')}"
+        cells = [_delta_cell(row["arms"].get(arm), ref, with_cut=True) for arm in arms]
+        spread = _spread_cell(o, ref)
         lines.append(f"| `{row['config']}` | {_fmt(ref, ref).lstrip('+')} | {spread} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
