@@ -102,6 +102,7 @@ class ShardedSamplerTarget(SamplerTarget):
     """
 
     name = "ShardedIRDROSampler"
+    sampler_type = ShardedIRDROSampler
     wants_epoch_end = True
 
     def __init__(self, sampler: ShardedIRDROSampler, dataloader: Any = None) -> None:
@@ -110,15 +111,6 @@ class ShardedSamplerTarget(SamplerTarget):
         self.composer_state: Any = None
         self._handled: set[tuple[str, int]] = set()  # (checkpoint name, batch) of saves seen already
         self._written: list[tuple[Path, Path]] = []  # rank 0: (checkpoint file, its sidecar), oldest first
-
-    @classmethod
-    def find(cls, dataloader: Any) -> ShardedSamplerTarget | None:  # type: ignore[override]
-        """The sharded sampler of ``sampler=``, or of ``batch_sampler=`` (itself, or its ``.sampler``)."""
-        for obj in (getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None)):
-            for candidate in (obj, getattr(obj, "sampler", None)):
-                if isinstance(candidate, ShardedIRDROSampler):
-                    return cls(candidate, dataloader)
-        return None
 
     @staticmethod
     def check_state(state: Mapping[str, Any]) -> None:

@@ -174,12 +174,15 @@ class SamplerTarget:
     def has_groups(self) -> bool:
         return self.sampler.table.groups is not None
 
+    #: The sampler class this target drives (a subclass of the target names its own).
+    sampler_type: type = IRDROSampler
+
     @classmethod
     def find(cls, dataloader: Any) -> SamplerTarget | None:
-        """The sampler of ``sampler=``, or of ``batch_sampler=`` (itself, or its ``.sampler``)."""
+        """The ``sampler_type`` sampler of ``sampler=``, or of ``batch_sampler=`` (itself, or its ``.sampler``)."""
         for obj in (getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None)):
             for candidate in (obj, getattr(obj, "sampler", None)):
-                if isinstance(candidate, IRDROSampler):
+                if isinstance(candidate, cls.sampler_type):
                     return cls(candidate, dataloader)
         return None
 
