@@ -49,7 +49,6 @@ from .stride import (
     _OFFSET_LIMIT,
     _RANK_PHASE_OFF,
     _RECORD,
-    _REKEY_DRIFT,
     CreditModel,
     KeyMinTree,
     _copies,
@@ -198,10 +197,7 @@ class ShardedBalancedDraws(CreditModel):
         self._held_ids, self._held_credits = self._held_ids[:0], self._held_credits[:0]
 
     def _set_reference(self, total: float) -> None:
-        self.ref_total = float(total)
-        u = self.uniform_mix
-        self.alpha = self.global_batch * (1.0 - u) / total if total > 0 else 0.0
-        self.beta = self.global_batch * u / self.dataset_size if total > 0 else self.global_batch / self.dataset_size
+        self._predict_rates(total, self.global_batch, self.dataset_size)
         self.rekeys += 1
         self._rebuild_keys()
 
@@ -216,10 +212,6 @@ class ShardedBalancedDraws(CreditModel):
     def _rekey(self, total: float) -> None:
         self._fold()
         self._set_reference(total)
-
-    def _needs_rekey(self, total: float) -> bool:
-        ref = self.ref_total
-        return not (ref > 0 and ref / (1 + _REKEY_DRIFT) <= total <= ref * (1 + _REKEY_DRIFT))
 
     def _update_keys(self) -> None:
         if not self._stale or self._keys is None:
@@ -267,7 +259,7 @@ class ShardedBalancedDraws(CreditModel):
         if rekey:  # a rebuild (the unsharded end_rebuild) or an overflowing mass change
             self._rekey(total)
             self.needs_reference = False
-        if self._needs_rekey(total):  # the total drifted (the unsharded keep_fresh)
+        if self.needs_rekey(total):  # the total drifted (the unsharded keep_fresh)
             self._rekey(total)
             rekey = True
         self.total = total

@@ -176,7 +176,8 @@ class CreditModel:
     exact credit ``E - D + theta`` from its stored offset, its mass and the model clock, and its key (the
     model time at which the credit reaches 1). One copy, so both give the same bits.
 
-    Needs the attributes ``alpha``, ``beta`` (rate ``w = alpha m + beta``), ``clock``, ``drift1``, ``drift2``.
+    Needs the attributes ``alpha``, ``beta`` (rate ``w = alpha m + beta``), ``clock``, ``drift1``, ``drift2``,
+    ``uniform_mix`` and ``ref_total`` (set by :meth:`_predict_rates`).
     """
 
     alpha: float
@@ -199,6 +200,19 @@ class CreditModel:
             key = (1.0 - offsets.astype(np.float64)) / rate
         key[rate <= 0.0] = np.inf
         return key.astype(np.float32)
+
+    def _predict_rates(self, total: float, batch: int, num_samples: int) -> None:
+        """Rates predicted from the masses' total ``total`` (``ref_total``): ``batch`` draws per batch,
+        ``uniform_mix`` of them uniform over ``num_samples``."""
+        self.ref_total = float(total)
+        u = self.uniform_mix
+        self.alpha = batch * (1.0 - u) / total if total > 0 else 0.0
+        self.beta = batch * u / num_samples if total > 0 else batch / num_samples
+
+    def needs_rekey(self, total: float) -> bool:
+        """Whether ``total`` left the band around ``ref_total`` within which the predicted rates hold."""
+        ref = self.ref_total
+        return not (ref > 0 and ref / (1 + _REKEY_DRIFT) <= total <= ref * (1 + _REKEY_DRIFT))
 
 
 class StrideScheduler(CreditModel):
@@ -253,16 +267,9 @@ class StrideScheduler(CreditModel):
 
     def set_reference(self, total: float) -> None:
         """Predict rates from tree total ``total`` and rebuild every key (after :meth:`rekey`)."""
-        self.ref_total = float(total)
-        u = self.uniform_mix
-        self.alpha = self.full_batch * (1.0 - u) / total if total > 0 else 0.0
-        self.beta = self.full_batch * u / self.num_samples if total > 0 else self.full_batch / self.num_samples
+        self._predict_rates(total, self.full_batch, self.num_samples)
         self.rekeys += 1
         self._rebuild_keys()
-
-    def needs_rekey(self, total: float) -> bool:
-        ref = self.ref_total
-        return not (ref > 0 and ref / (1 + _REKEY_DRIFT) <= total <= ref * (1 + _REKEY_DRIFT))
 
     def mass_changed(self, indices: np.ndarray, old: np.ndarray, new: np.ndarray) -> bool:
         """Keep the credits of ``indices`` (sorted, distinct) across a mass change ``old -> new``.
