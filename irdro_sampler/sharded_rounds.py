@@ -1,0 +1,224 @@
+"""Rounds of weighted draws planned from weights sharded over ranks (the streaming path at scale).
+
+Each rank of the process group holds the weights of its virtual shards only
+(:class:`~irdro_sampler.virtual_shards.VirtualShards`: ids ``[start, stop)``) and, for balanced
+draws, their carried-rounding carry. :func:`plan_sharded_round` returns the round's ``round_size``
+sample ids (ascending, as streaming's ``resample_streams`` groups them by shard) and the probability
+each was drawn with, identical on every rank. What a rank holds is O(N / world) (its weights and
+carry) plus O(round_size) (the round); nothing of length N exists anywhere.
+
+* ``"iid"``: Multinomial(round_size, shard totals) over the virtual shards from ``(seed, round)``, then
+  inside each shard inverse-CDF draws from ``(seed, round, shard)``: exactly i.i.d. draws from ``p``.
+* ``"balanced"``: carried rounding (:func:`~irdro_sampler.carried_rounding.balanced_counts`) with the
+  floors' deficit handed out by a global top-k selection (ties to the lower id): the unsharded counts
+  for the same ``p`` and carry whenever the residuals have no ties (always, in practice).
+
+Both depend on the shards and never on the world size, so a run draws the same rounds on 1, 2 or 8
+ranks. ``p`` is the weights divided by their total summed in shard order (:func:`shard_totals`), so
+that the total, too, is the same on every world size. Collectives: one max-reduction of S + world
+numbers, about 64 scalar sum-reductions for the balanced deficit (a bisection), one all-gather of the
+round's ids and probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .distributed_fit import _all_gather_rows
+from .virtual_shards import VirtualShards
+
+__all__ = ["ShardedRound", "initial_carry_of_range", "plan_sharded_round", "shard_totals", "ROUND_DRAWS"]
+
+ROUND_DRAWS = ("balanced", "iid")
+_IID_TAG = 0x5A4D
+_BAD_SHAPE, _NOT_FINITE, _NEGATIVE = 1.0, 2.0, 3.0
+_WHAT = {_BAD_SHAPE: "wrong length", _NOT_FINITE: "NaN or inf entries", _NEGATIVE: "negative entries"}
+
+
+class ShardedRound(NamedTuple):
+    """One planned round: the same ``ids`` and ``probabilities`` on every rank, this rank's ``carry``."""
+
+    ids: np.ndarray  # int64, round_size sample ids, ascending
+    probabilities: np.ndarray  # float64, p of each id in the round's distribution
+    carry: np.ndarray | None  # balanced draws: this rank's carry after the round (None for i.i.d.)
+
+
+def initial_carry_of_range(seed: int, start: int, stop: int) -> np.ndarray:
+    """``initial_carry(N, seed)[start:stop]`` without the other ids' phases (the generator is advanced)."""
+    rng = np.random.default_rng([int(seed), 0xBA1A])
+    rng.bit_generator.advance(int(start))  # one 64-bit output per double
+    return rng.random(int(stop) - int(start))
+
+
+def _rows(local: np.ndarray, shards: VirtualShards, rank: int, world: int) -> np.ndarray:
+    """This rank's values as one row per owned shard (zero-padded to the shard size)."""
+    owned = shards.shards_of_rank(rank, world)
+    size = shards.shard_size
+    if local.size == len(owned) * size:
+        return local.reshape(len(owned), size)
+    rows = np.zeros((len(owned), size))
+    rows.reshape(-1)[: local.size] = local
+    return rows
+
+
+def shard_totals(local: np.ndarray, shards: VirtualShards, rank: int, world: int) -> np.ndarray:
+    """This rank's shard sums placed in a vector of all S shards (0 elsewhere). Each sum depends on its
+    shard's values only, so the reduced vector is the same on every world size."""
+    out = np.zeros(shards.num_shards)
+    owned = shards.shards_of_rank(rank, world)
+    out[owned.start : owned.stop] = _rows(local, shards, rank, world).sum(axis=1)
+    return out
+
+
+def _check_code(weights: np.ndarray, size: int) -> float:
+    if weights.ndim != 1 or weights.shape[0] != size:
+        return _BAD_SHAPE
+    if not np.isfinite(weights).all():
+        return _NOT_FINITE
+    if (weights < 0).any():
+        return _NEGATIVE
+    return 0.0
+
+
+def _max(values: np.ndarray, group: Any) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.numpy()
+
+
+def _sum_int(value: int, group: Any) -> int:
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(t, group=group)
+    return int(t.item())
+
+
+def _global_totals(weights: Any, shards: VirtualShards, rank: int, world: int, group: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Checked weights (float64) and the S shard totals; bad weights on any rank raise on every rank."""
+    start, stop = shards.ids_of_rank(rank, world)
+    w = np.asarray(weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else weights)
+    code = _check_code(w, stop - start) if np.issubdtype(w.dtype, np.number) else _BAD_SHAPE
+    w = w.astype(np.float64) if code == 0.0 else np.zeros(stop - start)
+    flags = np.zeros(world)
+    flags[rank] = code
+    reduced = _max(np.concatenate([shard_totals(w, shards, rank, world), flags]), group)
+    totals, flags = reduced[: shards.num_shards], reduced[shards.num_shards :]
+    bad = np.flatnonzero(flags)
+    if bad.size:
+        r = int(bad[0])
+        mine = f" (this rank holds ids [{start}, {stop}), got shape {np.shape(weights)})" if r == rank else ""
+        raise ValueError(f"weights: rank {r} passed {_WHAT[float(flags[r])]}{mine}; nothing was planned")
+    if not totals.sum() > 0.0:
+        raise ValueError("weights: all weights are zero on every rank; at least one sample needs a positive weight")
+    return w, totals
+
+
+def _sortable(key: np.ndarray) -> np.ndarray:
+    """int64 keys ordered like the float64 ``key`` (IEEE bits, negatives flipped)."""
+    bits = key.view(np.int64)
+    return np.where(bits < 0, bits ^ np.int64(0x7FFFFFFFFFFFFFFF), bits)
+
+
+def _top_k(key: np.ndarray, k: int, group: Any, rank: int, world: int) -> np.ndarray:
+    """Mask of this rank's entries among the ``k`` largest keys over all ranks (ties: lower id first;
+    ranks hold ascending id ranges). A bisection on the key's bits, counting on local candidates."""
+    ints = _sortable(np.ascontiguousarray(key, dtype=np.float64))
+    # The global top k lies in the union of the ranks' local top k; the counts below stay exact
+    # whenever they matter (a rank with more than k keys above a bound counts k, still >= k).
+    cand = np.sort(ints if ints.size <= k else np.partition(ints, ints.size - k)[ints.size - k :])
+    lo, hi = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+    while lo < hi:  # the largest t with count(key >= t) >= k
+        mid = (lo + hi + 1) // 2
+        if _sum_int(cand.size - np.searchsorted(cand, mid, side="left"), group) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    above = ints > lo
+    ties = np.flatnonzero(ints == lo)
+    counts = np.zeros(world)
+    counts[rank] = ties.size
+    before = int(_max(counts, group)[:rank].sum())  # ties held by lower ranks (lower ids)
+    need = k - _sum_int(int(above.sum()), group)
+    above[ties[: max(0, min(ties.size, need - before))]] = True
+    return above
+
+
+def _balanced_counts(p: np.ndarray, carry: np.ndarray, round_size: int, group: Any, rank: int, world: int):
+    """:func:`~irdro_sampler.carried_rounding.balanced_counts` over the ranks' slices of ``p`` and ``carry``."""
+    eligible = p > 0
+    x = p * float(round_size)
+    x += carry  # a sample of probability 0 keeps its carry
+    counts = np.maximum(np.floor(x), 0.0)
+    counts[~eligible] = 0.0
+    counts = counts.astype(np.int64)
+    x -= counts
+    deficit = int(round_size) - _sum_int(int(counts.sum()), group)
+    while deficit > 0:
+        k = min(deficit, _sum_int(int(eligible.sum()), group))
+        pick = _top_k(np.where(eligible, x, -np.inf), k, group, rank, world)
+        counts[pick] += 1
+        x[pick] -= 1.0
+        deficit -= k
+    while deficit < 0:
+        drawn = counts > 0
+        k = min(-deficit, _sum_int(int(drawn.sum()), group))
+        pick = _top_k(np.where(drawn, -x, -np.inf), k, group, rank, world)
+        counts[pick] -= 1
+        x[pick] += 1.0
+        deficit += k
+    return counts, x
+
+
+def _iid_ids(rows: np.ndarray, totals: np.ndarray, shards: VirtualShards, owned: range, *, seed: int,
+             round_idx: int, round_size: int) -> np.ndarray:
+    """I.i.d. draws: shard counts from the replicated totals, then each owned shard's draws from its
+    own generator (so they do not depend on which rank owns the shard)."""
+    shard_counts = np.random.default_rng([seed, round_idx, _IID_TAG]).multinomial(round_size, totals / totals.sum())
+    out = []
+    for row, s in enumerate(owned):
+        c = int(shard_counts[s])
+        if not c:
+            continue
+        cdf = np.cumsum(rows[row])
+        u = np.random.default_rng([seed, round_idx, _IID_TAG, s]).random(c) * cdf[-1]
+        u = np.minimum(u, np.nextafter(cdf[-1], -np.inf))  # strictly inside: never a sample of weight 0
+        u.sort()
+        out.append(np.searchsorted(cdf, u, side="right") + shards.shard_range(s)[0])
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def plan_sharded_round(
+    draws: str, weights: Any, shards: VirtualShards, *, seed: int, round_idx: int, round_size: int,
+    carry: np.ndarray | None = None, group: Any = None,
+) -> ShardedRound:
+    """Plan round ``round_idx`` of ``round_size`` draws from the ranks' sharded ``weights``.
+
+    ``weights``: this rank's non-negative finite weights of ids ``shards.ids_of_rank(rank, world)``
+    (any scale: normalized by the total over all ranks). ``carry``: this rank's balanced-draws carry
+    at the round's start (default: the seeded initial phases, :func:`initial_carry_of_range`).
+    A collective over ``group``: bad weights on any rank raise ``ValueError`` on every rank, naming the
+    rank, and nothing is planned.
+    """
+    if draws not in ROUND_DRAWS:
+        raise ValueError(f"draws: expected one of {ROUND_DRAWS}, got {draws!r}")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    start, stop = shards.ids_of_rank(rank, world)
+    w, totals = _global_totals(weights, shards, rank, world, group)
+    total = float(totals.sum())
+    p = w / total
+    if draws == "iid":
+        ids = _iid_ids(_rows(w, shards, rank, world), totals, shards, shards.shards_of_rank(rank, world),
+                       seed=int(seed), round_idx=int(round_idx), round_size=int(round_size))
+        next_carry = None
+    else:
+        if carry is None:
+            carry = initial_carry_of_range(seed, start, stop)
+        counts, next_carry = _balanced_counts(p, np.asarray(carry, np.float64), round_size, group, rank, world)
+        ids = np.repeat(np.arange(start, stop, dtype=np.int64), counts)
+    local_p = p[ids - start]
+    all_ids = _all_gather_rows(ids, group)
+    return ShardedRound(all_ids, _all_gather_rows(local_p, group), next_carry)
+
