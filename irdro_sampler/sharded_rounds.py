@@ -31,7 +31,10 @@ import torch.distributed as dist
 from .distributed_fit import _all_gather_rows
 from .virtual_shards import VirtualShards
 
-__all__ = ["ShardedRound", "initial_carry_of_range", "plan_sharded_round", "shard_totals", "ROUND_DRAWS"]
+__all__ = [
+    "ROUND_DRAWS", "ShardedRound", "initial_carry_of_range", "max_over_ranks", "plan_sharded_round", "shard_totals",
+    "world_and_rank",
+]
 
 ROUND_DRAWS = ("balanced", "iid")
 _IID_TAG = 0x5A4D
@@ -84,16 +87,37 @@ def _check_code(weights: np.ndarray, size: int) -> float:
     return 0.0
 
 
-def _max(values: np.ndarray, group: Any) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+def _distributed() -> bool:
+    """Whether a process group is up; without one a single process plans alone (world 1)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_and_rank(group: Any = None) -> tuple[int, int]:
+    """``(world size, rank)`` of ``group``, ``(1, 0)`` without a process group."""
+    return (dist.get_world_size(group), dist.get_rank(group)) if _distributed() else (1, 0)
+
+
+def max_over_ranks(values: np.ndarray, group: Any = None) -> np.ndarray:
+    """Element-wise maximum of ``values`` (float64) over the ranks of ``group``."""
+    t = torch.from_numpy(np.array(values, dtype=np.float64))
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.numpy()
+
+
+def _max(values: np.ndarray, group: Any) -> np.ndarray:
+    return max_over_ranks(values, group)
 
 
 def _sum_int(value: int, group: Any) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64)
-    dist.all_reduce(t, group=group)
+    if _distributed():
+        dist.all_reduce(t, group=group)
     return int(t.item())
+
+
+def _gather(rows: np.ndarray, group: Any) -> np.ndarray:
+    return _all_gather_rows(rows, group) if _distributed() else np.asarray(rows)
 
 
 def _global_totals(weights: Any, shards: VirtualShards, rank: int, world: int, group: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +228,7 @@ def plan_sharded_round(
     """
     if draws not in ROUND_DRAWS:
         raise ValueError(f"draws: expected one of {ROUND_DRAWS}, got {draws!r}")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world, rank = world_and_rank(group)
     start, stop = shards.ids_of_rank(rank, world)
     w, totals = _global_totals(weights, shards, rank, world, group)
     total = float(totals.sum())
@@ -219,6 +243,5 @@ def plan_sharded_round(
         counts, next_carry = _balanced_counts(p, np.asarray(carry, np.float64), round_size, group, rank, world)
         ids = np.repeat(np.arange(start, stop, dtype=np.int64), counts)
     local_p = p[ids - start]
-    all_ids = _all_gather_rows(ids, group)
-    return ShardedRound(all_ids, _all_gather_rows(local_p, group), next_carry)
+    return ShardedRound(_gather(ids, group), _gather(local_p, group), next_carry)
 

@@ -27,7 +27,9 @@ import numpy as np
 from irdro_sampler.carried_rounding import balanced_counts, initial_carry
 from irdro_sampler.integrations._streaming_compat import SharedMemory, shm_name
 
-__all__ = ["ERROR_CACHE_LIMIT", "ERROR_PLANNING", "MAX_WORKERS_PER_NODE", "RoundHeader", "SharedRoundState"]
+__all__ = [
+    "ERROR_CACHE_LIMIT", "ERROR_PLANNING", "MAX_WORKERS_PER_NODE", "RoundHeader", "SharedRoundControl", "SharedRoundState",
+]
 
 #: Most workers per node whose "done" flags are kept (more still work; the round-end detection then
 #: never fires and a checkpoint after a finished round resumes at the round's end, as streaming does).
@@ -95,7 +97,7 @@ class RoundHeader:
     reader sees one consistent set while the planner may be writing.
     """
 
-    LENGTH = 7
+    LENGTH = 8
 
     frozen_slot = _header_field(0, "Weight row frozen for round `frozen_round`.")
     frozen_round = _header_field(1, "Round (= streaming epoch) the frozen row belongs to; -1: nothing frozen yet.")
@@ -104,6 +106,7 @@ class RoundHeader:
     planned_round = _header_field(4, "Last round planned on this node; -1: none.")
     workers_per_node = _header_field(5, "Workers (processes iterating) per node in the last planned round.")
     carry_round = _header_field(6, "Round whose starting carry the carry block holds; -1: none yet.")
+    pending_round = _header_field(7, "Round the pending plan belongs to (sharded rounds); -1: none.")
 
     def __init__(self, values: np.ndarray) -> None:
         self.values = values
@@ -118,43 +121,101 @@ class RoundHeader:
         self.frozen_round = -1
         self.planned_round = -1
         self.carry_round = -1
+        self.pending_round = -1
 
 
-class SharedRoundState:
-    """The shared blocks of one dataset on one node, and the round bookkeeping over them.
+class SharedRoundControl:
+    """The blocks every round-planned dataset shares on a node: the header, the planner's error message
+    and the workers' "done" flags, and the round bookkeeping over them. Subclasses add the rows their
+    rounds are planned from and :meth:`freeze`.
 
-    Construct with ``create=True`` in the node's local leader rank (which also resets the header and
-    sets uniform pending weights) and with ``create=False`` in the other ranks after it; pickling
-    re-attaches by name. Only the leader rank and the node's planning worker write: ``set_pending`` and
-    ``restore`` from the leader rank's main process, ``start_round``/``fail`` from the planner.
-
-    ``seed`` and ``round_size`` are the carried-rounding parameters, used to advance the carry.
+    Construct with ``create=True`` in the node's local leader rank (which also resets the header) and
+    with ``create=False`` in the other ranks after it; pickling re-attaches by name.
     """
 
-    def __init__(
-        self, prefix_int: int, num_samples: int, *, carried: bool, seed: int, round_size: int, create: bool
-    ) -> None:
-        self.num_samples, self.carried = int(num_samples), bool(carried)
-        self.seed, self.round_size = int(seed), int(round_size)
-        n = self.num_samples
-
-        # One path for the leader (create) and the other ranks (attach): same names, shapes and dtypes.
-        def block(name: str, shape: tuple[int, ...], dtype: Any) -> ShmArray:
-            return ShmArray(shm_name(prefix_int, name), shape, dtype, create=create)
-
-        self._header = block(_HEADER_NAME, (RoundHeader.LENGTH,), np.int64)
-        self._weights = block(_WEIGHTS_NAME, (2, n), np.float64)
-        self._error_message = block(_ERRMSG_NAME, (_ERR_BYTES,), np.uint8)
-        self._done = block(_DONE_FLAG_NAME, (MAX_WORKERS_PER_NODE,), np.uint8)
-        self._carry = block(_CARRY_NAME, (n if carried else 1,), np.float64)
+    def __init__(self, prefix_int: int, *, create: bool) -> None:
+        self._prefix_int, self._create = int(prefix_int), bool(create)
+        self._header = self._block(_HEADER_NAME, (RoundHeader.LENGTH,), np.int64)
+        self._error_message = self._block(_ERRMSG_NAME, (_ERR_BYTES,), np.uint8)
+        self._done = self._block(_DONE_FLAG_NAME, (MAX_WORKERS_PER_NODE,), np.uint8)
         if create:
             self.header.reset()
-            self._weights.numpy()[0] = 1.0 / n  # uniform until the first set_weights
+
+    def _block(self, name: str, shape: tuple[int, ...], dtype: Any) -> ShmArray:
+        # One path for the leader (create) and the other ranks (attach): same names, shapes and dtypes.
+        return ShmArray(shm_name(self._prefix_int, name), shape, dtype, create=self._create)
+
+    def freeze(self, round_idx: int) -> None:
+        """Fix what round ``round_idx`` is drawn from (the planner's first step)."""
+        raise NotImplementedError
 
     @property
     def header(self) -> RoundHeader:
         """The live header (writes go to shared memory)."""
         return RoundHeader(self._header.numpy())
+
+    # ------------------------------------------------------------------ the planner
+    def start_round(self, round_idx: int, workers_per_node: int) -> None:
+        """The planner's first step: clear the error and done flags, record the round, freeze its weights."""
+        hdr = self.header
+        hdr.error = 0
+        self._done.numpy()[:] = 0
+        hdr.planned_round = round_idx
+        hdr.workers_per_node = workers_per_node
+        self.freeze(round_idx)
+
+    def fail(self, code: int, message: str) -> None:
+        """Record a planning error (``ERROR_*`` code) for every worker of the node to raise."""
+        data = message.encode("utf-8")[: _ERR_BYTES - 1]
+        err = self._error_message.numpy()
+        err[:] = 0
+        err[: len(data)] = np.frombuffer(data, np.uint8)
+        self.header.error = code
+
+    def recorded_error(self) -> tuple[int, str]:
+        """The planner's error code (0: none) and message."""
+        code = self.header.error
+        if not code:
+            return 0, ""
+        raw = bytes(self._error_message.numpy())
+        return code, raw[: raw.find(b"\0") if b"\0" in raw else len(raw)].decode("utf-8", "replace")
+
+    # ------------------------------------------------------------------ end of round
+    def mark_done(self, worker_of_node: int) -> None:
+        """Record that worker ``worker_of_node`` has handed out its whole share of the round."""
+        if worker_of_node < MAX_WORKERS_PER_NODE:
+            self._done.numpy()[worker_of_node] = 1
+
+    def round_exhausted(self, round_idx: int) -> bool:
+        """Whether ``round_idx`` was the last planned round and every worker of the node finished it."""
+        hdr = self.header
+        if hdr.planned_round != round_idx:
+            return False
+        k = hdr.workers_per_node
+        return 0 < k <= MAX_WORKERS_PER_NODE and bool(self._done.numpy()[:k].all())
+
+
+
+class SharedRoundState(SharedRoundControl):
+    """The replicated weights of :class:`WeightedStreamingDataset`: two rows of ``num_samples``
+    probabilities (frozen, pending) and the carried-rounding carry, on top of the round control.
+
+    Only the leader rank and the node's planning worker write: ``set_pending`` and ``restore`` from the
+    leader rank's main process, ``start_round``/``fail`` from the planner. ``seed`` and ``round_size``
+    are the carried-rounding parameters, used to advance the carry.
+    """
+
+    def __init__(
+        self, prefix_int: int, num_samples: int, *, carried: bool, seed: int, round_size: int, create: bool
+    ) -> None:
+        super().__init__(prefix_int, create=create)
+        self.num_samples, self.carried = int(num_samples), bool(carried)
+        self.seed, self.round_size = int(seed), int(round_size)
+        n = self.num_samples
+        self._weights = self._block(_WEIGHTS_NAME, (2, n), np.float64)
+        self._carry = self._block(_CARRY_NAME, (n if carried else 1,), np.float64)
+        if create:
+            self._weights.numpy()[0] = 1.0 / n  # uniform until the first set_weights
 
     # ------------------------------------------------------------------ weights
     def set_pending(self, probabilities: np.ndarray) -> None:
@@ -204,46 +265,6 @@ class SharedRoundState:
                 hdr.carry_round = round_idx
             hdr.frozen_slot = hdr.pending_slot
             hdr.frozen_round = round_idx
-
-    # ------------------------------------------------------------------ the planner
-    def start_round(self, round_idx: int, workers_per_node: int) -> None:
-        """The planner's first step: clear the error and done flags, record the round, freeze its weights."""
-        hdr = self.header
-        hdr.error = 0
-        self._done.numpy()[:] = 0
-        hdr.planned_round = round_idx
-        hdr.workers_per_node = workers_per_node
-        self.freeze(round_idx)
-
-    def fail(self, code: int, message: str) -> None:
-        """Record a planning error (``ERROR_*`` code) for every worker of the node to raise."""
-        data = message.encode("utf-8")[: _ERR_BYTES - 1]
-        err = self._error_message.numpy()
-        err[:] = 0
-        err[: len(data)] = np.frombuffer(data, np.uint8)
-        self.header.error = code
-
-    def recorded_error(self) -> tuple[int, str]:
-        """The planner's error code (0: none) and message."""
-        code = self.header.error
-        if not code:
-            return 0, ""
-        raw = bytes(self._error_message.numpy())
-        return code, raw[: raw.find(b"\0") if b"\0" in raw else len(raw)].decode("utf-8", "replace")
-
-    # ------------------------------------------------------------------ end of round
-    def mark_done(self, worker_of_node: int) -> None:
-        """Record that worker ``worker_of_node`` has handed out its whole share of the round."""
-        if worker_of_node < MAX_WORKERS_PER_NODE:
-            self._done.numpy()[worker_of_node] = 1
-
-    def round_exhausted(self, round_idx: int) -> bool:
-        """Whether ``round_idx`` was the last planned round and every worker of the node finished it."""
-        hdr = self.header
-        if hdr.planned_round != round_idx:
-            return False
-        k = hdr.workers_per_node
-        return 0 < k <= MAX_WORKERS_PER_NODE and bool(self._done.numpy()[:k].all())
 
     # ------------------------------------------------------------------ checkpoints
     def restore(

@@ -1,0 +1,246 @@
+"""IR-DRO rounds over mosaicml-streaming with the weights sharded over ranks (issue 17, streaming at scale).
+
+:class:`ShardedWeightedStreamingDataset` is :class:`~irdro_sampler.integrations.streaming.WeightedStreamingDataset`
+for data sets whose per-sample rows do not fit on one node. Each rank passes the weights of *its own*
+samples only (the ids ``owned_ids`` of its virtual shards, :mod:`irdro_sampler.virtual_shards`); the next
+round is planned when every rank calls :meth:`~ShardedWeightedStreamingDataset.set_weights`, by the ranks
+together (:func:`irdro_sampler.sharded_rounds.plan_sharded_round`), and each node's leader rank writes
+the planned round (``round_size`` ids and probabilities) into the node's shared memory
+(:mod:`~irdro_sampler.integrations.streaming_shared_plans`), where streaming's partition, shuffle,
+download and ``drop_first`` resumption take it as they do natively. Memory: O(N / world) per rank
+(weights and the balanced draws' carry of its shards), O(round_size) per node; no row of length N.
+
+The rounds are a pure function of (``seed``, round, weights) and, for balanced draws, of the carry of the
+earlier rounds: the same on any world size (tested on 1, 2 and 4 ranks), and balanced draws are the
+unsharded :func:`~irdro_sampler.carried_rounding.balanced_counts` for the same probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from irdro_sampler.fingerprint import digest_to_int
+from irdro_sampler.integrations._streaming_compat import shm_prefix_int, unique_rank_world
+from irdro_sampler.integrations.streaming_base import RoundPlannedDataset
+from irdro_sampler.integrations.streaming_rounds import shard_units
+from irdro_sampler.integrations.streaming_shared_plans import SharedRoundPlans
+from irdro_sampler.sharded_rounds import max_over_ranks, plan_sharded_round, world_and_rank
+from irdro_sampler.virtual_shards import VirtualShards, default_num_shards
+
+__all__ = ["ShardedWeightedStreamingDataset"]
+
+STATE_KEY = "irdro_sharded"
+STATE_VERSION = 1
+
+
+class ShardedWeightedStreamingDataset(RoundPlannedDataset):
+    """A StreamingDataset whose epochs are IR-DRO rounds planned from weights sharded over the ranks.
+
+    Same rounds, draws, options and guards as :class:`~irdro_sampler.integrations.streaming.WeightedStreamingDataset`
+    (``round_size``, ``seed``, ``draws``, ``cache_check``, ``strict_round_size``, streaming's keywords), plus:
+
+    Args:
+        num_shards: virtual shards over the sample ids (a power of two, fixed for the run; default
+            :func:`~irdro_sampler.virtual_shards.default_num_shards`). Rank ``r`` owns ``owned_ids``.
+        group: the ``torch.distributed`` process group (default: the world; a single process needs none).
+
+    Construct on every rank (round 0 is planned here, uniform: a collective). Then, once per round,
+    every rank calls ``set_weights(w)`` with the weights of its ``owned_ids`` (a collective). Checkpoints:
+    each rank saves its own ``state_dict`` (its carry and weights are its own) and loads it back on the
+    same rank of the same world size.
+    """
+
+    def __init__(self, *, num_shards: int | None = None, group: Any = None, **options: Any) -> None:
+        super().__init__(**options)
+        n = int(self.num_samples)
+        self.group = group
+        self.virtual_shards = VirtualShards(n, default_num_shards(n) if num_shards is None else num_shards)
+        self.world, self.rank = world_and_rank(group)
+        empty = [r for r in range(self.world) if not np.subtract(*self.virtual_shards.ids_of_rank(r, self.world))]
+        if empty:
+            raise ValueError(f"num_shards={self.virtual_shards.num_shards} leaves rank {empty[0]} of {self.world} no samples "
+                             f"of {n}: use at least as many non-empty shards as ranks")
+        self.start, self.stop = self.virtual_shards.ids_of_rank(self.rank, self.world)
+        # The main process's part of the state: which round the pending plan is for, the carry at its
+        # start and after it (balanced draws; None: the seeded phases), and the weights it was planned from.
+        self._pending_round = -1
+        self._carry_start: np.ndarray | None = None
+        self._carry_after: np.ndarray | None = None
+        self._weights = np.ones(self.stop - self.start)
+        self._plan(0, self._weights, None)
+
+    def _open_round_state(self, create: bool) -> SharedRoundPlans:
+        return SharedRoundPlans(shm_prefix_int(self), self.round_size, create=create)
+
+    @property
+    def owned_ids(self) -> tuple[int, int]:
+        """The sample ids ``[start, stop)`` whose weights this rank passes to :meth:`set_weights`."""
+        return self.start, self.stop
+
+    # ------------------------------------------------------------------ weights and plans
+    def set_weights(self, weights: Any = None) -> None:
+        """Plan the next round from this rank's weights of ``owned_ids`` (every rank; a collective).
+
+        ``weights``: non-negative finite weights of ids ``owned_ids`` (any scale; normalized over all
+        ranks), or None to repeat the last ones. Called during round ``r`` it plans round ``r + 1``;
+        called again before that round starts it re-plans it. Bad weights on any rank raise
+        ``ValueError`` on every rank and leave the plans as they were.
+        """
+        frozen = int(max_over_ranks(np.array([self._round_state.header.frozen_round]), self.group)[0])
+        if frozen >= self._pending_round:  # the pending round has started: plan the one after it
+            target, carry = self._pending_round + 1, self._carry_after
+        else:
+            target, carry = self._pending_round, self._carry_start
+        self._plan(target, self._weights if weights is None else weights, carry)
+
+    def _plan(self, round_idx: int, weights: Any, carry: np.ndarray | None) -> None:
+        plan = plan_sharded_round(self.draws, weights, self.virtual_shards, seed=self.weight_seed, round_idx=round_idx,
+                                  round_size=self.round_size, carry=carry, group=self.group)
+        self._pending_round, self._carry_start, self._carry_after = round_idx, carry, plan.carry
+        w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else weights
+        self._weights = np.array(w, dtype=np.float64)
+        if unique_rank_world(self).is_local_leader:
+            self._round_state.set_pending(round_idx, plan.ids, plan.probabilities)
+
+    def round_plan(self, round_idx: int) -> tuple[np.ndarray, np.ndarray]:
+        """Round ``round_idx``'s sample ids (ascending) and their probabilities (copies): the round in
+        progress or the pending one."""
+        state = self._round_state
+        hdr = state.header.snapshot()
+        if hdr.frozen_round == round_idx:
+            slot = hdr.frozen_slot
+        elif hdr.pending_round == round_idx:
+            slot = hdr.pending_slot
+        else:
+            raise ValueError(f"round_idx: round {round_idx} is neither in progress ({hdr.frozen_round}) nor planned "
+                             f"({hdr.pending_round})")
+        ids, p = state.plan(slot)
+        return ids.copy(), p.copy()
+
+    def draw_probabilities(self, sample_ids: Any) -> np.ndarray:
+        """Probabilities (float64) that the round in progress drew ``sample_ids`` with (ids of that round
+        only: the others' weights live on their owners). ``1 / (num_samples * p)`` are importance weights."""
+        hdr = self._round_state.header.snapshot()
+        if hdr.frozen_round < 0:
+            raise RuntimeError("draw_probabilities: no round has been planned yet (iterate the dataset first)")
+        ids, p = self._round_state.plan(hdr.frozen_slot)
+        q = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        pos = np.minimum(np.searchsorted(ids, q), ids.size - 1)
+        missing = ids[pos] != q
+        if missing.any():
+            raise ValueError(f"sample_ids: {int(missing.sum())} ids were not drawn in round {hdr.frozen_round} "
+                             f"(first: {int(q[missing][0])})")
+        return p[pos].copy()
+
+    def fingerprint(self) -> int:
+        """A signed 64-bit digest of what decides the next batches: options, the frozen and pending rounds. O(round_size)."""
+        hdr = self._round_state.header.snapshot()
+        head = (int(self.num_samples), self.round_size, self.weight_seed, self.draws, self.virtual_shards.num_shards,
+                hdr.frozen_round, hdr.pending_round)
+        data = repr(head).encode()
+        for slot in sorted({hdr.frozen_slot, hdr.pending_slot}):
+            ids, p = self._round_state.plan(slot)
+            data += ids.tobytes() + p.tobytes()
+        return digest_to_int(data)
+
+    # ------------------------------------------------------------------ planning (the node's planner)
+    def resample_streams(self, epoch: int, stream_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Streaming's per-epoch hook: the frozen plan of round ``epoch`` as ``(shuffle_units, ids)``."""
+        if stream_id is not None:
+            raise ValueError(f"stream_id: per-stream planning is not supported (got {stream_id!r})")
+        ids = self._round_state.frozen_plan(epoch)[0].copy()
+        offsets = np.asarray(self.sample_offset_per_shard, np.int64)
+        sizes = np.asarray(self.samples_per_shard, np.int64)
+        counts = np.searchsorted(ids, offsets + sizes) - np.searchsorted(ids, offsets)
+        return shard_units(counts, sizes), ids
+
+    # ------------------------------------------------------------------ checkpoints
+    def _identity(self) -> dict[str, Any]:
+        return {"num_samples": int(self.num_samples), "round_size": self.round_size, "seed": self.weight_seed,
+                "draws": self.draws, "num_shards": self.virtual_shards.num_shards, "world_size": self.world, "rank": self.rank}
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """Streaming's resume state plus ``"irdro_sharded"``: this rank's identity, the frozen and pending
+        planned rounds, and its carry and weights (O(N / world) + O(round_size); save one per rank)."""
+        sd = self._resume_point(num_samples, from_beginning)
+        hdr = self._round_state.header.snapshot()
+
+        def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(np.array(a))
+
+        def saved_round(slot: int, round_idx: int) -> dict[str, Any] | None:
+            if round_idx < 0:
+                return None
+            ids, p = self._round_state.plan(slot)
+            return {"round": round_idx, "ids": tensor(ids), "probabilities": tensor(p)}
+
+        sd[STATE_KEY] = {
+            "version": STATE_VERSION, **self._identity(),
+            "frozen": saved_round(hdr.frozen_slot, hdr.frozen_round),
+            "pending": saved_round(hdr.pending_slot, hdr.pending_round) if hdr.pending_round != hdr.frozen_round else None,
+            "carry_start": tensor(self._carry_start), "carry_after": tensor(self._carry_after),
+            "weights": tensor(self._weights),
+        }
+        return sd
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        """Restore this rank's :meth:`state_dict` (every rank, before iterating). Everything is checked
+        first (``ValueError`` naming the field); a rejected state changes nothing."""
+        if not isinstance(obj, dict):
+            raise TypeError(f"obj: expected the dict returned by state_dict, got {type(obj)!r}")
+        streaming_state = dict(obj)
+        entry = streaming_state.pop(STATE_KEY, None)
+        if not isinstance(entry, dict):
+            raise ValueError(f"obj: no {STATE_KEY!r} entry; this state was not saved by ShardedWeightedStreamingDataset")
+        saved = _checked_entry(entry, self._identity(), self.stop - self.start)
+        super().load_state_dict(streaming_state)
+        self._pending_round = saved["pending"][0] if saved["pending"] else saved["frozen"][0]
+        self._carry_start, self._carry_after = saved["carry_start"], saved["carry_after"]
+        self._weights = saved["weights"]
+        if unique_rank_world(self).is_local_leader:
+            self._round_state.restore(saved["frozen"], saved["pending"])
+
+
+def _checked_entry(entry: dict[str, Any], identity: dict[str, Any], owned: int) -> dict[str, Any]:
+    """The saved entry as numpy arrays, after checking it matches ``identity`` (names the field if not)."""
+    if entry.get("version") != STATE_VERSION:
+        raise ValueError(f"obj[{STATE_KEY!r}]['version']: expected {STATE_VERSION}, got {entry.get('version')!r}")
+    for key, want in identity.items():
+        if entry.get(key) != want:
+            raise ValueError(f"obj[{STATE_KEY!r}][{key!r}]: saved {entry.get(key)!r}, this dataset has {want!r}; exact "
+                             "resumption needs the same (each rank loads the state it saved)")
+
+    def array(value: Any, field: str, size: int, dtype: Any) -> np.ndarray | None:
+        if value is None:
+            return None
+        arr = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if arr.shape != (size,) or arr.dtype != np.dtype(dtype) or (arr.dtype.kind == "f" and not np.isfinite(arr).all()):
+            raise ValueError(f"obj[{STATE_KEY!r}][{field!r}]: expected {size} finite {np.dtype(dtype)}, got "
+                             f"{arr.dtype}{arr.shape}")
+        return arr.copy()
+
+    def planned(name: str) -> tuple | None:
+        value = entry.get(name)
+        if value is None:
+            return None
+        r = identity["round_size"]
+        ids = array(value.get("ids"), f"{name}.ids", r, np.int64)
+        p = array(value.get("probabilities"), f"{name}.probabilities", r, np.float64)
+        if ids is None or p is None or not isinstance(value.get("round"), int) or value["round"] < 0:
+            raise ValueError(f"obj[{STATE_KEY!r}][{name!r}]: incomplete planned round")
+        if ids.size and (ids.min() < 0 or ids.max() >= identity["num_samples"] or np.any(np.diff(ids) < 0)):
+            raise ValueError(f"obj[{STATE_KEY!r}][{name!r}]: ids out of range or not ascending")
+        return value["round"], ids, p
+
+    frozen, pending = planned("frozen"), planned("pending")
+    if frozen is None and pending is None:
+        raise ValueError(f"obj[{STATE_KEY!r}]: holds no planned round")
+    return {
+        "frozen": frozen, "pending": pending,
+        "carry_start": array(entry.get("carry_start"), "carry_start", owned, np.float64),
+        "carry_after": array(entry.get("carry_after"), "carry_after", owned, np.float64),
+        "weights": array(entry.get("weights"), "weights", owned, np.float64),
+    }
