@@ -1,0 +1,122 @@
+"""ShardedWeightedStreamingDataset on 2 real gloo ranks x 2 DataLoader workers over real MDS shards: each
+rank passes only its own samples' weights, the rounds are the ones a single process plans, no shared
+block of length N exists, and a mid-round checkpoint (one state per rank) resumes exactly."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from _core_helpers import free_port
+
+pytest.importorskip("streaming")
+
+from _streaming_data import fresh_local, write_mds  # noqa: E402
+
+N, BATCH, ROUND, WORLD, SHARDS, WORKERS = 4000, 10, 400, 2, 16, 2
+SAVE_AT = 6  # batches of round 1 trained before the checkpoint
+
+
+def _weights(round_idx: int) -> np.ndarray:
+    """The weights every rank would compute for the next round (each passes its own slice)."""
+    w = np.random.default_rng([5, round_idx]).gamma(0.5, 1.0, N)
+    w[:: 4 + round_idx] = 0.0
+    return w
+
+
+def _make(root: str, local: str, draws: str):
+    from irdro_sampler.integrations.streaming_sharded import ShardedWeightedStreamingDataset
+
+    return ShardedWeightedStreamingDataset(
+        round_size=ROUND, remote=os.path.join(root, "remote"), local=local, batch_size=BATCH, shuffle=True,
+        shuffle_block_size=200, seed=11, num_shards=SHARDS, draws=draws,
+    )
+
+
+def _ids(batches) -> np.ndarray:
+    return np.concatenate([b["sample_idx"].numpy() for b in batches]) if batches else np.zeros(0, np.int64)
+
+
+def _rank_main(rank: int, root: str, port: int, draws: str, resume: bool) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    shm_before = set(os.listdir("/dev/shm"))
+    local = os.path.join(root, f"local-{draws}-{int(resume)}")
+    ds = _make(root, local, draws)
+    start, stop = ds.owned_ids
+    dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=WORKERS, persistent_workers=True)
+    tag = f"{draws}-{'resumed' if resume else 'straight'}-rank{rank}"
+    state_file = os.path.join(root, f"state-{draws}-rank{rank}.pt")
+    out = {}
+    if resume:
+        ds.load_state_dict(torch.load(state_file, weights_only=False))
+        out["round1"] = _ids(list(dl))  # the rest of round 1
+    else:
+        out["round0"] = _ids(list(dl))
+        out["plan0"] = ds.round_plan(0)[0]
+        ds.set_weights(_weights(1)[start:stop])
+        it, head = iter(dl), []
+        for _ in range(SAVE_AT):
+            head.append(next(it))
+        torch.save(ds.state_dict(SAVE_AT * BATCH * WORLD, True), state_file)
+        out["round1"] = _ids(list(it))
+        out["head_p"] = ds.draw_probabilities(_ids(head))
+        out["head"] = _ids(head)
+    ds.set_weights(_weights(2)[start:stop])
+    out["round2"] = _ids(list(dl))
+    out["fingerprint"] = ds.fingerprint()
+    new = [f for f in set(os.listdir("/dev/shm")) - shm_before if os.path.exists(os.path.join("/dev/shm", f))]
+    out["largest_shm"] = max(os.path.getsize(os.path.join("/dev/shm", f)) for f in new)
+    np.savez(os.path.join(root, f"{tag}.npz"), **out)
+    dist.barrier()
+    del dl
+    dist.destroy_process_group()
+
+
+def _single_process_plans(root: str, draws: str) -> list[np.ndarray]:
+    """The same rounds planned by one process holding all weights (no process group)."""
+    ds = _make(root, fresh_local(root), draws)
+    assert ds.owned_ids == (0, N)
+    plans = [ds.round_plan(0)[0]]
+    for r in (1, 2):
+        # Mark round r - 1 as started, as the dataset's iteration does, so that set_weights plans round r.
+        list(torch.utils.data.DataLoader(ds, batch_size=BATCH))
+        ds.set_weights(_weights(r))
+        plans.append(ds.round_plan(r)[0])
+    return plans
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draws", ["balanced", "iid"])
+def test_two_ranks_two_workers_same_rounds_and_exact_resume(tmp_path, draws):
+    root = str(tmp_path)
+    write_mds(root, N, 200)
+    for resume in (False, True):
+        mp.start_processes(_rank_main, args=(root, free_port(), draws, resume), nprocs=WORLD, join=True,
+                           start_method="fork")
+    straight = [np.load(os.path.join(root, f"{draws}-straight-rank{r}.npz")) for r in range(WORLD)]
+    resumed = [np.load(os.path.join(root, f"{draws}-resumed-rank{r}.npz")) for r in range(WORLD)]
+    plans = _single_process_plans(root, draws)
+    # Each round: the ranks' shares are disjoint halves of the plan, and the plan is the one-process plan.
+    for r, plan in enumerate(plans):
+        key = f"round{r}"
+        shares = [np.concatenate([s["head"], s[key]]) if r == 1 else s[key] for s in straight]
+        assert all(len(x) == ROUND // WORLD for x in shares), key
+        assert np.array_equal(np.sort(np.concatenate(shares)), plan), f"{draws} {key}: not the single-process plan"
+        w = _weights(r) if r else np.ones(N)
+        assert np.all(w[plan] > 0)
+    for s in straight:
+        np.testing.assert_allclose(s["head_p"], _weights(1)[s["head"]] / _weights(1).sum(), rtol=1e-12)
+    # The checkpoint resumes exactly: the rest of round 1 and all of round 2 on each rank.
+    for r in range(WORLD):
+        assert np.array_equal(resumed[r]["round1"], straight[r]["round1"]), f"rank {r}: rest of round 1 differs"
+        assert np.array_equal(resumed[r]["round2"], straight[r]["round2"]), f"rank {r}: round 2 differs"
+        assert int(resumed[r]["fingerprint"]) == int(straight[r]["fingerprint"])
+        # No shared block of N float64: the node holds planned rounds of ROUND samples.
+        assert int(straight[r]["largest_shm"]) < 8 * N, int(straight[r]["largest_shm"])
