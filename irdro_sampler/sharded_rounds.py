@@ -28,12 +28,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed_fit import _all_gather_rows
+from .distributed_fit import _all_gather_rows, fit_sharded
+from .loss_table import LossTable
 from .virtual_shards import VirtualShards
+from .weights import DROWeighting, masses, mixture_probabilities
 
 __all__ = [
     "ROUND_DRAWS", "ShardedRound", "initial_carry_of_range", "max_over_ranks", "plan_sharded_round", "shard_totals",
-    "world_and_rank",
+    "sharded_probabilities", "world_and_rank",
 ]
 
 ROUND_DRAWS = ("balanced", "iid")
@@ -245,3 +247,21 @@ def plan_sharded_round(
     local_p = p[ids - start]
     return ShardedRound(_gather(ids, group), _gather(local_p, group), next_carry)
 
+
+
+def sharded_probabilities(rule: DROWeighting, table: LossTable, shards: VirtualShards, group: Any = None) -> np.ndarray:
+    """``rule.probabilities`` of the whole data set, for this rank's ids only (float64; over all ranks they
+    sum to 1), from ``table``: the running losses of this rank's ids ``shards.ids_of_rank(rank, world)``.
+
+    The rule is fitted over all ranks (:func:`~irdro_sampler.distributed_fit.fit_sharded`: the unsharded
+    fit bit for bit) and the masses' total summed in shard order, so the result does not depend on the
+    world size. A collective; what each rank passes to ``ShardedWeightedStreamingDataset.set_weights``.
+    """
+    world, rank = world_and_rank(group)
+    start, stop = shards.ids_of_rank(rank, world)
+    if table.dataset_size != stop - start:
+        raise ValueError(f"table: holds {table.dataset_size} rows; rank {rank} of {world} owns ids [{start}, {stop})")
+    params = fit_sharded(rule, table, start, shards.dataset_size, group) if _distributed() else rule.fit(table)
+    mass = masses(table.losses, params, table.groups)[0]
+    total = float(max_over_ranks(shard_totals(mass, shards, rank, world), group).sum())
+    return mixture_probabilities(mass, total, shards.dataset_size, rule.uniform_mix)

@@ -9,8 +9,14 @@ import pytest
 import torch.distributed as dist
 from _core_helpers import P_THRESHOLD, chisquare_pvalue, spawn_gloo
 
+from irdro_sampler import DROWeighting, LossTable
 from irdro_sampler.carried_rounding import balanced_counts, initial_carry
-from irdro_sampler.sharded_rounds import initial_carry_of_range, plan_sharded_round, shard_totals
+from irdro_sampler.sharded_rounds import (
+    initial_carry_of_range,
+    plan_sharded_round,
+    shard_totals,
+    sharded_probabilities,
+)
 from irdro_sampler.virtual_shards import VirtualShards
 
 N, SHARDS, ROUND, ROUNDS, SEED = 3001, 16, 500, 6, 7
@@ -117,6 +123,11 @@ def _bad_worker(rank: int, world: int, port: int, results) -> None:
         # The group still works after the refusals: every rank raised at the same collective.
         out["after"] = plan_sharded_round("iid", _weights(0)[start:stop], shards, seed=SEED, round_idx=0,
                                           round_size=ROUND).ids.size
+        table = LossTable(stop - start, groups=_groups()[start:stop])
+        ids, losses = _feedback()
+        mine = (ids >= start) & (ids < stop)
+        table.update(ids[mine] - start, losses[mine])
+        out["p"] = sharded_probabilities(DROWeighting(), table, shards)
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -131,3 +142,18 @@ def test_bad_weights_on_one_rank_are_refused_on_every_rank():
             assert msg.startswith("weights: rank 1 passed") and what in msg, msg
         assert "this rank holds ids" in out[1][bad]
     assert out[0]["after"] == out[1]["after"] == ROUND
+    # The rule over the sharded table: the unsharded probabilities, each rank its own ids.
+    table = LossTable(N, groups=_groups())
+    table.update(*_feedback())
+    want = DROWeighting().probabilities(table)
+    np.testing.assert_allclose(np.concatenate([out[0]["p"], out[1]["p"]]), want, rtol=1e-12)
+
+
+def _groups() -> np.ndarray:
+    return (np.arange(N) % 5).astype(np.int64)
+
+
+def _feedback() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(9)
+    ids = rng.integers(0, N, 2000)
+    return ids, rng.gamma(2.0, 1.0, ids.size) + 2.0 * (ids % 5 == 0)
