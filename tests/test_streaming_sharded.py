@@ -120,3 +120,45 @@ def test_two_ranks_two_workers_same_rounds_and_exact_resume(tmp_path, draws):
         assert int(resumed[r]["fingerprint"]) == int(straight[r]["fingerprint"])
         # No shared block of N float64: the node holds planned rounds of ROUND samples.
         assert int(straight[r]["largest_shm"]) < 8 * N, int(straight[r]["largest_shm"])
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mds-sharded"))
+    write_mds(root, N, 200)
+    return root
+
+
+def test_one_process_plans_replans_and_refuses_bad_states(data_root):
+    ds = _make(data_root, fresh_local(data_root), "balanced")
+    assert len(ds) == ROUND and ds.owned_ids == (0, N)
+    plan0 = ds.round_plan(0)[0]
+    ds.set_weights(_weights(1))  # before round 0 started: re-plans round 0
+    replanned = ds.round_plan(0)[0]
+    assert not np.array_equal(plan0, replanned) and np.all(_weights(1)[replanned] > 0)
+    ids = _ids(list(torch.utils.data.DataLoader(ds, batch_size=BATCH)))
+    assert np.array_equal(np.sort(ids), replanned)
+    ds.set_weights(None)  # during round 0: plans round 1 from the same weights
+    assert np.all(_weights(1)[ds.round_plan(1)[0]] > 0)
+    with pytest.raises(ValueError, match="were not drawn in round 0"):
+        ds.draw_probabilities(np.setdiff1d(np.arange(N), replanned)[:3])
+    with pytest.raises(ValueError, match="rank 0 passed wrong length"):
+        ds.set_weights(np.ones(N - 1))
+    assert np.all(_weights(1)[ds.round_plan(1)[0]] > 0)  # the refused weights changed nothing
+    sd = ds.state_dict(0, True)
+    other = _make(data_root, fresh_local(data_root), "iid")
+    before = other.fingerprint()
+    with pytest.raises(ValueError, match=r"\['draws'\]: saved 'balanced', this dataset has 'iid'"):
+        other.load_state_dict(sd)
+    assert other.fingerprint() == before
+    sd["irdro_sharded"]["carry_after"] = torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"\['carry_after'\]: expected 4000 finite float64"):
+        _make(data_root, fresh_local(data_root), "balanced").load_state_dict(sd)
+
+
+def test_composer_irdro_refuses_the_sharded_dataset_clearly(data_root):
+    from irdro_sampler.integrations.composer.targets import StreamingTarget
+
+    dl = torch.utils.data.DataLoader(_make(data_root, fresh_local(data_root), "iid"), batch_size=BATCH)
+    with pytest.raises(ValueError, match="takes each rank's own weights.*sharded_probabilities"):
+        StreamingTarget.find(dl)

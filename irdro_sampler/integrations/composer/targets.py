@@ -291,6 +291,12 @@ class StreamingTarget:
         the streaming integration, and so ``streaming``, is not needed here)."""
         dataset = getattr(dataloader, "dataset", None)
         if callable(getattr(dataset, "set_weights", None)) and hasattr(dataset, "round_size"):
+            if hasattr(dataset, "owned_ids"):
+                raise ValueError(
+                    f"dataset: {type(dataset).__name__} takes each rank's own weights, and IRDRO keeps an "
+                    "unsharded loss table; drive it from a training loop with sharded_probabilities "
+                    "(docs/streaming.md, 'Weights sharded over ranks'), or use WeightedStreamingDataset"
+                )
             return cls(dataset)
         return None
 
