@@ -253,8 +253,8 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
     def stats(self) -> dict[str, float]:
         """The diagnostics of :meth:`IRDROSampler.stats`, all keys, for the global distribution (a
         collective: O(S) + O(1) reduced numbers, O(N / world) work; see :func:`sharded_queries.stats`).
-        ``remeasured_cut`` and ``readmitted`` are summed over ranks; the event counters restart at 0 after
-        :meth:`load` (the row-file format does not carry them yet)."""
+        ``remeasured_cut`` and ``readmitted`` are summed over ranks; :meth:`save` keeps every counter (their
+        totals), so they continue after :meth:`load` on any world size."""
         return sharded_queries.stats(self)
 
     @property

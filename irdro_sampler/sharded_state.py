@@ -60,9 +60,11 @@ def save(sampler: Any, folder: str | os.PathLike) -> None:
     rows = {"first": sampler.start, "stop": sampler.stop, "table": _row_table(sampler.table),
             "draws": sampler.scheme.row_state()}
     save_state(rows, folder / f"rows-{sampler.start}-{sampler.stop}.pt")
-    dist.barrier(group=sampler.group)
+    # The per-rank transition counters, summed (their total is what stats() reports on any world size).
+    transitions = torch.tensor([sampler.remeasured_cut, sampler.readmitted], dtype=torch.int64)
+    dist.all_reduce(transitions, group=sampler.group)
     if sampler.rank == 0:
-        save_state(_common(sampler), folder / COMMON)
+        save_state(_common(sampler, transitions.tolist()), folder / COMMON)
     dist.barrier(group=sampler.group)
 
 
@@ -75,7 +77,7 @@ def _row_table(table: Any) -> dict[str, Any]:
             "num_skipped": table.num_skipped, "groups": None}
 
 
-def _common(sampler: Any) -> dict[str, Any]:
+def _common(sampler: Any, transitions: list[int]) -> dict[str, Any]:
     f, params = sampler.feedback, sampler.params
     pend = f.sorted_pending()
     drawn = sampler.drawn.sorted_items()
@@ -95,6 +97,9 @@ def _common(sampler: Any) -> dict[str, Any]:
         "pending": pack_records([(e[0], e[1]) for e in pend], [e[2] for e in pend], [e[3] for e in pend]),
         "drawn": pack_records([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
         "row_files": [list(sampler.shards.ids_of_rank(r, world)) for r in range(world)],
+        "counters": {"refreshes": sampler.refreshes, "rebases": sampler.rebases,
+                     "stale_replays": sampler.drawn.stale_replays, "remeasured_cut": transitions[0],
+                     "readmitted": transitions[1]},
     }  # fmt: skip
 
 
@@ -149,12 +154,31 @@ def _check(sampler: Any, folder: Path) -> tuple:
     params = _check_params(common["params"], common.get("group_threshold"), sampler.table.groups)
     epoch = state_int(common, "epoch", where, minimum=0)
     digest = common.get("feedback_digest")
-    return rows, draw_state, sched, pending, drawn, params, epoch, bytes.fromhex(digest) if digest else EMPTY_DIGEST
+    counters = _check_counters(common.get("counters"), f"{where}['counters']")
+    return (rows, draw_state, sched, pending, drawn, params, epoch, bytes.fromhex(digest) if digest else EMPTY_DIGEST,
+            counters)
+
+
+_COUNTERS = ("refreshes", "rebases", "stale_replays", "remeasured_cut", "readmitted")
+
+
+def _check_counters(counters: Any, where: str) -> dict[str, int]:
+    """The saved event counters (files before they were saved: all 0)."""
+    if counters is None:
+        return dict.fromkeys(_COUNTERS, 0)
+    if not isinstance(counters, dict):
+        raise ValueError(f"{where}: expected a dict of counters, got {type(counters).__name__}")
+    return {key: state_int(counters, key, where, minimum=0) for key in _COUNTERS}
 
 
 def _commit(sampler: Any, rows: list, draw_state: Any, sched: dict, pending: list, drawn: list, params: Any,
-            epoch: int, digest: bytes) -> None:
+            epoch: int, digest: bytes, counters: dict[str, int]) -> None:
     table = sampler.table
+    sampler.refreshes, sampler.rebases = counters["refreshes"], counters["rebases"]
+    sampler.drawn.stale_replays = counters["stale_replays"]
+    # The transitions' totals go to rank 0 (stats() sums them over ranks, whatever the world size).
+    mine = sampler.rank == 0
+    sampler.remeasured_cut, sampler.readmitted = (counters["remeasured_cut"], counters["readmitted"]) if mine else (0, 0)
     table.num_seen = copy_rows(table, rows, sampler.start, CHUNK)
     sampler.epoch, sampler.start_batch = epoch, sched["start_batch"]
     sampler.feedback.restore(sched, [(k[0], k[1], i, v) for k, i, v in pending], digest)

@@ -56,7 +56,8 @@ def _reference(rank: int, world: int, port: int, results, folder: str) -> None:
         s = ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=SHARDS, **OPTS)
         before = _steps(s, 0, SAVE_AT + 1)
         s.save(folder)
-        results[rank] = (before, _steps(s, SAVE_AT + 1, END), s.fingerprint())
+        counters = _counters(s)
+        results[rank] = (before, _steps(s, SAVE_AT + 1, END), s.fingerprint(), counters)
     finally:
         dist.destroy_process_group()
 
@@ -79,7 +80,14 @@ def _load_and_continue(world: int, folder: str, bad: str) -> tuple:
         s.load(str(Path(folder).parent / "version_1") if bad == "version_1" else folder)
     except ValueError as e:
         return ("error", str(e))
-    return ("ok", _steps(s, SAVE_AT + 1, END), s.fingerprint())
+    counters = _counters(s)
+    return ("ok", _steps(s, SAVE_AT + 1, END), s.fingerprint(), counters)
+
+
+def _counters(s: ShardedIRDROSampler) -> dict[str, float]:
+    """The event counters of stats() (a collective)."""
+    stats = s.stats()
+    return {k: stats[k] for k in ("refreshes", "rebases", "stale_replays", "remeasured_cut", "readmitted")}
 
 
 @pytest.mark.slow
@@ -87,17 +95,19 @@ def test_saved_on_4_ranks_resumes_on_2_4_and_8(tmp_path: Path):
     folder = str(tmp_path / "state")
     ref = spawn_gloo(_reference, 4, folder)
     assert len({r[2] for r in ref}) == 1
+    assert ref[0][3]["refreshes"] > 0 and ref[0][3]["remeasured_cut"] > 0, ref[0][3]  # the counters moved
     files = sorted(p.name for p in Path(folder).iterdir())
     assert files == ["common.pt", "rows-0-512.pt", "rows-1024-1536.pt", "rows-1536-2048.pt", "rows-512-1024.pt"]
     legacy = _as_version_1(folder, tmp_path / "version_1")  # today's files still load (on 2 ranks)
     for world in (2, 4, 8):
         for rank, per in enumerate(spawn_gloo(_resume, world, folder, ("", "version_1") if world == 2 else ("",))):
-            status, after, fp = per[""]
+            status, after, fp, counters = per[""]
             assert status == "ok"
             assert all(np.array_equal(a, b) for a, b in zip(after, ref[0][1], strict=True)), f"world {world} rank {rank}"
             assert fp == ref[0][2]
+            assert counters == ref[0][3], f"world {world}: the event counters did not continue"
             if world == 2:
-                legacy_status, legacy_after, legacy_fp = per["version_1"]
+                legacy_status, legacy_after, legacy_fp, _ = per["version_1"]
                 assert legacy_status == "ok" and legacy_fp == fp, f"rank {rank}: a version-1 copy continues otherwise"
                 assert all(np.array_equal(a, b) for a, b in zip(legacy_after, after, strict=True)), f"rank {rank}"
     assert Path(legacy).is_dir()
