@@ -146,6 +146,10 @@ def test_one_process_plans_replans_and_refuses_bad_states(data_root):
         ds.set_weights(np.ones(N - 1))
     assert np.all(_weights(1)[ds.round_plan(1)[0]] > 0)  # the refused weights changed nothing
     sd = ds.state_dict(0, True)
+    restored = _make(data_root, fresh_local(data_root), "balanced")
+    restored.load_state_dict(sd)  # into other slots than ds holds them: the fingerprint is by role
+    assert restored.fingerprint() == ds.fingerprint()
+    assert all(np.array_equal(a, b) for a, b in zip(restored.round_plan(1), ds.round_plan(1), strict=True))
     other = _make(data_root, fresh_local(data_root), "iid")
     before = other.fingerprint()
     with pytest.raises(ValueError, match=r"\['draws'\]: saved 'balanced', this dataset has 'iid'"):

@@ -141,7 +141,8 @@ class ShardedWeightedStreamingDataset(RoundPlannedDataset):
         head = (int(self.num_samples), self.round_size, self.weight_seed, self.draws, self.virtual_shards.num_shards,
                 hdr.frozen_round, hdr.pending_round)
         data = repr(head).encode()
-        for slot in sorted({hdr.frozen_slot, hdr.pending_slot}):
+        # In role order (frozen, then pending), not slot order: a restored state may hold them swapped.
+        for slot in dict.fromkeys([hdr.frozen_slot if hdr.frozen_round >= 0 else hdr.pending_slot, hdr.pending_slot]):
             ids, p = self._round_state.plan(slot)
             data += ids.tobytes() + p.tobytes()
         return digest_to_int(data)
