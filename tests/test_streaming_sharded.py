@@ -120,6 +120,16 @@ def test_two_ranks_two_workers_same_rounds_and_exact_resume(tmp_path, draws):
         assert int(resumed[r]["fingerprint"]) == int(straight[r]["fingerprint"])
         # No shared block of N float64: the node holds planned rounds of ROUND samples.
         assert int(straight[r]["largest_shm"]) < 8 * N, int(straight[r]["largest_shm"])
+    # Elastic: one process loads both ranks' states and continues with the same draws (their union).
+    states = [torch.load(os.path.join(root, f"state-{draws}-rank{r}.pt"), weights_only=False, mmap=True) for r in range(WORLD)]
+    with pytest.raises(ValueError, match=r"ids \[2000, 4000\) of this rank are in none of the states given"):
+        _make(root, fresh_local(root), draws).load_state_dict(states[0])
+    one = _make(root, fresh_local(root), draws)
+    one.load_state_dict(states[::-1])  # any order
+    rest = _ids(list(torch.utils.data.DataLoader(one, batch_size=BATCH)))
+    assert np.array_equal(np.sort(rest), np.sort(np.concatenate([s["round1"] for s in straight])))
+    one.set_weights(_weights(2))
+    assert np.array_equal(one.round_plan(2)[0], np.sort(np.concatenate([s["round2"] for s in straight])))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +166,7 @@ def test_one_process_plans_replans_and_refuses_bad_states(data_root):
         other.load_state_dict(sd)
     assert other.fingerprint() == before
     sd["irdro_sharded"]["carry_after"] = torch.zeros(5, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"\['carry_after'\]: expected 4000 finite float64"):
+    with pytest.raises(ValueError, match=r"\['carry_after'\]: expected 4000 float64, got float64\(5,\)"):
         _make(data_root, fresh_local(data_root), "balanced").load_state_dict(sd)
 
 

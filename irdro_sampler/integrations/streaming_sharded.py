@@ -26,14 +26,12 @@ from irdro_sampler.fingerprint import digest_to_int
 from irdro_sampler.integrations._streaming_compat import shm_prefix_int, unique_rank_world
 from irdro_sampler.integrations.streaming_base import RoundPlannedDataset
 from irdro_sampler.integrations.streaming_rounds import shard_units
+from irdro_sampler.integrations.streaming_sharded_state import STATE_KEY, read_states, sharded_entry
 from irdro_sampler.integrations.streaming_shared_plans import SharedRoundPlans
 from irdro_sampler.sharded_rounds import max_over_ranks, plan_sharded_round, world_and_rank
 from irdro_sampler.virtual_shards import VirtualShards, default_num_shards
 
 __all__ = ["ShardedWeightedStreamingDataset"]
-
-STATE_KEY = "irdro_sharded"
-STATE_VERSION = 1
 
 
 class ShardedWeightedStreamingDataset(RoundPlannedDataset):
@@ -49,8 +47,8 @@ class ShardedWeightedStreamingDataset(RoundPlannedDataset):
 
     Construct on every rank (round 0 is planned here, uniform: a collective). Then, once per round,
     every rank calls ``set_weights(w)`` with the weights of its ``owned_ids`` (a collective). Checkpoints:
-    each rank saves its own ``state_dict`` (its carry and weights are its own) and loads it back on the
-    same rank of the same world size.
+    each rank saves its own ``state_dict`` (its carry and weights are its own) and loads it back, or, on
+    another world size, every rank loads the list of all the saved states and takes its own ids' rows.
     """
 
     def __init__(self, *, num_shards: int | None = None, group: Any = None, **options: Any) -> None:
@@ -161,87 +159,33 @@ class ShardedWeightedStreamingDataset(RoundPlannedDataset):
     # ------------------------------------------------------------------ checkpoints
     def _identity(self) -> dict[str, Any]:
         return {"num_samples": int(self.num_samples), "round_size": self.round_size, "seed": self.weight_seed,
-                "draws": self.draws, "num_shards": self.virtual_shards.num_shards, "world_size": self.world, "rank": self.rank}
+                "draws": self.draws, "num_shards": self.virtual_shards.num_shards}
 
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
-        """Streaming's resume state plus ``"irdro_sharded"``: this rank's identity, the frozen and pending
-        planned rounds, and its carry and weights (O(N / world) + O(round_size); save one per rank)."""
+        """Streaming's resume state plus ``"irdro_sharded"`` (:mod:`.streaming_sharded_state`): the frozen
+        and pending planned rounds, and this rank's carry and weights (O(N / world) + O(round_size); save
+        one per rank)."""
         sd = self._resume_point(num_samples, from_beginning)
         hdr = self._round_state.header.snapshot()
 
-        def tensor(a: np.ndarray | None) -> torch.Tensor | None:
-            return None if a is None else torch.from_numpy(np.array(a))
+        def planned(slot: int, round_idx: int) -> tuple | None:
+            return None if round_idx < 0 else (round_idx, *self._round_state.plan(slot))
 
-        def saved_round(slot: int, round_idx: int) -> dict[str, Any] | None:
-            if round_idx < 0:
-                return None
-            ids, p = self._round_state.plan(slot)
-            return {"round": round_idx, "ids": tensor(ids), "probabilities": tensor(p)}
-
-        sd[STATE_KEY] = {
-            "version": STATE_VERSION, **self._identity(),
-            "frozen": saved_round(hdr.frozen_slot, hdr.frozen_round),
-            "pending": saved_round(hdr.pending_slot, hdr.pending_round) if hdr.pending_round != hdr.frozen_round else None,
-            "carry_start": tensor(self._carry_start), "carry_after": tensor(self._carry_after),
-            "weights": tensor(self._weights),
-        }
+        pending = planned(hdr.pending_slot, hdr.pending_round) if hdr.pending_round != hdr.frozen_round else None
+        rows = {"carry_start": self._carry_start, "carry_after": self._carry_after, "weights": self._weights}
+        sd[STATE_KEY] = {**sharded_entry(self._identity(), self.start, self.stop,
+                                         planned(hdr.frozen_slot, hdr.frozen_round), pending, rows),
+                         "world_size": self.world, "rank": self.rank}
         return sd
 
-    def load_state_dict(self, obj: dict[str, Any]) -> None:
-        """Restore this rank's :meth:`state_dict` (every rank, before iterating). Everything is checked
-        first (``ValueError`` naming the field); a rejected state changes nothing."""
-        if not isinstance(obj, dict):
-            raise TypeError(f"obj: expected the dict returned by state_dict, got {type(obj)!r}")
-        streaming_state = dict(obj)
-        entry = streaming_state.pop(STATE_KEY, None)
-        if not isinstance(entry, dict):
-            raise ValueError(f"obj: no {STATE_KEY!r} entry; this state was not saved by ShardedWeightedStreamingDataset")
-        saved = _checked_entry(entry, self._identity(), self.stop - self.start)
+    def load_state_dict(self, obj: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Restore this rank's :meth:`state_dict`, or cut this rank's rows out of the list of every rank's
+        states of a run on another world size (every rank, before iterating). Everything is checked first
+        (``ValueError`` naming the state and the field); a rejected state changes nothing."""
+        streaming_state, saved = read_states(obj, self._identity(), self.start, self.stop)
         super().load_state_dict(streaming_state)
-        self._pending_round = saved["pending"][0] if saved["pending"] else saved["frozen"][0]
-        self._carry_start, self._carry_after = saved["carry_start"], saved["carry_after"]
-        self._weights = saved["weights"]
+        self._pending_round = (saved.pending or saved.frozen)[0]
+        self._carry_start, self._carry_after = saved.carry_start, saved.carry_after
+        self._weights = np.ones(self.stop - self.start) if saved.weights is None else saved.weights
         if unique_rank_world(self).is_local_leader:
-            self._round_state.restore(saved["frozen"], saved["pending"])
-
-
-def _checked_entry(entry: dict[str, Any], identity: dict[str, Any], owned: int) -> dict[str, Any]:
-    """The saved entry as numpy arrays, after checking it matches ``identity`` (names the field if not)."""
-    if entry.get("version") != STATE_VERSION:
-        raise ValueError(f"obj[{STATE_KEY!r}]['version']: expected {STATE_VERSION}, got {entry.get('version')!r}")
-    for key, want in identity.items():
-        if entry.get(key) != want:
-            raise ValueError(f"obj[{STATE_KEY!r}][{key!r}]: saved {entry.get(key)!r}, this dataset has {want!r}; exact "
-                             "resumption needs the same (each rank loads the state it saved)")
-
-    def array(value: Any, field: str, size: int, dtype: Any) -> np.ndarray | None:
-        if value is None:
-            return None
-        arr = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        if arr.shape != (size,) or arr.dtype != np.dtype(dtype) or (arr.dtype.kind == "f" and not np.isfinite(arr).all()):
-            raise ValueError(f"obj[{STATE_KEY!r}][{field!r}]: expected {size} finite {np.dtype(dtype)}, got "
-                             f"{arr.dtype}{arr.shape}")
-        return arr.copy()
-
-    def planned(name: str) -> tuple | None:
-        value = entry.get(name)
-        if value is None:
-            return None
-        r = identity["round_size"]
-        ids = array(value.get("ids"), f"{name}.ids", r, np.int64)
-        p = array(value.get("probabilities"), f"{name}.probabilities", r, np.float64)
-        if ids is None or p is None or not isinstance(value.get("round"), int) or value["round"] < 0:
-            raise ValueError(f"obj[{STATE_KEY!r}][{name!r}]: incomplete planned round")
-        if ids.size and (ids.min() < 0 or ids.max() >= identity["num_samples"] or np.any(np.diff(ids) < 0)):
-            raise ValueError(f"obj[{STATE_KEY!r}][{name!r}]: ids out of range or not ascending")
-        return value["round"], ids, p
-
-    frozen, pending = planned("frozen"), planned("pending")
-    if frozen is None and pending is None:
-        raise ValueError(f"obj[{STATE_KEY!r}]: holds no planned round")
-    return {
-        "frozen": frozen, "pending": pending,
-        "carry_start": array(entry.get("carry_start"), "carry_start", owned, np.float64),
-        "carry_after": array(entry.get("carry_after"), "carry_after", owned, np.float64),
-        "weights": array(entry.get("weights"), "weights", owned, np.float64),
-    }
+            self._round_state.restore(saved.frozen, saved.pending)
