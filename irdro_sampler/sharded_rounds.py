@@ -143,18 +143,29 @@ def _global_totals(weights: Any, shards: VirtualShards, rank: int, world: int, g
 
 
 def _sortable(key: np.ndarray) -> np.ndarray:
-    """int64 keys ordered like the float64 ``key`` (IEEE bits, negatives flipped)."""
+    """int64 keys ordered like the float64 ``key`` (IEEE bits, negatives flipped; no -0.0 in ``key``)."""
     bits = key.view(np.int64)
     return np.where(bits < 0, bits ^ np.int64(0x7FFFFFFFFFFFFFFF), bits)
 
 
+def _float_of(sortable: int) -> float:
+    """The float64 whose :func:`_sortable` key is ``sortable``."""
+    bits = np.array([sortable], dtype=np.int64)
+    bits = np.where(bits < 0, bits ^ np.int64(0x7FFFFFFFFFFFFFFF), bits)
+    return float(bits.view(np.float64)[0])
+
+
 def _top_k(key: np.ndarray, k: int, group: Any, rank: int, world: int) -> np.ndarray:
     """Mask of this rank's entries among the ``k`` largest keys over all ranks (ties: lower id first;
-    ranks hold ascending id ranges). A bisection on the key's bits, counting on local candidates."""
-    ints = _sortable(np.ascontiguousarray(key, dtype=np.float64))
-    # The global top k lies in the union of the ranks' local top k; the counts below stay exact
-    # whenever they matter (a rank with more than k keys above a bound counts k, still >= k).
-    cand = np.sort(ints if ints.size <= k else np.partition(ints, ints.size - k)[ints.size - k :])
+    ranks hold ascending id ranges). ``key`` (float64, no NaN) is modified: -0.0 becomes 0.0.
+
+    A bisection on the keys' bits, counting on this rank's candidates only: the global top k lies in the
+    union of the ranks' local top k, and a rank with more than k keys above a bound counts k, still >= k,
+    so each count decides as the full one would. Full-length work: one partition and two comparisons.
+    """
+    key += 0.0  # -0.0 -> 0.0: the bit order below must agree with float comparison
+    top = key if key.size <= k else np.partition(key, key.size - k)[key.size - k :]
+    cand = np.sort(_sortable(np.ascontiguousarray(top)))
     lo, hi = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
     while lo < hi:  # the largest t with count(key >= t) >= k
         mid = (lo + hi + 1) // 2
@@ -162,12 +173,13 @@ def _top_k(key: np.ndarray, k: int, group: Any, rank: int, world: int) -> np.nda
             lo = mid
         else:
             hi = mid - 1
-    above = ints > lo
-    ties = np.flatnonzero(ints == lo)
+    threshold = _float_of(lo)
+    above = key > threshold
+    ties = np.flatnonzero(key == threshold)
     counts = np.zeros(world)
     counts[rank] = ties.size
     before = int(_max(counts, group)[:rank].sum())  # ties held by lower ranks (lower ids)
-    need = k - _sum_int(int(above.sum()), group)
+    need = k - _sum_int(int(np.count_nonzero(above)), group)
     above[ties[: max(0, min(ties.size, need - before))]] = True
     return above
 
@@ -177,20 +189,22 @@ def _balanced_counts(p: np.ndarray, carry: np.ndarray, round_size: int, group: A
     eligible = p > 0
     x = p * float(round_size)
     x += carry  # a sample of probability 0 keeps its carry
-    counts = np.maximum(np.floor(x), 0.0)
-    counts[~eligible] = 0.0
-    counts = counts.astype(np.int64)
+    fl = np.floor(x)
+    np.maximum(fl, 0.0, out=fl)
+    fl[~eligible] = 0.0
+    counts = fl.astype(np.int64)
+    del fl
     x -= counts
     deficit = int(round_size) - _sum_int(int(counts.sum()), group)
     while deficit > 0:
-        k = min(deficit, _sum_int(int(eligible.sum()), group))
+        k = min(deficit, _sum_int(int(np.count_nonzero(eligible)), group))
         pick = _top_k(np.where(eligible, x, -np.inf), k, group, rank, world)
         counts[pick] += 1
         x[pick] -= 1.0
         deficit -= k
     while deficit < 0:
         drawn = counts > 0
-        k = min(-deficit, _sum_int(int(drawn.sum()), group))
+        k = min(-deficit, _sum_int(int(np.count_nonzero(drawn)), group))
         pick = _top_k(np.where(drawn, -x, -np.inf), k, group, rank, world)
         counts[pick] -= 1
         x[pick] += 1.0
@@ -243,7 +257,8 @@ def plan_sharded_round(
         if carry is None:
             carry = initial_carry_of_range(seed, start, stop)
         counts, next_carry = _balanced_counts(p, np.asarray(carry, np.float64), round_size, group, rank, world)
-        ids = np.repeat(np.arange(start, stop, dtype=np.int64), counts)
+        drawn = np.flatnonzero(counts)  # O(round) from here on
+        ids = np.repeat(drawn + start, counts[drawn])
     local_p = p[ids - start]
     return ShardedRound(_gather(ids, group), _gather(local_p, group), next_carry)
 
