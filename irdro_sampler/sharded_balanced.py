@@ -350,17 +350,19 @@ class ShardedBalancedDraws(CreditModel):
         self._stale.append(local)
 
     # -- state ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
         """This rank's state: per-sample arrays over global ids ``[start, stop)``, per-shard arrays over
-        ``[first_shard, stop_shard)``, the replicated scalars and the configuration. Copies, plain numpy
-        and Python values; :func:`merge_states` and :func:`slice_state` re-cut them for another world size."""
+        ``[first_shard, stop_shard)``, the replicated scalars and the configuration. Plain numpy and Python
+        values, copies unless ``copy=False`` (the live arrays, for a save that writes them at once);
+        :func:`merge_states` and :func:`slice_state` re-cut them for another world size."""
+        own = (lambda a: a.copy()) if copy else (lambda a: a)
         return {
             **{name: getattr(self, name) for name in _CONFIG},
             "start": self.start, "stop": self.stop,
             "first_shard": self.owned_shards.start, "stop_shard": self.owned_shards.stop,
-            "masses": self.masses.copy(), "offsets": self.offsets.copy(), "draws": self.draws.copy(),
-            "shard_totals": self.shard_totals.copy(), "shard_moved": self.shard_moved.copy(),
-            "held_ids": self._held_ids.copy(), "held_credits": self._held_credits.copy(),
+            "masses": own(self.masses), "offsets": own(self.offsets), "draws": own(self.draws),
+            "shard_totals": own(self.shard_totals), "shard_moved": own(self.shard_moved),
+            "held_ids": own(self._held_ids), "held_credits": own(self._held_credits),
             **{name: getattr(self, name) for name in _SCALARS},
         }
 

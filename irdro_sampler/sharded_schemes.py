@@ -198,14 +198,14 @@ class ShardedBalancedScheme:
 
     # -- state ------------------------------------------------------------------------------------------
     def row_state(self) -> dict[str, Any]:
-        state = self.draws.state_dict()
+        state = self.draws.state_dict(copy=False)  # written at once by the save: no copy of the records
         out: dict[str, Any] = {k: int(state[k]) for k in ("start", "stop", "first_shard", "stop_shard")}
         for key in (*_PER_SAMPLE, *_PER_SHARD, "held_ids", "held_credits"):
             out[key] = torch.from_numpy(np.ascontiguousarray(state[key]))
         return out
 
     def common_state(self) -> dict[str, Any]:
-        state = self.draws.state_dict()
+        state = self.draws.state_dict(copy=False)  # only its scalars are kept
         return {"scheme": self.name, **{k: state[k] for k in _SCALARS}}
 
     def read_state(self, common: Any, where: str, parts: list[tuple[str, Any]]) -> dict[str, Any]:
