@@ -68,6 +68,15 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "tail-normal-wide": {"groups": "labels", "cut_rule": "tail-normal-wide"},
     "tail-exp": {"groups": "labels", "cut_rule": "tail-exp"},
     "tail-exp-nogroups": {"cut_rule": "tail-exp"},
+    # The tilt capped at the z-score threshold (tilt_cap="zscore"), the cut left to an evidence rule or off.
+    "capped-valley-nogroups": {"tilt_cap": "zscore", "cut_rule": "mixture-valley"},
+    "capped-valley": {"groups": "labels", "tilt_cap": "zscore", "cut_rule": "mixture-valley"},
+    "capped-nocut-nogroups": {"tilt_cap": "zscore", "truncate_zscore": None},
+    "capped-nocut": {"groups": "labels", "tilt_cap": "zscore", "truncate_zscore": None},
+    "capped-wide-nogroups": {"tilt_cap": "zscore", "cut_rule": "tail-normal-wide"},
+    "capped-wide": {"groups": "labels", "tilt_cap": "zscore", "cut_rule": "tail-normal-wide"},
+    "capped-valley-soft-nogroups": {"tilt_cap": "zscore", "cut_rule": "mixture-valley", "ess_fraction": 0.97},
+    "capped-wide-soft-nogroups": {"tilt_cap": "zscore", "cut_rule": "tail-normal-wide", "ess_fraction": 0.97},
 }
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

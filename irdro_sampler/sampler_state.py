@@ -54,9 +54,7 @@ def pack_state(sampler: Any) -> dict[str, Any]:
         "block_size": sampler.block_size,
         "rule": sampler.rule.config(),
         "table": sampler.table.state_dict(),
-        "params": None if params is None else list(params[:4]),
-        "group_threshold": None if params is None or params.group_threshold is None
-        else torch.from_numpy(params.group_threshold.copy()),
+        **params_state(params),
         "schedule": {
             **order.feedback.schedule(),
             "last_drawn": order.last_drawn,
@@ -69,6 +67,21 @@ def pack_state(sampler: Any) -> dict[str, Any]:
         "drawn": pack_records([(b, 0) for b, _ in drawn], [v[0] for _, v in drawn], [v[1] for _, v in drawn]),
         "balanced": sampler.draw_scheme.state_entry(),  # the draw scheme's own part (None for i.i.d.)
     }
+
+
+def params_state(params: WeightParams | None) -> dict[str, Any]:
+    """The state entries of the params in force: ``params`` (4 numbers), ``group_threshold`` and, only
+    when the params cap the tilt (``tilt_cap``), ``tilt_cap`` = ``{"cap": float | None, "group_cap":
+    tensor | None}`` (so states of uncapped rules are those of versions without the option)."""
+    out: dict[str, Any] = {
+        "params": None if params is None else list(params[:4]),
+        "group_threshold": None if params is None or params.group_threshold is None
+        else torch.from_numpy(params.group_threshold.copy()),
+    }
+    if params is not None and (params.cap is not None or params.group_cap is not None):
+        out["tilt_cap"] = {"cap": params.cap,
+                           "group_cap": None if params.group_cap is None else torch.from_numpy(params.group_cap.copy())}
+    return out
 
 
 def restore_state(sampler: Any, checked: dict[str, Any]) -> None:
@@ -149,7 +162,7 @@ def _check_rule(rule: Any, dataset_size: int) -> DROWeighting | FixedWeights:
 
 def _check_params_fit(state: Mapping[str, Any], table: dict[str, Any], rule: Any) -> WeightParams | None:
     losses, groups = table["losses"], table["groups"]
-    params = _check_params(state_entry(state, "params", W), state.get("group_threshold"), groups)
+    params = _check_params(state_entry(state, "params", W), state.get("group_threshold"), groups, state.get("tilt_cap"))
     if params is not None and isinstance(rule, DROWeighting):
         # A saved run keeps its largest mass within about e^+-600 (it rebases otherwise); beyond e^700 the
         # masses would overflow or vanish, so such params were not saved by a sampler.
@@ -180,7 +193,29 @@ def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdef" for c in text)
 
 
-def _check_params(params: Any, group_threshold: Any, groups: np.ndarray | None) -> WeightParams | None:
+def _check_params(
+    params: Any, group_threshold: Any, groups: np.ndarray | None, tilt_cap: Any = None
+) -> WeightParams | None:
+    out = _check_cut_params(params, group_threshold, groups)
+    if out is None or tilt_cap is None:
+        return out
+    where = "state_dict['tilt_cap']"
+    if not isinstance(tilt_cap, Mapping):
+        raise ValueError(f"{where} must be a dict, got {type(tilt_cap).__name__}")
+    cap, group_cap = state_entry(tilt_cap, "cap", where), state_entry(tilt_cap, "group_cap", where)
+    if (cap is None) == (group_cap is None):
+        raise ValueError(f"{where} must hold exactly one of cap and group_cap, got {tilt_cap!r}")
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or math.isnan(cap):
+            raise ValueError(f"{where}['cap'] must be a number (not NaN), got {cap!r}")
+        return out._replace(cap=float(cap))
+    per_group = state_array(group_cap, f"{where}['group_cap']", kind="float", shape=(count_groups(groups),))
+    if groups is None or np.isnan(per_group).any():
+        raise ValueError(f"{where}['group_cap'] needs a table with groups and holds no NaN")
+    return out._replace(group_cap=per_group.astype(np.float64))
+
+
+def _check_cut_params(params: Any, group_threshold: Any, groups: np.ndarray | None) -> WeightParams | None:
     if params is None:
         return None
     if not isinstance(params, (list, tuple)) or len(params) != 4:

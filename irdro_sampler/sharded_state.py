@@ -38,7 +38,7 @@ import torch.distributed as dist
 from ._validation import MAX_LOSS, MAX_STEP, check_fraction, state_entry, state_int
 from .fingerprint import EMPTY_DIGEST
 from .row_chunks import copy_rows, release_pages, row_chunk
-from .sampler_state import _check_params, _check_records, _check_schedule, pack_records
+from .sampler_state import _check_params, _check_records, _check_schedule, pack_records, params_state
 from .saving import save_state
 
 FORMAT = "irdro_sampler.ShardedIRDROSampler"
@@ -88,9 +88,7 @@ def _common(sampler: Any, transitions: list[int]) -> dict[str, Any]:
         "epoch": sampler.epoch,
         "draws": sampler.draws, "draw_state": sampler.scheme.common_state(),
         "rule": sampler.rule.config(),
-        "params": None if params is None else list(params[:4]),
-        "group_threshold": None if params is None or params.group_threshold is None
-        else torch.from_numpy(params.group_threshold.copy()),
+        **params_state(params),
         "schedule": {**f.schedule(), "last_drawn": sampler.last_drawn, "refresh_block": sampler.refresh_block,
                      "start_batch": sampler.start_batch},
         "feedback_digest": f.digest.hex(),
@@ -151,7 +149,8 @@ def _check(sampler: Any, folder: Path) -> tuple:
     sched = _check_schedule(state_entry(common, "schedule", where), sampler.batches_per_epoch)
     pending = _check_records(state_entry(common, "pending", where), f"{where}['pending']", n, -MAX_LOSS, MAX_LOSS)
     drawn = _check_records(state_entry(common, "drawn", where), f"{where}['drawn']", n, 0.0, 1.0 + 1e-9)
-    params = _check_params(common["params"], common.get("group_threshold"), sampler.table.groups)
+    params = _check_params(common["params"], common.get("group_threshold"), sampler.table.groups,
+                           common.get("tilt_cap"))
     epoch = state_int(common, "epoch", where, minimum=0)
     digest = common.get("feedback_digest")
     counters = _check_counters(common.get("counters"), f"{where}['counters']")

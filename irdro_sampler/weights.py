@@ -35,6 +35,9 @@ DEFAULT_TEMPERATURE = 1.0
 # How the adaptive cut is computed from the seen losses (per group when groups are known).
 CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixture-valley", "tail-exp-agree",
              "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide")
+# How the tilt may be capped (``DROWeighting.tilt_cap``): ``"zscore"`` tilts a loss above the robust z-score
+# threshold (the ``"zscore"`` rule's cut, per group with groups) as if it were at that threshold.
+TILT_CAPS = ("zscore",)
 # The evidence rules (issue 18): cut only the part of the upper tail that a model of the bulk does not
 # predict. The bulk is fitted on log-losses below TAIL_FIT_QUANTILE; a sample's upper tail (the samples at
 # or above it, k of n) is excess when k >= TAIL_MIN_COUNT, k >= TAIL_EXCESS_FACTOR times the count the
@@ -463,6 +466,8 @@ class WeightParams(NamedTuple):
     prior: float  # running loss assumed for unseen samples
     shift: float  # subtracted before exp; the largest kept loss at the refresh
     group_threshold: np.ndarray | None = None  # per-group thresholds, indexed by group id
+    cap: float | None = None  # the tilt's cap (``tilt_cap``): a loss above it tilts as if at it; None: uncapped
+    group_cap: np.ndarray | None = None  # per-group caps, indexed by group id (then ``cap`` is None)
 
     def thresholds(self, groups: np.ndarray | None) -> float | np.ndarray:
         """The cut threshold of each sample of ``groups`` (the global one when there are no groups)."""
@@ -471,6 +476,14 @@ class WeightParams(NamedTuple):
         if groups is None:
             raise ValueError("these parameters cut per group: pass the samples' groups")
         return self.group_threshold[groups]
+
+    def caps(self, groups: np.ndarray | None) -> float | np.ndarray | None:
+        """The tilt cap of each sample of ``groups`` (the global one without group caps); None: uncapped."""
+        if self.group_cap is None:
+            return self.cap
+        if groups is None:
+            raise ValueError("these parameters cap the tilt per group: pass the samples' groups")
+        return self.group_cap[groups]
 
 
 @dataclass(frozen=True)
@@ -512,6 +525,7 @@ class DROWeighting:
     cut_rule: str = "zscore"
     uniform_mix: float = 0.1
     calibration_size: int = 2**20
+    tilt_cap: str | None = None
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -523,12 +537,19 @@ class DROWeighting:
         check_fraction(self.truncate_quantile, "truncate_quantile", low_open=True, high_open=False, allow_none=True)
         _check_zscore(self.truncate_zscore)
         _check_cut_rule(self.cut_rule)
+        if self.tilt_cap is not None and self.tilt_cap not in TILT_CAPS:
+            raise ValueError(f"tilt_cap must be None or one of {TILT_CAPS}, got {self.tilt_cap!r}")
         check_fraction(self.uniform_mix, "uniform_mix", low_open=False, high_open=False)
         if isinstance(self.calibration_size, bool) or not isinstance(self.calibration_size, int) or self.calibration_size < 1:
             raise ValueError(f"calibration_size must be an int >= 1, got {self.calibration_size!r}")
 
     def config(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options as a dict; ``tilt_cap`` only when set, so the configs (and the fingerprints and
+        saved states built from them) of rules without it are those of versions that did not have it."""
+        out = asdict(self)
+        if out["tilt_cap"] is None:
+            del out["tilt_cap"]
+        return out
 
     # -- calibration ------------------------------------------------------------------------------
     def fit(self, table: LossTable) -> WeightParams:
@@ -563,9 +584,24 @@ class DROWeighting:
         else:
             per_group = group_cut_thresholds(seen_losses, groups[seen], num_groups=num_groups, **cut)
             params = WeightParams(1.0, math.inf, prior, 0.0, per_group)
+        if self.tilt_cap is not None:
+            params = self._with_cap(params, seen_losses, None if groups is None else groups[seen], num_groups)
         eff = np.where(seen, view, prior)
-        tau = float(self.temperature_for(eff[~seen | (eff <= params.thresholds(groups))]))
+        kept = ~seen | (eff <= params.thresholds(groups))
+        cap = params.caps(groups)
+        if cap is not None:  # the temperature of the capped tilt is calibrated on the capped losses
+            eff = np.minimum(eff, cap)
+        tau = float(self.temperature_for(eff[kept]))
         return params._replace(temperature=tau)
+
+    def _with_cap(
+        self, params: WeightParams, seen_losses: np.ndarray, seen_groups: np.ndarray | None, num_groups: int
+    ) -> WeightParams:
+        """``params`` with the tilt cap of :attr:`tilt_cap` (``"zscore"``) from the seen calibration losses."""
+        z = dict(truncate_zscore=_check_zscore(self.truncate_zscore) or DEFAULT_ZSCORE, cut_rule="zscore")
+        if seen_groups is None:
+            return params._replace(cap=cut_threshold(seen_losses, **z))
+        return params._replace(group_cap=group_cut_thresholds(seen_losses, seen_groups, num_groups=num_groups, **z))
 
     def temperature_for(self, kept_losses: np.ndarray) -> float:
         """The temperature this rule uses for these (kept) losses: the fixed one, or calibrated."""
@@ -601,7 +637,8 @@ class DROWeighting:
 def masses(
     losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tilted mass ``exp((l - shift) / tau)`` (0 if cut) and the kept mask, for raw table losses.
+    """Tilted mass ``exp((l - shift) / tau)`` (0 if cut) and the kept mask, for raw table losses;
+    ``exp((min(l, cap) - shift) / tau)`` when the params cap the tilt (``tilt_cap``).
 
     ``losses`` are the table's float32 running losses with NaN for unseen samples, ``groups`` the
     same samples' group ids (needed when ``params`` cut per group). This is the one
@@ -611,6 +648,9 @@ def masses(
     loss = losses.astype(np.float64)
     kept = _kept64(loss, params, groups)
     loss[np.isnan(loss)] = params.prior
+    cap = params.caps(groups)
+    if cap is not None:
+        np.minimum(loss, cap, out=loss)
     with np.errstate(over="ignore"):
         mass = np.exp((loss - params.shift) / params.temperature)
     mass[~kept] = 0.0
@@ -639,7 +679,8 @@ def cut_transitions(
 def max_kept_loss(
     losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, chunk: int = 1 << 22
 ) -> float:
-    """Largest effective loss among kept samples (chunked to bound temporaries at large N)."""
+    """Largest effective loss among kept samples (capped when the params cap the tilt; chunked to bound
+    temporaries at large N)."""
     best, has_unseen = max_kept_parts(losses, params, groups, chunk)
     return finish_max_kept(best, has_unseen, params.prior)
 
@@ -648,15 +689,24 @@ def max_kept_parts(
     losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, chunk: int = 1 << 22
 ) -> tuple[float, bool]:
     """``(largest kept seen loss or -inf, whether any sample is unseen)``: what :func:`max_kept_loss`
-    combines, and what ranks holding parts of a table max-reduce before combining."""
+    combines, and what ranks holding parts of a table max-reduce before combining.
+
+    When the params cap the tilt, losses count capped, and so do unseen samples (their prior capped by
+    their group's cap): they are then in the first number and the second is False."""
     best = -math.inf
     has_unseen = False
+    capped = params.cap is not None or params.group_cap is not None
     for start in range(0, losses.size, chunk):
         part = losses[start : start + chunk].astype(np.float64)
         nan = np.isnan(part)
-        has_unseen = has_unseen or bool(nan.any())
         part_groups = None if groups is None else groups[start : start + chunk]
-        kept = part[_kept64(part, params, part_groups) & ~nan]
+        if capped:
+            keep = _kept64(part, params, part_groups)
+            part[nan] = params.prior
+            kept = np.minimum(part, params.caps(part_groups))[keep]
+        else:
+            has_unseen = has_unseen or bool(nan.any())
+            kept = part[_kept64(part, params, part_groups) & ~nan]
         if kept.size:
             best = max(best, float(kept.max()))
     return best, has_unseen

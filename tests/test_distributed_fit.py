@@ -17,6 +17,8 @@ RULES = {
     "small-calibration": dict(calibration_size=1000),  # a stride of 51: ranks' first strided rows differ
     "kl-quantile": dict(kl_radius=0.2, truncate_quantile=0.95),
     "mixture": dict(cut_rule="mixture", calibration_size=4096),
+    "tilt-cap": dict(tilt_cap="zscore", cut_rule="mixture-valley", calibration_size=4096),  # capped shift
+    "tilt-cap-nocut": dict(tilt_cap="zscore", truncate_zscore=None),
 }
 
 
@@ -53,9 +55,9 @@ def _worker(rank: int, world: int, port: int, results) -> None:
             for name, opts in RULES.items():
                 rule = DROWeighting(**opts)
                 got, want = fit_sharded(rule, _slice(full, start, stop), start, N), rule.fit(full)
-                same = got[:4] == want[:4] and (
-                    (got.group_threshold is None and want.group_threshold is None)
-                    or np.array_equal(got.group_threshold, want.group_threshold)
+                same = got[:4] == want[:4] and got.cap == want.cap and all(
+                    (a is None and b is None) or np.array_equal(a, b)
+                    for a, b in ((got.group_threshold, want.group_threshold), (got.group_cap, want.group_cap))
                 )
                 out[(with_groups, prior, name)] = (same, got[:4], want[:4])
         try:  # ranges that do not cover the data set are refused on every rank
