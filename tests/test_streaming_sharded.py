@@ -170,6 +170,20 @@ def test_one_process_plans_replans_and_refuses_bad_states(data_root):
         _make(data_root, fresh_local(data_root), "balanced").load_state_dict(sd)
 
 
+def test_workers_receive_neither_rows_nor_the_process_group(data_root):
+    """Spawned DataLoader workers get the pickled dataset: without the main process's O(N) rows, and
+    they still draw the planned round."""
+    import pickle
+
+    ds = _make(data_root, fresh_local(data_root), "balanced")
+    ds.set_weights(_weights(1))
+    assert len(pickle.dumps(ds)) < 8 * N  # the weights and two carries alone are 24 * N bytes
+    dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=2, multiprocessing_context="spawn")
+    assert np.array_equal(np.sort(_ids(list(dl))), ds.round_plan(0)[0])
+    ds.set_weights(None)  # the main process kept its rows
+    assert np.all(_weights(1)[ds.round_plan(1)[0]] > 0)
+
+
 def test_composer_irdro_refuses_the_sharded_dataset_clearly(data_root):
     from irdro_sampler.integrations.composer.targets import StreamingTarget
 

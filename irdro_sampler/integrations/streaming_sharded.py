@@ -70,6 +70,14 @@ class ShardedWeightedStreamingDataset(RoundPlannedDataset):
         self._weights = np.ones(self.stop - self.start)
         self._plan(0, self._weights, None)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a DataLoader worker receives: not the main process's rows (O(N / world)) nor the process
+        group (workers read planned rounds from shared memory and make no collective)."""
+        state = dict(self.__dict__)
+        for key in ("group", "_weights", "_carry_start", "_carry_after"):
+            state[key] = None
+        return state
+
     def _open_round_state(self, create: bool) -> SharedRoundPlans:
         return SharedRoundPlans(shm_prefix_int(self), self.round_size, create=create)
 
