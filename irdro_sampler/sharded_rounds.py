@@ -107,10 +107,6 @@ def max_over_ranks(values: np.ndarray, group: Any = None) -> np.ndarray:
     return t.numpy()
 
 
-def _max(values: np.ndarray, group: Any) -> np.ndarray:
-    return max_over_ranks(values, group)
-
-
 def _sum_int(value: int, group: Any) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64)
     if _distributed():
@@ -130,7 +126,7 @@ def _global_totals(weights: Any, shards: VirtualShards, rank: int, world: int, g
     w = w.astype(np.float64) if code == 0.0 else np.zeros(stop - start)
     flags = np.zeros(world)
     flags[rank] = code
-    reduced = _max(np.concatenate([shard_totals(w, shards, rank, world), flags]), group)
+    reduced = max_over_ranks(np.concatenate([shard_totals(w, shards, rank, world), flags]), group)
     totals, flags = reduced[: shards.num_shards], reduced[shards.num_shards :]
     bad = np.flatnonzero(flags)
     if bad.size:
@@ -178,7 +174,7 @@ def _top_k(key: np.ndarray, k: int, group: Any, rank: int, world: int) -> np.nda
     ties = np.flatnonzero(key == threshold)
     counts = np.zeros(world)
     counts[rank] = ties.size
-    before = int(_max(counts, group)[:rank].sum())  # ties held by lower ranks (lower ids)
+    before = int(max_over_ranks(counts, group)[:rank].sum())  # ties held by lower ranks (lower ids)
     need = k - _sum_int(int(np.count_nonzero(above)), group)
     above[ties[: max(0, min(ties.size, need - before))]] = True
     return above

@@ -4,8 +4,9 @@ Each rank's ``state_dict`` holds streaming's resume state and, under :data:`STAT
 (frozen and pending: the same on every rank) and the rows of its own ids ``[first, stop)``: the balanced
 draws' carry at the pending round's start and after it, and the weights it was planned from. Loading
 takes this rank's state (same world size) or a list of every rank's states (any world size: each rank
-cuts the rows of its own ids out of them; load them with ``torch.load(..., mmap=True)`` so that only
-those pages are read). Everything is checked before anything is restored; a mismatch is a
+cuts the rows of its own ids out of them; ``torch.load(..., mmap=True)`` keeps them out of memory, but
+every state's rows are read once for the finiteness check, so each rank reads O(N) from disk). Everything
+is checked before anything is restored; a mismatch is a
 ``ValueError`` naming the state and the field.
 """
 
