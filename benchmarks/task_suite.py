@@ -77,6 +77,12 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "capped-wide": {"groups": "labels", "tilt_cap": "zscore", "cut_rule": "tail-normal-wide"},
     "capped-valley-soft-nogroups": {"tilt_cap": "zscore", "cut_rule": "mixture-valley", "ess_fraction": 0.97},
     "capped-wide-soft-nogroups": {"tilt_cap": "zscore", "cut_rule": "tail-normal-wide", "ess_fraction": 0.97},
+    # The z-score, amended (RESULTS_suite_rules.md "Amended z-score"): the mixture's valley where a separate
+    # high mode sits below the robust threshold; per group, agreement with or shrinkage to all samples.
+    "zscore-mode-nogroups": {"cut_rule": "zscore-mode"},
+    "zscore-mode": {"groups": "labels", "cut_rule": "zscore-mode"},
+    "zscore-agree": {"groups": "labels", "cut_rule": "zscore-agree"},
+    "zscore-shrunk": {"groups": "labels", "cut_rule": "zscore-shrunk"},
 }
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

@@ -34,7 +34,12 @@ DEFAULT_ESS_FRACTION = 0.9
 DEFAULT_TEMPERATURE = 1.0
 # How the adaptive cut is computed from the seen losses (per group when groups are known).
 CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixture-valley", "tail-exp-agree",
-             "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide")
+             "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide", "zscore-mode", "zscore-agree",
+             "zscore-shrunk")
+# "zscore-shrunk": a group's median and MAD are pulled toward those of all samples with weight
+# SHRINK_SAMPLES / (n_g + SHRINK_SAMPLES), so a small group (whose own statistics a few wrong labels can
+# swing) is judged mostly against the whole set and a large one mostly against itself.
+SHRINK_SAMPLES = 100
 # How the tilt may be capped (``DROWeighting.tilt_cap``): ``"zscore"`` tilts a loss above the robust z-score
 # threshold (the ``"zscore"`` rule's cut, per group with groups) as if it were at that threshold.
 TILT_CAPS = ("zscore",)
@@ -220,22 +225,39 @@ def _mixture_valley_threshold(x: np.ndarray, z: float, iterations: int = 60) -> 
     high mode: Ashman's D >= 2, the upper component holding 0.5%-45% of the samples, and the fitted
     mixture density having a valley between the two means at most half the height of the lower of its
     two peaks. Cuts at the valley."""
+    return _mixture_valley(x, iterations)[0]
+
+
+def _zscore_mode_threshold(x: np.ndarray, z: float) -> float:
+    """The ``"zscore"`` cut, unless a separate high mode (``"mixture-valley"``'s evidence) mostly sits *below*
+    it: a block of noise holding a large share (random documents at 20-30%) inflates the MAD until the
+    robust threshold lies inside or above the block, and the z-score keeps most of it. When the threshold
+    is above the mode's lower quartile, the cut is at the mixture's valley. Elsewhere (no separate mode,
+    or the z-score already cuts most of it) it is ``"zscore"``."""
+    threshold = _robust_z_threshold(x, z)
+    valley, upper_quartile = _mixture_valley(x, 60)
+    return valley if upper_quartile < threshold else threshold
+
+
+def _mixture_valley(x: np.ndarray, iterations: int) -> tuple[float, float]:
+    """``(valley, lower quartile of the upper mode)`` of ``"mixture-valley"`` (losses, not log-losses);
+    ``(inf, inf)`` without a separate mode."""
     fit = _log_mixture(x, iterations)
     if fit is None:
-        return math.inf
+        return math.inf, math.inf
     weight, mu, var, lo, hi, separation = fit
     if separation < 2.0 or not 0.005 <= weight[hi] <= 0.45:
-        return math.inf
+        return math.inf, math.inf
     sd = np.sqrt(var)
     grid = np.linspace(mu[lo], mu[hi], 1025)
     dens = sum(weight[k] / sd[k] * np.exp(-0.5 * ((grid - mu[k]) / sd[k]) ** 2) for k in (lo, hi))
     valley = int(np.argmin(dens))
     if valley in (0, grid.size - 1):
-        return math.inf
+        return math.inf, math.inf
     peak = min(float(dens[: valley + 1].max()), float(dens[valley:].max()))
     if dens[valley] > 0.5 * peak:
-        return math.inf
-    return float(np.exp(grid[valley]))
+        return math.inf, math.inf
+    return float(np.exp(grid[valley])), float(np.exp(min(float(mu[hi] - 0.6745 * sd[hi]), 700.0)))
 
 
 _ADAPTIVE_CUTS = {
@@ -246,6 +268,9 @@ _ADAPTIVE_CUTS = {
     "tail-normal-agree": lambda x, z: _tail_threshold(x, z, "normal"),
     "mixture-valley-agree": _mixture_valley_threshold,
     "tail-normal-wide": lambda x, z: _tail_threshold(x, z, "normal", TAIL_PLACE_FACTOR),
+    "zscore-mode": _zscore_mode_threshold,
+    "zscore-agree": _robust_z_threshold,
+    "zscore-shrunk": _robust_z_threshold,  # without groups; per group see _shrunk_z_thresholds
 }
 
 
@@ -277,11 +302,28 @@ def group_cut_thresholds(
         return np.maximum(own, overall)
     order = np.argsort(groups, kind="stable")
     ids, starts = np.unique(groups[order], return_index=True)
+    shrunk = cut_rule == "zscore-shrunk" and _check_zscore(truncate_zscore) is not None
+    if shrunk:
+        median = float(np.median(losses))
+        mad = float(np.median(np.abs(losses - median)))
     for g, part in zip(ids, np.split(losses[order], starts[1:]), strict=True):
         if part.size >= MIN_GROUP_SEEN:
-            out[g] = cut_threshold(part, truncate_quantile=truncate_quantile, truncate_zscore=truncate_zscore,
-                                   cut_rule=cut_rule)
+            out[g] = cut_threshold(part, truncate_quantile=truncate_quantile,
+                                   truncate_zscore=None if shrunk else truncate_zscore, cut_rule=cut_rule)
+            if shrunk:
+                out[g] = min(out[g], _shrunk_z_threshold(part, median, mad, float(truncate_zscore)))
     return out
+
+
+def _shrunk_z_threshold(part: np.ndarray, median: float, mad: float, z: float) -> float:
+    """``"zscore-shrunk"`` for one group: its median and MAD pulled toward the whole set's (``median``,
+    ``mad``) with weight ``SHRINK_SAMPLES / (n + SHRINK_SAMPLES)``."""
+    w = part.size / (part.size + SHRINK_SAMPLES)
+    own_median = float(np.median(part))
+    own_mad = float(np.median(np.abs(part - own_median)))
+    centre = w * own_median + (1.0 - w) * median
+    scale = w * own_mad + (1.0 - w) * mad
+    return centre + z * _MAD_TO_SIGMA * scale if scale > 0 else math.inf
 
 
 def _check_zscore(z: Any) -> float | None:
