@@ -7,6 +7,7 @@ The core imports only numpy and torch; framework integrations live in ``irdro_sa
 
 from .batch_sampler import IRDROBatchSampler
 from .carried_rounding import balanced_counts, initial_carry
+from .cut_rules import cut_threshold
 from .diagnostics import weighting_diagnostics
 from .draws import DrawScheme, register_draw_scheme
 from .indexed import IndexedDataset, IndexListCollate
@@ -19,7 +20,6 @@ from .sum_tree import FanoutSumTree
 from .weights import (
     DROWeighting,
     WeightParams,
-    cut_threshold,
     distribution_stats,
     effective_sample_size,
     kl_dro_weights,

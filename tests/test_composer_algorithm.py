@@ -24,6 +24,7 @@ from composer.loggers import InMemoryLogger  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
 from irdro_sampler import IRDROSampler, LossTable  # noqa: E402
+from irdro_sampler.cut_rules import DEFAULT_ZSCORE  # noqa: E402
 from irdro_sampler.integrations.composer import (  # noqa: E402
     IRDRO,
     batch_sample_indices,
@@ -34,7 +35,6 @@ from irdro_sampler.integrations.composer import (  # noqa: E402
     gather_feedback,
 )
 from irdro_sampler.integrations.composer.losses import has_class_targets  # noqa: E402
-from irdro_sampler.weights import DEFAULT_ZSCORE  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from irdro_sampler.weights import CUT_RULES, MIN_GROUP_SEEN, DROWeighting, cut_threshold, group_cut_thresholds
+from irdro_sampler.cut_rules import CUT_RULES, MIN_GROUP_SEEN, cut_threshold, group_cut_thresholds
+from irdro_sampler.weights import DROWeighting
 
 EVIDENCE = ("tail-normal", "tail-normal-wide", "mixture-valley", "tail-exp")
 SEEDS = 60

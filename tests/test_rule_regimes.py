@@ -11,7 +11,8 @@ from _core_helpers import P_THRESHOLD, assert_state_equal, iter_batches
 from scipy import stats as sps
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable, cut_threshold
-from irdro_sampler.weights import DEFAULT_ESS_FRACTION, effective_sample_size, group_cut_thresholds
+from irdro_sampler.cut_rules import group_cut_thresholds
+from irdro_sampler.weights import DEFAULT_ESS_FRACTION, effective_sample_size
 
 
 # ------------------------------------------------------------------------------ temperature default

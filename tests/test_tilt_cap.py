@@ -16,15 +16,8 @@ import torch
 from _core_helpers import assert_plain_state, assert_state_equal, iter_batches, loss_of
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
-from irdro_sampler.weights import (
-    DEFAULT_ZSCORE,
-    RULE_OPTIONS,
-    cut_threshold,
-    group_cut_thresholds,
-    masses,
-    max_kept_loss,
-    temperature_for_ess,
-)
+from irdro_sampler.cut_rules import DEFAULT_ZSCORE, cut_threshold, group_cut_thresholds
+from irdro_sampler.weights import RULE_OPTIONS, masses, max_kept_loss, temperature_for_ess
 
 N = 3000
 NUM_GROUPS = 5

@@ -1,0 +1,320 @@
+"""How losses become cut thresholds: the adaptive cut rules (``cut_rule=``), over all samples or per group.
+
+A rule maps the seen running losses (of a group, or of all samples) to a threshold; samples above it are
+cut (tilted mass 0). :class:`~irdro_sampler.DROWeighting` calls :func:`cut_threshold` or
+:func:`group_cut_thresholds` on its calibration sample at every refresh. A new rule is a function
+``(losses, z) -> threshold`` registered in ``_ADAPTIVE_CUTS`` and named in :data:`CUT_RULES`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._validation import check_fraction, check_positive
+
+# The default adaptive cut: median + 3.5 robust standard deviations (the Iglewicz-Hoaglin outlier
+# rule). Tuned on benchmarks/quality.py: it cuts all random-byte noise at 0-10% noise shares while
+# cutting only 3-5% of the hardest rare-domain documents.
+DEFAULT_ZSCORE = 3.5
+# How the adaptive cut is computed from the seen losses (per group when groups are known).
+CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixture-valley", "tail-exp-agree",
+             "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide", "zscore-mode", "zscore-agree",
+             "zscore-shrunk")
+# "zscore-shrunk": a group's median and MAD are pulled toward those of all samples with weight
+# SHRINK_SAMPLES / (n_g + SHRINK_SAMPLES), so a small group (whose own statistics a few wrong labels can
+# swing) is judged mostly against the whole set and a large one mostly against itself.
+SHRINK_SAMPLES = 100
+# "zscore-mode": a separate high mode counts as a block of unlearnable samples when its spread (log scale) is
+# at most MODE_SPREAD_RATIO of the bulk's and its centre at least MODE_LOSS_RATIO times the bulk's.
+MODE_SPREAD_RATIO = 0.5
+MODE_LOSS_RATIO = 2.0
+# The evidence rules (issue 18): cut only the part of the upper tail that a model of the bulk does not
+# predict. The bulk is fitted on log-losses below TAIL_FIT_QUANTILE; a sample's upper tail (the samples at
+# or above it, k of n) is excess when k >= TAIL_MIN_COUNT, k >= TAIL_EXCESS_FACTOR times the count the
+# model predicts (lam) and the Poisson Chernoff bound exp(-(k log(k/lam) - k + lam)) is below
+# TAIL_ALPHA. Measured false-alarm rate (any cut) on clean draws: tests/test_cut_rules.py.
+TAIL_FIT_QUANTILE = 0.6
+TAIL_EXCESS_FACTOR = 4.0
+TAIL_ALPHA = 1e-4
+TAIL_MIN_COUNT = 3
+# "tail-normal-wide": once the tail is excess (the test above), the cut starts at the lowest loss whose upper
+# tail is at least this many times the model's count (half of it excess), not at the first excess point.
+TAIL_PLACE_FACTOR = 2.0
+# Evidence rules scan at most this many candidate cut points (evenly spaced ranks of the upper tail).
+_TAIL_CANDIDATES = 2048
+# A group with fewer seen samples than this is never cut: its median and MAD are not yet evidence.
+MIN_GROUP_SEEN = 8
+# 1.4826 * MAD estimates the standard deviation of a normal distribution.
+_MAD_TO_SIGMA = 1.4826
+
+
+# --------------------------------------------------------------------------------------------- cut
+def cut_threshold(
+    losses: Any,
+    *,
+    truncate_quantile: float | None = None,
+    truncate_zscore: float | None = None,
+    cut_rule: str = "zscore",
+) -> float:
+    """Loss above which samples are cut (tilted weight 0); ``inf`` when no cut is configured.
+
+    * ``truncate_quantile=q`` keeps losses ``<= quantile(losses, q)`` (numpy's linear rule).
+    * ``truncate_zscore=z`` switches on the adaptive cut, computed by ``cut_rule``:
+
+      - ``"zscore"`` (default): keeps losses ``<= median + z * 1.4826 * MAD``. It follows the noise
+        share instead of assuming one (a fixed quantile must exceed the unknown share of corrupt data).
+        With MAD = 0 (most losses equal) it cuts nothing.
+      - ``"log-zscore"``: the same on ``log(loss)`` (losses <= 0 count as 1e-12): scale-free, and
+        lenient where the losses are right-skewed.
+      - ``"mixture"``: a two-component Gaussian mixture fitted to ``log(loss)`` (as DivideMix does for
+        noisy labels); cuts where the upper component becomes the likelier one, only if the two are
+        well separated (Ashman's D >= 2) and the upper one holds less than half the samples. ``z`` is
+        not used beyond switching the cut on.
+      - evidence rules (issue 18; they cut only where the losses show noise, compared on the task suite in
+        benchmarks/RESULTS_suite_rules.md): ``"tail-normal"``, ``"tail-normal-wide"``, ``"tail-exp"``
+        (:func:`_tail_threshold`: the excess of the upper tail over a model of the bulk) and
+        ``"mixture-valley"`` (:func:`_mixture_valley_threshold`: a separate high mode with a density
+        valley); their ``"-agree"`` forms cut per group only where the rule over all samples agrees
+        (:func:`group_cut_thresholds`).
+
+    Both may be given; the lower threshold wins. ``losses`` should be the *seen* losses only:
+    filling unseen samples with a prior and including them would pull the quantile towards the prior.
+    """
+    q = check_fraction(truncate_quantile, "truncate_quantile", low_open=True, high_open=False, allow_none=True)
+    z = _check_zscore(truncate_zscore)
+    _check_cut_rule(cut_rule)
+    if q is None and z is None:
+        return math.inf
+    arr = np.asarray(losses, dtype=np.float64)
+    if arr.size == 0:
+        return math.inf
+    threshold = math.inf
+    if q is not None and q < 1.0:
+        threshold = float(np.quantile(arr, q))
+    if z is not None:
+        threshold = min(threshold, _ADAPTIVE_CUTS[cut_rule](arr, z))
+    return threshold
+
+
+def _robust_z_threshold(x: np.ndarray, z: float) -> float:
+    median = float(np.median(x))
+    mad = float(np.median(np.abs(x - median)))
+    return median + z * _MAD_TO_SIGMA * mad if mad > 0 else math.inf
+
+
+def _log_losses(x: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(x, 1e-12))
+
+
+def _log_z_threshold(x: np.ndarray, z: float) -> float:
+    return float(np.exp(min(_robust_z_threshold(_log_losses(x), z), 700.0)))
+
+
+def _log_mixture(x: np.ndarray, iterations: int) -> tuple | None:
+    """Two-component 1-D Gaussian mixture on log-losses by EM from a quantile start (deterministic):
+    ``(weight, mu, var, lo, hi, separation)`` with ``lo`` / ``hi`` the lower / upper component and
+    ``separation`` Ashman's D; ``None`` when there are too few or identical losses."""
+    lx = _log_losses(x)
+    if lx.size < MIN_GROUP_SEEN or float(lx.max() - lx.min()) == 0.0:
+        return None
+    mu = np.quantile(lx, [0.25, 0.95])
+    var = np.full(2, max(float(lx.var()) / 4.0, 1e-12))
+    weight = np.array([0.8, 0.2])
+    for _ in range(iterations):
+        log_r = -0.5 * (lx[:, None] - mu) ** 2 / var - 0.5 * np.log(var) + np.log(weight)
+        log_r -= log_r.max(axis=1, keepdims=True)
+        r = np.exp(log_r)
+        r /= r.sum(axis=1, keepdims=True)
+        nk = r.sum(axis=0) + 1e-300
+        weight = np.maximum(nk / lx.size, 1e-12)
+        mu = (r * lx[:, None]).sum(axis=0) / nk
+        var = np.maximum((r * (lx[:, None] - mu) ** 2).sum(axis=0) / nk, 1e-12)
+    lo, hi = (0, 1) if mu[0] <= mu[1] else (1, 0)
+    separation = (mu[hi] - mu[lo]) / math.sqrt(0.5 * (var[lo] + var[hi]))
+    return weight, mu, var, lo, hi, separation
+
+
+def _mixture_threshold(x: np.ndarray, z: float, iterations: int = 60) -> float:
+    """Two-component 1-D Gaussian mixture on log-losses by EM from a quantile start (deterministic)."""
+    fit = _log_mixture(x, iterations)
+    if fit is None:
+        return math.inf
+    weight, mu, var, lo, hi, separation = fit
+    if separation < 2.0 or weight[hi] >= 0.5:
+        return math.inf
+    # Where the upper component's log-density overtakes the lower one's, between the two means.
+    grid = np.linspace(mu[lo], mu[hi], 1025)
+    dens = [-0.5 * (grid - mu[k]) ** 2 / var[k] - 0.5 * math.log(var[k]) + math.log(weight[k]) for k in (lo, hi)]
+    above = np.flatnonzero(dens[1] > dens[0])
+    return float(np.exp(grid[above[0]])) if above.size else math.inf
+
+
+def _tail_threshold(x: np.ndarray, z: float, reference: str = "exp", place: float | None = None) -> float:
+    """Cut only the excess of the upper tail over a model of the bulk, fitted on the log-losses below
+    their :data:`TAIL_FIT_QUANTILE` quantile.
+
+    ``reference="exp"``: the log-losses' survival decays exponentially beyond the median at the rate
+    fitted between the median and the fit quantile (a Pareto tail of the losses; lenient: the right-skewed
+    cross-entropy of a clean classifier fits it). ``"normal"``: a normal on log-losses with centre the
+    median and scale from the lower quartile (``(q50 - q25) / 0.6745``; tighter: squared errors of a
+    regression fit it, a clean classifier's long tail does not). The threshold is just below the lowest
+    loss whose upper tail is excess (see :data:`TAIL_EXCESS_FACTOR`); ``inf`` without evidence. With
+    ``place``, once there is evidence the cut starts lower: at the lowest candidate whose upper tail holds
+    ``place`` times the model's count. ``z`` is not used beyond switching the cut on.
+    """
+    lx = np.sort(_log_losses(x))
+    n = lx.size
+    if n < MIN_GROUP_SEEN or lx[-1] == lx[0]:
+        return math.inf
+    q25, q50, qf = np.quantile(lx, [0.25, 0.5, TAIL_FIT_QUANTILE])
+    start = int(np.searchsorted(lx, qf, side="right"))
+    if start >= n:
+        return math.inf
+    idx = np.unique(np.linspace(start, n - 1, min(n - start, _TAIL_CANDIDATES)).round().astype(np.int64))
+    v = lx[idx]
+    k = (n - np.searchsorted(lx, v, side="left")).astype(np.float64)  # samples at or above each candidate
+    if reference == "exp":
+        width = float(qf - q50)
+        if width <= 0:
+            return math.inf
+        rate = math.log(0.5 / (1.0 - TAIL_FIT_QUANTILE)) / width
+        lam = n * (1.0 - TAIL_FIT_QUANTILE) * np.exp(-rate * (v - qf))
+    else:
+        scale = float(q50 - q25) / 0.6745
+        if scale <= 0:
+            return math.inf
+        lam = n * 0.5 * np.array([math.erfc((t - q50) / (scale * math.sqrt(2.0))) for t in v])
+    lam = np.maximum(lam, 1e-300)
+    chernoff = k * np.log(k / lam) - k + lam  # -log of the Poisson upper-tail bound (k > lam)
+    excess = (k >= TAIL_MIN_COUNT) & (k >= TAIL_EXCESS_FACTOR * lam) & (chernoff >= math.log(1.0 / TAIL_ALPHA))
+    hits = np.flatnonzero(excess)
+    if hits.size == 0:
+        return math.inf
+    if place is not None:
+        hits = np.flatnonzero((k >= TAIL_MIN_COUNT) & (k >= place * lam))
+    i = int(np.searchsorted(lx, v[hits[0]], side="left"))
+    below = lx[i - 1] if i > 0 else v[hits[0]] - 1.0
+    return float(np.exp(min(0.5 * (below + v[hits[0]]), 700.0)))
+
+
+def _mixture_valley_threshold(x: np.ndarray, z: float, iterations: int = 60) -> float:
+    """The two-component mixture of ``"mixture"`` (same EM), accepted only as evidence of a separate
+    high mode: Ashman's D >= 2, the upper component holding 0.5%-45% of the samples, and the fitted
+    mixture density having a valley between the two means at most half the height of the lower of its
+    two peaks. Cuts at the valley."""
+    return _mixture_valley(x, iterations)[0]
+
+
+def _zscore_mode_threshold(x: np.ndarray, z: float) -> float:
+    """The ``"zscore"`` cut, unless a *block* of unlearnable samples sits below it. Content the model cannot
+    learn (random bytes or tokens) keeps a loss near its entropy, the same for every such sample: a tight
+    separate mode. Holding a large share (20-30%), it inflates the MAD until the robust threshold lies
+    inside or above it, and the z-score keeps most of it. So when ``"mixture-valley"`` finds a separate
+    high mode that is tight (log-scale spread at most :data:`MODE_SPREAD_RATIO` of the bulk's), far
+    (centre at least :data:`MODE_LOSS_RATIO` times the bulk's) and mostly kept by the z-score (the
+    threshold above the mode's lower quartile), the cut is at the mixture's valley. The "far" condition
+    keeps early training out: all samples then sit near the uniform prediction's loss, in tight modes
+    close together."""
+    threshold = _robust_z_threshold(x, z)
+    valley, upper_quartile = _mixture_valley(x, 60, block=True)
+    return valley if upper_quartile < threshold else threshold
+
+
+def _mixture_valley(x: np.ndarray, iterations: int, block: bool = False) -> tuple[float, float]:
+    """``(valley, lower quartile of the upper mode)`` of ``"mixture-valley"`` (losses, not log-losses);
+    ``(inf, inf)`` without a separate mode. With ``block``, the upper mode must also be tight and far (see
+    :func:`_zscore_mode_threshold`)."""
+    fit = _log_mixture(x, iterations)
+    if fit is None:
+        return math.inf, math.inf
+    weight, mu, var, lo, hi, separation = fit
+    if separation < 2.0 or not 0.005 <= weight[hi] <= 0.45:
+        return math.inf, math.inf
+    sd = np.sqrt(var)
+    if block and (sd[hi] > MODE_SPREAD_RATIO * sd[lo] or mu[hi] - mu[lo] < math.log(MODE_LOSS_RATIO)):
+        return math.inf, math.inf
+    grid = np.linspace(mu[lo], mu[hi], 1025)
+    dens = sum(weight[k] / sd[k] * np.exp(-0.5 * ((grid - mu[k]) / sd[k]) ** 2) for k in (lo, hi))
+    valley = int(np.argmin(dens))
+    if valley in (0, grid.size - 1):
+        return math.inf, math.inf
+    peak = min(float(dens[: valley + 1].max()), float(dens[valley:].max()))
+    if dens[valley] > 0.5 * peak:
+        return math.inf, math.inf
+    return float(np.exp(grid[valley])), float(np.exp(min(float(mu[hi] - 0.6745 * sd[hi]), 700.0)))
+
+
+_ADAPTIVE_CUTS = {
+    "zscore": _robust_z_threshold, "log-zscore": _log_z_threshold, "mixture": _mixture_threshold,
+    "tail-exp": lambda x, z: _tail_threshold(x, z, "exp"), "tail-normal": lambda x, z: _tail_threshold(x, z, "normal"),
+    "mixture-valley": _mixture_valley_threshold,
+    "tail-exp-agree": lambda x, z: _tail_threshold(x, z, "exp"),
+    "tail-normal-agree": lambda x, z: _tail_threshold(x, z, "normal"),
+    "mixture-valley-agree": _mixture_valley_threshold,
+    "tail-normal-wide": lambda x, z: _tail_threshold(x, z, "normal", TAIL_PLACE_FACTOR),
+    "zscore-mode": _zscore_mode_threshold,
+    "zscore-agree": _robust_z_threshold,
+    "zscore-shrunk": _robust_z_threshold,  # without groups; per group see _shrunk_z_thresholds
+}
+
+
+def _check_cut_rule(rule: Any) -> str:
+    if rule not in CUT_RULES:
+        raise ValueError(f"cut_rule must be one of {CUT_RULES}, got {rule!r}")
+    return rule
+
+
+def group_cut_thresholds(
+    losses: np.ndarray, groups: np.ndarray, *, num_groups: int, truncate_quantile: float | None = None,
+    truncate_zscore: float | None = None, cut_rule: str = "zscore",
+) -> np.ndarray:
+    """:func:`cut_threshold` of each group's ``losses`` (seen ones); index the result by group id.
+
+    Groups with fewer than :data:`MIN_GROUP_SEEN` samples get ``inf`` (not enough evidence to cut).
+    The ``"*-agree"`` rules cut a sample only where its group's rule and the same rule over all the
+    samples agree: each group's threshold is the larger of the two.
+    """
+    groups = np.asarray(groups)
+    out = np.full(num_groups, math.inf)
+    if groups.size == 0:
+        return out
+    if cut_rule.endswith("-agree"):
+        overall = cut_threshold(losses, truncate_quantile=truncate_quantile, truncate_zscore=truncate_zscore,
+                                cut_rule=cut_rule)
+        own = group_cut_thresholds(losses, groups, num_groups=num_groups, truncate_quantile=truncate_quantile,
+                                   truncate_zscore=truncate_zscore, cut_rule=cut_rule[: -len("-agree")])
+        return np.maximum(own, overall)
+    order = np.argsort(groups, kind="stable")
+    ids, starts = np.unique(groups[order], return_index=True)
+    shrunk = cut_rule == "zscore-shrunk" and _check_zscore(truncate_zscore) is not None
+    if shrunk:
+        median = float(np.median(losses))
+        mad = float(np.median(np.abs(losses - median)))
+    for g, part in zip(ids, np.split(losses[order], starts[1:]), strict=True):
+        if part.size >= MIN_GROUP_SEEN:
+            out[g] = cut_threshold(part, truncate_quantile=truncate_quantile,
+                                   truncate_zscore=None if shrunk else truncate_zscore, cut_rule=cut_rule)
+            if shrunk:
+                out[g] = min(out[g], _shrunk_z_threshold(part, median, mad, float(truncate_zscore)))
+    return out
+
+
+def _shrunk_z_threshold(part: np.ndarray, median: float, mad: float, z: float) -> float:
+    """``"zscore-shrunk"`` for one group: its median and MAD pulled toward the whole set's (``median``,
+    ``mad``) with weight ``SHRINK_SAMPLES / (n + SHRINK_SAMPLES)``."""
+    w = part.size / (part.size + SHRINK_SAMPLES)
+    own_median = float(np.median(part))
+    own_mad = float(np.median(np.abs(part - own_median)))
+    centre = w * own_median + (1.0 - w) * median
+    scale = w * own_mad + (1.0 - w) * mad
+    return centre + z * _MAD_TO_SIGMA * scale if scale > 0 else math.inf
+
+
+def _check_zscore(z: Any) -> float | None:
+    """``None`` or a number > 0; ``inf`` is allowed and, like ``None``, cuts nothing."""
+    if z is None or (isinstance(z, (int, float)) and not isinstance(z, bool) and z == math.inf):
+        return None
+    return check_positive(z, "truncate_zscore")
