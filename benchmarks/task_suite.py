@@ -83,6 +83,12 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "zscore-mode": {"groups": "labels", "cut_rule": "zscore-mode"},
     "zscore-agree": {"groups": "labels", "cut_rule": "zscore-agree"},
     "zscore-shrunk": {"groups": "labels", "cut_rule": "zscore-shrunk"},
+    # Milder defaults: a larger uniform floor (cut samples drawn at 30% of their share, not 10%), or a
+    # milder tilt (ESS 0.95).
+    "mix03-nogroups": {"uniform_mix": 0.3},
+    "mix03": {"groups": "labels", "uniform_mix": 0.3},
+    "ess095-nogroups": {"ess_fraction": 0.95},
+    "ess095": {"groups": "labels", "ess_fraction": 0.95},
 }
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
