@@ -28,8 +28,10 @@ CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixt
 # swing) is judged mostly against the whole set and a large one mostly against itself.
 SHRINK_SAMPLES = 100
 # "zscore-mode": a separate high mode counts as a block of unlearnable samples when its spread (log scale) is
-# at most MODE_SPREAD_RATIO of the bulk's and its centre at least MODE_LOSS_RATIO times the bulk's.
-MODE_SPREAD_RATIO = 0.5
+# at most MODE_SPREAD_RATIO of the bulk's and its centre at least MODE_LOSS_RATIO times the bulk's. A sequence's
+# mean loss over random content is tight (its tokens' losses average out: 0.025 of the bulk's spread on the
+# suite's byte LM); a whole class a classifier gets wrong is not (0.125 on a digits task).
+MODE_SPREAD_RATIO = 0.1
 MODE_LOSS_RATIO = 2.0
 # The evidence rules (issue 18): cut only the part of the upper tail that a model of the bulk does not
 # predict. The bulk is fitted on log-losses below TAIL_FIT_QUANTILE; a sample's upper tail (the samples at
@@ -214,18 +216,24 @@ def _mixture_valley_threshold(x: np.ndarray, z: float, iterations: int = 60) -> 
 
 
 def _zscore_mode_threshold(x: np.ndarray, z: float) -> float:
-    """The ``"zscore"`` cut, unless a *block* of unlearnable samples sits below it. Content the model cannot
-    learn (random bytes or tokens) keeps a loss near its entropy, the same for every such sample: a tight
-    separate mode. Holding a large share (20-30%), it inflates the MAD until the robust threshold lies
-    inside or above it, and the z-score keeps most of it. So when ``"mixture-valley"`` finds a separate
-    high mode that is tight (log-scale spread at most :data:`MODE_SPREAD_RATIO` of the bulk's), far
-    (centre at least :data:`MODE_LOSS_RATIO` times the bulk's) and mostly kept by the z-score (the
-    threshold above the mode's lower quartile), the cut is at the mixture's valley. The "far" condition
-    keeps early training out: all samples then sit near the uniform prediction's loss, in tight modes
-    close together."""
+    """The ``"zscore"`` cut, unless a *block* of unlearnable samples inflates the MAD past itself.
+
+    Content the model cannot learn (random bytes or tokens) keeps a loss near its entropy, the same for
+    every such sample: a tight separate mode. Holding a large share (20-30%), it widens the MAD until the
+    robust threshold lies inside or above it, and the z-score keeps most of it. So: when
+    ``"mixture-valley"`` finds a separate high mode that is tight (log-scale spread at most
+    :data:`MODE_SPREAD_RATIO` of the bulk's) and far (centre at least :data:`MODE_LOSS_RATIO` times the
+    bulk's), the z-score keeps most of it (threshold above the mode's lower quartile), and the z-score of
+    the samples *below* the valley alone would cut most of it, the mode is what kept it: the cut is then
+    the lower of that z-score and the valley. A mode within the bulk's own reach (a clean class the model
+    gets wrong) keeps the plain z-score, and so does early training (all samples near the uniform
+    prediction's loss, in tight modes close together)."""
     threshold = _robust_z_threshold(x, z)
     valley, upper_quartile = _mixture_valley(x, 60, block=True)
-    return valley if upper_quartile < threshold else threshold
+    if not upper_quartile < threshold:
+        return threshold
+    without_mode = _robust_z_threshold(x[x < valley], z)
+    return min(without_mode, valley) if without_mode < upper_quartile else threshold
 
 
 def _mixture_valley(x: np.ndarray, iterations: int, block: bool = False) -> tuple[float, float]:

@@ -29,7 +29,8 @@ def test_mode_cuts_a_large_block_the_zscore_keeps(share: float) -> None:
     x = np.concatenate([clean, noise])
     assert np.mean(noise > _cut(x, "zscore")) < 0.5  # the MAD, inflated by the block, puts the cut above it
     mode = _cut(x, "zscore-mode")
-    assert mode == _cut(x, "mixture-valley")
+    assert mode <= _cut(x, "mixture-valley")  # the z-score of the samples below the valley, or the valley
+    assert mode == pytest.approx(np.median(clean) + 3.5 * 1.4826 * np.median(np.abs(clean - np.median(clean))), rel=0.02)
     assert np.mean(noise > mode) == 1.0
     assert np.mean(clean > mode) < 0.001
 
@@ -117,4 +118,12 @@ def test_mode_ignores_early_training_blocks() -> None:
     rng = np.random.default_rng(6)
     x = np.concatenate([2.08 * np.exp(rng.normal(0, 0.03, 760)), 2.32 * np.exp(rng.normal(0, 0.02, 240))])
     assert _cut(x, "mixture-valley") < math.inf  # the plain mixture rule sees a separate mode
+    assert _cut(x, "zscore-mode") == _cut(x, "zscore")
+
+
+def test_mode_ignores_a_classifiers_wrong_class() -> None:
+    """A high mode of a classifier (a clean class the model gets wrong: 12% at 3.1 nats over a bulk at 1.3,
+    log-spreads 0.05 and 0.4, seen on digits) is not tight enough to be a block of unlearnable content."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([1.33 * np.exp(rng.normal(0, 0.4, 880)), 3.12 * np.exp(rng.normal(0, 0.05, 120))])
     assert _cut(x, "zscore-mode") == _cut(x, "zscore")
