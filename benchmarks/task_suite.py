@@ -89,6 +89,10 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "mix03": {"groups": "labels", "uniform_mix": 0.3},
     "ess095-nogroups": {"ess_fraction": 0.95},
     "ess095": {"groups": "labels", "ess_fraction": 0.95},
+    # A floor under the cut for cross-entropy (not run on regression): a sample the model classifies right
+    # (loss <= log 2: p(label) >= 1/2) is never cut.
+    "cefloor-nogroups": {"cut_floor": math.log(2)},
+    "cefloor": {"groups": "labels", "cut_floor": math.log(2)},
 }
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
@@ -196,7 +200,8 @@ def config_digest(cfg: dict[str, Any]) -> str:
 
 def arms_for(cfg: dict[str, Any], arms: tuple[str, ...] = BASE_ARMS) -> list[str]:
     """The arms run on ``cfg``: arms that pass groups (the class labels) are not run on regression."""
-    return [a for a in arms if not (cfg["family"] == "regression" and (ARMS[a] or {}).get("groups") == "labels")]
+    return [a for a in arms if not (cfg["family"] == "regression" and ((ARMS[a] or {}).get("groups") == "labels"
+                                                                     or "cut_floor" in (ARMS[a] or {})))]
 
 
 # ------------------------------------------------------------------------------------------- runs

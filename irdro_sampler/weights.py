@@ -257,7 +257,10 @@ class DROWeighting:
     The cut (``truncate_zscore`` with ``cut_rule``, and/or ``truncate_quantile``; see
     :func:`cut_threshold`) is computed over the seen samples, per group when the table has groups
     (:class:`LossTable` ``groups``, e.g. class labels): a sample is then judged against its own
-    group, so a rare class whose losses are all high is not mistaken for noise.
+    group, so a rare class whose losses are all high is not mistaken for noise. ``cut_floor`` (default
+    None) keeps every sample whose running loss is at or below it, whatever the rule says: with
+    cross-entropy, ``math.log(2)`` never cuts a sample the model already gives more than half its
+    probability to (a sample the model classifies right is no evidence of a wrong label).
 
     This class is the one place where the rule's options, their defaults and their checks live;
     ``IRDROSampler``, the Composer ``IRDRO`` algorithm and the streaming path take the same keywords
@@ -277,6 +280,7 @@ class DROWeighting:
     uniform_mix: float = 0.1
     calibration_size: int = 2**20
     tilt_cap: str | None = None
+    cut_floor: float | None = None
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -288,6 +292,7 @@ class DROWeighting:
         check_fraction(self.truncate_quantile, "truncate_quantile", low_open=True, high_open=False, allow_none=True)
         _check_zscore(self.truncate_zscore)
         _check_cut_rule(self.cut_rule)
+        check_positive(self.cut_floor, "cut_floor", allow_none=True)
         if self.tilt_cap is not None and self.tilt_cap not in TILT_CAPS:
             raise ValueError(f"tilt_cap must be None or one of {TILT_CAPS}, got {self.tilt_cap!r}")
         check_fraction(self.uniform_mix, "uniform_mix", low_open=False, high_open=False)
@@ -295,11 +300,13 @@ class DROWeighting:
             raise ValueError(f"calibration_size must be an int >= 1, got {self.calibration_size!r}")
 
     def config(self) -> dict[str, Any]:
-        """The options as a dict; ``tilt_cap`` only when set, so the configs (and the fingerprints and
-        saved states built from them) of rules without it are those of versions that did not have it."""
+        """The options as a dict; ``tilt_cap`` and ``cut_floor`` only when set, so the configs (and the
+        fingerprints and saved states built from them) of rules without them are those of versions that
+        did not have them."""
         out = asdict(self)
-        if out["tilt_cap"] is None:
-            del out["tilt_cap"]
+        for late in ("tilt_cap", "cut_floor"):
+            if out[late] is None:
+                del out[late]
         return out
 
     # -- calibration ------------------------------------------------------------------------------
@@ -330,11 +337,12 @@ class DROWeighting:
         seen_losses = view[seen]
         prior = prior_value(prior, seen_losses)
         cut = dict(truncate_quantile=self.truncate_quantile, truncate_zscore=self.truncate_zscore, cut_rule=self.cut_rule)
+        floor = -math.inf if self.cut_floor is None else self.cut_floor
         if groups is None:
-            params = WeightParams(1.0, cut_threshold(seen_losses, **cut), prior, 0.0)
+            params = WeightParams(1.0, max(cut_threshold(seen_losses, **cut), floor), prior, 0.0)
         else:
             per_group = group_cut_thresholds(seen_losses, groups[seen], num_groups=num_groups, **cut)
-            params = WeightParams(1.0, math.inf, prior, 0.0, per_group)
+            params = WeightParams(1.0, math.inf, prior, 0.0, np.maximum(per_group, floor))
         if self.tilt_cap is not None:
             params = self._with_cap(params, seen_losses, None if groups is None else groups[seen], num_groups)
         eff = np.where(seen, view, prior)
