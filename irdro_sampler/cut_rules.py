@@ -229,11 +229,18 @@ def _zscore_mode_threshold(x: np.ndarray, z: float) -> float:
     gets wrong) keeps the plain z-score, and so does early training (all samples near the uniform
     prediction's loss, in tight modes close together)."""
     threshold = _robust_z_threshold(x, z)
-    valley, upper_quartile = _mixture_valley(x, 60, block=True)
-    if not upper_quartile < threshold:
-        return threshold
+    block = _unlearnable_block(x, z)
+    return block[0] if block is not None and block[1] < threshold else threshold
+
+
+def _unlearnable_block(x: np.ndarray, z: float) -> tuple[float, float] | None:
+    """``(where to cut, the block's lower quartile)`` of a block of unlearnable samples the z-score of the
+    samples below it would cut (see :func:`_zscore_mode_threshold`); None without one."""
+    valley, lower_quartile = _mixture_valley(x, 60, block=True)
+    if valley == math.inf:
+        return None
     without_mode = _robust_z_threshold(x[x < valley], z)
-    return min(without_mode, valley) if without_mode < upper_quartile else threshold
+    return (min(without_mode, valley), lower_quartile) if without_mode < lower_quartile else None
 
 
 def _mixture_valley(x: np.ndarray, iterations: int, block: bool = False) -> tuple[float, float]:
@@ -300,6 +307,14 @@ def group_cut_thresholds(
         own = group_cut_thresholds(losses, groups, num_groups=num_groups, truncate_quantile=truncate_quantile,
                                    truncate_zscore=truncate_zscore, cut_rule=cut_rule[: -len("-agree")])
         return np.maximum(own, overall)
+    if cut_rule == "zscore-mode" and _check_zscore(truncate_zscore) is not None:
+        # A block of unlearnable content sits at the loss of its entropy, whatever its group: found once over
+        # all samples (one mixture fit per refresh, not one per group), then cut in every group whose own
+        # z-score keeps most of it.
+        own = group_cut_thresholds(losses, groups, num_groups=num_groups, truncate_quantile=truncate_quantile,
+                                   truncate_zscore=truncate_zscore, cut_rule="zscore")
+        block = _unlearnable_block(losses, float(truncate_zscore)) if losses.size >= MIN_GROUP_SEEN else None
+        return own if block is None else np.where(own > block[1], np.minimum(own, block[0]), own)
     order = np.argsort(groups, kind="stable")
     ids, starts = np.unique(groups[order], return_index=True)
     shrunk = cut_rule == "zscore-shrunk" and _check_zscore(truncate_zscore) is not None

@@ -127,3 +127,25 @@ def test_mode_ignores_a_classifiers_wrong_class() -> None:
     rng = np.random.default_rng(7)
     x = np.concatenate([1.33 * np.exp(rng.normal(0, 0.4, 880)), 3.12 * np.exp(rng.normal(0, 0.05, 120))])
     assert _cut(x, "zscore-mode") == _cut(x, "zscore")
+
+
+def test_mode_per_group_finds_the_block_once_over_all_samples() -> None:
+    """With groups, a block of unlearnable samples is found over all samples and cut in each group whose own
+    z-score keeps most of it; a group without the block keeps its own z-score."""
+    rng = np.random.default_rng(8)
+    clean0, noise0 = _lm_like(0.3, rng, 2000)
+    clean1, noise1 = _lm_like(0.25, rng, 2000)
+    clean2 = np.clip(rng.normal(2.0, 0.5, 1500), 0.5, None)
+    losses = np.concatenate([clean0, noise0, clean1, noise1, clean2])
+    groups = np.repeat([0, 0, 1, 1, 2], [clean0.size, noise0.size, clean1.size, noise1.size, clean2.size])
+    own = group_cut_thresholds(losses, groups, num_groups=3, truncate_zscore=3.5, cut_rule="zscore")
+    mode = group_cut_thresholds(losses, groups, num_groups=3, truncate_zscore=3.5, cut_rule="zscore-mode")
+    assert np.mean(noise0 > own[0]) < 0.5 and np.mean(noise1 > own[1]) < 0.5
+    assert np.mean(noise0 > mode[0]) == 1.0 and np.mean(noise1 > mode[1]) == 1.0
+    assert np.mean(clean0 > mode[0]) < 0.002 and np.mean(clean1 > mode[1]) < 0.002
+    assert mode[2] == own[2]
+    clean_only = np.concatenate([clean0, clean1, clean2])
+    g = np.repeat([0, 1, 2], [clean0.size, clean1.size, clean2.size])
+    np.testing.assert_array_equal(
+        group_cut_thresholds(clean_only, g, num_groups=3, truncate_zscore=3.5, cut_rule="zscore-mode"),
+        group_cut_thresholds(clean_only, g, num_groups=3, truncate_zscore=3.5, cut_rule="zscore"))
