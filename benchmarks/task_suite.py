@@ -55,6 +55,9 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "oracle": None,
     "irdro": {"groups": "labels"},
     "irdro-nogroups": {},
+    # The defaults before issue 18 (cut_rule="zscore"; the runs named irdro* before the default changed).
+    "zscore": {"groups": "labels", "cut_rule": "zscore"},
+    "zscore-nogroups": {"cut_rule": "zscore"},
     "reweight": None,
     # Cut rules that need evidence of noise (issue 18; RESULTS_suite_rules.md): run with --arms.
     "mixture-valley": {"groups": "labels", "cut_rule": "mixture-valley"},
@@ -85,14 +88,14 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "zscore-shrunk": {"groups": "labels", "cut_rule": "zscore-shrunk"},
     # Milder defaults: a larger uniform floor (cut samples drawn at 30% of their share, not 10%), or a
     # milder tilt (ESS 0.95).
-    "mix03-nogroups": {"uniform_mix": 0.3},
-    "mix03": {"groups": "labels", "uniform_mix": 0.3},
-    "ess095-nogroups": {"ess_fraction": 0.95},
-    "ess095": {"groups": "labels", "ess_fraction": 0.95},
+    "mix03-nogroups": {"uniform_mix": 0.3, "cut_rule": "zscore"},
+    "mix03": {"groups": "labels", "uniform_mix": 0.3, "cut_rule": "zscore"},
+    "ess095-nogroups": {"ess_fraction": 0.95, "cut_rule": "zscore"},
+    "ess095": {"groups": "labels", "ess_fraction": 0.95, "cut_rule": "zscore"},
     # A floor under the cut for cross-entropy (not run on regression): a sample the model classifies right
     # (loss <= log 2: p(label) >= 1/2) is never cut.
-    "cefloor-nogroups": {"cut_floor": math.log(2)},
-    "cefloor": {"groups": "labels", "cut_floor": math.log(2)},
+    "cefloor-nogroups": {"cut_floor": math.log(2), "cut_rule": "zscore"},
+    "cefloor": {"groups": "labels", "cut_floor": math.log(2), "cut_rule": "zscore"},
 }
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from ._validation import as_loss_vector, check_fraction, check_positive
-from .cut_rules import DEFAULT_ZSCORE, _check_cut_rule, _check_zscore, cut_threshold, group_cut_thresholds
+from .cut_rules import (
+    DEFAULT_CUT_RULE,
+    DEFAULT_ZSCORE,
+    _check_cut_rule,
+    _check_zscore,
+    cut_threshold,
+    group_cut_thresholds,
+)
 from .loss_table import prior_value
 
 if TYPE_CHECKING:
@@ -276,7 +283,7 @@ class DROWeighting:
     ess_fraction: float | None = None
     truncate_quantile: float | None = None
     truncate_zscore: float | None = DEFAULT_ZSCORE
-    cut_rule: str = "zscore"
+    cut_rule: str = DEFAULT_CUT_RULE
     uniform_mix: float = 0.1
     calibration_size: int = 2**20
     tilt_cap: str | None = None

@@ -112,6 +112,6 @@ def test_deterministic_and_degenerate_inputs(rule: str) -> None:
     DROWeighting(cut_rule=rule)  # accepted as an option
 
 
-def test_no_default_changed() -> None:
-    assert DROWeighting().cut_rule == "zscore"
+def test_the_default_rule() -> None:
+    assert DROWeighting().cut_rule == "zscore-mode"  # issue 18: benchmarks/RESULTS_suite_defaults.md
     assert CUT_RULES[:3] == ("zscore", "log-zscore", "mixture")
