@@ -64,7 +64,9 @@ def run_scenario(*, draws: str, groups: bool, cut: str, ranks: int, replay: bool
     h = hashlib.blake2b(digest_size=16)
     labels = (np.arange(N) * 7 % 5).astype(np.int64) if groups else None
     noisy = (np.arange(N) % 17) == 3
-    rule: dict[str, Any] = {}
+    # Pinned to the rule that was the default when the digests were taken (issue 18 changed the default to
+    # "zscore-mode"; these scenarios have no block of unlearnable content, but the rule is part of the state).
+    rule: dict[str, Any] = {"cut_rule": "zscore"}
     if cut == "none":
         rule["truncate_zscore"] = None
     elif cut == "quantile":
@@ -151,7 +153,8 @@ def legacy_state(draws: str) -> dict[str, Any]:
     """A state saved mid-run (step 30) by the scenario sampler: committed once as a file from old code."""
     labels = (np.arange(N) * 7 % 5).astype(np.int64) if draws == "balanced" else None
     noisy = (np.arange(N) % 17) == 3
-    s = IRDROSampler(N, BATCH, groups=labels, draws=draws, seed=4, feedback_delay=3, refresh_interval=5)
+    s = IRDROSampler(N, BATCH, groups=labels, draws=draws, seed=4, feedback_delay=3, refresh_interval=5,
+                     cut_rule="zscore")  # the default when the legacy states were saved
     step = 0
     for epoch in range(3):
         s.set_epoch(epoch)

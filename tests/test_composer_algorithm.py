@@ -24,7 +24,7 @@ from composer.loggers import InMemoryLogger  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
 from irdro_sampler import IRDROSampler, LossTable  # noqa: E402
-from irdro_sampler.cut_rules import DEFAULT_ZSCORE  # noqa: E402
+from irdro_sampler.cut_rules import DEFAULT_CUT_RULE, DEFAULT_ZSCORE  # noqa: E402
 from irdro_sampler.integrations.composer import (  # noqa: E402
     IRDRO,
     batch_sample_indices,
@@ -447,7 +447,7 @@ def test_options_must_agree_with_the_sampler(clf_data):
     trainer.close()
     # A sampler left at its defaults agrees with IRDRO() and with the defaults spelled out, and with
     # nothing else: a fixed temperature is not the default (which calibrates tau from the ESS).
-    for agreeing in (IRDRO(), IRDRO(truncate_zscore=DEFAULT_ZSCORE, cut_rule="zscore")):
+    for agreeing in (IRDRO(), IRDRO(truncate_zscore=DEFAULT_ZSCORE, cut_rule=DEFAULT_CUT_RULE)):
         dl = ex.build_dataloader(data, "irdro", 8)
         trainer = ex.build_trainer(ex.build_classifier_model(), dl, [agreeing], steps=1)
         trainer.fit()
