@@ -31,7 +31,7 @@ def fit_sharded(rule: DROWeighting, table: LossTable, start: int, dataset_size: 
     """
     _check_ranges(start, len(table), dataset_size, group)
     mine = float(table.groups is not None)
-    most, least = _all_max(np.array([mine, -mine]), group)
+    most, least = max_over_ranks(np.array([mine, -mine]), group)
     if most != -least:  # every rank sees the same reduction, so every rank raises
         raise ValueError("fit_sharded: some ranks' tables have groups and others have none")
     stride = rule.calibration_stride(dataset_size)
@@ -39,10 +39,10 @@ def fit_sharded(rule: DROWeighting, table: LossTable, start: int, dataset_size: 
     losses = _all_gather_rows(table.losses[first::stride], group)
     # Group ids travel as int64 (gloo has no uint16 collectives).
     groups = None if table.groups is None else _all_gather_rows(table.groups[first::stride].astype(np.int64), group)
-    num_groups = int(_all_max(np.array([count_groups(table.groups)]), group)[0]) if table.groups is not None else 0
+    num_groups = int(max_over_ranks(np.array([count_groups(table.groups)]), group)[0]) if table.groups is not None else 0
     params = rule.fit_calibration(losses, groups, num_groups=num_groups, prior=table.prior)
     best, has_unseen = max_kept_parts(table.losses, params, table.groups)
-    best, has_unseen = _all_max(np.array([best, float(has_unseen)]), group)
+    best, has_unseen = max_over_ranks(np.array([best, float(has_unseen)]), group)
     return params._replace(shift=finish_max_kept(float(best), bool(has_unseen), params.prior))
 
 
@@ -68,7 +68,11 @@ def _all_gather_rows(rows: np.ndarray, group: Any) -> np.ndarray:
     return torch.cat([p[: int(n)] for p, n in zip(parts, sizes, strict=True)]).numpy()
 
 
-def _all_max(values: np.ndarray, group: Any) -> np.ndarray:
-    tensor = torch.from_numpy(values.astype(np.float64))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+def max_over_ranks(values: np.ndarray, group: Any = None) -> np.ndarray:
+    """Element-wise maximum of ``values`` (as float64) over the ranks of ``group``; a float64 copy of
+    ``values`` when no process group is up (a single process is the whole world). The one max-reduce of
+    the sharded code (the fit, the sampler's queries, the streaming rounds)."""
+    tensor = torch.from_numpy(np.array(values, dtype=np.float64))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor.numpy()

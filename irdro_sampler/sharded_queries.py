@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ._validation import as_indices
-from .distributed_fit import fit_sharded
+from .distributed_fit import fit_sharded, max_over_ranks
 from .weights import WeightParams, mixture_probabilities
 
 _CHUNK = 1 << 22  # rows per pass of the O(N / world) loops: bounded temporaries
@@ -58,12 +58,6 @@ def _masses(sampler: Any, a: int, z: int, params: WeightParams) -> np.ndarray:
 def _total(reduced_totals: np.ndarray) -> float:
     """The global mass in shard order, as :func:`~irdro_sampler.sharded_draws.draw_global_batch` sums it."""
     return float(np.cumsum(reduced_totals)[-1]) if reduced_totals.size else 0.0
-
-
-def _max_reduce(values: np.ndarray, group: Any) -> np.ndarray:
-    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return tensor.numpy()
 
 
 def _gather_ids(indices: Any, n: int, group: Any) -> tuple[np.ndarray, np.ndarray, int]:
@@ -106,7 +100,7 @@ def point_probabilities(sampler: Any, indices: Any) -> np.ndarray:
     own = np.flatnonzero((every >= sampler.start) & (every < sampler.stop))
     packed[own] = sampler.rule.masses_at(sampler.table, every[own] - sampler.start, params)[0]
     packed[every.size :] = _local_shard_totals(sampler, params)
-    out = _max_reduce(packed, sampler.group)
+    out = max_over_ranks(packed, sampler.group)
     mass = out[offset : offset + idx.size]
     return mixture_probabilities(mass, _total(out[every.size :]), sampler.dataset_size, sampler.rule.uniform_mix)
 
@@ -132,7 +126,7 @@ def local_probabilities(sampler: Any) -> np.ndarray:
     """``p_i`` of this rank's ids ``[start, stop)`` (float64; over all ranks they sum to 1). A collective:
     one max-reduction of the S shard totals (and the fresh fit's before the first draw); O(N / world)."""
     params = current_params(sampler)
-    total = _total(_max_reduce(_local_shard_totals(sampler, params), sampler.group))
+    total = _total(max_over_ranks(_local_shard_totals(sampler, params), sampler.group))
     u, n = sampler.rule.uniform_mix, sampler.dataset_size
     out = np.empty(sampler.stop - sampler.start)
     for a, z in _chunks(sampler):
@@ -164,7 +158,7 @@ def stats(sampler: Any) -> dict[str, float]:
     table = sampler.table
     first = _over_rows(sampler, params, lambda m, k: np.array([m.max(initial=0.0), np.count_nonzero(k)], float))
     first = np.zeros(2) if first is None else first  # a rank owns at least one shard, so never in practice
-    reduced = _max_reduce(np.concatenate([_local_shard_totals(sampler, params), first[:1]]), sampler.group)
+    reduced = max_over_ranks(np.concatenate([_local_shard_totals(sampler, params), first[:1]]), sampler.group)
     total, max_mass = _total(reduced[:-1]), float(reduced[-1])
     n, u = sampler.dataset_size, sampler.rule.uniform_mix
 

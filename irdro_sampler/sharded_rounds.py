@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed_fit import _all_gather_rows, fit_sharded
+from .distributed_fit import _all_gather_rows, fit_sharded, max_over_ranks
 from .loss_table import LossTable
 from .virtual_shards import VirtualShards
 from .weights import DROWeighting, masses, mixture_probabilities
@@ -99,14 +99,6 @@ def world_and_rank(group: Any = None) -> tuple[int, int]:
     return (dist.get_world_size(group), dist.get_rank(group)) if _distributed() else (1, 0)
 
 
-def max_over_ranks(values: np.ndarray, group: Any = None) -> np.ndarray:
-    """Element-wise maximum of ``values`` (float64) over the ranks of ``group``."""
-    t = torch.from_numpy(np.array(values, dtype=np.float64))
-    if _distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.numpy()
-
-
 def _sum_int(value: int, group: Any) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64)
     if _distributed():
@@ -123,7 +115,7 @@ def _global_totals(weights: Any, shards: VirtualShards, rank: int, world: int, g
     start, stop = shards.ids_of_rank(rank, world)
     w = np.asarray(weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else weights)
     code = _check_code(w, stop - start) if np.issubdtype(w.dtype, np.number) else _BAD_SHAPE
-    w = w.astype(np.float64) if code == 0.0 else np.zeros(stop - start)
+    w = w.astype(np.float64, copy=False) if code == 0.0 else np.zeros(stop - start)  # read only: no copy
     flags = np.zeros(world)
     flags[rank] = code
     reduced = max_over_ranks(np.concatenate([shard_totals(w, shards, rank, world), flags]), group)

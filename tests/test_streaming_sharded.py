@@ -170,6 +170,18 @@ def test_one_process_plans_replans_and_refuses_bad_states(data_root):
         _make(data_root, fresh_local(data_root), "balanced").load_state_dict(sd)
 
 
+def test_round_size_warning_points_at_the_callers_line(data_root):
+    """The rounding warning names the line that built the dataset, not one inside the package (the sharded
+    dataset's constructor adds a frame to the unsharded one's)."""
+    from irdro_sampler.integrations.streaming_sharded import ShardedWeightedStreamingDataset
+
+    with pytest.warns(UserWarning, match="rounding up to") as record:
+        ShardedWeightedStreamingDataset(
+            round_size=ROUND - 1, remote=os.path.join(data_root, "remote"), local=fresh_local(data_root),
+            batch_size=BATCH, shuffle=True, shuffle_block_size=200, seed=11, num_shards=SHARDS, draws="iid")
+    assert [r.filename for r in record if "rounding up" in str(r.message)] == [__file__]
+
+
 def test_workers_receive_neither_rows_nor_the_process_group(data_root):
     """Spawned DataLoader workers get the pickled dataset: without the main process's O(N) rows, and
     they still draw the planned round."""

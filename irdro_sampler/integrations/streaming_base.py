@@ -11,6 +11,8 @@ their owners, rounds planned in the training processes). A subclass provides ``_
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -26,6 +28,9 @@ from irdro_sampler.integrations._streaming_compat import (
 )
 from irdro_sampler.integrations.streaming_cache import CACHE_CHECKS, CacheLimitError, check_round_cache
 from irdro_sampler.integrations.streaming_shared import ERROR_CACHE_LIMIT, ERROR_PLANNING, SharedRoundControl
+
+# The package's own files: a warning about the user's arguments points past them, at the user's call.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 __all__ = ["RoundPlannedDataset"]
 
@@ -73,6 +78,16 @@ def _check_options(
         raise ValueError(f"seed: expected a non-negative int or None, got {seed!r}")
 
 
+def _stacklevel_outside_package() -> int:
+    """The ``stacklevel`` that points a warning raised by the *calling* function at the first frame outside
+    irdro_sampler: the user's constructor call, through however many of our ``__init__`` it went (the
+    sharded dataset's adds one)."""
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def _rounded_round_size(
     requested: int, world: Any, batch_size: int, num_canonical_nodes: int | None, shuffle_algo: str, strict: bool
 ) -> int:
@@ -92,8 +107,7 @@ def _rounded_round_size(
         )
         if strict:
             raise ValueError("round_size: " + msg)
-        # stacklevel 3: the user's constructor call, as before this function was split out.
-        warnings.warn(msg + f"; rounding up to {rounded}", stacklevel=3)
+        warnings.warn(msg + f"; rounding up to {rounded}", stacklevel=_stacklevel_outside_package())
     return rounded
 
 
