@@ -73,7 +73,8 @@ def cut_threshold(
     * ``truncate_quantile=q`` keeps losses ``<= quantile(losses, q)`` (numpy's linear rule).
     * ``truncate_zscore=z`` switches on the adaptive cut, computed by ``cut_rule``:
 
-      - ``"zscore-mode"`` (:data:`DEFAULT_CUT_RULE`): ``"zscore"``, and where a tight block of unlearnable
+      - ``"zscore-mode"`` (:data:`DEFAULT_CUT_RULE`, :class:`~irdro_sampler.DROWeighting`'s default; this
+        function's own default stays ``"zscore"``): ``"zscore"``, and where a tight block of unlearnable
         content far above the bulk widens the MAD past itself, the z-score of the samples below the block
         (:func:`_zscore_mode_threshold`).
       - ``"zscore"``: keeps losses ``<= median + z * 1.4826 * MAD``. It follows the noise
