@@ -12,12 +12,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["check_ranks_agree", "gather_feedback", "world_size"]
+__all__ = ["check_ranks_agree", "gather_feedback", "process_group_up", "world_size"]
+
+
+def process_group_up() -> bool:
+    """Whether a torch.distributed process group is initialised; without one, a single process is the
+    whole world (no collective runs). The one place this is asked."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
     """The number of ranks of the default process group (1 when none is initialised)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if process_group_up() else 1
 
 
 def gather_feedback(

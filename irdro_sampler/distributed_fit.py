@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .distributed import process_group_up
 from .loss_table import LossTable, count_groups
 from .weights import DROWeighting, WeightParams, finish_max_kept, max_kept_parts
 
@@ -73,6 +74,6 @@ def max_over_ranks(values: np.ndarray, group: Any = None) -> np.ndarray:
     ``values`` when no process group is up (a single process is the whole world). The one max-reduce of
     the sharded code (the fit, the sampler's queries, the streaming rounds)."""
     tensor = torch.from_numpy(np.array(values, dtype=np.float64))
-    if dist.is_available() and dist.is_initialized():
+    if process_group_up():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor.numpy()

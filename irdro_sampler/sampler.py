@@ -21,6 +21,7 @@ from torch.utils.data import DistributedSampler
 from ._validation import as_indices, check_int, check_step
 from .batch_order import BatchOrder
 from .diagnostics import weighting_diagnostics
+from .distributed import process_group_up
 from .draws import draw_scheme_class, draw_scheme_names
 from .fingerprint import options_fingerprint
 from .fixed_weights import FixedWeights, weighted_sampler
@@ -354,7 +355,7 @@ def _as_data_source(data_source_or_size: Sized | int) -> tuple[Sized, int]:
 
 def _world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     """``num_replicas`` and ``rank`` checked, from ``torch.distributed`` where not given."""
-    initialized = dist.is_available() and dist.is_initialized()
+    initialized = process_group_up()
     if num_replicas is None:
         num_replicas = dist.get_world_size() if initialized else 1
     if rank is None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .distributed import process_group_up
 from .distributed_fit import _all_gather_rows, fit_sharded, max_over_ranks
 from .loss_table import LossTable
 from .virtual_shards import VirtualShards
@@ -89,25 +90,20 @@ def _check_code(weights: np.ndarray, size: int) -> float:
     return 0.0
 
 
-def _distributed() -> bool:
-    """Whether a process group is up; without one a single process plans alone (world 1)."""
-    return dist.is_available() and dist.is_initialized()
-
-
 def world_and_rank(group: Any = None) -> tuple[int, int]:
     """``(world size, rank)`` of ``group``, ``(1, 0)`` without a process group."""
-    return (dist.get_world_size(group), dist.get_rank(group)) if _distributed() else (1, 0)
+    return (dist.get_world_size(group), dist.get_rank(group)) if process_group_up() else (1, 0)
 
 
 def _sum_int(value: int, group: Any) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64)
-    if _distributed():
+    if process_group_up():
         dist.all_reduce(t, group=group)
     return int(t.item())
 
 
 def _gather(rows: np.ndarray, group: Any) -> np.ndarray:
-    return _all_gather_rows(rows, group) if _distributed() else np.asarray(rows)
+    return _all_gather_rows(rows, group) if process_group_up() else np.asarray(rows)
 
 
 def _global_totals(weights: Any, shards: VirtualShards, rank: int, world: int, group: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +260,7 @@ def sharded_probabilities(rule: DROWeighting, table: LossTable, shards: VirtualS
     start, stop = shards.ids_of_rank(rank, world)
     if table.dataset_size != stop - start:
         raise ValueError(f"table: holds {table.dataset_size} rows; rank {rank} of {world} owns ids [{start}, {stop})")
-    params = fit_sharded(rule, table, start, shards.dataset_size, group) if _distributed() else rule.fit(table)
+    params = fit_sharded(rule, table, start, shards.dataset_size, group) if process_group_up() else rule.fit(table)
     mass = masses(table.losses, params, table.groups)[0]
     total = float(max_over_ranks(shard_totals(mass, shards, rank, world), group).sum())
     return mixture_probabilities(mass, total, shards.dataset_size, rule.uniform_mix)

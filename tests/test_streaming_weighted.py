@@ -309,6 +309,14 @@ def test_cache_limit_too_small_is_an_error_not_a_hang(data_root, num_workers):
     assert len(take(loader(ok, num_workers))) == ROUND
 
 
+def test_cache_limit_warning_points_outside_the_package(data_root):
+    """cache_check='warn' warns (and goes on) instead of raising; the warning names no file of ours."""
+    ds = make(data_root, cache_limit=12_000, cache_check="warn")
+    with pytest.warns(UserWarning, match="cache_limit=12000") as record:
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=BATCH)))
+    assert not any("irdro_sampler" in r.filename for r in record if "cache_limit" in str(r.message))
+
+
 def test_batches_touch_few_shards(data_root):
     """Shard runs handed to streaming's shuffle keep batches on few shards (vs i.i.d. order)."""
     ds = make(data_root, round_size=ROUND)

@@ -62,7 +62,7 @@ except ImportError:  # the standalone package
     from pytorch_lightning import Callback  # type: ignore[no-redef]
 
 from irdro_sampler import IRDROSampler
-from irdro_sampler.distributed import check_ranks_agree, gather_feedback
+from irdro_sampler.distributed import check_ranks_agree, gather_feedback, process_group_up
 
 __all__ = ["LOSS_KEY", "IRDROCallback"]
 
@@ -245,7 +245,7 @@ class IRDROCallback(Callback):
     def _device(pl_module: Any) -> torch.device:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        if process_group_up() and dist.get_backend() == "nccl":
             return pl_module.device
         return torch.device("cpu")
 

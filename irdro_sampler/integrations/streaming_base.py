@@ -11,14 +11,14 @@ their owners, rounds planned in the training processes). A subclass provides ``_
 from __future__ import annotations
 
 import math
-import os
-import sys
 import warnings
 from typing import Any
 
 import numpy as np
 
 from irdro_sampler import DRAW_SCHEMES
+from irdro_sampler._warnings import stacklevel_outside_package
+from irdro_sampler.distributed import process_group_up
 from irdro_sampler.integrations._streaming_compat import (
     NodePlannedDataset,
     parallel_rank_world,
@@ -28,9 +28,6 @@ from irdro_sampler.integrations._streaming_compat import (
 )
 from irdro_sampler.integrations.streaming_cache import CACHE_CHECKS, CacheLimitError, check_round_cache
 from irdro_sampler.integrations.streaming_shared import ERROR_CACHE_LIMIT, ERROR_PLANNING, SharedRoundControl
-
-# The package's own files: a warning about the user's arguments points past them, at the user's call.
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 __all__ = ["RoundPlannedDataset"]
 
@@ -78,16 +75,6 @@ def _check_options(
         raise ValueError(f"seed: expected a non-negative int or None, got {seed!r}")
 
 
-def _stacklevel_outside_package() -> int:
-    """The ``stacklevel`` that points a warning raised by the *calling* function at the first frame outside
-    irdro_sampler: the user's constructor call, through however many of our ``__init__`` it went (the
-    sharded dataset's adds one)."""
-    level, frame = 2, sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        level, frame = level + 1, frame.f_back
-    return level
-
-
 def _rounded_round_size(
     requested: int, world: Any, batch_size: int, num_canonical_nodes: int | None, shuffle_algo: str, strict: bool
 ) -> int:
@@ -107,7 +94,7 @@ def _rounded_round_size(
         )
         if strict:
             raise ValueError("round_size: " + msg)
-        warnings.warn(msg + f"; rounding up to {rounded}", stacklevel=_stacklevel_outside_package())
+        warnings.warn(msg + f"; rounding up to {rounded}", stacklevel=stacklevel_outside_package())
     return rounded
 
 
@@ -143,7 +130,7 @@ class RoundPlannedDataset(NodePlannedDataset):
             self._round_state = self._open_round_state(create=True)
         from torch import distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
+        if process_group_up():
             dist.barrier()  # the local leader created the blocks above
         if not leader:
             self._round_state = self._open_round_state(create=False)

@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 from streaming import StreamingDataset
 
+from irdro_sampler._warnings import stacklevel_outside_package
+
 __all__ = ["CACHE_CHECKS", "CacheLimitError", "check_round_cache", "working_set_bytes"]
 
 #: Values of ``WeightedStreamingDataset(cache_check=...)``.
@@ -98,5 +100,4 @@ def check_round_cache(dataset: StreamingDataset, node_plan: np.ndarray, round_id
         )
         if cache_check == "raise":
             raise CacheLimitError(msg)
-        # stacklevel 3: the same frame as before this function was split out (the caller of _check_plan).
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, stacklevel=stacklevel_outside_package())
