@@ -165,6 +165,68 @@ def test_datasets_dataset_with_unused_columns(tmp_path):
     assert t.irdro_sampler.stats()["pending_feedback"] == 8  # one update per micro-batch (delay 32: not applied yet)
 
 
+def _class_label_trainer(tmp_path, datasets, irdro):
+    """A real Trainer on a ``datasets.Dataset`` whose ``label`` column is a 3-class ``ClassLabel``."""
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    n = 48
+    base = worker.Samples(n, "lm")
+    labels = [i % 3 if i < 40 else 2 for i in range(n)]  # class 2 larger: the ids are the data's, not a range
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int64")),
+        "attention_mask": datasets.Sequence(datasets.Value("int64")),
+        "label": datasets.ClassLabel(names=["a", "b", "c"]),
+    })
+    ds = datasets.Dataset.from_dict({
+        "input_ids": [base[i]["input_ids"].tolist() for i in range(n)],
+        "attention_mask": [base[i]["attention_mask"].tolist() for i in range(n)],
+        "label": labels,
+    }, features=features)
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=worker.VOCAB, n_positions=worker.SEQ, n_embd=16,
+                                                     n_layer=1, n_head=2, num_labels=3, pad_token_id=0))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=1,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = IRDROTrainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator, irdro=irdro)
+    return trainer, labels
+
+
+def _group_notes(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "no groups were given" in r.getMessage()]
+
+
+def test_class_label_column_becomes_the_groups(tmp_path, caplog):
+    datasets = pytest.importorskip("datasets")
+    caplog.set_level("INFO", logger="irdro_sampler.integrations.hf")
+    trainer, labels = _class_label_trainer(tmp_path / "auto", datasets, dict(seed=1))
+    trainer.train()
+    assert trainer.irdro_sampler.table.groups.tolist() == labels
+    assert any("ClassLabel" in r.getMessage() for r in caplog.records)
+    assert _group_notes(caplog) == []
+    # groups=None is the user's choice: no groups, and no note about them either
+    caplog.clear()
+    trainer, _ = _class_label_trainer(tmp_path / "off", datasets, dict(seed=1, groups=None))
+    trainer.train()
+    assert trainer.irdro_sampler.table.groups is None
+    assert _group_notes(caplog) == []
+
+
+def test_class_index_labels_without_groups_are_noted_once(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="irdro_sampler.integrations.hf")
+    worker.main(["--out", str(tmp_path / "cls"), "--task", "cls", "--samples", "32", "--batch-size", "4"])
+    notes = _group_notes(caplog)
+    assert len(notes) == 1  # 8 micro-batches, one note
+    assert "irdro=dict(groups=labels)" in notes[0] and "RESULTS_suite_defaults.md" in notes[0]
+    caplog.clear()
+    worker.main(["--out", str(tmp_path / "lm"), "--task", "lm", "--samples", "32", "--batch-size", "4"])
+    assert _group_notes(caplog) == []  # a causal LM's labels are token ids, not classes
+
+
 def test_iterable_dataset_is_refused_naming_the_argument(tmp_path):
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):

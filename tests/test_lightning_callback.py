@@ -27,7 +27,7 @@ import _lightning_worker as worker  # noqa: E402
 
 sys.path.remove(str(TESTS))
 
-from irdro_sampler import IRDROSampler  # noqa: E402
+from irdro_sampler import IndexedDataset, IRDROSampler  # noqa: E402
 from irdro_sampler.integrations.lightning import IRDROCallback  # noqa: E402
 
 
@@ -162,3 +162,48 @@ def test_missing_per_sample_loss_names_the_key():
         cb._losses({"loss": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="1-D float tensor"):
         cb._losses({"per_sample_loss": torch.ones(2, 2)})
+
+
+def _group_notes(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "no groups were given" in r.getMessage()]
+
+
+def test_class_index_targets_without_groups_are_noted_once(tmp_path, caplog):
+    """A real fit on (x, y, idx) batches: a sampler without groups gets one note; with the labels, none."""
+    import lightning as L
+
+    caplog.set_level("WARNING", logger="irdro_sampler.integrations.lightning")
+
+    def fit(module_type):
+        irdro = IRDROCallback()
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, callbacks=[irdro], logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            use_distributed_sampler=False, default_root_dir=str(tmp_path))
+        trainer.fit(module_type(irdro, 32, 4, False, 0))
+
+    fit(worker.Module)  # 8 batches
+    notes = _group_notes(caplog)
+    assert len(notes) == 1 and "groups=labels" in notes[0] and "RESULTS_suite_defaults.md" in notes[0]
+
+    class WithGroups(worker.Module):
+        def train_dataloader(self):
+            ds = IndexedDataset(worker.make_data(self.n))
+            labels = worker.make_data(self.n).tensors[1].numpy()
+            sampler = self.irdro.attach(IRDROSampler(ds, self.batch_size, seed=3, groups=labels))
+            return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, sampler=sampler)
+
+    caplog.clear()
+    fit(WithGroups)
+    assert _group_notes(caplog) == []
+
+
+def test_an_index_is_not_mistaken_for_class_targets(caplog):
+    """(x, idx) batches: the last element is the index, not a label; a float target is not a class either."""
+    caplog.set_level("WARNING", logger="irdro_sampler.integrations.lightning")
+    cb = IRDROCallback()
+    sampler = cb.attach(IRDROSampler(8, 4, seed=1))
+    cb._note_class_targets({"loss": 0}, (torch.randn(4, 3), torch.arange(4)), sampler)
+    cb._note_class_targets({"loss": 0}, (torch.randn(4, 3), torch.randn(4), torch.arange(4)), sampler)
+    assert _group_notes(caplog) == []
+    cb._note_class_targets({"loss": 0}, {"x": torch.randn(4, 3), "labels": torch.tensor([0, 1, 1, 2])}, sampler)
+    assert len(_group_notes(caplog)) == 1

@@ -65,6 +65,7 @@ lane tests both ends (4.48.3 with accelerate 1.0.1, and the newest 5.x with acce
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -78,6 +79,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from irdro_sampler import IRDROSampler, save_state
 from irdro_sampler.distributed import check_ranks_agree, gather_feedback, world_size
+from irdro_sampler.integrations._class_targets import (
+    class_label_groups,
+    looks_like_class_indices,
+    no_groups_note,
+)
 from irdro_sampler.integrations._hf_compat import (
     collator_without_unused_columns,
     remove_unused_columns,
@@ -103,6 +109,8 @@ _STATE_FORMAT = "irdro_sampler.hf"
 _STATE_VERSION = 1
 
 PerSampleLoss = Callable[[Any, Mapping[str, Any]], torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 # ============================================================================ per-sample losses
@@ -316,7 +324,11 @@ class IRDROTrainerMixin:
         irdro: ``IRDROSampler`` options (``groups=``, ``ess_fraction=``, ``seed=``, ...; ``seed`` defaults
             to ``args.data_seed`` or ``args.seed``), or a built ``IRDROSampler`` whose ``batch_size``,
             ``num_replicas``, ``rank`` and size match ``per_device_train_batch_size``, the world size, this
-            rank and ``train_dataset``. Default: the sampler's defaults.
+            rank and ``train_dataset``. Default: the sampler's defaults, with one exception: when
+            ``groups`` is not given and ``train_dataset`` is a ``datasets.Dataset`` whose ``label`` (or
+            ``labels``) column is a ``ClassLabel``, its class ids are the groups (the task suite measured
+            labels as groups safer; ``groups=None`` opts out). Class-index labels without groups are
+            noted once in the log, with the measured consequence.
         per_sample_loss: how one loss per sample is computed from ``(outputs, inputs)`` (``inputs``
             includes ``labels``): ``'auto'`` (default, :func:`default_per_sample_loss` with the kind of
             model found from its class), ``'causal_lm'``, ``'token'``, ``'classification'``, or a callable
@@ -361,10 +373,12 @@ class IRDROTrainerMixin:
         self._irdro_drawn_sum = 0.0
         self._irdro_drawn_count = 0
         self._irdro_commits = 0
+        # A user who set groups (even to None) has chosen; the note is for those who have not.
+        self._irdro_noted_groups = isinstance(self._irdro_spec, dict) and "groups" in self._irdro_spec
         self.add_callback(_CommitCallback(self))  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ sampler and DataLoader
-    def _irdro_build_sampler(self, size: int) -> IRDROSampler:
+    def _irdro_build_sampler(self, size: int, dataset: Any = None) -> IRDROSampler:
         args = self.args  # type: ignore[attr-defined]
         batch, replicas, rank = train_batch_size(self), int(args.world_size), int(args.process_index)
         if isinstance(self._irdro_spec, IRDROSampler):
@@ -380,6 +394,14 @@ class IRDROTrainerMixin:
             return s
         options = dict(self._irdro_spec)
         options.setdefault("seed", args.data_seed if args.data_seed is not None else args.seed)
+        if "groups" not in options:
+            # The data set declares its classes: judge each sample within its class (measured safer:
+            # integrations/_class_targets.py). irdro=dict(groups=None) opts out.
+            found = class_label_groups(dataset)
+            if found is not None:
+                column, options["groups"] = found
+                log.info("IRDROTrainer: the %r column is a ClassLabel; its %d classes are the sampler's groups "
+                         "(irdro=dict(groups=None) turns this off)", column, int(options["groups"].max()) + 1)
         return IRDROSampler(size, batch, num_replicas=replicas, rank=rank, **options)
 
     def _irdro_check_delay(self, sampler: IRDROSampler) -> None:
@@ -420,7 +442,7 @@ class IRDROTrainerMixin:
         split = getattr(getattr(self.accelerator, "dataloader_config", None), "split_batches", False)  # type: ignore[attr-defined]
         if split:
             raise ValueError("IRDROTrainer does not support accelerator_config split_batches=True")
-        sampler = self._irdro_build_sampler(len(dataset))
+        sampler = self._irdro_build_sampler(len(dataset), self.train_dataset)  # type: ignore[attr-defined]
         self._irdro_check_delay(sampler)
         if self._irdro_resume_from is not None:
             self._irdro_load(sampler, self._irdro_resume_from)
@@ -475,6 +497,7 @@ class IRDROTrainerMixin:
         )
         with torch.no_grad():
             per_sample = self._irdro_per_sample(model, outputs, view)
+        self._irdro_note_class_targets(view)
         idx, step = current
         if not isinstance(per_sample, torch.Tensor) or per_sample.ndim != 1 or per_sample.shape[0] != len(idx):
             shape = tuple(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
@@ -484,6 +507,16 @@ class IRDROTrainerMixin:
             )
         self._irdro_parts.append((step, torch.tensor(idx, dtype=torch.int64), per_sample.detach().float().cpu()))
         return (loss, outputs) if return_outputs else loss
+
+    def _irdro_note_class_targets(self, inputs: Mapping[str, Any]) -> None:
+        """Once per trainer: class-index labels but no groups (the cut then judges rare classes as noise)."""
+        sampler = self.irdro_sampler
+        if self._irdro_noted_groups or sampler is None or sampler.table.groups is not None:
+            return
+        if looks_like_class_indices(inputs.get("labels")):
+            self._irdro_noted_groups = True
+            log.warning(no_groups_note("IRDROTrainer(..., irdro=dict(groups=labels)), one class id per sample of "
+                                       "train_dataset (a datasets.ClassLabel 'label' column is used by itself)"))
 
     def _irdro_per_sample(self, model: Any, outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         if self._irdro_loss_fn is not None:

@@ -49,6 +49,7 @@ Tested: lightning 2.6 on CPU, 1 process and 2 DDP ranks (gloo).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -63,6 +64,7 @@ except ImportError:  # the standalone package
 
 from irdro_sampler import IRDROSampler
 from irdro_sampler.distributed import check_ranks_agree, gather_feedback, process_group_up
+from irdro_sampler.integrations._class_targets import looks_like_class_indices, no_groups_note
 
 __all__ = ["LOSS_KEY", "IRDROCallback"]
 
@@ -70,6 +72,8 @@ __all__ = ["LOSS_KEY", "IRDROCallback"]
 LOSS_KEY = "per_sample_loss"
 _STATE_FORMAT = "irdro_sampler.lightning"
 _STATE_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def _find_sampler(dataloader: Any) -> Any:
@@ -114,6 +118,7 @@ class IRDROCallback(Callback):
         self._batches = 0
         self._drawn_sum = 0.0
         self._drawn_count = 0
+        self._noted_groups = False
 
     # ------------------------------------------------------------------ the sampler
     def attach(self, sampler: IRDROSampler) -> IRDROSampler:
@@ -174,6 +179,7 @@ class IRDROCallback(Callback):
             return
         losses = self._losses(outputs)
         indices = self._indices(outputs, batch)
+        self._note_class_targets(outputs, batch, sampler)
         if losses.shape[0] != indices.shape[0]:
             raise ValueError(
                 f"training_step returned {losses.shape[0]} per-sample losses ({self.loss_key!r}) for a batch of "
@@ -206,6 +212,22 @@ class IRDROCallback(Callback):
             metrics["irdro/drawn_loss_mean"] = self._drawn_sum / self._drawn_count
         self._drawn_sum, self._drawn_count = 0.0, 0
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def _note_class_targets(self, outputs: Any, batch: Any, sampler: IRDROSampler) -> None:
+        """Once per callback: class-index targets but a sampler without groups (see ``_class_targets``)."""
+        if self._noted_groups or sampler.table.groups is not None:
+            return
+        if isinstance(batch, Mapping):
+            targets = batch.get("labels")
+        elif isinstance(batch, (tuple, list)):
+            # (x, y, idx) from IndexedDataset: y is the second element unless it is the index itself
+            fields = batch if isinstance(outputs, Mapping) and self.index_key in outputs else batch[:-1]
+            targets = fields[1] if len(fields) >= 2 else None
+        else:
+            targets = None
+        if looks_like_class_indices(targets):
+            self._noted_groups = True
+            log.warning(no_groups_note("IRDROSampler(IndexedDataset(ds), batch_size, groups=labels)"))
 
     def _losses(self, outputs: Any) -> torch.Tensor:
         if not isinstance(outputs, Mapping) or self.loss_key not in outputs:

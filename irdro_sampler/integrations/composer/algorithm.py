@@ -57,6 +57,7 @@ from composer.loggers import Logger
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 from irdro_sampler._validation import as_groups
 from irdro_sampler.diagnostics import metric_names
+from irdro_sampler.integrations._class_targets import no_groups_note
 
 from .batches import BatchFeedback, num_rows, split_off_indices, without_key
 from .collectives import check_ranks_agree, gather_feedback
@@ -390,15 +391,7 @@ class IRDRO(Algorithm):
         """Once per fit: class-index targets without groups (the cut then judges rare classes as noise)."""
         if self.target is None or self.target.has_groups or not has_class_targets(batch):
             return
-        log.warning(
-            "IRDRO: the targets look like class indices and no groups were given, so the cut judges every "
-            "sample against all others: a rare class whose losses are all high looks like noise. Measured "
-            "(benchmarks/RESULTS.md section 3): on digits with three rare classes their accuracy fell to "
-            "0.02-0.15 without groups against 0.42-0.69 under uniform sampling, and beat uniform with them; "
-            "on the task suite's 29 labelled configurations (benchmarks/RESULTS_suite_defaults.md, 5 seeds) "
-            "the defaults were worse than uniform on 5 without groups against 2 with them. "
-            "Pass the labels: IRDROSampler(..., groups=labels), or IRDRO(groups=labels) on the streaming path"
-        )
+        log.warning(no_groups_note("IRDROSampler(..., groups=labels), or IRDRO(groups=labels) on the streaming path"))
 
     def _replace_loss(self, state: State) -> None:
         """Replace ``state.loss`` by the mode's loss of this microbatch (see :mod:`.losses`)."""

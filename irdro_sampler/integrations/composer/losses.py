@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from irdro_sampler import DROWeighting, kl_dro_weights
+from irdro_sampler.integrations._class_targets import batch_targets, looks_like_class_indices
 from irdro_sampler.losses import causal_lm_per_sample_loss, classification_per_sample_loss, token_loss_sums
 
 __all__ = [
@@ -85,13 +86,7 @@ def _targets_of(batch: Any) -> torch.Tensor:
 
 def has_class_targets(batch: Any) -> bool:
     """Whether the batch's targets look like class indices: one integer per sample (``labels`` or ``batch[1]``)."""
-    try:
-        targets = _targets_of(batch)
-    except (KeyError, TypeError):
-        return False
-    if isinstance(batch, Mapping) and "labels" not in batch:
-        return False  # a causal LM's inputs, not classes
-    return isinstance(targets, torch.Tensor) and targets.ndim == 1 and not targets.dtype.is_floating_point
+    return looks_like_class_indices(batch_targets(batch))
 
 
 def default_per_sample_loss(outputs: Any, batch: Any) -> torch.Tensor:
