@@ -96,6 +96,14 @@ ARMS: dict[str, dict[str, Any] | None] = {
     # (loss <= log 2: p(label) >= 1/2) is never cut.
     "cefloor-nogroups": {"cut_floor": math.log(2), "cut_rule": "zscore"},
     "cefloor": {"groups": "labels", "cut_floor": math.log(2), "cut_rule": "zscore"},
+    # The defaults taken apart (RESULTS_suite_parts.md): the sampler with flat weights (no tilt, no cut: a
+    # null arm that calibrates how often "harmed" fires by chance), the tilt alone (no cut) and the cut
+    # alone (a flat tilt; tau = 1e30 so that it is flat at any loss scale, regression targets up to 1e3 included).
+    "flat-nogroups": {"temperature": 1e30, "truncate_zscore": None},
+    "tilt-only-nogroups": {"truncate_zscore": None},
+    "tilt-only": {"groups": "labels", "truncate_zscore": None},
+    "cut-only-nogroups": {"temperature": 1e30},
+    "cut-only": {"groups": "labels", "temperature": 1e30},
 }
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
