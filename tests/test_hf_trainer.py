@@ -216,6 +216,25 @@ def test_class_label_column_becomes_the_groups(tmp_path, caplog):
     assert _group_notes(caplog) == []
 
 
+def test_class_label_groups_reads_only_declared_complete_labels():
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+
+    from irdro_sampler.integrations._class_targets import class_label_groups
+
+    feats = datasets.Features({"label": datasets.ClassLabel(num_classes=3), "x": datasets.Value("float32")})
+    ds = datasets.Dataset.from_dict({"label": [0, 2, 1, 2, 0, 1], "x": [0.0, 1, 2, 3, 4, 5]}, features=feats)
+    column, ids = class_label_groups(ds)
+    assert column == "label" and ids.tolist() == [0, 2, 1, 2, 0, 1] and ids.dtype == np.int64
+    shuffled = ds.shuffle(seed=0)  # an indices mapping: the ids follow the data set's own order
+    assert class_label_groups(shuffled)[1].tolist() == [int(v) for v in shuffled.to_dict()["label"]]
+    unlabelled = datasets.Dataset.from_dict({"label": [0, -1, 1]}, features=datasets.Features(
+        {"label": datasets.ClassLabel(num_classes=2)}))
+    assert class_label_groups(unlabelled) is None  # -1: a missing label, not a class
+    assert class_label_groups(datasets.Dataset.from_dict({"label": [0, 1, 1]})) is None  # not declared
+    assert class_label_groups(worker.Samples(8, "cls")) is None  # a torch Dataset
+
+
 def test_class_index_labels_without_groups_are_noted_once(tmp_path, caplog):
     caplog.set_level("WARNING", logger="irdro_sampler.integrations.hf")
     worker.main(["--out", str(tmp_path / "cls"), "--task", "cls", "--samples", "32", "--batch-size", "4"])

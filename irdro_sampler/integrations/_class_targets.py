@@ -54,6 +54,14 @@ def no_groups_note(how_to_pass: str) -> str:
     )
 
 
+def _column_as_array(dataset: Any, column: str) -> np.ndarray:
+    """One column as a numpy array, read in bulk: ``datasets`` 4+ returns a lazy ``Column`` for
+    ``dataset[column]`` whose conversion goes row by row (10 s per million rows, measured)."""
+    if hasattr(dataset, "select_columns") and hasattr(dataset, "with_format"):
+        return np.asarray(dataset.select_columns([column]).with_format("numpy")[:][column])
+    return np.asarray(dataset[column])
+
+
 def class_label_groups(dataset: Any) -> tuple[str, np.ndarray] | None:
     """``(column, one group id per sample)`` from a Hugging Face ``datasets.Dataset`` whose ``label`` or
     ``labels`` column is a ``ClassLabel`` (the data set declares it holds class indices); None for any other
@@ -65,7 +73,7 @@ def class_label_groups(dataset: Any) -> tuple[str, np.ndarray] | None:
         feature = features.get(column)
         if type(feature).__name__ != "ClassLabel":
             continue
-        ids = np.asarray(dataset[column])
+        ids = _column_as_array(dataset, column)
         if ids.ndim != 1 or ids.size != len(dataset) or not np.issubdtype(ids.dtype, np.integer):
             return None
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= _MAX_GROUPS):
