@@ -19,7 +19,8 @@ replacement, at a random round. Over the random phase, round 0's expected counts
 first-order statistics as i.i.d. draws, with far lower variance). A sample of probability 0 is never
 drawn and keeps its carry.
 
-Pure numpy and deterministic: the same (carry, p, R) gives bitwise the same counts on every rank.
+Pure numpy and deterministic: the same (carry, p, R) gives bitwise the same counts on every rank, whatever
+its CPU (ties are broken by index, not by the selection algorithm numpy picks for the CPU).
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ def initial_carry(num_samples: int, seed: int) -> np.ndarray:
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
     return np.random.default_rng([int(seed), 0xBA1A]).random(int(num_samples))
+
+
+def _largest(key: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest keys, ties broken by the lower index.
+
+    Not ``argpartition``: which of several equal keys it returns depends on the selection algorithm
+    numpy dispatches by CPU (AVX-512 machines use another), and the plan must be the same on every node.
+    The k-th largest *value* is the same whatever the algorithm, so select by value.
+    """
+    if k >= key.size:
+        return np.arange(key.size)
+    kth = np.partition(key, key.size - k)[key.size - k]
+    above = np.flatnonzero(key > kth)
+    return np.concatenate([above, np.flatnonzero(key == kth)[: k - above.size]])
 
 
 def balanced_counts(carry: np.ndarray, probabilities: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +83,7 @@ def balanced_counts(carry: np.ndarray, probabilities: np.ndarray, total: int) ->
     while deficit > 0:
         key = x if all_eligible else np.where(eligible, x, -np.inf)
         k = min(deficit, int(np.count_nonzero(eligible)))
-        pick = np.argpartition(key, key.size - k)[key.size - k :]
+        pick = _largest(key, k)
         counts[pick] += 1
         x[pick] -= 1.0
         deficit -= k
@@ -76,7 +91,7 @@ def balanced_counts(carry: np.ndarray, probabilities: np.ndarray, total: int) ->
         drawn = counts > 0
         key = np.where(drawn, x, np.inf)
         k = min(-deficit, int(np.count_nonzero(drawn)))
-        pick = np.argpartition(key, k - 1)[:k]
+        pick = _largest(-key, k)
         counts[pick] -= 1
         x[pick] += 1.0
         deficit += k

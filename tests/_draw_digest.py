@@ -187,6 +187,22 @@ def continuation_digest(state: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def current_digests(data_dir: str) -> dict[str, Any]:
+    """Every digest the committed file holds, computed by the code under test (the legacy
+    continuations from the committed state files)."""
+    import os
+
+    legacy = {}
+    for draws in ("balanced", "iid"):
+        state = torch.load(os.path.join(data_dir, "legacy_states", f"{draws}.pt"), weights_only=True)
+        legacy[draws] = continuation_digest(state)
+    return {
+        "scenarios": {name: run_scenario(**cfg) for name, cfg in SCENARIOS.items()},
+        "streaming-plan": streaming_plan_digest(),
+        "legacy-continuation": legacy,
+    }
+
+
 def write_expected(data_dir: str) -> None:
     """Write draw_digest.json and the legacy state files (run once, on the code before the split)."""
     import os
@@ -208,4 +224,7 @@ def write_expected(data_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    write_expected(sys.argv[1] if len(sys.argv) > 1 else "tests/data")
+    if sys.argv[1:2] == ["--print"]:  # what tests/test_draw_digest.py compares, as JSON on stdout
+        print(json.dumps(current_digests(sys.argv[2])))
+    else:
+        write_expected(sys.argv[1] if len(sys.argv) > 1 else "tests/data")

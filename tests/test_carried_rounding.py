@@ -89,3 +89,13 @@ def test_bad_input():
         balanced_counts(np.zeros(3), np.zeros(3), 2)
     with pytest.raises(ValueError, match="num_samples"):
         initial_carry(0, 1)
+
+
+@pytest.mark.parametrize("carry,expected", [(0.0, [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]), (0.9, [0] * 5 + [1] * 5)])
+def test_equal_residuals_are_broken_by_index(carry, expected):
+    """Which of several equal residuals gets (or gives up) a draw is the lowest index, not the
+    choice of numpy's CPU-dispatched selection: 3 draws over 10 equal residuals of 0.3 go to samples
+    0-2; 5 draws where ten floors of 1.4 give 10 take the draw back from samples 0-4."""
+    p = np.full(10, 0.1)
+    counts, _ = balanced_counts(np.full(10, carry), p, int(sum(expected)))
+    assert counts.tolist() == expected
