@@ -408,3 +408,23 @@ def test_rejected_state_changes_nothing_and_fingerprint_follows_weights(data_roo
     twin.set_weights(np.arange(1, N + 1, dtype=np.float64)[::-1].copy())
     assert twin.fingerprint() != target.fingerprint()
     assert make(data_root, seed=8).fingerprint() != make(data_root).fingerprint()
+
+
+def test_an_abandoned_iteration_stops_streamings_threads(data_root):
+    """A loop that breaks mid-round (a trainer's batch limit) leaves no polling threads holding the
+    dataset (streaming's prepare and ready threads would keep it alive), and the dataset iterates again
+    from a fresh round as before."""
+    import gc
+    import weakref
+
+    ds = make(data_root, draws="iid")
+    it = iter(loader(ds))
+    take(it, 3)
+    ref = weakref.ref(ds)
+    del it, ds
+    gc.collect()
+    assert ref() is None, "an abandoned iteration kept the dataset alive"
+
+    ds = make(data_root, draws="iid")
+    take(iter(loader(ds)), 3)
+    assert len(take(loader(ds))) == ROUND

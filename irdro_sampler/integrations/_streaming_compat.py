@@ -41,6 +41,7 @@ __all__ = [
     "NodePlannedDataset",
     "SharedMemory",
     "changed_internals",
+    "current_iteration",
     "generate_work",
     "node_barrier",
     "parallel_rank_world",
@@ -48,6 +49,7 @@ __all__ = [
     "shm_name",
     "shm_prefix_int",
     "source_hashes",
+    "stop_iteration",
     "stream_mixing_options",
     "unique_rank_world",
     "unique_worker_world",
@@ -68,6 +70,7 @@ PRIVATE_ATTRIBUTES = (
     "_shm_prefix_int",
     "_share_work",
     "_attach_work",
+    "_iterator",
 )
 STREAM_PRIVATE_ATTRIBUTES = ("_proportion", "_repeat", "_choose")
 
@@ -163,6 +166,21 @@ def unique_worker_world(dataset: StreamingDataset) -> Any:
 def parallel_worker_world(dataset: StreamingDataset) -> Any:
     """The worker ``World`` streaming partitions for; set by ``StreamingDataset.__iter__``."""
     return dataset._parallel_worker_world
+
+
+def current_iteration(dataset: StreamingDataset) -> Any:
+    """The handle of the background threads of the dataset's latest ``__iter__`` in this process
+    (streaming's ``_Iterator``), or None before the first one."""
+    return getattr(dataset, "_iterator", None)
+
+
+def stop_iteration(iteration: Any) -> None:
+    """Stop an iteration's prepare and ready threads and wait for them (a no-op once they have exited).
+
+    Streaming stops them when the epoch's samples run out or the next ``__iter__`` starts, not when the
+    consumer abandons the generator.
+    """
+    iteration.exit()
 
 
 def node_barrier(dataset: StreamingDataset) -> Callable[[int], None]:

@@ -21,7 +21,9 @@ from irdro_sampler._warnings import stacklevel_outside_package
 from irdro_sampler.distributed import process_group_up
 from irdro_sampler.integrations._streaming_compat import (
     NodePlannedDataset,
+    current_iteration,
     parallel_rank_world,
+    stop_iteration,
     stream_mixing_options,
     unique_rank_world,
     unique_worker_world,
@@ -196,13 +198,23 @@ class RoundPlannedDataset(NodePlannedDataset):
         # reset by the trainer" from "round started, nothing consumed yet".
         it = super().__iter__()
         prev: Any = _NOTHING
-        for sample in it:
+        started = None
+        try:
+            for sample in it:
+                if prev is not _NOTHING:
+                    yield prev
+                else:
+                    started = current_iteration(self)  # the threads this generator's __iter__ started
+                prev = sample
+            self._round_state.mark_done(unique_worker_world(self).worker_of_node)
             if prev is not _NOTHING:
                 yield prev
-            prev = sample
-        self._round_state.mark_done(unique_worker_world(self).worker_of_node)
-        if prev is not _NOTHING:
-            yield prev
+        finally:
+            # Abandoned mid-round (a trainer's batch limit, a loop that breaks): streaming would leave its
+            # prepare and ready threads polling, holding the dataset, until the next __iter__.
+            it.close()
+            if started is not None:
+                stop_iteration(started)
 
     def _resume_point(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         """Streaming's state, pointing at the next round when this one was handed out completely and the
