@@ -26,20 +26,12 @@ DATA = HERE / "data"
 EXPECTED = json.loads((DATA / "draw_digest.json").read_text())
 
 
-def _umath() -> Any:
-    try:
-        import numpy._core._multiarray_umath as umath  # numpy 2
-    except ImportError:  # numpy 1.x
-        import numpy.core._multiarray_umath as umath
-    return umath
-
-
 def _pinned_env(disable: str = "AVX512") -> dict[str, str]:
     """The environment with numpy's dispatched features whose names start with ``disable`` switched off
     (naming one numpy does not dispatch only warns, so the names come from numpy itself)."""
     env = dict(os.environ)
     if platform.machine().lower() in ("x86_64", "amd64"):
-        env["NPY_DISABLE_CPU_FEATURES"] = " ".join(f for f in _umath().__cpu_dispatch__ if f.startswith(disable))
+        env["NPY_DISABLE_CPU_FEATURES"] = " ".join(f for f in dd.numpy_umath().__cpu_dispatch__ if f.startswith(disable))
         env["ATEN_CPU_CAPABILITY"] = "avx2"
     return env
 
@@ -61,13 +53,8 @@ def test_the_pin_switches_numpy_loops_off(disable: str) -> None:
     env = _pinned_env(disable)
     if "NPY_DISABLE_CPU_FEATURES" not in env:
         pytest.skip("not x86-64: numpy has no AVX loops to switch off")
-    code = (
-        "import json\n"
-        "try:\n    import numpy._core._multiarray_umath as m\n"
-        "except ImportError:\n    import numpy.core._multiarray_umath as m\n"
-        "print(json.dumps(sorted(k for k, v in m.__cpu_features__.items() if v)))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    code = "import json, _draw_digest as dd\nprint(json.dumps(sorted(k for k, v in dd.numpy_umath().__cpu_features__.items() if v)))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, capture_output=True, text=True, check=True)
     used = json.loads(out.stdout.strip().splitlines()[-1])
     assert not [f for f in used if f.startswith(disable)], used
 
