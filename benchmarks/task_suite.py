@@ -104,6 +104,12 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "tilt-only": {"groups": "labels", "truncate_zscore": None},
     "cut-only-nogroups": {"temperature": 1e30},
     "cut-only": {"groups": "labels", "temperature": 1e30},
+    # A training-dynamics gate on the cut (RESULTS_suite_learned.md): a sample whose running loss has fallen to
+    # at most half of its first loss is being learned and is never cut.
+    "learned-nogroups": {"cut_learned_ratio": 0.5},
+    "learned": {"groups": "labels", "cut_learned_ratio": 0.5},
+    "learned25-nogroups": {"cut_learned_ratio": 0.25},
+    "learned25": {"groups": "labels", "cut_learned_ratio": 0.25},
 }
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

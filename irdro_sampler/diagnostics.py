@@ -25,7 +25,7 @@ def weighting_diagnostics(
     """
     n = table.dataset_size
     if kept_count is None:
-        kept_count = int(np.count_nonzero(kept_mask(table.losses, params, table.groups)))
+        kept_count = int(np.count_nonzero(kept_mask(table.losses, params, table.groups, table.first_losses)))
     return {
         **distribution_stats(probabilities),
         "seen_fraction": table.num_seen / n,

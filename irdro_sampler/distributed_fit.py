@@ -31,6 +31,7 @@ def fit_sharded(rule: DROWeighting, table: LossTable, start: int, dataset_size: 
     collective: every rank of ``group`` must call it with the same ``rule`` and ``dataset_size``.
     """
     _check_ranges(start, len(table), dataset_size, group)
+    rule.check_table(table)  # the same table options on every rank: every rank raises or none
     mine = float(table.groups is not None)
     most, least = max_over_ranks(np.array([mine, -mine]), group)
     if most != -least:  # every rank sees the same reduction, so every rank raises
@@ -41,8 +42,10 @@ def fit_sharded(rule: DROWeighting, table: LossTable, start: int, dataset_size: 
     # Group ids travel as int64 (gloo has no uint16 collectives).
     groups = None if table.groups is None else _all_gather_rows(table.groups[first::stride].astype(np.int64), group)
     num_groups = int(max_over_ranks(np.array([count_groups(table.groups)]), group)[0]) if table.groups is not None else 0
-    params = rule.fit_calibration(losses, groups, num_groups=num_groups, prior=table.prior)
-    best, has_unseen = max_kept_parts(table.losses, params, table.groups)
+    # First losses travel only when the rule gates its cut on them (cut_learned_ratio).
+    first_losses = None if getattr(rule, "cut_learned_ratio", None) is None else _all_gather_rows(table.first_losses[first::stride], group)
+    params = rule.fit_calibration(losses, groups, num_groups=num_groups, prior=table.prior, first=first_losses)
+    best, has_unseen = max_kept_parts(table.losses, params, table.groups, first=table.first_losses)
     best, has_unseen = max_over_ranks(np.array([best, float(has_unseen)]), group)
     return params._replace(shift=finish_max_kept(float(best), bool(has_unseen), params.prior))
 

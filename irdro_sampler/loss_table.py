@@ -40,7 +40,7 @@ class LossTable:
     """Running per-sample losses: an exponential moving average, plus when and how often each was seen.
 
     Memory is 12 bytes per sample: ``losses`` (float32, NaN while unseen), ``counts`` (uint32, saturating)
-    and ``last_step`` (int32, -1 while unseen).
+    and ``last_step`` (int32, -1 while unseen); 4 more with ``track_first_losses``.
 
     Args:
         dataset_size: N, the number of samples in the data set.
@@ -51,6 +51,9 @@ class LossTable:
         groups: optional group id of every sample (ints in ``[0, 65536)``, e.g. class labels or data
             sources). The cut then judges each sample against its own group (see
             :class:`~irdro_sampler.DROWeighting`). Stored as uint16: 2 more bytes per sample.
+        track_first_losses: also keep ``first_losses`` (float32, the loss of each sample's first
+            observation, NaN while unseen): the training-dynamics signal of
+            ``DROWeighting(cut_learned_ratio=...)``. Samplers built with that option set it.
 
     Feedback (:meth:`update`) is validated in full before anything changes. Non-finite losses are
     skipped and counted in :attr:`num_skipped`; several losses for the same index in one call are
@@ -59,7 +62,8 @@ class LossTable:
     """
 
     def __init__(
-        self, dataset_size: int, *, ema: float = DEFAULT_EMA, prior: float | str = DEFAULT_PRIOR, groups: Any = None
+        self, dataset_size: int, *, ema: float = DEFAULT_EMA, prior: float | str = DEFAULT_PRIOR, groups: Any = None,
+        track_first_losses: bool = False,
     ) -> None:
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral) or dataset_size < 1:
             raise ValueError(f"dataset_size must be an int >= 1, got {dataset_size!r}")
@@ -72,6 +76,9 @@ class LossTable:
             raise ValueError(f"prior must be 'mean' or a finite number, got {prior!r}")
         self.prior = prior if isinstance(prior, str) else float(prior)
         self.losses = np.full(self.dataset_size, np.nan, dtype=np.float32)
+        self.first_losses: np.ndarray | None = None
+        if track_first_losses:
+            self.track_first_losses()
         # np.full, not np.zeros: touch the pages now rather than page-faulting them in one at a time
         # under random updates (at N = 1e8 that made the first steps ~50x slower).
         self.counts = np.full(self.dataset_size, 0, dtype=np.uint32)
@@ -79,6 +86,11 @@ class LossTable:
         self.num_seen = 0
         self.num_skipped = 0
         self.groups: np.ndarray | None = None if groups is None else as_groups(groups, self.dataset_size)
+
+    def track_first_losses(self) -> None:
+        """Start keeping first losses (no-op if kept). Samples seen before start from their running loss."""
+        if self.first_losses is None:
+            self.first_losses = self.losses.copy()
 
     def groups_digest(self) -> str:
         """A digest of the group ids ("" without groups); computed once per assignment of ``groups``."""
@@ -98,8 +110,9 @@ class LossTable:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the per-sample arrays (12 per sample; 2 more with groups)."""
-        arrays = (self.losses, self.counts, self.last_step, *(() if self.groups is None else (self.groups,)))
+        """Bytes of the per-sample arrays (12 per sample; 2 more with groups, 4 more with first losses)."""
+        arrays = (self.losses, self.counts, self.last_step,
+                  *(a for a in (self.groups, self.first_losses) if a is not None))
         return sum(a.nbytes for a in arrays)
 
     @property
@@ -144,6 +157,9 @@ class LossTable:
         seen = ~np.isnan(old64)
         new = np.where(seen, self.ema * old64 + (1.0 - self.ema) * mean, mean).astype(np.float32)
         self.losses[uniq] = new
+        if self.first_losses is not None and not seen.all():  # a first observation is the first loss
+            fresh = uniq[~seen]
+            self.first_losses[fresh] = new[~seen]
         counts = self.counts[uniq]
         counts += counts != np.iinfo(np.uint32).max  # saturating increment
         self.counts[uniq] = counts
@@ -167,11 +183,14 @@ class LossTable:
         """The table as tensors and primitives. Unseen samples (``counts == 0``) are saved as loss 0.0,
         not NaN: NaN != NaN would make two identical states compare unequal (``allclose`` at zero
         tolerance, ``torch.equal``); :meth:`load_state_dict` restores NaN from the counts."""
+        first = {} if self.first_losses is None else {
+            "first_losses": torch.from_numpy(np.where(self.counts > 0, self.first_losses, np.float32(0.0)))}
         return {
             "num_samples": self.dataset_size,  # the saved format's name for N
             "ema": self.ema,
             "prior": self.prior,
             "losses": torch.from_numpy(np.where(self.counts > 0, self.losses, np.float32(0.0))),
+            **first,
             "counts": torch.from_numpy(self.counts.astype(np.int64)),
             "last_step": torch.from_numpy(self.last_step.copy()),
             "num_skipped": self.num_skipped,
@@ -191,6 +210,10 @@ class LossTable:
         """Take the entries of a state already checked by :func:`check_table_state` (cannot fail)."""
         self.ema, self.prior = checked["ema"], checked["prior"]
         self.losses, self.counts, self.last_step = checked["losses"], checked["counts"], checked["last_step"]
+        tracked = self.first_losses is not None
+        self.first_losses = checked["first_losses"]
+        if tracked:  # a table that keeps first losses goes on keeping them (from a state without: from now)
+            self.track_first_losses()
         self.groups = checked["groups"]
         self.num_seen = int(np.count_nonzero(self.counts))
         self.num_skipped = checked["num_skipped"]
@@ -234,17 +257,29 @@ def check_table_state(state: Any, dataset_size: int | None, where: str = "state_
     check_range(losses[seen], f"{where}['losses'] of seen samples (counts > 0)", -MAX_LOSS, MAX_LOSS)
     check_range(last_step[seen], f"{where}['last_step'] of seen samples (counts > 0)", 0, MAX_STEP)
     losses = np.where(seen, losses, np.nan).astype(np.float32)  # unseen: NaN, whatever was saved
+    first_losses = check_first_losses(state.get("first_losses"), losses, seen, f"{where}['first_losses']")
     skipped = state_int(state, "num_skipped", where, minimum=0) if "num_skipped" in state else 0
     groups = None if state.get("groups") is None else as_groups(state["groups"], n, f"{where}['groups']")
     return {
         "ema": ema,
         "prior": prior if isinstance(prior, str) else float(prior),
         "losses": losses,
+        "first_losses": first_losses,
         "counts": counts.astype(np.uint32),
         "last_step": last_step.astype(np.int32),
         "num_skipped": skipped,
         "groups": groups,
     }
+
+
+def check_first_losses(saved: Any, losses: np.ndarray, seen: np.ndarray, name: str) -> np.ndarray | None:
+    """The first losses of a saved table (float32, NaN where unseen); None if it kept none (a table that
+    keeps them then starts from the running losses, so the evidence that a sample is learned starts there)."""
+    if saved is None:
+        return None
+    first = state_array(saved, name, kind="float", shape=losses.shape)
+    check_range(first[seen], f"{name} of seen samples (counts > 0)", -MAX_LOSS, MAX_LOSS)
+    return np.where(seen, first, np.nan).astype(np.float32)
 
 
 def _stable_order(indices: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from ._validation import as_indices, to_numpy
 from .diagnostics import weighting_diagnostics
 from .fingerprint import digest_to_int, table_digest
 from .loss_table import LossTable, check_table_state
-from .weights import DROWeighting, WeightParams, cut_transitions
+from .weights import DROWeighting, WeightParams, cut_transitions, first_losses_for
 
 __all__ = ["RoundFeedback"]
 
@@ -61,6 +61,8 @@ class RoundFeedback:
             rule = DROWeighting()
         if not isinstance(rule, DROWeighting):
             raise TypeError(f"rule must be a DROWeighting, got {type(rule).__name__}")
+        if rule.cut_learned_ratio is not None:
+            table.track_first_losses()  # the gate reads them (from now on, for samples seen before)
         self.table = table
         self.rule = rule
         #: The fit of the round in force (``None`` before the first round, and after a load).
@@ -92,7 +94,8 @@ class RoundFeedback:
         self.table.update(idx, losses, step=step)  # validates losses and step; changes nothing on error
         if self.params is not None:
             groups = None if self.table.groups is None else self.table.groups[uniq]
-            remeasured, readmitted = cut_transitions(old, self.table.losses[uniq], self.params, groups)
+            first = first_losses_for(self.table, self.params, uniq)
+            remeasured, readmitted = cut_transitions(old, self.table.losses[uniq], self.params, groups, first)
             self.remeasured_cut += remeasured
             self.readmitted += readmitted
 

@@ -54,7 +54,8 @@ def release_pages(*tensors: torch.Tensor) -> None:
 def copy_rows(table: Any, pieces: list[tuple[int, int, int, dict[str, torch.Tensor]]], start: int, chunk: int) -> int:
     """Copy checked saved rows into ``table`` (a :class:`~irdro_sampler.loss_table.LossTable` over ids from
     ``start``), ``chunk`` rows at a time; unseen rows (count 0) get NaN losses. ``pieces``: ``(lo, hi,
-    first, arrays)``, ids ``[lo, hi)`` of the saved arrays of ids from ``first``. Returns the seen rows."""
+    first, arrays)``, ids ``[lo, hi)`` of the saved arrays of ids from ``first``; arrays without
+    ``first_losses`` (files before them) give first losses equal to the running losses. Returns the seen rows."""
     seen_rows = 0
     for lo, hi, first, arrays in pieces:
         for a in range(lo - first, hi - first, chunk):
@@ -66,6 +67,10 @@ def copy_rows(table: Any, pieces: list[tuple[int, int, int, dict[str, torch.Tens
             np.copyto(table.losses[dst], losses, casting="unsafe")
             unseen = table.counts[dst] == 0
             table.losses[dst][unseen] = np.nan
+            if table.first_losses is not None:
+                first_losses = row_chunk(arrays["first_losses"], a, z) if "first_losses" in arrays else losses
+                np.copyto(table.first_losses[dst], first_losses, casting="unsafe")
+                table.first_losses[dst][unseen] = np.nan
             seen_rows += int(unseen.size - np.count_nonzero(unseen))
-            release_pages(*(arrays[k][a:z] for k in ("losses", "counts", "last_step")))
+            release_pages(*(arrays[k][a:z] for k in arrays))
     return seen_rows

@@ -94,6 +94,8 @@ def restore_state(sampler: Any, checked: dict[str, Any]) -> None:
                             uniform_mix=checked["rule"].uniform_mix, seed=checked["seed"], initial_phases=False)
     table = LossTable(sampler.dataset_size)
     table._assign(checked["table"])  # checked by check_state: no second pass over the arrays
+    if isinstance(checked["rule"], DROWeighting) and checked["rule"].cut_learned_ratio is not None:
+        table.track_first_losses()  # kept in the state; from a state without them, from now on
     sampler.seed, sampler.epoch, sched = checked["seed"], checked["epoch"], checked["schedule"]
     sampler._assemble(table, checked["rule"], scheme, checked["feedback_delay"], checked["refresh_interval"])
     sampler.start_batch = sched["start_batch"]
@@ -164,9 +166,11 @@ def _check_params_fit(state: Mapping[str, Any], table: dict[str, Any], rule: Any
     losses, groups = table["losses"], table["groups"]
     params = _check_params(state_entry(state, "params", W), state.get("group_threshold"), groups, state.get("tilt_cap"))
     if params is not None and isinstance(rule, DROWeighting):
+        params = params._replace(learned_ratio=rule.cut_learned_ratio)  # an option of the (checked) rule
         # A saved run keeps its largest mass within about e^+-600 (it rebases otherwise); beyond e^700 the
         # masses would overflow or vanish, so such params were not saved by a sampler.
-        top = (max_kept_loss(losses, params, groups) - params.shift) / params.temperature
+        first = table["first_losses"] if table["first_losses"] is not None else losses  # (as the table will track)
+        top = (max_kept_loss(losses, params, groups, first=first) - params.shift) / params.temperature
         if not -700.0 <= top <= 700.0:
             raise ValueError(
                 f"{W}['params'] do not fit the table: the largest kept loss gives log-mass {top:.4g} "

@@ -261,6 +261,6 @@ def sharded_probabilities(rule: DROWeighting, table: LossTable, shards: VirtualS
     if table.dataset_size != stop - start:
         raise ValueError(f"table: holds {table.dataset_size} rows; rank {rank} of {world} owns ids [{start}, {stop})")
     params = fit_sharded(rule, table, start, shards.dataset_size, group) if process_group_up() else rule.fit(table)
-    mass = masses(table.losses, params, table.groups)[0]
+    mass = masses(table.losses, params, table.groups, first=table.first_losses)[0]
     total = float(max_over_ranks(shard_totals(mass, shards, rank, world), group).sum())
     return mixture_probabilities(mass, total, shards.dataset_size, rule.uniform_mix)

@@ -41,7 +41,14 @@ from .sharded_draws import reduce_totals
 from .sharded_schemes import ShardedDrawScheme, sharded_draw_scheme
 from .tilted_masses import TOTAL_RANGE
 from .virtual_shards import VirtualShards, default_num_shards
-from .weights import DROWeighting, WeightParams, cut_transitions, finish_max_kept, max_kept_parts
+from .weights import (
+    DROWeighting,
+    WeightParams,
+    cut_transitions,
+    finish_max_kept,
+    first_losses_for,
+    max_kept_parts,
+)
 
 
 class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
@@ -88,7 +95,8 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         self.refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
         self.rule = DROWeighting(**rule_options)
         local_groups = None if groups is None else groups(self.start, self.stop)
-        self.table = LossTable(self.stop - self.start, ema=ema, prior=prior, groups=local_groups)
+        self.table = LossTable(self.stop - self.start, ema=ema, prior=prior, groups=local_groups,
+                               track_first_losses=self.rule.cut_learned_ratio is not None)
         self.scheme: ShardedDrawScheme = scheme_cls(
             self.shards, self.rank, self.world, global_batch=self.layout.global_batch_size,
             uniform_mix=self.rule.uniform_mix, seed=self.seed, group=group)
@@ -207,7 +215,8 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
                 touched.append(uniq)
                 if self.params is not None:
                     grp = None if self.table.groups is None else self.table.groups[uniq]
-                    remeasured, readmitted = cut_transitions(old, new, self.params, grp)
+                    first = first_losses_for(self.table, self.params, uniq)
+                    remeasured, readmitted = cut_transitions(old, new, self.params, grp, first)
                     self.remeasured_cut += remeasured
                     self.readmitted += readmitted
         if not update_masses or not touched:
@@ -220,7 +229,7 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         return False
 
     def _rebase(self) -> None:
-        best, unseen = max_kept_parts(self.table.losses, self.params, self.table.groups)
+        best, unseen = max_kept_parts(self.table.losses, self.params, self.table.groups, first=self.table.first_losses)
         both = torch.tensor([best, float(unseen)], dtype=torch.float64)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         shift = finish_max_kept(float(both[0]), bool(both[1]), self.params.prior)

@@ -42,12 +42,13 @@ from .sampler_state import _check_params, _check_records, _check_schedule, pack_
 from .saving import save_state
 
 FORMAT = "irdro_sampler.ShardedIRDROSampler"
-VERSION = 2
-VERSIONS = (1, 2)  # what load reads
+VERSION = 3  # 3: row files may hold first losses (cut_learned_ratio; without them they start as the running losses)
+VERSIONS = (1, 2, 3)  # what load reads
 COMMON = "common.pt"
 #: Rows checked and copied at a time by ``load`` (bounds its temporaries: ~30 bytes per row).
 CHUNK = 1 << 22
 _TABLE_ARRAYS = ("losses", "counts", "last_step")
+FIRST_LOSSES = "first_losses"  # in row files from version 3 on
 #: The fields of common.pt that must equal the loading sampler's.
 MATCHING = ("dataset_size", "num_shards", "seed", "global_batch_size", "num_samples_global", "feedback_delay",
             "refresh_interval")
@@ -74,6 +75,7 @@ def _row_table(table: Any) -> dict[str, Any]:
     the state_dict layout); group ids are rebuilt from the ``groups`` callable on load."""
     return {"num_samples": table.dataset_size, "ema": table.ema, "prior": table.prior,
             **{key: torch.from_numpy(getattr(table, key)) for key in _TABLE_ARRAYS},
+            **({} if table.first_losses is None else {FIRST_LOSSES: torch.from_numpy(table.first_losses)}),
             "num_skipped": table.num_skipped, "groups": None}
 
 
@@ -151,6 +153,8 @@ def _check(sampler: Any, folder: Path) -> tuple:
     drawn = _check_records(state_entry(common, "drawn", where), f"{where}['drawn']", n, 0.0, 1.0 + 1e-9)
     params = _check_params(common["params"], common.get("group_threshold"), sampler.table.groups,
                            common.get("tilt_cap"))
+    if params is not None:  # the gate's ratio is an option of the rule, checked equal above
+        params = params._replace(learned_ratio=getattr(sampler.rule, "cut_learned_ratio", None))
     epoch = state_int(common, "epoch", where, minimum=0)
     digest = common.get("feedback_digest")
     counters = _check_counters(common.get("counters"), f"{where}['counters']")
@@ -227,9 +231,9 @@ def _check_row_table(state: Any, n: int, where: str) -> dict[str, torch.Tensor]:
     if prior != "mean" and (isinstance(prior, bool) or not isinstance(prior, (int, float)) or not np.isfinite(prior)):
         raise ValueError(f"{where}['prior'] must be 'mean' or a finite number, got {prior!r}")
     out = {}
-    for key in _TABLE_ARRAYS:
+    for key in (*_TABLE_ARRAYS, *((FIRST_LOSSES,) if state.get(FIRST_LOSSES) is not None else ())):
         value = state_entry(state, key, where)
-        kind = "float" if key == "losses" else "int"
+        kind = "float" if key in ("losses", FIRST_LOSSES) else "int"
         ok = isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == n and not value.is_complex() \
             and value.dtype != torch.bool and value.is_floating_point() == (kind == "float")
         if not ok:
@@ -248,7 +252,10 @@ def _check_row_chunk(arrays: dict[str, torch.Tensor], a: int, z: int, where: str
     seen = counts > 0
     _check_where(losses, seen, f"{where}['losses'] of seen samples (counts > 0)", -MAX_LOSS, MAX_LOSS, a)
     _check_where(last_step, seen, f"{where}['last_step'] of seen samples (counts > 0)", 0, MAX_STEP, a)
-    release_pages(*(arrays[key][a:z] for key in _TABLE_ARRAYS))
+    if FIRST_LOSSES in arrays:
+        first = row_chunk(arrays[FIRST_LOSSES], a, z)
+        _check_where(first, seen, f"{where}['{FIRST_LOSSES}'] of seen samples (counts > 0)", -MAX_LOSS, MAX_LOSS, a)
+    release_pages(*(arrays[key][a:z] for key in arrays))
 
 
 def _check_where(arr: np.ndarray, mask: np.ndarray | None, name: str, low: float, high: float, offset: int) -> None:

@@ -21,6 +21,7 @@ from .weights import (
     DROWeighting,
     WeightParams,
     cut_transitions,
+    first_losses_for,
     kept_mask,
     mixture_probabilities,
 )
@@ -62,9 +63,9 @@ class TiltedMasses:
             uniq, old, new = self.table._apply(idx, val, step)
             if params is not None and uniq.size:
                 # Records are applied in order, so each one's old/new kept flags give the exact change.
-                grp = self.groups_of(uniq)
-                remeasured, readmitted = cut_transitions(old, new, params, grp)
-                self.kept_count += int(np.count_nonzero(kept_mask(new, params, grp))) - (uniq.size - remeasured)
+                grp, first = self.groups_of(uniq), first_losses_for(self.table, params, uniq)
+                remeasured, readmitted = cut_transitions(old, new, params, grp, first)
+                self.kept_count += int(np.count_nonzero(kept_mask(new, params, grp, first))) - (uniq.size - remeasured)
                 self.remeasured_cut += remeasured
                 self.readmitted += readmitted
                 touched.append((uniq, new))
@@ -135,4 +136,5 @@ class TiltedMasses:
         if self.params is not None:
             return self.params, self.kept_count
         params = self.rule.fit(self.table)
-        return params, int(np.count_nonzero(kept_mask(self.table.losses, params, self.table.groups)))
+        table = self.table
+        return params, int(np.count_nonzero(kept_mask(table.losses, params, table.groups, table.first_losses)))

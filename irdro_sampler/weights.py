@@ -226,6 +226,9 @@ class WeightParams(NamedTuple):
     group_threshold: np.ndarray | None = None  # per-group thresholds, indexed by group id
     cap: float | None = None  # the tilt's cap (``tilt_cap``): a loss above it tilts as if at it; None: uncapped
     group_cap: np.ndarray | None = None  # per-group caps, indexed by group id (then ``cap`` is None)
+    # ``cut_learned_ratio``: a sample whose running loss is at most this fraction of its first loss is kept
+    # whatever its threshold; None: no such gate.
+    learned_ratio: float | None = None
 
     def thresholds(self, groups: np.ndarray | None) -> float | np.ndarray:
         """The cut threshold of each sample of ``groups`` (the global one when there are no groups)."""
@@ -288,6 +291,7 @@ class DROWeighting:
     calibration_size: int = 2**20
     tilt_cap: str | None = None
     cut_floor: float | None = None
+    cut_learned_ratio: float | None = None
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -300,6 +304,7 @@ class DROWeighting:
         _check_zscore(self.truncate_zscore)
         _check_cut_rule(self.cut_rule)
         check_positive(self.cut_floor, "cut_floor", allow_none=True)
+        check_fraction(self.cut_learned_ratio, "cut_learned_ratio", low_open=True, high_open=True, allow_none=True)
         if self.tilt_cap is not None and self.tilt_cap not in TILT_CAPS:
             raise ValueError(f"tilt_cap must be None or one of {TILT_CAPS}, got {self.tilt_cap!r}")
         check_fraction(self.uniform_mix, "uniform_mix", low_open=False, high_open=False)
@@ -307,11 +312,11 @@ class DROWeighting:
             raise ValueError(f"calibration_size must be an int >= 1, got {self.calibration_size!r}")
 
     def config(self) -> dict[str, Any]:
-        """The options as a dict; ``tilt_cap`` and ``cut_floor`` only when set, so the configs (and the
-        fingerprints and saved states built from them) of rules without them are those of versions that
-        did not have them."""
+        """The options as a dict; ``tilt_cap``, ``cut_floor`` and ``cut_learned_ratio`` only when set, so the
+        configs (and the fingerprints and saved states built from them) of rules without them are those of
+        versions that did not have them."""
         out = asdict(self)
-        for late in ("tilt_cap", "cut_floor"):
+        for late in ("tilt_cap", "cut_floor", "cut_learned_ratio"):
             if out[late] is None:
                 del out[late]
         return out
@@ -324,21 +329,30 @@ class DROWeighting:
         shift (the largest kept loss) looks at all of them. A table sharded over ranks fits the same way
         from the gathered strided sample and a max-reduced shift (:mod:`irdro_sampler.distributed_fit`).
         """
+        self.check_table(table)
         stride = self.calibration_stride(table.dataset_size)
         groups = None if table.groups is None else table.groups[::stride]
-        params = self.fit_calibration(table.losses[::stride], groups, num_groups=table.num_groups, prior=table.prior)
-        return params._replace(shift=max_kept_loss(table.losses, params, table.groups))
+        params = self.fit_calibration(table.losses[::stride], groups, num_groups=table.num_groups, prior=table.prior,
+                                      first=None if table.first_losses is None else table.first_losses[::stride])
+        return params._replace(shift=max_kept_loss(table.losses, params, table.groups, first=table.first_losses))
+
+    def check_table(self, table: LossTable) -> None:
+        """``ValueError`` if the rule needs what ``table`` does not keep (first losses, for the gate)."""
+        if self.cut_learned_ratio is not None and table.first_losses is None:
+            raise ValueError(f"cut_learned_ratio={self.cut_learned_ratio!r} needs a LossTable that keeps first losses: "
+                             "LossTable(..., track_first_losses=True) or table.track_first_losses()")
 
     def calibration_stride(self, dataset_size: int) -> int:
         """The calibration statistics see samples ``0, stride, 2 stride, ...`` (at most ``calibration_size``)."""
         return max(1, -(-dataset_size // self.calibration_size))
 
     def fit_calibration(
-        self, losses: np.ndarray, groups: np.ndarray | None, *, num_groups: int, prior: float | str
+        self, losses: np.ndarray, groups: np.ndarray | None, *, num_groups: int, prior: float | str,
+        first: np.ndarray | None = None,
     ) -> WeightParams:
         """Prior, cut thresholds and temperature (shift 0) from the calibration sample: the strided table
-        ``losses`` (float32, NaN unseen), their ``groups`` (None without groups; ids below ``num_groups``)
-        and the table's ``prior`` option."""
+        ``losses`` (float32, NaN unseen), their ``groups`` (None without groups; ids below ``num_groups``),
+        their ``first`` losses (needed with ``cut_learned_ratio``) and the table's ``prior`` option."""
         view = losses.astype(np.float64)
         seen = ~np.isnan(view)
         seen_losses = view[seen]
@@ -352,8 +366,9 @@ class DROWeighting:
             params = WeightParams(1.0, math.inf, prior, 0.0, np.maximum(per_group, floor))
         if self.tilt_cap is not None:
             params = self._with_cap(params, seen_losses, None if groups is None else groups[seen], num_groups)
+        params = params._replace(learned_ratio=self.cut_learned_ratio)
+        kept = _kept64(view, params, groups, first)
         eff = np.where(seen, view, prior)
-        kept = ~seen | (eff <= params.thresholds(groups))
         cap = params.caps(groups)
         if cap is not None:  # the temperature of the capped tilt is calibrated on the capped losses
             eff = np.minimum(eff, cap)
@@ -383,11 +398,11 @@ class DROWeighting:
     def masses_at(self, table: LossTable, selection: Any, params: WeightParams) -> tuple[np.ndarray, np.ndarray]:
         """:func:`masses` of the table's samples at ``selection`` (indices or a slice) and their kept mask."""
         groups = None if table.groups is None else table.groups[selection]
-        return masses(table.losses[selection], params, groups)
+        return masses(table.losses[selection], params, groups, first=first_losses_for(table, params, selection))
 
     def rebased(self, table: LossTable, params: WeightParams) -> WeightParams:
         """``params`` with the shift re-chosen (the largest kept loss) after the masses' total left range."""
-        return params._replace(shift=max_kept_loss(table.losses, params, table.groups))
+        return params._replace(shift=max_kept_loss(table.losses, params, table.groups, first=table.first_losses))
 
     def identity(self) -> list[tuple[str, Any]]:
         """What the sampler's fingerprint records of the rule: every option."""
@@ -396,23 +411,29 @@ class DROWeighting:
     def probabilities(self, table: LossTable, params: WeightParams | None = None) -> np.ndarray:
         """Probabilities over all N samples (float64, sums to 1); ``params`` default to ``fit(table)``."""
         params = self.fit(table) if params is None else params
-        mass = masses(table.losses, params, table.groups)[0]
+        mass = masses(table.losses, params, table.groups, first=table.first_losses)[0]
         return mixture_probabilities(mass, mass.sum(), mass.size, self.uniform_mix)
 
 
+def first_losses_for(table: LossTable, params: WeightParams, selection: Any) -> np.ndarray | None:
+    """The table's first losses at ``selection`` when ``params`` gate the cut on them (else None: not read)."""
+    return None if params.learned_ratio is None else table.first_losses[selection]
+
+
 def masses(
-    losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None
+    losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, first: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tilted mass ``exp((l - shift) / tau)`` (0 if cut) and the kept mask, for raw table losses;
     ``exp((min(l, cap) - shift) / tau)`` when the params cap the tilt (``tilt_cap``).
 
     ``losses`` are the table's float32 running losses with NaN for unseen samples, ``groups`` the
-    same samples' group ids (needed when ``params`` cut per group). This is the one
+    same samples' group ids (needed when ``params`` cut per group) and ``first`` their first losses
+    (needed when ``params`` have a ``learned_ratio``). This is the one
     place where a loss becomes a mass: the sampler's tree and :meth:`DROWeighting.probabilities`
     both call it, so they agree bit for bit.
     """
     loss = losses.astype(np.float64)
-    kept = _kept64(loss, params, groups)
+    kept = _kept64(loss, params, groups, first)
     loss[np.isnan(loss)] = params.prior
     cap = params.caps(groups)
     if cap is not None:
@@ -423,36 +444,51 @@ def masses(
     return mass, kept
 
 
-def kept_mask(losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None) -> np.ndarray:
+def kept_mask(
+    losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, first: np.ndarray | None = None
+) -> np.ndarray:
     """The kept flags of :func:`masses` without computing the masses."""
-    return _kept64(losses.astype(np.float64), params, groups)
+    return _kept64(losses.astype(np.float64), params, groups, first)
 
 
-def _kept64(loss: np.ndarray, params: WeightParams, groups: np.ndarray | None) -> np.ndarray:
-    """Unseen samples (NaN) are never cut; seen ones are kept up to their threshold (float64 compare)."""
-    return np.isnan(loss) | (loss <= params.thresholds(groups))
+def _kept64(
+    loss: np.ndarray, params: WeightParams, groups: np.ndarray | None, first: np.ndarray | None = None
+) -> np.ndarray:
+    """Unseen samples (NaN) are never cut; seen ones are kept up to their threshold (float64 compare), and
+    with a ``learned_ratio`` also where the loss has fallen to that fraction of a positive first loss (the
+    model is learning the sample: no evidence that it cannot be learned)."""
+    kept = np.isnan(loss) | (loss <= params.thresholds(groups))
+    if params.learned_ratio is not None:
+        if first is None:
+            raise ValueError("these parameters gate the cut on the first losses: pass the samples' first losses")
+        start = first.astype(np.float64)
+        kept |= (start > 0) & (loss <= params.learned_ratio * start)
+    return kept
 
 
 def cut_transitions(
-    old: np.ndarray, new: np.ndarray, params: WeightParams, groups: np.ndarray | None = None
+    old: np.ndarray, new: np.ndarray, params: WeightParams, groups: np.ndarray | None = None,
+    first: np.ndarray | None = None,
 ) -> tuple[int, int]:
     """``(re-measured, re-admitted)``: of the samples whose running loss went from ``old`` to ``new``,
     how many were cut before the update, and how many of those are kept after it."""
-    was_cut = ~kept_mask(old, params, groups)
-    return int(np.count_nonzero(was_cut)), int(np.count_nonzero(was_cut & kept_mask(new, params, groups)))
+    was_cut = ~kept_mask(old, params, groups, first)
+    return int(np.count_nonzero(was_cut)), int(np.count_nonzero(was_cut & kept_mask(new, params, groups, first)))
 
 
 def max_kept_loss(
-    losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, chunk: int = 1 << 22
+    losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, chunk: int = 1 << 22,
+    first: np.ndarray | None = None,
 ) -> float:
     """Largest effective loss among kept samples (capped when the params cap the tilt; chunked to bound
     temporaries at large N)."""
-    best, has_unseen = max_kept_parts(losses, params, groups, chunk)
+    best, has_unseen = max_kept_parts(losses, params, groups, chunk, first=first)
     return finish_max_kept(best, has_unseen, params.prior)
 
 
 def max_kept_parts(
-    losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, chunk: int = 1 << 22
+    losses: np.ndarray, params: WeightParams, groups: np.ndarray | None = None, chunk: int = 1 << 22,
+    first: np.ndarray | None = None,
 ) -> tuple[float, bool]:
     """``(largest kept seen loss or -inf, whether any sample is unseen)``: what :func:`max_kept_loss`
     combines, and what ranks holding parts of a table max-reduce before combining.
@@ -466,13 +502,14 @@ def max_kept_parts(
         part = losses[start : start + chunk].astype(np.float64)
         nan = np.isnan(part)
         part_groups = None if groups is None else groups[start : start + chunk]
+        part_first = None if first is None else first[start : start + chunk]
         if capped:
-            keep = _kept64(part, params, part_groups)
+            keep = _kept64(part, params, part_groups, part_first)
             part[nan] = params.prior
             kept = np.minimum(part, params.caps(part_groups))[keep]
         else:
             has_unseen = has_unseen or bool(nan.any())
-            kept = part[_kept64(part, params, part_groups) & ~nan]
+            kept = part[_kept64(part, params, part_groups, part_first) & ~nan]
         if kept.size:
             best = max(best, float(kept.max()))
     return best, has_unseen

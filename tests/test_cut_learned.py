@@ -1,0 +1,226 @@
+"""DROWeighting(cut_learned_ratio=): the cut spares a sample whose running loss has fallen to that fraction of
+its first loss (LossTable.first_losses), in the tree, the probabilities, the fit and a resumed run; the
+column is saved, checked and loaded (states without it load with first = running loss)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from _core_helpers import assert_state_equal, iter_batches, loss_of
+
+from irdro_sampler import DROWeighting, IRDROSampler, LossTable
+from irdro_sampler.weights import kept_mask
+
+N = 1000
+
+
+def _table(groups: bool = False) -> tuple[LossTable, np.ndarray]:
+    """Every sample first seen at loss 1; then most fall to ~0.05, a tenth (the 'hard' ones) to 0.4 and a
+    tenth (the 'noisy' ones) stay at 1.2. Returns the table and the hard ones' mask."""
+    table = LossTable(N, ema=0.0, groups=np.arange(N) % 3 if groups else None, track_first_losses=True)
+    table.update(np.arange(N), np.ones(N), step=0)
+    rng = np.random.default_rng(0)
+    later = rng.uniform(0.03, 0.07, N)
+    hard = np.arange(N) % 10 == 0
+    later[hard] = 0.4
+    later[np.arange(N) % 10 == 5] = 1.2
+    table.update(np.arange(N), later, step=1)
+    return table, hard
+
+
+def test_first_losses_are_the_first_observation():
+    assert LossTable(5).first_losses is None and LossTable(5).nbytes == 5 * 12  # kept only when asked for
+    table = LossTable(5, ema=0.5, track_first_losses=True)
+    assert np.isnan(table.first_losses).all() and table.nbytes == 5 * 16
+    table.update([1, 1, 3], [2.0, 4.0, 1.0], step=0)  # repeated index: its mean is its first loss
+    table.update([1, 2], [0.5, 7.0], step=1)
+    np.testing.assert_array_equal(table.first_losses, np.array([np.nan, 3.0, 7.0, 1.0, np.nan], np.float32))
+    assert table.losses[1] == np.float32(1.75)  # the running loss moved on; the first loss did not
+
+
+@pytest.mark.parametrize("groups", [False, True])
+def test_the_gate_spares_samples_being_learned(groups):
+    table, hard = _table(groups)
+    plain = DROWeighting().fit(table)
+    gated = DROWeighting(cut_learned_ratio=0.5).fit(table)
+    losses, g = table.losses, table.groups
+    cut_plain = ~kept_mask(losses, plain, g)
+    cut_gated = ~kept_mask(losses, gated, g, table.first_losses)
+    assert cut_plain[hard].all()  # the z-score alone cuts the hard samples (0.4 against a bulk at 0.05)
+    assert not cut_gated[hard].any()  # 0.4 <= 0.5 * 1: being learned
+    noisy = np.arange(N) % 10 == 5
+    assert cut_gated[noisy].all() and cut_gated.sum() == noisy.sum()  # 1.2 > 0.5 * 1: still cut
+    # Probabilities: the spared samples get their tilted mass, the tree draws with the same distribution.
+    p = DROWeighting(cut_learned_ratio=0.5).probabilities(table)
+    assert p[hard].min() > p[~hard & ~noisy].max()
+    with pytest.raises(ValueError, match="first losses"):
+        kept_mask(losses, gated, g)  # a gated fit needs the first losses
+    with pytest.raises(ValueError, match=r"cut_learned_ratio=0.5 needs a LossTable that keeps first losses"):
+        DROWeighting(cut_learned_ratio=0.5).fit(LossTable(N))
+
+
+def test_negative_or_unseen_first_losses_spare_nothing():
+    table = LossTable(4, ema=0.0, track_first_losses=True)
+    table.update([0, 1, 2], [-2.0, 1.0, 1.0], step=0)
+    table.update([0, 1, 2], [-3.0, 0.2, 0.9], step=1)
+    params = DROWeighting(cut_learned_ratio=0.5).fit(table)._replace(threshold=-10.0)
+    kept = kept_mask(table.losses, params, None, table.first_losses)
+    np.testing.assert_array_equal(kept, [False, True, False, True])  # unseen sample 3 is never cut
+
+
+def test_config_fingerprint_and_bad_values():
+    assert DROWeighting().cut_learned_ratio is None and "cut_learned_ratio" not in DROWeighting().config()
+    assert DROWeighting(cut_learned_ratio=0.5).config()["cut_learned_ratio"] == 0.5
+    s = IRDROSampler(100, 10, seed=0)
+    assert s.fingerprint() != IRDROSampler(100, 10, seed=0, cut_learned_ratio=0.5).fingerprint()
+    for bad in (0.0, 1.0, -0.5, 1.5, math.nan, "half", True):
+        with pytest.raises((ValueError, TypeError), match="cut_learned_ratio"):
+            DROWeighting(cut_learned_ratio=bad)
+        with pytest.raises((ValueError, TypeError), match="cut_learned_ratio"):
+            IRDROSampler(100, 10, cut_learned_ratio=bad)
+
+
+def _roundtrip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_table_state_saves_checks_and_loads_the_column():
+    table, _ = _table()
+    state = _roundtrip(table.state_dict())
+    fresh = LossTable(N, track_first_losses=True)
+    fresh.load_state_dict(state)
+    np.testing.assert_array_equal(fresh.first_losses, table.first_losses)
+    old = {k: v for k, v in state.items() if k != "first_losses"}  # a state of a table that kept none
+    fresh.load_state_dict(old)
+    np.testing.assert_array_equal(fresh.first_losses, table.losses)  # kept on, from the running losses
+    untracked = LossTable(N)
+    untracked.load_state_dict(old)
+    assert untracked.first_losses is None and "first_losses" not in untracked.state_dict()
+    bad = dict(state, first_losses=state["first_losses"].clone())
+    bad["first_losses"][7] = math.inf
+    kept = fresh.first_losses.copy()
+    with pytest.raises(ValueError, match=r"first_losses.*inf"):
+        fresh.load_state_dict(bad)
+    np.testing.assert_array_equal(fresh.first_losses, kept)  # nothing changed
+    with pytest.raises(ValueError, match="first_losses"):
+        fresh.load_state_dict(dict(state, first_losses=torch.zeros(3)))
+
+
+def _falling_loss(ids: np.ndarray, step: int) -> np.ndarray:
+    """loss_of, with every 13th sample 30x as high; of those, the even ones are being learned (their loss
+    halves every 4 steps down to 0.2 of that, still far above the others)."""
+    ids = np.asarray(ids)
+    learned = np.where(ids % 2 == 0, max(0.2, 0.5 ** (step / 4.0)), 1.0)
+    return loss_of(ids, step) * np.where(ids % 13 == 0, 30.0 * learned, 1.0)
+
+
+def _run(sampler: IRDROSampler, steps: range, save_after: int | None = None) -> tuple[dict, dict | None]:
+    """Train over ``steps`` (epochs of ``batches_per_epoch`` steps), resuming mid-epoch at ``steps.start``."""
+    batches, saved = {}, None
+    step = steps.start
+    while step < steps.stop:
+        epoch, b = divmod(step, sampler.batches_per_epoch)
+        sampler.set_epoch(epoch)
+        if b:
+            sampler.set_start_batch(b)
+        for batch in iter_batches(sampler):
+            if step >= steps.stop:
+                break
+            batches[step] = batch
+            sampler.update(batch, _falling_loss(batch, step), step=step)
+            if step == save_after:
+                saved = _roundtrip(sampler.state_dict())
+            step += 1
+    return batches, saved
+
+
+@pytest.mark.parametrize("draws", ["balanced", "iid"])
+def test_resume_with_the_gate_and_tree_agrees_with_probabilities(draws):
+    def make(**kw):
+        # A high floor and no averaging, so cut samples are re-measured often enough in 40 steps.
+        return IRDROSampler(200, 20, seed=3, refresh_interval=3, feedback_delay=1, draws=draws, uniform_mix=0.5,
+                            ema=0.0, **kw)
+
+    s = make(cut_learned_ratio=0.5)
+    full, state = _run(s, range(40), save_after=23)
+    params = s.order.weights.params
+    np.testing.assert_allclose(s.probabilities(), s.rule.probabilities(s.table, params), rtol=1e-12)
+    spared = ~kept_mask(s.table.losses, params._replace(learned_ratio=None)) & kept_mask(
+        s.table.losses, params, None, s.table.first_losses)
+    assert spared.sum() > 0  # the gate is at work in this run
+    assert state["rule"]["cut_learned_ratio"] == 0.5
+    fresh = make()  # the state brings its rule, gate included
+    fresh.load_state_dict(state)
+    assert fresh.rule.cut_learned_ratio == 0.5
+    assert_state_equal(fresh.state_dict(), state)
+    cont, _ = _run(fresh, range(24, 40))
+    assert all(np.array_equal(cont[k], full[k]) for k in range(24, 40))
+    plain_batches, _ = _run(make(), range(40))
+    assert any(not np.array_equal(plain_batches[k], full[k]) for k in range(40))  # the gate changed the draws
+
+
+# ------------------------------------------------------------------------------------- sharded over ranks
+SHARDED_N, SHARDED_BATCH, SHARDED_STEPS, SHARDED_SAVE = 200, 20, 40, 23
+SHARDED_OPTS = dict(seed=3, refresh_interval=3, feedback_delay=1, uniform_mix=0.5, ema=0.0, cut_learned_ratio=0.5)
+
+
+def _sharded_worker(rank: int, world: int, port: int, results, folder: str) -> None:
+    import torch.distributed as dist
+
+    from irdro_sampler.sharded_sampler import ShardedIRDROSampler
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        def make() -> ShardedIRDROSampler:
+            return ShardedIRDROSampler(SHARDED_N, SHARDED_BATCH // world, num_shards=8, **SHARDED_OPTS)
+
+        def steps(s: ShardedIRDROSampler, first: int, last: int) -> list[np.ndarray]:
+            out = []
+            for b in range(first, last):
+                ids, _ = s.batch(b)
+                s.update(ids, _falling_loss(ids, b), step=b)
+                out.append(ids)
+            return out
+
+        s = make()
+        before = steps(s, 0, SHARDED_SAVE + 1)
+        s.save(folder)
+        after = steps(s, SHARDED_SAVE + 1, SHARDED_STEPS)
+        resumed = make()
+        resumed.load(folder)
+        results[rank] = (before, after, s.local_probabilities(), steps(resumed, SHARDED_SAVE + 1, SHARDED_STEPS),
+                         resumed.local_probabilities())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_over_two_ranks_equals_the_unsharded_sampler_and_resumes(tmp_path):
+    """The sharded sampler gathers the first losses for its fit and saves them in its row files: on 2 gloo
+    ranks its distribution equals the unsharded sampler's fed the same feedback, and a run resumed from
+    its files draws the same batches."""
+    from _core_helpers import spawn_gloo
+
+    out = spawn_gloo(_sharded_worker, 2, str(tmp_path / "state"))
+    batches = out[0][0] + out[0][1]
+    assert all(np.array_equal(a, b) for r in out for a, b in zip(r[0] + r[1], batches, strict=True))
+    assert all(np.array_equal(a, b) for r in out for a, b in zip(r[3], out[0][1], strict=True))
+    ref = IRDROSampler(SHARDED_N, SHARDED_BATCH, draws="iid", **SHARDED_OPTS)
+    for b, ids in enumerate(batches):
+        ref.order.advance_to(b)
+        ref.update(ids, _falling_loss(ids, b), step=b)
+    probs = ref.probabilities()
+    sharded = np.concatenate([out[0][2], out[1][2]])
+    np.testing.assert_allclose(sharded, probs, rtol=1e-9)
+    np.testing.assert_allclose(np.concatenate([out[0][4], out[1][4]]), probs, rtol=1e-9)
+    params, table = ref.order.weights.params, ref.table
+    spared = ~kept_mask(table.losses, params._replace(learned_ratio=None)) & kept_mask(
+        table.losses, params, None, table.first_losses)
+    assert spared.any()  # the gate decides some samples' masses here
