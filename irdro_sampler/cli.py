@@ -190,7 +190,9 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
             opts = holder.get("rule") or _rule_from_repr(str(holder.get("repr", "")))
             if not isinstance(opts, Mapping):
                 raise ValueError(f"'rule' must be a dict of options, got {type(opts).__name__}")
-            rule = DROWeighting(**opts)
+            rule = DROWeighting.from_config(opts)  # a config without cut_learned_ratio predates the gate: off
+            if rule.cut_learned_ratio is not None:
+                table.track_first_losses()  # saved with them since the gate; otherwise from the running losses
         except (KeyError, ValueError, TypeError, MemoryError) as e:
             raise UserError(f"{path}: loss-table state is malformed ({type(e).__name__}: {_one_line(e)})") from None
         params = rule.fit(table)

@@ -94,7 +94,7 @@ def rule_from_config(config: dict[str, Any]) -> Any:
 
     if FIXED_WEIGHTS_KEY in config:
         return FixedWeights.from_config(dict(config))
-    return DROWeighting(**config)
+    return DROWeighting.from_config(config)
 
 
 def weighted_sampler(cls: type, weights: Any, batch_size: int, *, uniform_mix: float = 0.0, **options: Any) -> Any:

@@ -39,8 +39,8 @@ def prior_value(prior: float | str, seen_losses: np.ndarray | None) -> float:
 class LossTable:
     """Running per-sample losses: an exponential moving average, plus when and how often each was seen.
 
-    Memory is 12 bytes per sample: ``losses`` (float32, NaN while unseen), ``counts`` (uint32, saturating)
-    and ``last_step`` (int32, -1 while unseen); 4 more with ``track_first_losses``.
+    Memory is 16 bytes per sample: ``losses`` (float32, NaN while unseen), ``counts`` (uint32, saturating),
+    ``last_step`` (int32, -1 while unseen) and ``first_losses`` (float32; 12 bytes without them).
 
     Args:
         dataset_size: N, the number of samples in the data set.
@@ -51,9 +51,9 @@ class LossTable:
         groups: optional group id of every sample (ints in ``[0, 65536)``, e.g. class labels or data
             sources). The cut then judges each sample against its own group (see
             :class:`~irdro_sampler.DROWeighting`). Stored as uint16: 2 more bytes per sample.
-        track_first_losses: also keep ``first_losses`` (float32, the loss of each sample's first
-            observation, NaN while unseen): the training-dynamics signal of
-            ``DROWeighting(cut_learned_ratio=...)``. Samplers built with that option set it.
+        track_first_losses: keep ``first_losses`` (float32, the loss of each sample's first observation,
+            NaN while unseen): the training-dynamics signal of ``DROWeighting(cut_learned_ratio=...)``, on by
+            default. Samplers keep them only when their rule gates on them.
 
     Feedback (:meth:`update`) is validated in full before anything changes. Non-finite losses are
     skipped and counted in :attr:`num_skipped`; several losses for the same index in one call are
@@ -63,7 +63,7 @@ class LossTable:
 
     def __init__(
         self, dataset_size: int, *, ema: float = DEFAULT_EMA, prior: float | str = DEFAULT_PRIOR, groups: Any = None,
-        track_first_losses: bool = False,
+        track_first_losses: bool = True,
     ) -> None:
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral) or dataset_size < 1:
             raise ValueError(f"dataset_size must be an int >= 1, got {dataset_size!r}")
@@ -110,7 +110,7 @@ class LossTable:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the per-sample arrays (12 per sample; 2 more with groups, 4 more with first losses)."""
+        """Bytes of the per-sample arrays (16 per sample, 12 without first losses; 2 more with groups)."""
         arrays = (self.losses, self.counts, self.last_step,
                   *(a for a in (self.groups, self.first_losses) if a is not None))
         return sum(a.nbytes for a in arrays)
@@ -222,7 +222,7 @@ class LossTable:
     def from_state_dict(cls, state: dict[str, Any]) -> LossTable:
         """A table rebuilt from :meth:`state_dict` alone (checked before any N-sized allocation)."""
         checked = check_table_state(state, None)
-        table = cls(int(checked["losses"].size))
+        table = cls(int(checked["losses"].size), track_first_losses=False)  # as saved: with or without
         table._assign(checked)
         return table
 

@@ -176,4 +176,4 @@ def _check_rule_state(state: Mapping[str, Any]) -> None:
     if "rule" in state:
         if not isinstance(state["rule"], Mapping):
             raise ValueError(f"state['rule'] must be a dict of DROWeighting options, got {state['rule']!r}")
-        DROWeighting(**state["rule"])
+        DROWeighting.from_config(state["rule"])

@@ -92,7 +92,7 @@ def restore_state(sampler: Any, checked: dict[str, Any]) -> None:
     if type(scheme) is not scheme_cls or not scheme.reusable_for(block_size):
         scheme = scheme_cls(sampler.dataset_size, global_batch=sampler.global_batch_size, block_size=block_size,
                             uniform_mix=checked["rule"].uniform_mix, seed=checked["seed"], initial_phases=False)
-    table = LossTable(sampler.dataset_size)
+    table = LossTable(sampler.dataset_size, track_first_losses=False)
     table._assign(checked["table"])  # checked by check_state: no second pass over the arrays
     if isinstance(checked["rule"], DROWeighting) and checked["rule"].cut_learned_ratio is not None:
         table.track_first_losses()  # kept in the state; from a state without them, from now on

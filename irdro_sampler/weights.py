@@ -9,6 +9,7 @@ losses of 1e3 neither overflow nor return NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from ._validation import as_loss_vector, check_fraction, check_positive
 from .cut_rules import (
+    DEFAULT_CUT_LEARNED_RATIO,
     DEFAULT_CUT_RULE,
     DEFAULT_ZSCORE,
     _check_cut_rule,
@@ -291,7 +293,7 @@ class DROWeighting:
     calibration_size: int = 2**20
     tilt_cap: str | None = None
     cut_floor: float | None = None
-    cut_learned_ratio: float | None = None
+    cut_learned_ratio: float | None = DEFAULT_CUT_LEARNED_RATIO
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -314,12 +316,18 @@ class DROWeighting:
     def config(self) -> dict[str, Any]:
         """The options as a dict; ``tilt_cap``, ``cut_floor`` and ``cut_learned_ratio`` only when set, so the
         configs (and the fingerprints and saved states built from them) of rules without them are those of
-        versions that did not have them."""
+        versions that did not have them (:meth:`from_config` reads a missing ``cut_learned_ratio`` as None)."""
         out = asdict(self)
         for late in ("tilt_cap", "cut_floor", "cut_learned_ratio"):
             if out[late] is None:
                 del out[late]
         return out
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DROWeighting:
+        """The rule a saved :meth:`config` describes. A config without ``cut_learned_ratio`` was saved with
+        the gate off (by a version before it existed, or with it set to None): it loads with the gate off."""
+        return cls(**{"cut_learned_ratio": None, **config})
 
     # -- calibration ------------------------------------------------------------------------------
     def fit(self, table: LossTable) -> WeightParams:

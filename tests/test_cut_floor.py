@@ -36,10 +36,10 @@ def test_floor_keeps_what_is_below_it(groups):
     plain_thr, floored_thr = plain.thresholds(g), floored.thresholds(g)
     assert np.all(np.asarray(plain_thr) < math.log(2))  # the z-score alone cuts below log 2 here
     np.testing.assert_array_equal(floored_thr, np.maximum(plain_thr, math.log(2)))
-    kept = kept_mask(losses, floored, g)
+    kept = kept_mask(losses, floored, g, table.first_losses)
     assert kept[losses <= math.log(2)].all()
     assert not kept[losses > math.log(2)].any()  # above the floor the rule still cuts
-    assert (~kept_mask(losses, plain, g)).mean() > 3 * (~kept).mean()
+    assert (~kept_mask(losses, plain, g, table.first_losses)).mean() > 3 * (~kept).mean()
 
 
 def test_floor_above_the_rule_changes_nothing():

@@ -1,4 +1,4 @@
-"""DROWeighting(cut_learned_ratio=): the cut spares a sample whose running loss has fallen to that fraction of
+"""DROWeighting(cut_learned_ratio=), 0.5 by default: the cut spares a sample whose running loss has fallen to that fraction of
 its first loss (LossTable.first_losses), in the tree, the probabilities, the fit and a resumed run; the
 column is saved, checked and loaded (states without it load with first = running loss)."""
 
@@ -33,8 +33,9 @@ def _table(groups: bool = False) -> tuple[LossTable, np.ndarray]:
 
 
 def test_first_losses_are_the_first_observation():
-    assert LossTable(5).first_losses is None and LossTable(5).nbytes == 5 * 12  # kept only when asked for
-    table = LossTable(5, ema=0.5, track_first_losses=True)
+    untracked = LossTable(5, track_first_losses=False)
+    assert untracked.first_losses is None and untracked.nbytes == 5 * 12
+    table = LossTable(5, ema=0.5)  # kept by default
     assert np.isnan(table.first_losses).all() and table.nbytes == 5 * 16
     table.update([1, 1, 3], [2.0, 4.0, 1.0], step=0)  # repeated index: its mean is its first loss
     table.update([1, 2], [0.5, 7.0], step=1)
@@ -45,7 +46,7 @@ def test_first_losses_are_the_first_observation():
 @pytest.mark.parametrize("groups", [False, True])
 def test_the_gate_spares_samples_being_learned(groups):
     table, hard = _table(groups)
-    plain = DROWeighting().fit(table)
+    plain = DROWeighting(cut_learned_ratio=None).fit(table)
     gated = DROWeighting(cut_learned_ratio=0.5).fit(table)
     losses, g = table.losses, table.groups
     cut_plain = ~kept_mask(losses, plain, g)
@@ -60,7 +61,7 @@ def test_the_gate_spares_samples_being_learned(groups):
     with pytest.raises(ValueError, match="first losses"):
         kept_mask(losses, gated, g)  # a gated fit needs the first losses
     with pytest.raises(ValueError, match=r"cut_learned_ratio=0.5 needs a LossTable that keeps first losses"):
-        DROWeighting(cut_learned_ratio=0.5).fit(LossTable(N))
+        DROWeighting(cut_learned_ratio=0.5).fit(LossTable(N, track_first_losses=False))
 
 
 def test_negative_or_unseen_first_losses_spare_nothing():
@@ -73,10 +74,16 @@ def test_negative_or_unseen_first_losses_spare_nothing():
 
 
 def test_config_fingerprint_and_bad_values():
-    assert DROWeighting().cut_learned_ratio is None and "cut_learned_ratio" not in DROWeighting().config()
-    assert DROWeighting(cut_learned_ratio=0.5).config()["cut_learned_ratio"] == 0.5
+    assert DROWeighting().cut_learned_ratio == 0.5 and DROWeighting().config()["cut_learned_ratio"] == 0.5
+    off = DROWeighting(cut_learned_ratio=None)
+    assert "cut_learned_ratio" not in off.config()  # the config of versions before the gate
+    assert DROWeighting.from_config(off.config()) == off  # a config without it loads with the gate off
+    assert DROWeighting.from_config(DROWeighting().config()) == DROWeighting()
     s = IRDROSampler(100, 10, seed=0)
-    assert s.fingerprint() != IRDROSampler(100, 10, seed=0, cut_learned_ratio=0.5).fingerprint()
+    assert s.table.first_losses is not None
+    ungated = IRDROSampler(100, 10, seed=0, cut_learned_ratio=None)
+    assert ungated.table.first_losses is None and s.nbytes - ungated.nbytes == 4 * 100  # kept only when used
+    assert s.fingerprint() != ungated.fingerprint()
     for bad in (0.0, 1.0, -0.5, 1.5, math.nan, "half", True):
         with pytest.raises((ValueError, TypeError), match="cut_learned_ratio"):
             DROWeighting(cut_learned_ratio=bad)
@@ -100,7 +107,7 @@ def test_table_state_saves_checks_and_loads_the_column():
     old = {k: v for k, v in state.items() if k != "first_losses"}  # a state of a table that kept none
     fresh.load_state_dict(old)
     np.testing.assert_array_equal(fresh.first_losses, table.losses)  # kept on, from the running losses
-    untracked = LossTable(N)
+    untracked = LossTable(N, track_first_losses=False)
     untracked.load_state_dict(old)
     assert untracked.first_losses is None and "first_losses" not in untracked.state_dict()
     bad = dict(state, first_losses=state["first_losses"].clone())
@@ -156,13 +163,13 @@ def test_resume_with_the_gate_and_tree_agrees_with_probabilities(draws):
         s.table.losses, params, None, s.table.first_losses)
     assert spared.sum() > 0  # the gate is at work in this run
     assert state["rule"]["cut_learned_ratio"] == 0.5
-    fresh = make()  # the state brings its rule, gate included
+    fresh = make(cut_learned_ratio=None)  # the state brings its rule, gate included
     fresh.load_state_dict(state)
     assert fresh.rule.cut_learned_ratio == 0.5
     assert_state_equal(fresh.state_dict(), state)
     cont, _ = _run(fresh, range(24, 40))
     assert all(np.array_equal(cont[k], full[k]) for k in range(24, 40))
-    plain_batches, _ = _run(make(), range(40))
+    plain_batches, _ = _run(make(cut_learned_ratio=None), range(40))
     assert any(not np.array_equal(plain_batches[k], full[k]) for k in range(40))  # the gate changed the draws
 
 

@@ -64,7 +64,8 @@ def test_counters_count_transitions_under_the_cut_in_force_only():
     fb.update([cut[0], cut[1], 0, cut[0]], [0.0, 900.0, 0.5, 0.0], 2)
     assert (fb.remeasured_cut, fb.readmitted) == (2, 1)
     new = fb.table.losses[np.array([0, cut[0], cut[1]])]
-    assert cut_transitions(old, new, fb.params) == (2, 1)  # the core's one definition
+    first = fb.table.first_losses[np.array([0, cut[0], cut[1]])]
+    assert cut_transitions(old, new, fb.params, None, first) == (2, 1)  # the core's one definition
     # A skipped (non-finite) loss of a cut sample still counts as re-measured, not re-admitted.
     fb.update([cut[1]], [float("nan")], 3)
     assert (fb.remeasured_cut, fb.readmitted) == (3, 1) and fb.table.num_skipped == 1

@@ -58,7 +58,7 @@ def test_capped_masses_equal_the_formula_without_groups():
     capped = np.minimum(eff, cap)
     assert params.shift == capped[kept].max()
     assert params.temperature == temperature_for_ess(capped[kept], 0.9)
-    mass, got_kept = masses(table.losses, params)
+    mass, got_kept = masses(table.losses, params, first=table.first_losses)
     np.testing.assert_array_equal(got_kept, kept)
     want = np.where(kept, np.exp((capped - params.shift) / params.temperature), 0.0)
     np.testing.assert_array_equal(mass, want)
@@ -83,7 +83,7 @@ def test_capped_masses_per_group():
     kept = ~seen | (eff <= params.group_threshold[table.groups])
     capped = np.minimum(eff, cap)
     assert params.shift == capped[kept].max()
-    mass, got_kept = masses(table.losses, params, table.groups)
+    mass, got_kept = masses(table.losses, params, table.groups, table.first_losses)
     np.testing.assert_array_equal(got_kept, kept)
     np.testing.assert_array_equal(mass, np.where(kept, np.exp((capped - params.shift) / params.temperature), 0.0))
     with pytest.raises(ValueError, match="groups"):
@@ -96,7 +96,7 @@ def test_cap_without_any_cut():
     assert params.threshold == math.inf  # nothing is cut
     assert params.cap == cut_threshold(table.losses[~np.isnan(table.losses)].astype(np.float64),
                                        truncate_zscore=DEFAULT_ZSCORE)
-    mass, kept = masses(table.losses, params)
+    mass, kept = masses(table.losses, params, first=table.first_losses)
     assert kept.all() and np.all(mass > 0)
     # The cap follows truncate_zscore when it is given.
     p3 = DROWeighting(tilt_cap="zscore", truncate_zscore=2.0, cut_rule="mixture-valley").fit(table)
@@ -107,8 +107,8 @@ def test_capped_prior_and_shift():
     """Unseen samples tilt at their capped prior, and the shift counts them capped."""
     table = _table(prior=1e6)
     params = DROWeighting(tilt_cap="zscore").fit(table)
-    assert params.prior == 1e6 and params.shift == params.cap == max_kept_loss(table.losses, params)
-    mass = masses(table.losses, params)[0]
+    assert params.prior == 1e6 and params.shift == params.cap == max_kept_loss(table.losses, params, first=table.first_losses)
+    mass = masses(table.losses, params, first=table.first_losses)[0]
     assert mass[np.isnan(table.losses)].max() == 1.0
 
 
@@ -118,7 +118,8 @@ def test_zscore_cut_with_zscore_cap_is_the_default_rule():
     table = _table(prior=1.0)
     plain, capped = DROWeighting().fit(table), DROWeighting(tilt_cap="zscore").fit(table)
     assert capped[:5] == plain[:5] and capped.cap == plain.threshold
-    np.testing.assert_array_equal(masses(table.losses, capped)[0], masses(table.losses, plain)[0])
+    first = table.first_losses
+    np.testing.assert_array_equal(masses(table.losses, capped, first=first)[0], masses(table.losses, plain, first=first)[0])
 
 
 def test_defaults_unchanged():
@@ -126,7 +127,7 @@ def test_defaults_unchanged():
     assert rule.tilt_cap is None and "tilt_cap" not in rule.config() and "tilt_cap" in RULE_OPTIONS
     assert [k for k, _ in rule.identity()] == sorted(
         ["temperature", "kl_radius", "ess_fraction", "truncate_quantile", "truncate_zscore", "cut_rule",
-         "uniform_mix", "calibration_size"])
+         "uniform_mix", "calibration_size", "cut_learned_ratio"])
     assert DROWeighting(tilt_cap=None) == rule
     assert DROWeighting(tilt_cap="zscore").config()["tilt_cap"] == "zscore"
     for groups in (False, True):
