@@ -91,6 +91,17 @@ def assert_plain_state(obj: Any, path: str = "state") -> None:
         assert not isinstance(obj, np.generic), f"{path}: numpy scalar {type(obj)}"
 
 
+def roundtrip(state: dict) -> dict:
+    """``state`` through torch.save / torch.load(weights_only=True), as a checkpoint would (plain types checked)."""
+    import io
+
+    assert_plain_state(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
 def chisquare_pvalue(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> float:
     """Chi-square goodness of fit of ``counts`` to ``probs``; bins with small expectation are merged.
 
@@ -154,3 +165,14 @@ def spawn_gloo(worker: Any, world: int, *args: Any) -> list[Any]:
     results = mp.Manager().dict()
     mp.spawn(worker, args=(world, free_port(), results, *args), nprocs=world, join=True)
     return [results[r] for r in range(world)]
+
+
+def train_sharded_steps(sampler: Any, first: int, last: int, loss_fn: Any) -> list[np.ndarray]:
+    """Global batches ``first .. last - 1`` of a ``ShardedIRDROSampler``, each followed by ``loss_fn(ids, b)``
+    as its feedback (what every rank of a sharded training loop does); returns the batches' ids."""
+    out = []
+    for b in range(first, last):
+        ids, _ = sampler.batch(b)
+        sampler.update(ids, loss_fn(ids, b), step=b)
+        out.append(ids)
+    return out

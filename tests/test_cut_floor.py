@@ -3,13 +3,11 @@ saved and fingerprinted only when set."""
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import pytest
-import torch
-from _core_helpers import assert_state_equal, iter_batches, loss_of
+from _core_helpers import assert_state_equal, iter_batches, loss_of, roundtrip
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 from irdro_sampler.weights import kept_mask
@@ -66,11 +64,6 @@ def test_bad_floor_refused(bad):
         IRDROSampler(100, 10, cut_floor=bad)
 
 
-def _roundtrip(state: dict) -> dict:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def _run(sampler: IRDROSampler, steps: range, save_after: int | None = None) -> tuple[dict, dict | None]:
@@ -84,7 +77,7 @@ def _run(sampler: IRDROSampler, steps: range, save_after: int | None = None) -> 
         batches[step] = b
         sampler.update(b, loss_of(b, step), step=step)
         if step == save_after:
-            saved = _roundtrip(sampler.state_dict())
+            saved = roundtrip(sampler.state_dict())
     return batches, saved
 
 

@@ -4,13 +4,12 @@ column is saved, checked and loaded (states without it load with first = running
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
-from _core_helpers import assert_state_equal, iter_batches, loss_of
+from _core_helpers import assert_state_equal, iter_batches, loss_of, roundtrip
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 from irdro_sampler.weights import kept_mask
@@ -91,16 +90,11 @@ def test_config_fingerprint_and_bad_values():
             IRDROSampler(100, 10, cut_learned_ratio=bad)
 
 
-def _roundtrip(state: dict) -> dict:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def test_table_state_saves_checks_and_loads_the_column():
     table, _ = _table()
-    state = _roundtrip(table.state_dict())
+    state = roundtrip(table.state_dict())
     fresh = LossTable(N, track_first_losses=True)
     fresh.load_state_dict(state)
     np.testing.assert_array_equal(fresh.first_losses, table.first_losses)
@@ -143,7 +137,7 @@ def _run(sampler: IRDROSampler, steps: range, save_after: int | None = None) -> 
             batches[step] = batch
             sampler.update(batch, _falling_loss(batch, step), step=step)
             if step == save_after:
-                saved = _roundtrip(sampler.state_dict())
+                saved = roundtrip(sampler.state_dict())
             step += 1
     return batches, saved
 
@@ -180,6 +174,7 @@ SHARDED_OPTS = dict(seed=3, refresh_interval=3, feedback_delay=1, uniform_mix=0.
 
 def _sharded_worker(rank: int, world: int, port: int, results, folder: str) -> None:
     import torch.distributed as dist
+    from _core_helpers import train_sharded_steps
 
     from irdro_sampler.sharded_sampler import ShardedIRDROSampler
 
@@ -189,12 +184,7 @@ def _sharded_worker(rank: int, world: int, port: int, results, folder: str) -> N
             return ShardedIRDROSampler(SHARDED_N, SHARDED_BATCH // world, num_shards=8, **SHARDED_OPTS)
 
         def steps(s: ShardedIRDROSampler, first: int, last: int) -> list[np.ndarray]:
-            out = []
-            for b in range(first, last):
-                ids, _ = s.batch(b)
-                s.update(ids, _falling_loss(ids, b), step=b)
-                out.append(ids)
-            return out
+            return train_sharded_steps(s, first, last, _falling_loss)
 
         s = make()
         before = steps(s, 0, SHARDED_SAVE + 1)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from collections import deque
 
 import pytest
 import torch
-from _core_helpers import assert_plain_state, assert_state_equal, iter_batches, loss_of
+from _core_helpers import assert_state_equal, iter_batches, loss_of, roundtrip
 
 from irdro_sampler import IRDROSampler
 
@@ -27,13 +26,6 @@ def make(**overrides) -> IRDROSampler:
     return IRDROSampler(N, BATCH, **kwargs)
 
 
-def roundtrip(state: dict) -> dict:
-    """Through torch.save / torch.load(weights_only=True), as a checkpoint would."""
-    assert_plain_state(state)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def run(sampler, start, end, *, ahead=AHEAD, mode="replay", checkpoint_at=()):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from _core_helpers import loss_of, spawn_gloo
+from _core_helpers import loss_of, spawn_gloo, train_sharded_steps
 
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
 
@@ -42,12 +42,7 @@ def _as_version_1(folder: str, to: Path) -> str:
 
 
 def _steps(s: ShardedIRDROSampler, first: int, last: int) -> list[np.ndarray]:
-    out = []
-    for b in range(first, last):
-        ids, _ = s.batch(b)
-        s.update(ids, _loss(ids, b), step=b)
-        out.append(ids)
-    return out
+    return train_sharded_steps(s, first, last, _loss)
 
 
 def _reference(rank: int, world: int, port: int, results, folder: str) -> None:

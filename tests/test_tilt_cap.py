@@ -7,13 +7,11 @@ loss; rules without the option keep their configs, params, masses and fingerprin
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import pytest
-import torch
-from _core_helpers import assert_plain_state, assert_state_equal, iter_batches, loss_of
+from _core_helpers import assert_state_equal, iter_batches, loss_of, roundtrip
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 from irdro_sampler.cut_rules import DEFAULT_ZSCORE, cut_threshold, group_cut_thresholds
@@ -147,12 +145,6 @@ def test_bad_tilt_cap_refused(bad):
         IRDROSampler(100, 10, tilt_cap=bad)
 
 
-def _roundtrip(state: dict) -> dict:
-    assert_plain_state(state)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def _run(sampler: IRDROSampler, steps: range, save_after: int | None = None) -> tuple[dict, dict | None]:
@@ -171,7 +163,7 @@ def _run(sampler: IRDROSampler, steps: range, save_after: int | None = None) -> 
         batches[step] = b
         sampler.update(b, loss_of(b, step) * np.where(np.asarray(b) % 10 == 0, 40.0, 1.0), step=step)
         if step == save_after:
-            saved = _roundtrip(sampler.state_dict())
+            saved = roundtrip(sampler.state_dict())
     return batches, saved
 
 
