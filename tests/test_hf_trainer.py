@@ -240,7 +240,7 @@ def test_class_index_labels_without_groups_are_noted_once(tmp_path, caplog):
     worker.main(["--out", str(tmp_path / "cls"), "--task", "cls", "--samples", "32", "--batch-size", "4"])
     notes = _group_notes(caplog)
     assert len(notes) == 1  # 8 micro-batches, one note
-    assert "irdro=dict(groups=labels)" in notes[0] and "RESULTS_suite_defaults.md" in notes[0]
+    assert "irdro=dict(groups=labels)" in notes[0] and "RESULTS_quality.md" in notes[0]
     caplog.clear()
     worker.main(["--out", str(tmp_path / "lm"), "--task", "lm", "--samples", "32", "--batch-size", "4"])
     assert _group_notes(caplog) == []  # a causal LM's labels are token ids, not classes

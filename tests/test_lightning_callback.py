@@ -183,7 +183,7 @@ def test_class_index_targets_without_groups_are_noted_once(tmp_path, caplog):
 
     fit(worker.Module)  # 8 batches
     notes = _group_notes(caplog)
-    assert len(notes) == 1 and "groups=labels" in notes[0] and "RESULTS_suite_defaults.md" in notes[0]
+    assert len(notes) == 1 and "groups=labels" in notes[0] and "RESULTS_quality.md" in notes[0]
 
     class WithGroups(worker.Module):
         def train_dataloader(self):
