@@ -116,6 +116,12 @@ ARMS.update({
     # A stricter gate: spared only once the loss has fallen to a quarter of its first.
     "learned25-nogroups": {"cut_learned_ratio": 0.25},
     "learned25": {"groups": "labels", "cut_learned_ratio": 0.25},
+    # The gate also spares a sample measured only once (its running loss is still its first loss).
+    "remeasured-nogroups": {"cut_remeasured_only": True},
+    "remeasured": {"groups": "labels", "cut_remeasured_only": True},
+    # The cut only where the losses over all samples have an upper tail heavier than a log-normal bulk.
+    "evidence-nogroups": {"cut_rule": "zscore-evidence"},
+    "evidence": {"groups": "labels", "cut_rule": "zscore-evidence"},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

@@ -191,7 +191,7 @@ def load_inspection(path: str | os.PathLike) -> Inspection:
             if not isinstance(opts, Mapping):
                 raise ValueError(f"'rule' must be a dict of options, got {type(opts).__name__}")
             rule = DROWeighting.from_config(opts)  # a config without cut_learned_ratio predates the gate: off
-            if rule.cut_learned_ratio is not None:
+            if rule.reads_first_losses:
                 table.track_first_losses()  # saved with them since the gate; otherwise from the running losses
         except (KeyError, ValueError, TypeError, MemoryError) as e:
             raise UserError(f"{path}: loss-table state is malformed ({type(e).__name__}: {_one_line(e)})") from None

@@ -42,8 +42,8 @@ def fit_sharded(rule: DROWeighting, table: LossTable, start: int, dataset_size: 
     # Group ids travel as int64 (gloo has no uint16 collectives).
     groups = None if table.groups is None else _all_gather_rows(table.groups[first::stride].astype(np.int64), group)
     num_groups = int(max_over_ranks(np.array([count_groups(table.groups)]), group)[0]) if table.groups is not None else 0
-    # First losses travel only when the rule gates its cut on them (cut_learned_ratio).
-    first_losses = None if getattr(rule, "cut_learned_ratio", None) is None else _all_gather_rows(table.first_losses[first::stride], group)
+    # First losses travel only when the rule gates its cut on them.
+    first_losses = _all_gather_rows(table.first_losses[first::stride], group) if rule.reads_first_losses else None
     params = rule.fit_calibration(losses, groups, num_groups=num_groups, prior=table.prior, first=first_losses)
     best, has_unseen = max_kept_parts(table.losses, params, table.groups, first=table.first_losses)
     best, has_unseen = max_over_ranks(np.array([best, float(has_unseen)]), group)

@@ -75,8 +75,11 @@ class FixedWeights:
         """Nothing to fit: temperature 1, no cut, no prior, no shift (reported as such in ``stats()``)."""
         return WeightParams(1.0, math.inf, 0.0, 0.0)
 
-    def masses_at(self, table: Any, selection: Any, params: WeightParams) -> tuple[np.ndarray, np.ndarray]:
-        """The weights at ``selection``; every sample counts as kept (a weight of 0 is not a cut)."""
+    def masses_at(
+        self, table: Any, selection: Any, params: WeightParams, gathered: tuple | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The weights at ``selection``; every sample counts as kept (a weight of 0 is not a cut). The
+        samples' ``gathered`` losses are not read."""
         mass = self.weights[selection].copy()
         return mass, np.ones(mass.shape, dtype=bool)
 

@@ -61,7 +61,7 @@ class RoundFeedback:
             rule = DROWeighting()
         if not isinstance(rule, DROWeighting):
             raise TypeError(f"rule must be a DROWeighting, got {type(rule).__name__}")
-        if rule.cut_learned_ratio is not None:
+        if rule.reads_first_losses:
             table.track_first_losses()  # the gate reads them (from now on, for samples seen before)
         self.table = table
         self.rule = rule

@@ -109,7 +109,7 @@ class IRDROSampler(DistributedSampler):
         refresh_interval = check_int(refresh_interval, "refresh_interval", minimum=1)
         rule = DROWeighting(**rule_options)
         table = LossTable(size, ema=ema, prior=prior, groups=groups,
-                          track_first_losses=rule.cut_learned_ratio is not None)
+                          track_first_losses=rule.reads_first_losses)
         scheme = scheme_cls(size, global_batch=self.global_batch_size, uniform_mix=rule.uniform_mix, seed=seed,
                             **scheme_options)
         self._assemble(table, rule, scheme, feedback_delay, refresh_interval)

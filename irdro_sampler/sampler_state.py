@@ -94,7 +94,7 @@ def restore_state(sampler: Any, checked: dict[str, Any]) -> None:
                             uniform_mix=checked["rule"].uniform_mix, seed=checked["seed"], initial_phases=False)
     table = LossTable(sampler.dataset_size, track_first_losses=False)
     table._assign(checked["table"])  # checked by check_state: no second pass over the arrays
-    if isinstance(checked["rule"], DROWeighting) and checked["rule"].cut_learned_ratio is not None:
+    if isinstance(checked["rule"], DROWeighting) and checked["rule"].reads_first_losses:
         table.track_first_losses()  # kept in the state; from a state without them, from now on
     sampler.seed, sampler.epoch, sched = checked["seed"], checked["epoch"], checked["schedule"]
     sampler._assemble(table, checked["rule"], scheme, checked["feedback_delay"], checked["refresh_interval"])
@@ -164,9 +164,9 @@ def _check_rule(rule: Any, dataset_size: int) -> DROWeighting | FixedWeights:
 
 def _check_params_fit(state: Mapping[str, Any], table: dict[str, Any], rule: Any) -> WeightParams | None:
     losses, groups = table["losses"], table["groups"]
-    params = _check_params(state_entry(state, "params", W), state.get("group_threshold"), groups, state.get("tilt_cap"))
+    params = _check_params(state_entry(state, "params", W), state.get("group_threshold"), groups, state.get("tilt_cap"),
+                           rule)
     if params is not None and isinstance(rule, DROWeighting):
-        params = params._replace(learned_ratio=rule.cut_learned_ratio)  # an option of the (checked) rule
         # A saved run keeps its largest mass within about e^+-600 (it rebases otherwise); beyond e^700 the
         # masses would overflow or vanish, so such params were not saved by a sampler.
         first = table["first_losses"] if table["first_losses"] is not None else losses  # (as the table will track)
@@ -198,9 +198,13 @@ def _is_hex(text: str) -> bool:
 
 
 def _check_params(
-    params: Any, group_threshold: Any, groups: np.ndarray | None, tilt_cap: Any = None
+    params: Any, group_threshold: Any, groups: np.ndarray | None, tilt_cap: Any = None, rule: Any = None
 ) -> WeightParams | None:
+    """The saved params (with the tilt cap when saved), and the gates on the cut of ``rule`` (checked
+    before: they are options of the rule, not saved with the params)."""
     out = _check_cut_params(params, group_threshold, groups)
+    if out is not None and isinstance(rule, DROWeighting):
+        out = rule.gated(out)
     if out is None or tilt_cap is None:
         return out
     where = "state_dict['tilt_cap']"

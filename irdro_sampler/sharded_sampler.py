@@ -96,7 +96,7 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         self.rule = DROWeighting(**rule_options)
         local_groups = None if groups is None else groups(self.start, self.stop)
         self.table = LossTable(self.stop - self.start, ema=ema, prior=prior, groups=local_groups,
-                               track_first_losses=self.rule.cut_learned_ratio is not None)
+                               track_first_losses=self.rule.reads_first_losses)
         self.scheme: ShardedDrawScheme = scheme_cls(
             self.shards, self.rank, self.world, global_batch=self.layout.global_batch_size,
             uniform_mix=self.rule.uniform_mix, seed=self.seed, group=group)
@@ -207,22 +207,27 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
 
     def _apply(self, records: list[Record], *, update_masses: bool) -> bool:
         """Apply the owned part of due records to the local table (and masses); True if a mass overflowed."""
-        touched: list[np.ndarray] = []
+        touched: list[tuple] = []
         for step, _, idx, val in records:
             own = (idx >= self.start) & (idx < self.stop)
             if own.any():
                 uniq, old, new = self.table._apply(idx[own] - self.start, val[own], step)
-                touched.append(uniq)
+                gathered = None
                 if self.params is not None:
                     grp = None if self.table.groups is None else self.table.groups[uniq]
                     first = first_losses_for(self.table, self.params, uniq)
                     remeasured, readmitted = cut_transitions(old, new, self.params, grp, first)
                     self.remeasured_cut += remeasured
                     self.readmitted += readmitted
+                    gathered = (new, grp, first)
+                touched.append((uniq, gathered))
         if not update_masses or not touched:
             return False
-        local = np.unique(np.concatenate(touched))
-        mass = self.rule.masses_at(self.table, local, self.params)[0]
+        if len(touched) == 1:  # the common case: the arrays gathered above are those of the changed samples
+            local, gathered = touched[0]
+        else:
+            local, gathered = np.unique(np.concatenate([u for u, _ in touched])), None
+        mass = self.rule.masses_at(self.table, local, self.params, gathered=gathered)[0]
         if not np.all(np.isfinite(mass)):
             return True
         self.scheme.set_masses(local + self.start, mass)

@@ -68,15 +68,15 @@ class TiltedMasses:
                 self.kept_count += int(np.count_nonzero(kept_mask(new, params, grp, first))) - (uniq.size - remeasured)
                 self.remeasured_cut += remeasured
                 self.readmitted += readmitted
-                touched.append((uniq, new))
+                touched.append((uniq, new, grp, first))
         if params is None or not touched:
             return
-        if len(touched) == 1:
-            uniq, new = touched[0]
+        if len(touched) == 1:  # the common case: the arrays gathered above are those of the changed samples
+            uniq, new, grp, first = touched[0]
+            mass = self.rule.masses_at(self.table, uniq, params, gathered=(new, grp, first))[0]
         else:
-            uniq = np.unique(np.concatenate([u for u, _ in touched]))
-            new = self.table.losses[uniq]
-        mass = self.rule.masses_at(self.table, uniq, params)[0]
+            uniq = np.unique(np.concatenate([t[0] for t in touched]))
+            mass = self.rule.masses_at(self.table, uniq, params)[0]
         if not np.all(np.isfinite(mass)):  # a loss far above the shift: re-choose the shift
             self.rebuild(rebase=True)
             return

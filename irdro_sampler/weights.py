@@ -231,6 +231,13 @@ class WeightParams(NamedTuple):
     # ``cut_learned_ratio``: a sample whose running loss is at most this fraction of its first loss is kept
     # whatever its threshold; None: no such gate.
     learned_ratio: float | None = None
+    # ``cut_remeasured_only``: a sample whose running loss is still its first loss (measured once) is kept.
+    remeasured_only: bool = False
+
+    @property
+    def reads_first(self) -> bool:
+        """Whether the kept flags read the samples' first losses (a gate on the cut is on)."""
+        return self.learned_ratio is not None or self.remeasured_only
 
     def thresholds(self, groups: np.ndarray | None) -> float | np.ndarray:
         """The cut threshold of each sample of ``groups`` (the global one when there are no groups)."""
@@ -274,6 +281,12 @@ class DROWeighting:
     cross-entropy, ``math.log(2)`` never cuts a sample the model already gives more than half its
     probability to (a sample the model classifies right is no evidence of a wrong label).
 
+    Two gates read each sample's first loss (:attr:`LossTable.first_losses`) and keep what the cut
+    would remove: ``cut_learned_ratio`` (default :data:`DEFAULT_CUT_LEARNED_RATIO` = 0.5) keeps a sample
+    whose running loss has fallen to at most that fraction of a positive first loss (the model is
+    learning it), and ``cut_remeasured_only`` (default False) keeps a sample whose running loss is still
+    its first (measured once, before any step trained on it: no evidence yet that it cannot be learned).
+
     This class is the one place where the rule's options, their defaults and their checks live;
     ``IRDROSampler``, the Composer ``IRDRO`` algorithm and the streaming path take the same keywords
     and pass them here.
@@ -294,6 +307,7 @@ class DROWeighting:
     tilt_cap: str | None = None
     cut_floor: float | None = None
     cut_learned_ratio: float | None = DEFAULT_CUT_LEARNED_RATIO
+    cut_remeasured_only: bool = False
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -307,6 +321,8 @@ class DROWeighting:
         _check_cut_rule(self.cut_rule)
         check_positive(self.cut_floor, "cut_floor", allow_none=True)
         check_fraction(self.cut_learned_ratio, "cut_learned_ratio", low_open=True, high_open=True, allow_none=True)
+        if not isinstance(self.cut_remeasured_only, bool):
+            raise ValueError(f"cut_remeasured_only must be True or False, got {self.cut_remeasured_only!r}")
         if self.tilt_cap is not None and self.tilt_cap not in TILT_CAPS:
             raise ValueError(f"tilt_cap must be None or one of {TILT_CAPS}, got {self.tilt_cap!r}")
         check_fraction(self.uniform_mix, "uniform_mix", low_open=False, high_open=False)
@@ -314,12 +330,13 @@ class DROWeighting:
             raise ValueError(f"calibration_size must be an int >= 1, got {self.calibration_size!r}")
 
     def config(self) -> dict[str, Any]:
-        """The options as a dict; ``tilt_cap``, ``cut_floor`` and ``cut_learned_ratio`` only when set, so the
-        configs (and the fingerprints and saved states built from them) of rules without them are those of
-        versions that did not have them (:meth:`from_config` reads a missing ``cut_learned_ratio`` as None)."""
+        """The options as a dict; ``tilt_cap``, ``cut_floor``, ``cut_learned_ratio`` and ``cut_remeasured_only``
+        only when set, so the configs (and the fingerprints and saved states built from them) of rules without
+        them are those of versions that did not have them (:meth:`from_config` reads a missing
+        ``cut_learned_ratio`` as None)."""
         out = asdict(self)
-        for late in ("tilt_cap", "cut_floor", "cut_learned_ratio"):
-            if out[late] is None:
+        for late in ("tilt_cap", "cut_floor", "cut_learned_ratio", "cut_remeasured_only"):
+            if out[late] is None or out[late] is False:
                 del out[late]
         return out
 
@@ -344,10 +361,22 @@ class DROWeighting:
                                       first=None if table.first_losses is None else table.first_losses[::stride])
         return params._replace(shift=max_kept_loss(table.losses, params, table.groups, first=table.first_losses))
 
+    @property
+    def reads_first_losses(self) -> bool:
+        """Whether the rule gates its cut on the samples' first losses (the table must keep them)."""
+        return self.cut_learned_ratio is not None or self.cut_remeasured_only
+
+    def gated(self, params: WeightParams) -> WeightParams:
+        """``params`` with this rule's gates on the cut (options of the rule, not fitted: saved states
+        hold the fitted part and take the gates from the rule they are restored with)."""
+        return params._replace(learned_ratio=self.cut_learned_ratio, remeasured_only=self.cut_remeasured_only)
+
     def check_table(self, table: LossTable) -> None:
-        """``ValueError`` if the rule needs what ``table`` does not keep (first losses, for the gate)."""
-        if self.cut_learned_ratio is not None and table.first_losses is None:
-            raise ValueError(f"cut_learned_ratio={self.cut_learned_ratio!r} needs a LossTable that keeps first losses: "
+        """``ValueError`` if the rule needs what ``table`` does not keep (first losses, for the gates)."""
+        if self.reads_first_losses and table.first_losses is None:
+            gate = (f"cut_learned_ratio={self.cut_learned_ratio!r}" if self.cut_learned_ratio is not None
+                    else f"cut_remeasured_only={self.cut_remeasured_only!r}")
+            raise ValueError(f"{gate} needs a LossTable that keeps first losses: "
                              "LossTable(..., track_first_losses=True) or table.track_first_losses()")
 
     def calibration_stride(self, dataset_size: int) -> int:
@@ -360,7 +389,7 @@ class DROWeighting:
     ) -> WeightParams:
         """Prior, cut thresholds and temperature (shift 0) from the calibration sample: the strided table
         ``losses`` (float32, NaN unseen), their ``groups`` (None without groups; ids below ``num_groups``),
-        their ``first`` losses (needed with ``cut_learned_ratio``) and the table's ``prior`` option."""
+        their ``first`` losses (needed with a gate on the cut) and the table's ``prior`` option."""
         view = losses.astype(np.float64)
         seen = ~np.isnan(view)
         seen_losses = view[seen]
@@ -374,7 +403,7 @@ class DROWeighting:
             params = WeightParams(1.0, math.inf, prior, 0.0, np.maximum(per_group, floor))
         if self.tilt_cap is not None:
             params = self._with_cap(params, seen_losses, None if groups is None else groups[seen], num_groups)
-        params = params._replace(learned_ratio=self.cut_learned_ratio)
+        params = self.gated(params)
         kept = _kept64(view, params, groups, first)
         eff = np.where(seen, view, prior)
         cap = params.caps(groups)
@@ -403,10 +432,17 @@ class DROWeighting:
         return temperature_for_ess(kept_losses, self.ess_fraction or DEFAULT_ESS_FRACTION)
 
     # -- masses and probabilities -------------------------------------------------------------------
-    def masses_at(self, table: LossTable, selection: Any, params: WeightParams) -> tuple[np.ndarray, np.ndarray]:
-        """:func:`masses` of the table's samples at ``selection`` (indices or a slice) and their kept mask."""
-        groups = None if table.groups is None else table.groups[selection]
-        return masses(table.losses[selection], params, groups, first=first_losses_for(table, params, selection))
+    def masses_at(
+        self, table: LossTable, selection: Any, params: WeightParams, gathered: tuple | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`masses` of the table's samples at ``selection`` (indices or a slice) and their kept mask.
+        ``gathered``: their ``(losses, groups, first losses)`` when the caller holds them already (what
+        this would read from the table: the same result without a second round of random reads)."""
+        if gathered is None:
+            groups = None if table.groups is None else table.groups[selection]
+            gathered = (table.losses[selection], groups, first_losses_for(table, params, selection))
+        losses, groups, first = gathered
+        return masses(losses, params, groups, first=first)
 
     def rebased(self, table: LossTable, params: WeightParams) -> WeightParams:
         """``params`` with the shift re-chosen (the largest kept loss) after the masses' total left range."""
@@ -425,7 +461,7 @@ class DROWeighting:
 
 def first_losses_for(table: LossTable, params: WeightParams, selection: Any) -> np.ndarray | None:
     """The table's first losses at ``selection`` when ``params`` gate the cut on them (else None: not read)."""
-    return None if params.learned_ratio is None else table.first_losses[selection]
+    return table.first_losses[selection] if params.reads_first else None
 
 
 def masses(
@@ -436,7 +472,7 @@ def masses(
 
     ``losses`` are the table's float32 running losses with NaN for unseen samples, ``groups`` the
     same samples' group ids (needed when ``params`` cut per group) and ``first`` their first losses
-    (needed when ``params`` have a ``learned_ratio``). This is the one
+    (needed when ``params`` gate the cut on them). This is the one
     place where a loss becomes a mass: the sampler's tree and :meth:`DROWeighting.probabilities`
     both call it, so they agree bit for bit.
     """
@@ -464,13 +500,17 @@ def _kept64(
 ) -> np.ndarray:
     """Unseen samples (NaN) are never cut; seen ones are kept up to their threshold (float64 compare), and
     with a ``learned_ratio`` also where the loss has fallen to that fraction of a positive first loss (the
-    model is learning the sample: no evidence that it cannot be learned)."""
+    model is learning the sample), and with ``remeasured_only`` where the loss is still the first loss
+    (measured once): in both cases there is no evidence that the sample cannot be learned."""
     kept = np.isnan(loss) | (loss <= params.thresholds(groups))
-    if params.learned_ratio is not None:
+    if params.reads_first:
         if first is None:
             raise ValueError("these parameters gate the cut on the first losses: pass the samples' first losses")
         start = first.astype(np.float64)
-        kept |= (start > 0) & (loss <= params.learned_ratio * start)
+        if params.learned_ratio is not None:
+            kept |= (start > 0) & (loss <= params.learned_ratio * start)
+        if params.remeasured_only:
+            kept |= loss == start  # (both float32 values: equal exactly until a second measurement moves it)
     return kept
 
 

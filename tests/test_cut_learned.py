@@ -1,6 +1,7 @@
 """DROWeighting(cut_learned_ratio=), 0.5 by default: the cut spares a sample whose running loss has fallen to that fraction of
 its first loss (LossTable.first_losses), in the tree, the probabilities, the fit and a resumed run; the
-column is saved, checked and loaded (states without it load with first = running loss)."""
+column is saved, checked and loaded (states without it load with first = running loss). And
+DROWeighting(cut_remeasured_only=True), off by default: the cut spares a sample still at its first loss."""
 
 from __future__ import annotations
 
@@ -90,6 +91,49 @@ def test_config_fingerprint_and_bad_values():
             IRDROSampler(100, 10, cut_learned_ratio=bad)
 
 
+def test_remeasured_only_spares_samples_measured_once():
+    """Every sample is measured once at a loss with a high tail; with only the remeasure gate nothing is cut.
+    Then half are measured again: those still high are cut, the others (and the negative ones) are not."""
+    table = LossTable(N, ema=0.0, track_first_losses=True)
+    high = np.isin(np.arange(N) % 20, (0, 5))  # even and odd ones
+    table.update(np.arange(N), np.where(high, 5.0, np.linspace(0.5, 1.5, N)), step=0)
+    table.update([1], [-2.0], step=0)
+    rule = DROWeighting(cut_learned_ratio=None, cut_remeasured_only=True)
+    params = rule.fit(table)
+    assert params.remeasured_only and params.learned_ratio is None and math.isfinite(params.threshold)
+    assert kept_mask(table.losses, params, None, table.first_losses).all()  # measured once: no evidence yet
+    plain = ~kept_mask(table.losses, params._replace(remeasured_only=False))
+    assert plain[high].all()  # without the gate the high tail is cut
+    again = np.arange(0, N, 2)
+    table.update(again, np.where(high[again], 4.9, 0.4), step=1)
+    params = rule.fit(table)
+    cut = ~kept_mask(table.losses, params, None, table.first_losses)
+    np.testing.assert_array_equal(cut, high & (np.arange(N) % 2 == 0))  # re-measured and still high
+    assert rule.probabilities(table)[cut].max() < rule.probabilities(table)[high & ~cut].min()
+    # With the ratio gate as well: a re-measured high sample that halved is spared too.
+    both = DROWeighting(cut_learned_ratio=0.5, cut_remeasured_only=True)
+    table.update([20], [2.0], step=2)  # 5.0 -> 2.0: at most half
+    kept = kept_mask(table.losses, both.fit(table), None, table.first_losses)
+    assert kept[20] and not kept[40] and kept[45]
+
+
+def test_remeasured_only_config_and_bad_values():
+    assert DROWeighting().cut_remeasured_only is False and "cut_remeasured_only" not in DROWeighting().config()
+    on = DROWeighting(cut_remeasured_only=True)
+    assert on.config()["cut_remeasured_only"] is True and DROWeighting.from_config(on.config()) == on
+    assert DROWeighting.from_config(DROWeighting(cut_learned_ratio=None).config()).cut_remeasured_only is False
+    s = IRDROSampler(100, 10, seed=0, cut_learned_ratio=None, cut_remeasured_only=True)
+    assert s.table.first_losses is not None  # kept: the gate reads them
+    assert s.fingerprint() != IRDROSampler(100, 10, seed=0, cut_learned_ratio=None).fingerprint()
+    for bad in (1, 0, "yes", None, 1.0):
+        with pytest.raises(ValueError, match=f"cut_remeasured_only must be True or False, got {bad!r}"):
+            DROWeighting(cut_remeasured_only=bad)
+        with pytest.raises(ValueError, match="cut_remeasured_only"):
+            IRDROSampler(100, 10, cut_remeasured_only=bad)
+    with pytest.raises(ValueError, match=r"cut_remeasured_only=True needs a LossTable that keeps first losses"):
+        DROWeighting(cut_learned_ratio=None, cut_remeasured_only=True).fit(LossTable(N, track_first_losses=False))
+
+
 
 
 def test_table_state_saves_checks_and_loads_the_column():
@@ -122,8 +166,11 @@ def _falling_loss(ids: np.ndarray, step: int) -> np.ndarray:
     return loss_of(ids, step) * np.where(ids % 13 == 0, 30.0 * learned, 1.0)
 
 
-def _run(sampler: IRDROSampler, steps: range, save_after: int | None = None) -> tuple[dict, dict | None]:
-    """Train over ``steps`` (epochs of ``batches_per_epoch`` steps), resuming mid-epoch at ``steps.start``."""
+def _run(
+    sampler: IRDROSampler, steps: range, save_after: int | None = None, spared: list | None = None
+) -> tuple[dict, dict | None]:
+    """Train over ``steps`` (epochs of ``batches_per_epoch`` steps), resuming mid-epoch at ``steps.start``;
+    ``spared`` collects, after each step, how many samples the gates keep that the cut alone would not."""
     batches, saved = {}, None
     step = steps.start
     while step < steps.stop:
@@ -136,43 +183,56 @@ def _run(sampler: IRDROSampler, steps: range, save_after: int | None = None) -> 
                 break
             batches[step] = batch
             sampler.update(batch, _falling_loss(batch, step), step=step)
+            if spared is not None and sampler.order.weights.params is not None:
+                spared.append(int(_spared(sampler.order.weights.params, sampler.table).sum()))
             if step == save_after:
                 saved = roundtrip(sampler.state_dict())
             step += 1
     return batches, saved
 
 
+GATES = {"learned": dict(cut_learned_ratio=0.5), "remeasured": dict(cut_learned_ratio=None, cut_remeasured_only=True)}
+UNGATED = dict(cut_learned_ratio=None, cut_remeasured_only=False)
+
+
+def _spared(params, table) -> np.ndarray:
+    """Samples the gates keep that the cut alone would not."""
+    ungated = params._replace(learned_ratio=None, remeasured_only=False)
+    return ~kept_mask(table.losses, ungated, table.groups) & kept_mask(table.losses, params, table.groups,
+                                                                         table.first_losses)
+
+
+@pytest.mark.parametrize("gate", list(GATES))
 @pytest.mark.parametrize("draws", ["balanced", "iid"])
-def test_resume_with_the_gate_and_tree_agrees_with_probabilities(draws):
+def test_resume_with_the_gate_and_tree_agrees_with_probabilities(draws, gate):
     def make(**kw):
         # A high floor and no averaging, so cut samples are re-measured often enough in 40 steps.
         return IRDROSampler(200, 20, seed=3, refresh_interval=3, feedback_delay=1, draws=draws, uniform_mix=0.5,
                             ema=0.0, **kw)
 
-    s = make(cut_learned_ratio=0.5)
-    full, state = _run(s, range(40), save_after=23)
+    s = make(**GATES[gate])
+    spared: list[int] = []
+    full, state = _run(s, range(40), save_after=23, spared=spared)
+    assert sum(spared) > 0  # the gate is at work in this run
     params = s.order.weights.params
     np.testing.assert_allclose(s.probabilities(), s.rule.probabilities(s.table, params), rtol=1e-12)
-    spared = ~kept_mask(s.table.losses, params._replace(learned_ratio=None)) & kept_mask(
-        s.table.losses, params, None, s.table.first_losses)
-    assert spared.sum() > 0  # the gate is at work in this run
-    assert state["rule"]["cut_learned_ratio"] == 0.5
-    fresh = make(cut_learned_ratio=None)  # the state brings its rule, gate included
+    assert {k: state["rule"][k] for k in GATES[gate] if k in state["rule"]} == {k: v for k, v in GATES[gate].items() if v}
+    fresh = make(**UNGATED)  # the state brings its rule, gate included
     fresh.load_state_dict(state)
-    assert fresh.rule.cut_learned_ratio == 0.5
+    assert fresh.rule == s.rule
     assert_state_equal(fresh.state_dict(), state)
     cont, _ = _run(fresh, range(24, 40))
     assert all(np.array_equal(cont[k], full[k]) for k in range(24, 40))
-    plain_batches, _ = _run(make(cut_learned_ratio=None), range(40))
+    plain_batches, _ = _run(make(**UNGATED), range(40))
     assert any(not np.array_equal(plain_batches[k], full[k]) for k in range(40))  # the gate changed the draws
 
 
 # ------------------------------------------------------------------------------------- sharded over ranks
 SHARDED_N, SHARDED_BATCH, SHARDED_STEPS, SHARDED_SAVE = 200, 20, 40, 23
-SHARDED_OPTS = dict(seed=3, refresh_interval=3, feedback_delay=1, uniform_mix=0.5, ema=0.0, cut_learned_ratio=0.5)
+SHARDED_OPTS = dict(seed=3, refresh_interval=3, feedback_delay=1, uniform_mix=0.5, ema=0.0)
 
 
-def _sharded_worker(rank: int, world: int, port: int, results, folder: str) -> None:
+def _sharded_worker(rank: int, world: int, port: int, results, folder: str, gate: str) -> None:
     import torch.distributed as dist
     from _core_helpers import train_sharded_steps
 
@@ -181,7 +241,7 @@ def _sharded_worker(rank: int, world: int, port: int, results, folder: str) -> N
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         def make() -> ShardedIRDROSampler:
-            return ShardedIRDROSampler(SHARDED_N, SHARDED_BATCH // world, num_shards=8, **SHARDED_OPTS)
+            return ShardedIRDROSampler(SHARDED_N, SHARDED_BATCH // world, num_shards=8, **SHARDED_OPTS, **GATES[gate])
 
         def steps(s: ShardedIRDROSampler, first: int, last: int) -> list[np.ndarray]:
             return train_sharded_steps(s, first, last, _falling_loss)
@@ -199,17 +259,18 @@ def _sharded_worker(rank: int, world: int, port: int, results, folder: str) -> N
 
 
 @pytest.mark.slow
-def test_sharded_over_two_ranks_equals_the_unsharded_sampler_and_resumes(tmp_path):
+@pytest.mark.parametrize("gate", list(GATES))
+def test_sharded_over_two_ranks_equals_the_unsharded_sampler_and_resumes(tmp_path, gate):
     """The sharded sampler gathers the first losses for its fit and saves them in its row files: on 2 gloo
     ranks its distribution equals the unsharded sampler's fed the same feedback, and a run resumed from
     its files draws the same batches."""
     from _core_helpers import spawn_gloo
 
-    out = spawn_gloo(_sharded_worker, 2, str(tmp_path / "state"))
+    out = spawn_gloo(_sharded_worker, 2, str(tmp_path / "state"), gate)
     batches = out[0][0] + out[0][1]
     assert all(np.array_equal(a, b) for r in out for a, b in zip(r[0] + r[1], batches, strict=True))
     assert all(np.array_equal(a, b) for r in out for a, b in zip(r[3], out[0][1], strict=True))
-    ref = IRDROSampler(SHARDED_N, SHARDED_BATCH, draws="iid", **SHARDED_OPTS)
+    ref = IRDROSampler(SHARDED_N, SHARDED_BATCH, draws="iid", **SHARDED_OPTS, **GATES[gate])
     for b, ids in enumerate(batches):
         ref.order.advance_to(b)
         ref.update(ids, _falling_loss(ids, b), step=b)
@@ -217,7 +278,4 @@ def test_sharded_over_two_ranks_equals_the_unsharded_sampler_and_resumes(tmp_pat
     sharded = np.concatenate([out[0][2], out[1][2]])
     np.testing.assert_allclose(sharded, probs, rtol=1e-9)
     np.testing.assert_allclose(np.concatenate([out[0][4], out[1][4]]), probs, rtol=1e-9)
-    params, table = ref.order.weights.params, ref.table
-    spared = ~kept_mask(table.losses, params._replace(learned_ratio=None)) & kept_mask(
-        table.losses, params, None, table.first_losses)
-    assert spared.any()  # the gate decides some samples' masses here
+    assert _spared(ref.order.weights.params, ref.table).any()  # the gate decides some samples' masses here
