@@ -122,6 +122,9 @@ ARMS.update({
     # The cut only where the losses over all samples have an upper tail heavier than a log-normal bulk.
     "evidence-nogroups": {"cut_rule": "zscore-evidence"},
     "evidence": {"groups": "labels", "cut_rule": "zscore-evidence"},
+    # A lower z-score: with the gate sparing what is being learned, can the cut take more of the flips?
+    "z25-nogroups": {"truncate_zscore": 2.5},
+    "z25": {"groups": "labels", "truncate_zscore": 2.5},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
