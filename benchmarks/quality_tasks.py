@@ -41,8 +41,8 @@ TASK_ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") 
              for name, opts in TASK_ARMS.items()}
 TASK_ARMS.update({"irdro-ungated": {"groups": "labels", "cut_learned_ratio": None},
                   "irdro-nogroups-ungated": {"cut_learned_ratio": None}})
-# A lower z-score with groups (issue 18: better on the task suite with groups, RESULTS_suite_z25.md); with
-# the defaults' gate.
+# A lower z-score with groups, with the defaults' gate (issue 18): better on the task suite with groups, worse
+# on these families, so not adopted (RESULTS_suite_z25.md).
 TASK_ARMS["irdro-z25"] = {"groups": "labels", "truncate_zscore": 2.5}
 #: Arms that only make sense where there are labels.
 CLASSIFIER_ONLY = ("irdro-nogroups", "irdro-nogroups-ungated", "irdro-z25")
