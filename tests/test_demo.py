@@ -213,19 +213,35 @@ def _wait_for_workdir(tmpdir, proc, timeout: float = 120.0):
     raise AssertionError("the demo never created its work folder")
 
 
+def _demo_leftovers(tmpdir):
+    """What is left in the temp folder besides streaming's own file locks: the empty
+    ``<shm prefix>_{barrier,cache}_filelock`` files every StreamingDataset creates in the temp folder and
+    never removes (upstream; the next dataset with that prefix reuses them)."""
+    import re
+
+    upstream = re.compile(r"\d{6}_(barrier|cache)_filelock")
+    return sorted(p.name for p in tmpdir.iterdir()
+                  if not (upstream.fullmatch(p.name) and p.is_file() and p.stat().st_size == 0))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_demo_killed_leaves_no_temporary_folders(tmp_path, sig):
+@pytest.mark.parametrize("seconds_into_training", [0, 5])
+def test_demo_killed_leaves_no_temporary_folders(tmp_path, sig, seconds_into_training):
+    """Killed as training starts or in the middle of an epoch, while streaming's threads are still copying
+    shards into the work folder (they must be stopped before it is removed)."""
     import signal
 
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     proc = _start_demo(tmp_path, tmpdir)
     _wait_for_workdir(tmpdir, proc)
+    time.sleep(seconds_into_training)
+    assert proc.poll() is None, "the demo ended before it was killed"
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in (130, 128 + signal.SIGTERM), err[-2000:]
-    assert list(tmpdir.iterdir()) == []
+    assert _demo_leftovers(tmpdir) == []
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".build-")]
 
 

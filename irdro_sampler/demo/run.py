@@ -226,7 +226,6 @@ def _train(
     """One Composer run; returns the held-out curve, final per-domain losses, draws per domain and,
     for IR-DRO arms, the final loss table and probabilities (:func:`_outcome`). (Its length is its
     keyword-only signature: every knob of a run is passed explicitly, none read from globals.)"""
-    from composer import Trainer
     from composer.optim import ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler
 
     val_ids, val_labels, val_dom = val
@@ -242,6 +241,30 @@ def _train(
         sched = CosineAnnealingWithWarmupScheduler(t_warmup=f"{warmup}ba", alpha_f=0.1)
     else:
         sched = ConstantWithWarmupScheduler(t_warmup=f"{warmup}ba")
+    try:
+        return _fit(model, loader, steps, opt, sched, algorithms, held, counter, seed, load_path, save_path, corpus)
+    finally:
+        # Streaming's prepare/ready threads copy shards into `local` until the epoch is over, also after the
+        # run stopped mid-epoch or a SIGTERM unwound the trainer: stop them first, or a shard written after
+        # the removal leaves the folder behind.
+        _stop_streaming_threads(ds)
+        del loader, ds, model, opt
+        gc.collect()  # the dataset's shared memory is released before the next run creates its own
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _stop_streaming_threads(ds: Any) -> None:
+    from irdro_sampler.integrations._streaming_compat import current_iteration, stop_iteration
+
+    iteration = current_iteration(ds)
+    if iteration is not None:
+        stop_iteration(iteration)
+
+
+def _fit(model, loader, steps, opt, sched, algorithms, held, counter, seed, load_path, save_path, corpus):
+    """Train with Composer, save the checkpoint if asked, and return :func:`_outcome`."""
+    from composer import Trainer
+
     trainer = Trainer(
         model=model,
         train_dataloader=loader,
@@ -259,15 +282,13 @@ def _train(
         load_weights_only=load_path is not None,
         python_log_level=None,
     )
-    trainer.fit()
-    if save_path is not None:
-        trainer.save_checkpoint(save_path)
-    out = _outcome(corpus, held, counter, algorithms)
-    trainer.close()
-    del trainer, loader, ds, model, opt
-    gc.collect()
-    shutil.rmtree(local, ignore_errors=True)
-    return out
+    try:
+        trainer.fit()
+        if save_path is not None:
+            trainer.save_checkpoint(save_path)
+        return _outcome(corpus, held, counter, algorithms)
+    finally:
+        trainer.close()
 
 
 def _outcome(corpus: Corpus, held: Any, counter: Any, algorithms: list[Any]) -> dict[str, Any]:
