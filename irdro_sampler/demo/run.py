@@ -242,7 +242,8 @@ def _train(
     else:
         sched = ConstantWithWarmupScheduler(t_warmup=f"{warmup}ba")
     try:
-        return _fit(model, loader, steps, opt, sched, algorithms, held, counter, seed, load_path, save_path, corpus)
+        return _fit(model=model, loader=loader, steps=steps, opt=opt, sched=sched, algorithms=algorithms, held=held,
+                    counter=counter, seed=seed, load_path=load_path, save_path=save_path, corpus=corpus)
     finally:
         # Streaming's prepare/ready threads copy shards into `local` until the epoch is over, also after the
         # run stopped mid-epoch or a SIGTERM unwound the trainer: stop them first, or a shard written after
@@ -261,8 +262,9 @@ def _stop_streaming_threads(ds: Any) -> None:
         stop_iteration(iteration)
 
 
-def _fit(model, loader, steps, opt, sched, algorithms, held, counter, seed, load_path, save_path, corpus):
-    """Train with Composer, save the checkpoint if asked, and return :func:`_outcome`."""
+def _fit(*, model, loader, steps, opt, sched, algorithms, held, counter, seed, load_path, save_path, corpus):
+    """Train with Composer, save the checkpoint if asked, and return :func:`_outcome`. A function of its own
+    so that the trainer (and what it holds of the dataset) is gone when :func:`_train` collects garbage."""
     from composer import Trainer
 
     trainer = Trainer(
