@@ -125,6 +125,19 @@ ARMS.update({
     # A lower z-score: with the gate sparing what is being learned, can the cut take more of the flips?
     "z25-nogroups": {"truncate_zscore": 2.5},
     "z25": {"groups": "labels", "truncate_zscore": 2.5},
+    # The defaults taken apart again, with the gate: the cut alone (a flat tilt).
+    "cut-only-gated": {"groups": "labels", "temperature": 1e30},
+    "cut-only-gated-nogroups": {"temperature": 1e30},
+})
+# Every arm above was run before the tilt's strength followed the share of the losses' spread the groups
+# explain (group_tilt_share, the default since issue 18): it keeps its runs' options without it.
+ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, "group_tilt_share": None})
+        for name, opts in ARMS.items()}
+ARMS.update({
+    # The defaults before the adaptation (the runs named irdro until then; RESULTS_suite_group_tilt.md).
+    "group-tilt-off": {"groups": "labels", "group_tilt_share": None},
+    # Full strength only where the groups explain half of the spread (a weaker tilt on more tasks).
+    "group-tilt05": {"groups": "labels", "group_tilt_share": 0.5},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

@@ -25,6 +25,7 @@ from .cut_rules import (
     cut_threshold,
     group_cut_thresholds,
 )
+from .group_share import DEFAULT_GROUP_TILT_SHARE, group_explained_share, tilt_factor
 from .loss_table import prior_value
 
 if TYPE_CHECKING:
@@ -271,7 +272,11 @@ class DROWeighting:
     constrained DRO form: KL(tilted || uniform) = radius over the kept samples) or ``ess_fraction``
     (effective sample size of the tilted weights as a fraction of the kept samples; default
     :data:`DEFAULT_ESS_FRACTION` = 0.9 when none of the three is given, which makes the rule
-    scale-free). At most one of the three may be given.
+    scale-free). At most one of the three may be given. With groups, a calibrated tilt's strength
+    (``1 - ess_fraction``, or ``kl_radius``) is scaled by the share of the kept losses' variance the groups
+    explain over ``group_tilt_share`` (default 0.25; at most 1, None: not scaled;
+    :mod:`irdro_sampler.group_share`): full where groups differ, flat where the high losses sit inside
+    every group.
 
     The cut (``truncate_zscore`` with ``cut_rule``, and/or ``truncate_quantile``; see
     :func:`cut_threshold`) is computed over the seen samples, per group when the table has groups
@@ -308,6 +313,7 @@ class DROWeighting:
     cut_floor: float | None = None
     cut_learned_ratio: float | None = DEFAULT_CUT_LEARNED_RATIO
     cut_remeasured_only: bool = False
+    group_tilt_share: float | None = DEFAULT_GROUP_TILT_SHARE
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -321,6 +327,7 @@ class DROWeighting:
         _check_cut_rule(self.cut_rule)
         check_positive(self.cut_floor, "cut_floor", allow_none=True)
         check_fraction(self.cut_learned_ratio, "cut_learned_ratio", low_open=True, high_open=True, allow_none=True)
+        check_fraction(self.group_tilt_share, "group_tilt_share", low_open=True, high_open=False, allow_none=True)
         if not isinstance(self.cut_remeasured_only, bool):
             raise ValueError(f"cut_remeasured_only must be True or False, got {self.cut_remeasured_only!r}")
         if self.tilt_cap is not None and self.tilt_cap not in TILT_CAPS:
@@ -330,21 +337,22 @@ class DROWeighting:
             raise ValueError(f"calibration_size must be an int >= 1, got {self.calibration_size!r}")
 
     def config(self) -> dict[str, Any]:
-        """The options as a dict; ``tilt_cap``, ``cut_floor``, ``cut_learned_ratio`` and ``cut_remeasured_only``
-        only when set, so the configs (and the fingerprints and saved states built from them) of rules without
-        them are those of versions that did not have them (:meth:`from_config` reads a missing
-        ``cut_learned_ratio`` as None)."""
+        """The options as a dict; ``tilt_cap``, ``cut_floor``, ``cut_learned_ratio``, ``cut_remeasured_only`` and
+        ``group_tilt_share`` only when set, so the configs (and the fingerprints and saved states built from
+        them) of rules without them are those of versions that did not have them (:meth:`from_config` reads a
+        missing ``cut_learned_ratio`` or ``group_tilt_share`` as None)."""
         out = asdict(self)
-        for late in ("tilt_cap", "cut_floor", "cut_learned_ratio", "cut_remeasured_only"):
+        for late in ("tilt_cap", "cut_floor", "cut_learned_ratio", "cut_remeasured_only", "group_tilt_share"):
             if out[late] is None or out[late] is False:
                 del out[late]
         return out
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DROWeighting:
-        """The rule a saved :meth:`config` describes. A config without ``cut_learned_ratio`` was saved with
-        the gate off (by a version before it existed, or with it set to None): it loads with the gate off."""
-        return cls(**{"cut_learned_ratio": None, **config})
+        """The rule a saved :meth:`config` describes. A config without ``cut_learned_ratio`` (or
+        ``group_tilt_share``) was saved with the gate (or the adaptation) off, by a version before it existed
+        or with it set to None: it loads with it off."""
+        return cls(**{"cut_learned_ratio": None, "group_tilt_share": None, **config})
 
     # -- calibration ------------------------------------------------------------------------------
     def fit(self, table: LossTable) -> WeightParams:
@@ -409,7 +417,11 @@ class DROWeighting:
         cap = params.caps(groups)
         if cap is not None:  # the temperature of the capped tilt is calibrated on the capped losses
             eff = np.minimum(eff, cap)
-        tau = float(self.temperature_for(eff[kept]))
+        factor = 1.0
+        if groups is not None and self.group_tilt_share is not None:
+            scored = kept & seen  # group means of measured losses: the prior says nothing about a group
+            factor = tilt_factor(group_explained_share(view[scored], groups[scored], num_groups), self.group_tilt_share)
+        tau = float(self.temperature_for(eff[kept], factor))
         return params._replace(temperature=tau)
 
     def _with_cap(
@@ -421,15 +433,20 @@ class DROWeighting:
             return params._replace(cap=cut_threshold(seen_losses, **z))
         return params._replace(group_cap=group_cut_thresholds(seen_losses, seen_groups, num_groups=num_groups, **z))
 
-    def temperature_for(self, kept_losses: np.ndarray) -> float:
-        """The temperature this rule uses for these (kept) losses: the fixed one, or calibrated."""
+    def temperature_for(self, kept_losses: np.ndarray, strength: float = 1.0) -> float:
+        """The temperature this rule uses for these (kept) losses: the fixed one, or calibrated to the
+        ESS or KL target with the tilt's strength (``1 - ess_fraction``, or ``kl_radius``) times
+        ``strength`` in [0, 1] (0: flat; see ``group_tilt_share``). A fixed temperature ignores it."""
         if self.temperature is not None:
             return float(self.temperature)
         if kept_losses.size <= 1:
             return DEFAULT_TEMPERATURE  # one or no loss: every temperature gives the same weights
+        if strength <= 0.0:
+            return temperature_for_ess(kept_losses, 1.0)  # the hot end of the search: flat to 1e-6
         if self.kl_radius is not None:
-            return temperature_for_kl(kept_losses, self.kl_radius)
-        return temperature_for_ess(kept_losses, self.ess_fraction or DEFAULT_ESS_FRACTION)
+            return temperature_for_kl(kept_losses, self.kl_radius * strength)
+        ess = self.ess_fraction or DEFAULT_ESS_FRACTION
+        return temperature_for_ess(kept_losses, ess if strength >= 1.0 else 1.0 - (1.0 - ess) * strength)
 
     # -- masses and probabilities -------------------------------------------------------------------
     def masses_at(

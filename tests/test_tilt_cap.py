@@ -125,7 +125,7 @@ def test_defaults_unchanged():
     assert rule.tilt_cap is None and "tilt_cap" not in rule.config() and "tilt_cap" in RULE_OPTIONS
     assert [k for k, _ in rule.identity()] == sorted(
         ["temperature", "kl_radius", "ess_fraction", "truncate_quantile", "truncate_zscore", "cut_rule",
-         "uniform_mix", "calibration_size", "cut_learned_ratio"])
+         "uniform_mix", "calibration_size", "cut_learned_ratio", "group_tilt_share"])
     assert DROWeighting(tilt_cap=None) == rule
     assert DROWeighting(tilt_cap="zscore").config()["tilt_cap"] == "zscore"
     for groups in (False, True):
