@@ -274,7 +274,7 @@ class DROWeighting:
     :data:`DEFAULT_ESS_FRACTION` = 0.9 when none of the three is given, which makes the rule
     scale-free). At most one of the three may be given. With groups, a calibrated tilt's strength
     (``1 - ess_fraction``, or ``kl_radius``) is scaled by the share of the kept losses' variance the groups
-    explain over ``group_tilt_share`` (default 0.25; at most 1, None: not scaled;
+    explain over ``group_tilt_share`` (default 0.5; at most 1, None: not scaled;
     :mod:`irdro_sampler.group_share`): full where groups differ, flat where the high losses sit inside
     every group.
 

@@ -76,7 +76,7 @@ def _ess(rule: DROWeighting, table: LossTable) -> float:
 def test_the_tilt_keeps_its_strength_where_groups_differ_and_fades_where_they_do_not():
     between, within = _table(within=False), _table(within=True)
     default, off = DROWeighting(), DROWeighting(group_tilt_share=None)
-    assert default.group_tilt_share == DEFAULT_GROUP_TILT_SHARE == 0.25
+    assert default.group_tilt_share == DEFAULT_GROUP_TILT_SHARE == 0.5
     # Groups explain nearly all the spread: the defaults' tilt is the full one (ESS 0.9 of the kept).
     assert group_explained_share(between.losses, between.groups, 10) > 0.9
     assert default.fit(between).temperature == off.fit(between).temperature
@@ -86,7 +86,7 @@ def test_the_tilt_keeps_its_strength_where_groups_differ_and_fades_where_they_do
     share = group_explained_share(within.losses, within.groups, 10)
     assert share < 0.01
     assert _ess(off, within) == pytest.approx(0.9, abs=2e-3)
-    assert _ess(default, within) == pytest.approx(1.0 - 0.1 * share / 0.25, abs=2e-3)
+    assert _ess(default, within) == pytest.approx(1.0 - 0.1 * share / DEFAULT_GROUP_TILT_SHARE, abs=2e-3)
     # Without groups there is nothing to measure: the full tilt.
     plain = LossTable(within.dataset_size)
     plain.update(np.arange(plain.dataset_size), within.losses, step=0)
@@ -102,7 +102,7 @@ def test_partial_share_scales_the_tilt_strength_of_ess_and_kl():
     share = group_explained_share(table.losses, g, groups)
     assert 0.05 < share < 0.25  # a partial share
     rule = DROWeighting(truncate_zscore=None)
-    assert _ess(rule, table) == pytest.approx(1.0 - 0.1 * share / 0.25, abs=2e-3)
+    assert _ess(rule, table) == pytest.approx(1.0 - 0.1 * share / DEFAULT_GROUP_TILT_SHARE, abs=2e-3)
     kl_rule, kl_full = (DROWeighting(kl_radius=0.05, truncate_zscore=None, group_tilt_share=s) for s in (0.25, None))
     want = kl_full.temperature_for(table.losses.astype(np.float64), share / 0.25)
     assert kl_rule.fit(table).temperature == pytest.approx(want, rel=1e-12)
@@ -119,11 +119,11 @@ def test_bad_group_tilt_share_is_refused_by_name(value):
 
 
 def test_config_names_the_share_only_when_set_and_old_configs_load_without_it():
-    assert DROWeighting().config()["group_tilt_share"] == 0.25
+    assert DROWeighting().config()["group_tilt_share"] == 0.5
     assert "group_tilt_share" not in DROWeighting(group_tilt_share=None).config()
     old = DROWeighting(group_tilt_share=None).config()  # what versions before the option saved
     assert DROWeighting.from_config(old).group_tilt_share is None
-    assert DROWeighting.from_config(DROWeighting(group_tilt_share=0.5).config()).group_tilt_share == 0.5
+    assert DROWeighting.from_config(DROWeighting(group_tilt_share=0.25).config()).group_tilt_share == 0.25
 
 
 def test_resume_with_groups_is_bitwise_under_the_adaptation():
@@ -143,7 +143,7 @@ def test_resume_with_groups_is_bitwise_under_the_adaptation():
     first = make()
     got = run_with_feedback(first, 1)
     state = roundtrip(first.state_dict())
-    assert first.rule.group_tilt_share == 0.25 and state["rule"]["group_tilt_share"] == 0.25
+    assert first.rule.group_tilt_share == 0.5 and state["rule"]["group_tilt_share"] == 0.5
     again = make()
     again.load_state_dict(state)
     got += run_with_feedback(again, 2, start_epoch=1, step0=len(got))
