@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-
 from _core_helpers import loss_of, roundtrip, run_with_feedback
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
