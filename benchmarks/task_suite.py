@@ -139,6 +139,8 @@ ARMS.update({
     # Full strength already where the groups explain a quarter of the spread (a stronger tilt on more tasks than
     # the default 0.5; the runs named group-tilt05 before 0.5 became the default are now irdro's).
     "group-tilt025": {"groups": "labels", "group_tilt_share": 0.25},
+    # Full strength only where the groups explain all of the spread: the tilt's strength is the share itself.
+    "group-tilt10": {"groups": "labels", "group_tilt_share": 1.0},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
