@@ -136,11 +136,11 @@ ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else 
 ARMS.update({
     # The defaults before the adaptation (the runs named irdro until then; RESULTS_suite_group_tilt.md).
     "group-tilt-off": {"groups": "labels", "group_tilt_share": None},
-    # Full strength already where the groups explain a quarter of the spread (a stronger tilt on more tasks than
-    # the default 0.5; the runs named group-tilt05 before 0.5 became the default are now irdro's).
+    # Full strength already where the groups explain a quarter or half of the spread (stronger tilts than the
+    # default 1.0, where the strength is the share itself; its runs were named group-tilt10 before it became
+    # the default).
     "group-tilt025": {"groups": "labels", "group_tilt_share": 0.25},
-    # Full strength only where the groups explain all of the spread: the tilt's strength is the share itself.
-    "group-tilt10": {"groups": "labels", "group_tilt_share": 1.0},
+    "group-tilt05": {"groups": "labels", "group_tilt_share": 0.5},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

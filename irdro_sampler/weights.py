@@ -274,9 +274,9 @@ class DROWeighting:
     :data:`DEFAULT_ESS_FRACTION` = 0.9 when none of the three is given, which makes the rule
     scale-free). At most one of the three may be given. With groups, a calibrated tilt's strength
     (``1 - ess_fraction``, or ``kl_radius``) is scaled by the share of the kept losses' variance the groups
-    explain over ``group_tilt_share`` (default 0.5; at most 1, None: not scaled;
-    :mod:`irdro_sampler.group_share`): full where groups differ, flat where the high losses sit inside
-    every group.
+    explain over ``group_tilt_share`` (default 1.0: by the share itself; the factor capped at 1; None: not
+    scaled; :mod:`irdro_sampler.group_share`): strong where the groups differ, flat where the high losses
+    sit inside every group.
 
     The cut (``truncate_zscore`` with ``cut_rule``, and/or ``truncate_quantile``; see
     :func:`cut_threshold`) is computed over the seen samples, per group when the table has groups

@@ -75,11 +75,15 @@ def _ess(rule: DROWeighting, table: LossTable) -> float:
 def test_the_tilt_keeps_its_strength_where_groups_differ_and_fades_where_they_do_not():
     between, within = _table(within=False), _table(within=True)
     default, off = DROWeighting(), DROWeighting(group_tilt_share=None)
-    assert default.group_tilt_share == DEFAULT_GROUP_TILT_SHARE == 0.5
-    # Groups explain nearly all the spread: the defaults' tilt is the full one (ESS 0.9 of the kept).
-    assert group_explained_share(between.losses, between.groups, 10) > 0.9
-    assert default.fit(between).temperature == off.fit(between).temperature
-    assert _ess(default, between) == pytest.approx(0.9, abs=2e-3)
+    saturating = DROWeighting(group_tilt_share=0.5)
+    assert default.group_tilt_share == DEFAULT_GROUP_TILT_SHARE == 1.0
+    # Groups explain nearly all the spread: a rule saturating at half keeps the full tilt (ESS 0.9 of the
+    # kept), the defaults' is nearly the full one (its strength times the share).
+    explained = group_explained_share(between.losses, between.groups, 10)
+    assert explained > 0.9
+    assert saturating.fit(between).temperature == off.fit(between).temperature
+    assert _ess(saturating, between) == pytest.approx(0.9, abs=2e-3)
+    assert _ess(default, between) == pytest.approx(1.0 - 0.1 * explained, abs=2e-3)
     # Equal group means: the spread is inside the groups and the tilt fades (ESS -> 1); without the
     # adaptation it is the full one.
     share = group_explained_share(within.losses, within.groups, 10)
@@ -118,7 +122,7 @@ def test_bad_group_tilt_share_is_refused_by_name(value):
 
 
 def test_config_names_the_share_only_when_set_and_old_configs_load_without_it():
-    assert DROWeighting().config()["group_tilt_share"] == 0.5
+    assert DROWeighting().config()["group_tilt_share"] == 1.0
     assert "group_tilt_share" not in DROWeighting(group_tilt_share=None).config()
     old = DROWeighting(group_tilt_share=None).config()  # what versions before the option saved
     assert DROWeighting.from_config(old).group_tilt_share is None
@@ -142,7 +146,7 @@ def test_resume_with_groups_is_bitwise_under_the_adaptation():
     first = make()
     got = run_with_feedback(first, 1)
     state = roundtrip(first.state_dict())
-    assert first.rule.group_tilt_share == 0.5 and state["rule"]["group_tilt_share"] == 0.5
+    assert first.rule.group_tilt_share == 1.0 and state["rule"]["group_tilt_share"] == 1.0
     again = make()
     again.load_state_dict(state)
     got += run_with_feedback(again, 2, start_epoch=1, step0=len(got))
