@@ -120,6 +120,7 @@ class WeightedStreamingDataset(RoundPlannedDataset):
         round already in progress keeps the weights frozen at its start. Invalid weights raise
         ValueError/TypeError and leave the previous weights in place.
         """
+        self._check_open()
         p = as_weight_vector(weights, int(self.num_samples))
         # Only the node's local leader writes: every rank passes identical weights, and the planner (a
         # process of the local leader rank) reads them at the start of the next round.
@@ -216,6 +217,7 @@ class WeightedStreamingDataset(RoundPlannedDataset):
         float64 torch tensors (``pending_weights`` is None when equal to the frozen ones); ``carry`` is
         the balanced draws' carry at the start of round ``carry_round`` (None: the initial phases).
         """
+        self._check_open()
         sd = self._resume_point(num_samples, from_beginning)
         state, epoch = self._round_state, int(sd["epoch"])
         hdr = state.header.snapshot()  # one consistent set of slots while the planner may write
@@ -236,6 +238,7 @@ class WeightedStreamingDataset(RoundPlannedDataset):
 
         Everything is checked first (``ValueError`` naming the entry); a rejected state changes nothing.
         """
+        self._check_open()
         streaming_state, saved = read_state(obj, self._identity())
         super().load_state_dict(streaming_state)
         if unique_rank_world(self).is_local_leader:

@@ -140,6 +140,40 @@ class RoundPlannedDataset(NodePlannedDataset):
     def _open_round_state(self, create: bool) -> SharedRoundControl:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ releasing the shared memory
+    def close(self) -> None:
+        """Release this dataset's shared memory now rather than at process exit: the rows its rounds are
+        drawn from (for :class:`WeightedStreamingDataset` 24 bytes per sample with the default balanced
+        draws: two weight rows and the carry) and the round control.
+
+        Call it on every rank once done with the dataset, after its last epoch and ``state_dict``: the
+        node's local leader rank unlinks the blocks and the memory is freed when the last process of the
+        node has let go. This process's iteration threads are stopped first. Afterwards the dataset cannot
+        be iterated, checkpointed or given weights (a ValueError says so). Idempotent; also the exit of a
+        ``with`` block. Streaming's own shared memory of the dataset (its shard and cache bookkeeping) is
+        freed at process exit, as for any StreamingDataset.
+        """
+        iteration = current_iteration(self)
+        if iteration is not None:
+            stop_iteration(iteration)
+        self._round_state.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` released the shared memory."""
+        return self._round_state.closed
+
+    def __enter__(self) -> RoundPlannedDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"this {type(self).__name__} was closed (close() released its shared memory): "
+                             "build a new one to iterate again")
+
     def plan_node_work(self, epoch: int, sample_in_epoch: int, world: Any) -> np.ndarray:
         """The node leader's plan of round ``epoch`` (see :class:`NodePlannedDataset`).
 
@@ -196,6 +230,7 @@ class RoundPlannedDataset(NodePlannedDataset):
         # round *before* yielding the last sample: trainers stop after len(dataloader) batches (Composer
         # uses islice) and never ask for more. state_dict uses the flags to tell "round finished, counter
         # reset by the trainer" from "round started, nothing consumed yet".
+        self._check_open()
         it = super().__iter__()
         prev: Any = _NOTHING
         started = None

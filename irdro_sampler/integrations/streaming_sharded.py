@@ -95,6 +95,7 @@ class ShardedWeightedStreamingDataset(RoundPlannedDataset):
         called again before that round starts it re-plans it. Bad weights on any rank raise
         ``ValueError`` on every rank and leave the plans as they were.
         """
+        self._check_open()
         frozen = int(max_over_ranks(np.array([self._round_state.header.frozen_round]), self.group)[0])
         if frozen >= self._pending_round:  # the pending round has started: plan the one after it
             target, carry = self._pending_round + 1, self._carry_after
@@ -173,6 +174,7 @@ class ShardedWeightedStreamingDataset(RoundPlannedDataset):
         """Streaming's resume state plus ``"irdro_sharded"`` (:mod:`.streaming_sharded_state`): the frozen
         and pending planned rounds, and this rank's carry and weights (O(N / world) + O(round_size); save
         one per rank)."""
+        self._check_open()
         sd = self._resume_point(num_samples, from_beginning)
         hdr = self._round_state.header.snapshot()
 
@@ -190,6 +192,7 @@ class ShardedWeightedStreamingDataset(RoundPlannedDataset):
         """Restore this rank's :meth:`state_dict`, or cut this rank's rows out of the list of every rank's
         states of a run on another world size (every rank, before iterating). Everything is checked first
         (``ValueError`` naming the state and the field); a rejected state changes nothing."""
+        self._check_open()
         streaming_state, saved = read_states(obj, self._identity(), self.start, self.stop)
         super().load_state_dict(streaming_state)
         self._pending_round = (saved.pending or saved.frozen)[0]

@@ -63,6 +63,7 @@ class ShmArray:
     def __init__(self, name: str, shape: tuple[int, ...], dtype: Any, create: bool) -> None:
         self.name, self.shape, self.dtype = name, tuple(shape), np.dtype(dtype)
         size = max(int(np.prod(self.shape)) * self.dtype.itemsize, 1)
+        self._shm: SharedMemory | None
         if create:
             _unlink_stale(name)
             self._shm = SharedMemory(name=name, create=True, size=size, auto_cleanup=True)
@@ -71,12 +72,29 @@ class ShmArray:
 
     def numpy(self) -> np.ndarray:
         """A view of the block (writes go to shared memory)."""
+        if self._shm is None:
+            raise ValueError(f"shared memory block {self.name!r} was released by close(): the dataset holding it "
+                             "cannot be used any more")
         return np.ndarray(self.shape, dtype=self.dtype, buffer=self._shm.buf)
 
+    def close(self) -> None:
+        """Let go of the block: the process that created it also unlinks its name (the memory is freed once
+        every process that attached has let go too); idempotent. Views taken by :meth:`numpy` must be gone."""
+        if self._shm is not None:
+            shm, self._shm = self._shm, None
+            shm.cleanup()  # streaming's: close, and unlink what this process created (again at exit: a no-op)
+
+    @property
+    def closed(self) -> bool:
+        return self._shm is None
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": self.shape, "dtype": self.dtype.str}
+        return {"name": self.name, "shape": self.shape, "dtype": self.dtype.str, "closed": self.closed}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if state.get("closed"):  # released before pickling: its name may be gone, do not attach
+            self.name, self.shape, self.dtype, self._shm = state["name"], tuple(state["shape"]), np.dtype(state["dtype"]), None
+            return
         self.__init__(state["name"], state["shape"], state["dtype"], create=False)
 
 
@@ -144,6 +162,19 @@ class SharedRoundControl:
     def _block(self, name: str, shape: tuple[int, ...], dtype: Any) -> ShmArray:
         # One path for the leader (create) and the other ranks (attach): same names, shapes and dtypes.
         return ShmArray(shm_name(self._prefix_int, name), shape, dtype, create=self._create)
+
+    def blocks(self) -> list[ShmArray]:
+        """Every shared-memory block this state holds (the subclasses' rows too)."""
+        return [v for v in vars(self).values() if isinstance(v, ShmArray)]
+
+    def close(self) -> None:
+        """Release every block (:meth:`ShmArray.close`): unlinked by the leader rank that created them."""
+        for block in self.blocks():
+            block.close()
+
+    @property
+    def closed(self) -> bool:
+        return all(block.closed for block in self.blocks())
 
     def freeze(self, round_idx: int) -> None:
         """Fix what round ``round_idx`` is drawn from (the planner's first step)."""
