@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .sharded_balanced_state import CONFIG_FIELDS, SCALAR_FIELDS, slice_state
 from .stride import (
     _KEY_FANOUT,
     _OFFSET_LIMIT,
@@ -57,13 +58,9 @@ from .stride import (
 from .sum_tree import _CANCEL_LIMIT, _dedupe_sorted
 from .virtual_shards import VirtualShards
 
-__all__ = ["ShardedBalancedDraws", "merge_states", "slice_state"]
+__all__ = ["ShardedBalancedDraws"]
 
 _CHUNK = 1 << 22
-_PER_SAMPLE = ("masses", "offsets", "draws")  # state arrays indexed by global id over [start, stop)
-_PER_SHARD = ("shard_totals", "shard_moved")  # state arrays indexed by shard over [first_shard, stop_shard)
-_SCALARS = ("clock", "drift1", "drift2", "alpha", "beta", "ref_total", "rekeys", "needs_reference")
-_CONFIG = ("dataset_size", "num_shards", "global_batch", "uniform_mix", "seed")
 
 
 class ShardedBalancedDraws(CreditModel):
@@ -354,22 +351,23 @@ class ShardedBalancedDraws(CreditModel):
         """This rank's state: per-sample arrays over global ids ``[start, stop)``, per-shard arrays over
         ``[first_shard, stop_shard)``, the replicated scalars and the configuration. Plain numpy and Python
         values, copies unless ``copy=False`` (the live arrays, for a save that writes them at once);
-        :func:`merge_states` and :func:`slice_state` re-cut them for another world size."""
+        :func:`~irdro_sampler.sharded_balanced_state.merge_states` and
+        :func:`~irdro_sampler.sharded_balanced_state.slice_state` re-cut them for another world size."""
         own = (lambda a: a.copy()) if copy else (lambda a: a)
         return {
-            **{name: getattr(self, name) for name in _CONFIG},
+            **{name: getattr(self, name) for name in CONFIG_FIELDS},
             "start": self.start, "stop": self.stop,
             "first_shard": self.owned_shards.start, "stop_shard": self.owned_shards.stop,
             "masses": own(self.masses), "offsets": own(self.offsets), "draws": own(self.draws),
             "shard_totals": own(self.shard_totals), "shard_moved": own(self.shard_moved),
             "held_ids": own(self._held_ids), "held_credits": own(self._held_credits),
-            **{name: getattr(self, name) for name in _SCALARS},
+            **{name: getattr(self, name) for name in SCALAR_FIELDS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from a state (of any world size) covering this rank's ids; refused before any change
         if its configuration differs or it does not cover them (``ValueError`` naming the field)."""
-        for name in _CONFIG:
+        for name in CONFIG_FIELDS:
             mine = getattr(self, name)
             if state.get(name) != mine:
                 raise ValueError(f"state['{name}'] is {state.get(name)!r}, this sampler has {mine!r}")
@@ -400,48 +398,3 @@ def _largest_copies(ids: np.ndarray, rank: np.ndarray, size: int) -> tuple[np.nd
     value = rank[pos] - j
     keep = np.lexsort((ids[pos], -value))[:size]
     return ids[pos[keep]], value[keep]
-
-
-def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """One state covering the union of ``states`` (the parts of consecutive ranks, in any order): the
-    per-sample and per-shard arrays concatenated; configuration and scalars must agree."""
-    if not states:
-        raise ValueError("merge_states needs at least one state")
-    # A rank owning no shard holds nothing (its ids read [N, N)): only its scalars are checked.
-    parts = sorted((s for s in states if s["stop_shard"] > s["first_shard"]), key=lambda s: s["first_shard"])
-    parts = parts or [states[0]]
-    first = parts[0]
-    for part in states:
-        for name in (*_CONFIG, *_SCALARS):
-            if part[name] != first[name]:
-                raise ValueError(f"states disagree on '{name}': {first[name]!r} vs {part[name]!r}")
-    for a, b in zip(parts, parts[1:], strict=False):
-        if a["stop"] != b["start"] or a["stop_shard"] != b["first_shard"]:
-            raise ValueError(f"states are not contiguous: ids [{a['start']}, {a['stop']}) then "
-                             f"[{b['start']}, {b['stop']}), shards up to {a['stop_shard']} then from {b['first_shard']}")
-    out = dict(first)
-    out["stop"], out["stop_shard"] = parts[-1]["stop"], parts[-1]["stop_shard"]
-    for name in (*_PER_SAMPLE, *_PER_SHARD, "held_ids", "held_credits"):
-        out[name] = np.concatenate([p[name] for p in parts])
-    return out
-
-
-def slice_state(state: dict[str, Any], shards: VirtualShards, rank: int, world_size: int) -> dict[str, Any]:
-    """The part of ``state`` (e.g. from :func:`merge_states`) that rank ``rank`` of ``world_size`` owns."""
-    start, stop = shards.ids_of_rank(rank, world_size)
-    owned = shards.shards_of_rank(rank, world_size)
-    if not (state["start"] <= start and stop <= state["stop"]
-            and state["first_shard"] <= owned.start and owned.stop <= state["stop_shard"]):
-        raise ValueError(f"state covers ids [{state['start']}, {state['stop']}) and shards "
-                         f"[{state['first_shard']}, {state['stop_shard']}); rank {rank} of {world_size} needs ids "
-                         f"[{start}, {stop}) and shards [{owned.start}, {owned.stop})")
-    out = dict(state)
-    lo, hi = start - state["start"], stop - state["start"]
-    for name in _PER_SAMPLE:
-        out[name] = state[name][lo:hi]
-    for name in _PER_SHARD:
-        out[name] = state[name][owned.start - state["first_shard"] : owned.stop - state["first_shard"]]
-    held = (state["held_ids"] >= start) & (state["held_ids"] < stop)
-    out["held_ids"], out["held_credits"] = state["held_ids"][held], state["held_credits"][held]
-    out.update(start=start, stop=stop, first_shard=owned.start, stop_shard=owned.stop)
-    return out

@@ -25,12 +25,12 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from .sharded_balanced import (
-    _CONFIG,
-    _PER_SAMPLE,
-    _PER_SHARD,
-    _SCALARS,
-    ShardedBalancedDraws,
+from .sharded_balanced import ShardedBalancedDraws
+from .sharded_balanced_state import (
+    CONFIG_FIELDS,
+    PER_SAMPLE_FIELDS,
+    PER_SHARD_FIELDS,
+    SCALAR_FIELDS,
     merge_states,
     slice_state,
 )
@@ -200,24 +200,24 @@ class ShardedBalancedScheme:
     def row_state(self) -> dict[str, Any]:
         state = self.draws.state_dict(copy=False)  # written at once by the save: no copy of the records
         out: dict[str, Any] = {k: int(state[k]) for k in ("start", "stop", "first_shard", "stop_shard")}
-        for key in (*_PER_SAMPLE, *_PER_SHARD, "held_ids", "held_credits"):
+        for key in (*PER_SAMPLE_FIELDS, *PER_SHARD_FIELDS, "held_ids", "held_credits"):
             out[key] = torch.from_numpy(np.ascontiguousarray(state[key]))
         return out
 
     def common_state(self) -> dict[str, Any]:
         state = self.draws.state_dict(copy=False)  # only its scalars are kept
-        return {"scheme": self.name, **{k: state[k] for k in _SCALARS}}
+        return {"scheme": self.name, **{k: state[k] for k in SCALAR_FIELDS}}
 
     def read_state(self, common: Any, where: str, parts: list[tuple[str, Any]]) -> dict[str, Any]:
         if not isinstance(common, dict) or common.get("scheme") != self.name:
             raise ValueError(f"{where}: draw_state must be a dict with scheme {self.name!r}, got {common!r:.80}")
-        for key in _SCALARS:
+        for key in SCALAR_FIELDS:
             value = common.get(key)
             if isinstance(value, bool) != (key == "needs_reference") or not isinstance(value, (int, float)) \
                     or not np.isfinite(value):
                 raise ValueError(f"{where}: draw_state['{key}'] must be a finite number, got {value!r}")
         d = self.draws
-        config = {k: getattr(d, k) for k in _CONFIG}
+        config = {k: getattr(d, k) for k in CONFIG_FIELDS}
         states = [self._check_part(part, file, config, common) for file, part in parts]
         try:  # parts of other ranges than row_files promised
             return slice_state(merge_states(states), self.shards, self.rank, self.world_size)
@@ -234,12 +234,12 @@ class ShardedBalancedScheme:
             if not isinstance(part.get(key), int):
                 raise ValueError(f"{where}: ['draws']['{key}'] must be an int, got {part.get(key)!r}")
             bounds[key] = part[key]
-        lengths = {**dict.fromkeys(_PER_SAMPLE, bounds["stop"] - bounds["start"]),
-                   **dict.fromkeys(_PER_SHARD, bounds["stop_shard"] - bounds["first_shard"])}
+        lengths = {**dict.fromkeys(PER_SAMPLE_FIELDS, bounds["stop"] - bounds["start"]),
+                   **dict.fromkeys(PER_SHARD_FIELDS, bounds["stop_shard"] - bounds["first_shard"])}
         dtypes = {"masses": torch.float64, "offsets": torch.float32, "draws": torch.uint32,
                   "shard_totals": torch.float64, "shard_moved": torch.float64, "held_ids": torch.int64,
                   "held_credits": torch.float64}
-        out = {**config, **bounds, **{k: common[k] for k in _SCALARS}}
+        out = {**config, **bounds, **{k: common[k] for k in SCALAR_FIELDS}}
         for key, dtype in dtypes.items():
             value = part.get(key)
             shape_ok = isinstance(value, torch.Tensor) and value.dim() == 1 and value.dtype == dtype

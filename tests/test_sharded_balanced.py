@@ -9,7 +9,8 @@ import torch.distributed as dist
 from _core_helpers import P_THRESHOLD, chisquare_pvalue, spawn_gloo
 
 from irdro_sampler.draws.balanced import BalancedDraws
-from irdro_sampler.sharded_balanced import ShardedBalancedDraws, merge_states, slice_state
+from irdro_sampler.sharded_balanced import ShardedBalancedDraws
+from irdro_sampler.sharded_balanced_state import merge_states, slice_state
 from irdro_sampler.virtual_shards import VirtualShards
 
 # The unsharded scheme's documented bound (tests/test_sampler_balanced.py): |count - expectation| < 2.
