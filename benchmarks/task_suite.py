@@ -141,6 +141,10 @@ ARMS.update({
     # the default).
     "group-tilt025": {"groups": "labels", "group_tilt_share": 0.25},
     "group-tilt05": {"groups": "labels", "group_tilt_share": 0.5},
+    # The tilt fading as the cut's share grows (tilt_fade_cut; RESULTS_suite_tilt_fade.md): to nothing at a
+    # cut of 20%, on top of the defaults.
+    "fade02": {"groups": "labels", "tilt_fade_cut": 0.2},
+    "fade02-nogroups": {"tilt_fade_cut": 0.2},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

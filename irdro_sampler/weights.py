@@ -27,6 +27,7 @@ from .cut_rules import (
 )
 from .group_share import DEFAULT_GROUP_TILT_SHARE, group_explained_share, tilt_factor
 from .loss_table import prior_value
+from .tilt_fade import cut_fade_factor
 
 if TYPE_CHECKING:
     from .loss_table import LossTable
@@ -276,7 +277,11 @@ class DROWeighting:
     (``1 - ess_fraction``, or ``kl_radius``) is scaled by the share of the kept losses' variance the groups
     explain over ``group_tilt_share`` (default 1.0: by the share itself; the factor capped at 1; None: not
     scaled; :mod:`irdro_sampler.group_share`): strong where the groups differ, flat where the high losses
-    sit inside every group.
+    sit inside every group. ``tilt_fade_cut`` (default None: off; issue 18, measured in
+    ``benchmarks/RESULTS_suite_tilt_fade.md``) scales it further by ``max(0, 1 - c / tilt_fade_cut)``, ``c``
+    the share of the seen calibration samples the cut removes: where the cut finds much noise, the noise it
+    missed sits just below its threshold, where the tilt would put the most weight; on clean data (``c``
+    about 0) nothing changes. Both apply with or without groups, to a calibrated tilt only.
 
     The cut (``truncate_zscore`` with ``cut_rule``, and/or ``truncate_quantile``; see
     :func:`cut_threshold`) is computed over the seen samples, per group when the table has groups
@@ -314,6 +319,7 @@ class DROWeighting:
     cut_learned_ratio: float | None = DEFAULT_CUT_LEARNED_RATIO
     cut_remeasured_only: bool = False
     group_tilt_share: float | None = DEFAULT_GROUP_TILT_SHARE
+    tilt_fade_cut: float | None = None
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -328,6 +334,7 @@ class DROWeighting:
         check_positive(self.cut_floor, "cut_floor", allow_none=True)
         check_fraction(self.cut_learned_ratio, "cut_learned_ratio", low_open=True, high_open=True, allow_none=True)
         check_fraction(self.group_tilt_share, "group_tilt_share", low_open=True, high_open=False, allow_none=True)
+        check_fraction(self.tilt_fade_cut, "tilt_fade_cut", low_open=True, high_open=False, allow_none=True)
         if not isinstance(self.cut_remeasured_only, bool):
             raise ValueError(f"cut_remeasured_only must be True or False, got {self.cut_remeasured_only!r}")
         if self.tilt_cap is not None and self.tilt_cap not in TILT_CAPS:
@@ -342,7 +349,8 @@ class DROWeighting:
         them) of rules without them are those of versions that did not have them (:meth:`from_config` reads a
         missing ``cut_learned_ratio`` or ``group_tilt_share`` as None)."""
         out = asdict(self)
-        for late in ("tilt_cap", "cut_floor", "cut_learned_ratio", "cut_remeasured_only", "group_tilt_share"):
+        for late in ("tilt_cap", "cut_floor", "cut_learned_ratio", "cut_remeasured_only", "group_tilt_share",
+                     "tilt_fade_cut"):
             if out[late] is None or out[late] is False:
                 del out[late]
         return out
@@ -421,6 +429,8 @@ class DROWeighting:
         if groups is not None and self.group_tilt_share is not None:
             scored = kept & seen  # group means of measured losses: the prior says nothing about a group
             factor = tilt_factor(group_explained_share(view[scored], groups[scored], num_groups), self.group_tilt_share)
+        if self.tilt_fade_cut is not None:
+            factor *= cut_fade_factor(seen, kept, self.tilt_fade_cut)
         tau = float(self.temperature_for(eff[kept], factor))
         return params._replace(temperature=tau)
 
