@@ -21,7 +21,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _hf_worker import VOCAB, SEQ, RecordingTrainer, Samples  # noqa: E402
+from _hf_worker import SEQ, VOCAB, RecordingTrainer, Samples  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
 
 #: The sampler options of every run (the by-hand driver in tests/test_hf_sharded.py uses the same).

@@ -83,12 +83,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from irdro_sampler import IRDROSampler, ShardedIRDROSampler, save_state
 from irdro_sampler.distributed import check_ranks_agree, gather_feedback, world_size
+from irdro_sampler.integrations import hf_sharded
 from irdro_sampler.integrations._class_targets import (
     class_label_groups,
     looks_like_class_indices,
     no_groups_note,
 )
-from irdro_sampler.integrations import hf_sharded
 from irdro_sampler.integrations._hf_compat import (
     collator_without_unused_columns,
     remove_unused_columns,
