@@ -38,29 +38,27 @@ the sampler adds a few small all-reduces per micro-batch.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from irdro_sampler._validation import as_groups
 from irdro_sampler.distributed import process_group_up
-from irdro_sampler.saving import save_state
+from irdro_sampler.integrations import _sharded_rows
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
-from irdro_sampler.sharded_state import COMMON
 
 __all__ = ["SHARDS_FOLDER", "TRAINER_FILE", "build_sampler", "check_sampler", "load", "save"]
 
 #: The folder of the sampler's per-rank rows inside each ``checkpoint-<step>`` folder.
 SHARDS_FOLDER = "irdro-shards"
 #: Rank 0's file in :data:`SHARDS_FOLDER`: the Trainer's global step, the feedback digest and the fingerprint.
-TRAINER_FILE = "trainer.pt"
+TRAINER_FILE = _sharded_rows.MARKER
 _FORMAT = "irdro_sampler.hf.sharded"
 _VERSION = 1
+_WHAT = "resume_from_checkpoint"
 
 
 def _row_groups(groups: Any, size: int) -> Callable[[int, int], np.ndarray] | None:
@@ -99,83 +97,29 @@ def check_sampler(sampler: ShardedIRDROSampler, batch_size: int, world: int, ran
     return sampler
 
 
-def _all_ok(error: str, group: Any) -> str:
-    """Every rank learns whether any rank failed; returns this rank's message (or a generic one) if so."""
-    failed = torch.tensor([float(bool(error))])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
-    if failed.item():
-        return error or "irdro: another rank could not read its part of the sharded sampler state; nothing loaded"
-    return ""
-
-
 def save(sampler: ShardedIRDROSampler, checkpoint: str | os.PathLike, global_step: int) -> None:
     """Write ``sampler`` into ``<checkpoint>/irdro-shards/`` (a collective: every rank calls it from
     ``on_save``). ``FileNotFoundError`` on every rank if rank 0 does not see the checkpoint folder."""
     checkpoint = Path(checkpoint)
-    group = sampler.group
-    dist.barrier(group=group)  # the Trainer's main process has written the checkpoint folder
+    dist.barrier(group=sampler.group)  # the Trainer's main process has written the checkpoint folder
     error = ""
     if sampler.rank == 0 and not checkpoint.is_dir():
         error = (f"IRDROTrainer: the Trainer's checkpoint folder {checkpoint} does not exist after on_save (a "
                  "hyperparameter-search run directory is not supported)")
-    error = _all_ok(error, group)
+    error = _sharded_rows.all_ok(error, sampler.group)
     if error:
         raise FileNotFoundError(error)
-    folder = checkpoint / SHARDS_FOLDER
-    if sampler.rank == 0 and folder.exists():  # a checkpoint written again: no row files of another world size
-        shutil.rmtree(folder)
-    dist.barrier(group=group)
-    sampler.save(folder)
-    if sampler.rank == 0:
-        save_state({"format": _FORMAT, "version": _VERSION, "global_step": int(global_step),
-                    "feedback_digest": sampler.feedback.digest.hex(), "fingerprint": sampler.fingerprint()},
-                   folder / TRAINER_FILE)
-    dist.barrier(group=group)
-
-
-def _check_folder(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
-    """The shards folder of ``checkpoint`` and its ``trainer.pt``, every file ``load`` needs checked present."""
-    folder = checkpoint / SHARDS_FOLDER
-    if not folder.is_dir():
-        unsharded = " (it holds an unsharded IRDROSampler state: resume with sharded=False)" if (
-            checkpoint / "irdro_sampler.pt").is_file() else ""
-        raise ValueError(f"resume_from_checkpoint: {folder} is missing: the ShardedIRDROSampler rows saved with "
-                         f"this checkpoint{unsharded}; nothing loaded")
-    marker = folder / TRAINER_FILE
-    if not marker.is_file():
-        raise ValueError(f"resume_from_checkpoint: {marker} is missing (the save was interrupted); nothing loaded")
-    entry = torch.load(marker, map_location="cpu", weights_only=True)
-    if not isinstance(entry, Mapping) or entry.get("format") != _FORMAT or not isinstance(entry.get("global_step"), int):
-        raise ValueError(f"resume_from_checkpoint: {marker} is not an IRDROTrainer sharded sampler entry; nothing loaded")
-    common = folder / COMMON
-    if not common.is_file():
-        raise ValueError(f"resume_from_checkpoint: {common} is missing; nothing loaded")
-    saved = torch.load(common, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(saved, Mapping) or saved.get("feedback_digest") != entry.get("feedback_digest"):
-        raise ValueError(f"resume_from_checkpoint: {common} does not belong to {marker} (their feedback digests "
-                         "differ); nothing loaded")
-    # Every rank checks every row file (a rank reads only those overlapping its ids), so all name the missing one.
-    for first, stop in saved.get("row_files", ()):
-        rows = folder / f"rows-{first}-{stop}.pt"  # sharded_state's name of a rank's rows
-        if not rows.is_file():
-            raise ValueError(f"resume_from_checkpoint: {rows} is missing (the rows of ids [{first}, {stop}) saved "
-                             "with this checkpoint); nothing loaded")
-    return folder, dict(entry)
+    _sharded_rows.write(sampler, checkpoint / SHARDS_FOLDER,
+                        {"format": _FORMAT, "version": _VERSION, "global_step": int(global_step)})
 
 
 def load(sampler: ShardedIRDROSampler, checkpoint: str | os.PathLike) -> int:
     """Restore ``sampler`` from ``<checkpoint>/irdro-shards/`` (a collective); returns the Trainer's global
     step it was saved at. ``ValueError`` on every rank naming a missing folder or file, nothing loaded."""
-    error, folder, entry = "", Path(), {}
-    try:
-        folder, entry = _check_folder(Path(checkpoint))
-    except ValueError as e:
-        error = str(e)
-    error = _all_ok(error, sampler.group)
-    if error:
-        raise ValueError(error)
-    sampler.load(folder)
-    if sampler.fingerprint() != entry["fingerprint"]:
-        raise ValueError(f"resume_from_checkpoint: the sampler loaded from {folder} has another fingerprint than "
-                         f"{folder / TRAINER_FILE} records (the options differ from the saved run's)")
+    checkpoint = Path(checkpoint)
+    folder, error = checkpoint / SHARDS_FOLDER, ""
+    if not folder.is_dir() and (checkpoint / "irdro_sampler.pt").is_file():
+        error = (f"{_WHAT}: {folder} is missing: {checkpoint} holds an unsharded IRDROSampler state (resume with "
+                 "sharded=False); nothing loaded")
+    entry = _sharded_rows.load(sampler, folder, _FORMAT, _WHAT, error)
     return int(entry["global_step"])
