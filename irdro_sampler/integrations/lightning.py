@@ -138,8 +138,8 @@ class IRDROCallback(Callback):
         a ``ShardedIRDROSampler``, ``ValueError`` for a checkpoint saved with the other kind.
         """
         if not isinstance(sampler, (IRDROSampler, ShardedIRDROSampler)):
-            raise TypeError(f"sampler must be an irdro_sampler.IRDROSampler or ShardedIRDROSampler, got "
-                            f"{type(sampler).__name__}")
+            raise TypeError(f"sampler must be an irdro_sampler.IRDROSampler, got {type(sampler).__name__} (or a "
+                            "ShardedIRDROSampler)")
         if self._pending_state is not None:
             state = self._pending_state
             sharded = state.get("format") == lightning_sharded.FORMAT
