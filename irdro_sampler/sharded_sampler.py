@@ -14,7 +14,9 @@ both schemes), which is what makes an elastic restart exact.
 Every draw and refresh is a collective: all ranks iterate in step (as DataLoaders over a sampler do).
 So are :meth:`~ShardedIRDROSampler.importance_weights` (without a buffered ``step``),
 :meth:`~ShardedIRDROSampler.stats` and :meth:`~ShardedIRDROSampler.local_probabilities`
-(:mod:`irdro_sampler.sharded_queries`). Composer: :mod:`irdro_sampler.integrations.composer` (``ShardedSamplerTarget``).
+(:mod:`irdro_sampler.sharded_queries`). Composer: :mod:`irdro_sampler.integrations.composer` (``ShardedSamplerTarget``);
+the Hugging Face Trainer: :mod:`irdro_sampler.integrations.hf_sharded` (``IRDROTrainer(irdro=dict(sharded=True))``);
+Lightning: :mod:`irdro_sampler.integrations.lightning_sharded`.
 The streaming path has its own sharded form (:mod:`irdro_sampler.sharded_rounds`,
 ``integrations.streaming_sharded``); what is not built yet is listed in ``docs/sharding.md``.
 """

@@ -55,6 +55,10 @@ How each part works (facts about transformers 5 / accelerate 1 checked in their 
 * **Metrics.** Every training log (``logging_steps``) gets ``irdro/*``: the sampler's ``stats()``
   (ESS, KL to uniform, cut fraction, temperature, ...; O(N)) and the mean loss of the drawn samples.
 
+**The loss table sharded over the ranks:** ``irdro=dict(sharded=True, ...)`` (or a
+:class:`~irdro_sampler.ShardedIRDROSampler`) keeps N / world rows per rank; each rank writes its rows into
+``checkpoint-<step>/irdro-shards/``. See :mod:`irdro_sampler.integrations.hf_sharded`.
+
 Requirements: map-style train data (``datasets.Dataset`` or a torch ``Dataset`` with ``__len__``); an
 ``IterableDataset`` raises ``TypeError`` naming ``train_dataset`` (stream through
 ``irdro_sampler.integrations.streaming`` with Composer instead). Data parallelism (DDP, also FSDP/ZeRO
@@ -77,8 +81,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from irdro_sampler import IRDROSampler, save_state
+from irdro_sampler import IRDROSampler, ShardedIRDROSampler, save_state
 from irdro_sampler.distributed import check_ranks_agree, gather_feedback, world_size
+from irdro_sampler.integrations import hf_sharded
 from irdro_sampler.integrations._class_targets import (
     class_label_groups,
     looks_like_class_indices,
@@ -193,13 +198,14 @@ def _resolve_loss(per_sample_loss: PerSampleLoss | str | None) -> tuple[PerSampl
 
 # ============================================================================ the DataLoader parts
 class _RankBatches:
-    """This rank's batches of an :class:`IRDROSampler` epoch, as lists of ``(global_batch, index)`` keys.
+    """This rank's batches of an :class:`IRDROSampler` (or ``ShardedIRDROSampler``) epoch, as lists of
+    ``(global_batch, index)`` keys.
 
-    ``sampler`` is the IRDROSampler (accelerate's ``set_epoch`` reaches it there); ``batch_size`` is the
+    ``sampler`` is the sampler (accelerate's ``set_epoch`` reaches it there); ``batch_size`` is the
     per-rank batch size (accelerate 1.0 refuses a batch sampler without one on several processes).
     """
 
-    def __init__(self, sampler: IRDROSampler) -> None:
+    def __init__(self, sampler: IRDROSampler | ShardedIRDROSampler) -> None:
         self.sampler = sampler
         self.batch_size = int(sampler.batch_size)
 
@@ -324,7 +330,10 @@ class IRDROTrainerMixin:
         irdro: ``IRDROSampler`` options (``groups=``, ``ess_fraction=``, ``seed=``, ...; ``seed`` defaults
             to ``args.data_seed`` or ``args.seed``), or a built ``IRDROSampler`` whose ``batch_size``,
             ``num_replicas``, ``rank`` and size match ``per_device_train_batch_size``, the world size, this
-            rank and ``train_dataset``. Default: the sampler's defaults, with one exception: when
+            rank and ``train_dataset``. ``sharded=True`` among the options (or a built
+            :class:`~irdro_sampler.ShardedIRDROSampler`) shards the loss table over the ranks (the other
+            options are then ``ShardedIRDROSampler``'s; :mod:`irdro_sampler.integrations.hf_sharded`).
+            Default: the sampler's defaults, with one exception: when
             ``groups`` is not given and ``train_dataset`` is a ``datasets.Dataset`` whose ``label`` (or
             ``labels``) column is a ``ClassLabel``, its class ids are the groups (the task suite measured
             labels as groups safer; ``groups=None`` opts out). Class-index labels without groups are
@@ -342,22 +351,26 @@ class IRDROTrainerMixin:
     def __init__(
         self,
         *args: Any,
-        irdro: IRDROSampler | Mapping[str, Any] | None = None,
+        irdro: IRDROSampler | ShardedIRDROSampler | Mapping[str, Any] | None = None,
         per_sample_loss: PerSampleLoss | str | None = None,
         irdro_check_interval: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if irdro is not None and not isinstance(irdro, (IRDROSampler, Mapping)):
-            raise TypeError(f"irdro must be a dict of IRDROSampler options or an IRDROSampler, got {irdro!r}")
+        if irdro is not None and not isinstance(irdro, (IRDROSampler, ShardedIRDROSampler, Mapping)):
+            raise TypeError(f"irdro must be a dict of IRDROSampler options, an IRDROSampler or a ShardedIRDROSampler, "
+                            f"got {irdro!r}")
         if irdro_check_interval is not None and (
             isinstance(irdro_check_interval, bool) or not isinstance(irdro_check_interval, int) or irdro_check_interval < 0
         ):
             raise ValueError(f"irdro_check_interval must be an int >= 0 or None, got {irdro_check_interval!r}")
-        self._irdro_spec = irdro if isinstance(irdro, IRDROSampler) else dict(irdro or {})
+        self._irdro_spec = irdro if isinstance(irdro, (IRDROSampler, ShardedIRDROSampler)) else dict(irdro or {})
         if isinstance(self._irdro_spec, dict):
-            for key in ("num_replicas", "rank", "batch_size", "data_source_or_size"):
+            for key in ("num_replicas", "rank", "batch_size", "data_source_or_size", "dataset_size"):
                 if key in self._irdro_spec:
                     raise ValueError(f"irdro: {key!r} is set by the Trainer (from its arguments); leave it out")
+            sharded = self._irdro_spec.get("sharded", False)
+            if not isinstance(sharded, bool):
+                raise ValueError(f"irdro: 'sharded' must be True or False, got {sharded!r}")
         self._irdro_loss_fn, self._irdro_loss_kind = _resolve_loss(per_sample_loss)
         super().__init__(*args, **kwargs)
         logging_steps = getattr(self.args, "logging_steps", 0)
@@ -365,7 +378,7 @@ class IRDROTrainerMixin:
             irdro_check_interval if irdro_check_interval is not None
             else int(logging_steps) if float(logging_steps).is_integer() and logging_steps >= 1 else 0
         )
-        self.irdro_sampler: IRDROSampler | None = None
+        self.irdro_sampler: IRDROSampler | ShardedIRDROSampler | None = None
         self._irdro_resume_from: str | None = None
         self._irdro_resume_step: int | None = None
         self._irdro_current: tuple[list[int], int] | None = None
@@ -378,9 +391,11 @@ class IRDROTrainerMixin:
         self.add_callback(_CommitCallback(self))  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ sampler and DataLoader
-    def _irdro_build_sampler(self, size: int, dataset: Any = None) -> IRDROSampler:
+    def _irdro_build_sampler(self, size: int, dataset: Any = None) -> IRDROSampler | ShardedIRDROSampler:
         args = self.args  # type: ignore[attr-defined]
         batch, replicas, rank = train_batch_size(self), int(args.world_size), int(args.process_index)
+        if isinstance(self._irdro_spec, ShardedIRDROSampler):
+            return hf_sharded.check_sampler(self._irdro_spec, batch, replicas, rank, size)
         if isinstance(self._irdro_spec, IRDROSampler):
             s = self._irdro_spec
             for name, mine, theirs in (("batch_size", s.batch_size, batch), ("num_replicas", s.num_replicas, replicas),
@@ -393,6 +408,7 @@ class IRDROTrainerMixin:
                     )
             return s
         options = dict(self._irdro_spec)
+        sharded = options.pop("sharded", False)
         options.setdefault("seed", args.data_seed if args.data_seed is not None else args.seed)
         if "groups" not in options:
             # The data set declares its classes: judge each sample within its class (measured safer:
@@ -402,9 +418,11 @@ class IRDROTrainerMixin:
                 column, options["groups"] = found
                 log.info("IRDROTrainer: the %r column is a ClassLabel; its %d classes are the sampler's groups "
                          "(irdro=dict(groups=None) turns this off)", column, int(options["groups"].max()) + 1)
+        if sharded:
+            return hf_sharded.build_sampler(size, batch, options)
         return IRDROSampler(size, batch, num_replicas=replicas, rank=rank, **options)
 
-    def _irdro_check_delay(self, sampler: IRDROSampler) -> None:
+    def _irdro_check_delay(self, sampler: IRDROSampler | ShardedIRDROSampler) -> None:
         args = self.args  # type: ignore[attr-defined]
         workers = int(args.dataloader_num_workers or 0)
         prefetch = int(args.dataloader_prefetch_factor or 2) if workers else 0
@@ -597,12 +615,18 @@ class IRDROTrainerMixin:
         finally:
             self._irdro_resume_from = None
 
-    def _irdro_load(self, sampler: IRDROSampler, folder: str) -> None:
+    def _irdro_load(self, sampler: IRDROSampler | ShardedIRDROSampler, folder: str) -> None:
+        if isinstance(sampler, ShardedIRDROSampler):
+            self._irdro_resume_step = hf_sharded.load(sampler, folder)
+            return
         file = os.path.join(folder, STATE_FILE)
         if not os.path.isfile(file):
+            sharded = os.path.isdir(os.path.join(folder, hf_sharded.SHARDS_FOLDER))
             raise FileNotFoundError(
-                f"resume_from_checkpoint: {folder} has no {STATE_FILE}: it was not written by IRDROTrainer (or the "
-                "save was interrupted); resume from a checkpoint of an IRDRO run"
+                f"resume_from_checkpoint: {folder} has no {STATE_FILE}: "
+                + ("it holds a ShardedIRDROSampler state (resume with irdro=dict(sharded=True, ...))" if sharded else
+                   "it was not written by IRDROTrainer (or the save was interrupted); resume from a checkpoint of an "
+                   "IRDRO run")
             )
         state = torch.load(file, weights_only=True)
         if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT or "sampler" not in state:
@@ -622,11 +646,15 @@ class IRDROTrainerMixin:
                               device=self._irdro_device())
 
     def _irdro_save(self, args: Any, state: Any) -> None:
-        """Write the sampler state into the checkpoint folder the Trainer has just written (``on_save``)."""
+        """Write the sampler state into the checkpoint folder the Trainer has just written (``on_save``; every
+        rank of a ``ShardedIRDROSampler`` writes its rows)."""
         sampler = self.irdro_sampler
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if isinstance(sampler, ShardedIRDROSampler):
+            hf_sharded.save(sampler, folder, int(state.global_step))
+            return
         if sampler is None or not args.should_save:
             return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(folder):
             raise FileNotFoundError(
                 f"IRDROTrainer: the Trainer's checkpoint folder {folder} does not exist after on_save (a "

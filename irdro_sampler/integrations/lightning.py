@@ -44,6 +44,10 @@ Contract and facts about Lightning 2.6 this relies on (checked in its source):
 * **Metrics.** ``irdro/*`` (the sampler's ``stats()``, O(N), and the drawn samples' mean loss) are logged
   with ``pl_module.log_dict`` every ``log_every_n_steps`` optimizer steps.
 
+**The loss table sharded over the ranks:** attach a :class:`~irdro_sampler.ShardedIRDROSampler` instead
+(N / world rows per rank); its rows are saved per rank in a folder beside the checkpoints. See
+:mod:`irdro_sampler.integrations.lightning_sharded`.
+
 Tested: lightning 2.6 on CPU, 1 process and 2 DDP ranks (gloo).
 """
 
@@ -62,8 +66,9 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback  # type: ignore[no-redef]
 
-from irdro_sampler import IRDROSampler
+from irdro_sampler import IRDROSampler, ShardedIRDROSampler
 from irdro_sampler.distributed import check_ranks_agree, gather_feedback, process_group_up
+from irdro_sampler.integrations import lightning_sharded
 from irdro_sampler.integrations._class_targets import looks_like_class_indices, no_groups_note
 
 __all__ = ["LOSS_KEY", "IRDROCallback"]
@@ -79,13 +84,14 @@ log = logging.getLogger(__name__)
 def _find_sampler(dataloader: Any) -> Any:
     for obj in (getattr(dataloader, "sampler", None), getattr(dataloader, "batch_sampler", None)):
         for candidate in (obj, getattr(obj, "sampler", None)):
-            if isinstance(candidate, IRDROSampler):
+            if isinstance(candidate, (IRDROSampler, ShardedIRDROSampler)):
                 return candidate
     return getattr(dataloader, "sampler", None)
 
 
 class IRDROCallback(Callback):
-    """Feed per-sample losses from ``training_step`` to an :class:`~irdro_sampler.IRDROSampler`.
+    """Feed per-sample losses from ``training_step`` to an :class:`~irdro_sampler.IRDROSampler` (or a
+    :class:`~irdro_sampler.ShardedIRDROSampler`: :mod:`irdro_sampler.integrations.lightning_sharded`).
 
     Args:
         loss_key: the key of ``training_step``'s returned dict holding one loss per sample of the batch
@@ -112,8 +118,10 @@ class IRDROCallback(Callback):
         self.index_key = index_key
         self.check_interval = check_interval
         self.log_metrics = bool(log_metrics)
-        self.sampler: IRDROSampler | None = None
+        self.sampler: IRDROSampler | ShardedIRDROSampler | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._trainer: Any = None  # set in setup(): a sharded sampler's rows folders need it
+        self._rows_folders = lightning_sharded.RowsFolders()
         self._next_batch = 0
         self._batches = 0
         self._drawn_sum = 0.0
@@ -121,19 +129,31 @@ class IRDROCallback(Callback):
         self._noted_groups = False
 
     # ------------------------------------------------------------------ the sampler
-    def attach(self, sampler: IRDROSampler) -> IRDROSampler:
-        """Register ``sampler`` (call in ``train_dataloader()``) and return it.
+    def attach(self, sampler: IRDROSampler | ShardedIRDROSampler) -> IRDROSampler | ShardedIRDROSampler:
+        """Register ``sampler`` (call in ``train_dataloader()``, on every rank) and return it.
 
         When a checkpoint is being resumed, its state is loaded here and the sampler is positioned at the
-        next batch to train, before Lightning draws the first batch. Raises ``TypeError`` for anything
-        but an ``IRDROSampler``.
+        next batch to train, before Lightning draws the first batch (a ``ShardedIRDROSampler``'s rows are
+        read from their folder: a collective). Raises ``TypeError`` for anything but an ``IRDROSampler`` or
+        a ``ShardedIRDROSampler``, ``ValueError`` for a checkpoint saved with the other kind.
         """
-        if not isinstance(sampler, IRDROSampler):
-            raise TypeError(f"sampler must be an irdro_sampler.IRDROSampler, got {type(sampler).__name__}")
+        if not isinstance(sampler, (IRDROSampler, ShardedIRDROSampler)):
+            raise TypeError(f"sampler must be an irdro_sampler.IRDROSampler, got {type(sampler).__name__} (or a "
+                            "ShardedIRDROSampler)")
         if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            sampler.load_state_dict(state["sampler"])
-            self._next_batch = int(state["next_batch"])
+            state = self._pending_state
+            sharded = state.get("format") == lightning_sharded.FORMAT
+            if sharded != isinstance(sampler, ShardedIRDROSampler):
+                saved, given = ("a ShardedIRDROSampler", "an IRDROSampler") if sharded else (
+                    "an IRDROSampler", "a ShardedIRDROSampler")
+                raise ValueError(f"IRDROCallback.attach: the checkpoint holds {saved} state but {given} was attached; "
+                                 "resume with the kind of sampler the checkpoint was saved with")
+            self._pending_state = None
+            if sharded:
+                self._next_batch = lightning_sharded.load(sampler, self._trainer, state)
+            else:
+                sampler.load_state_dict(state["sampler"])
+                self._next_batch = int(state["next_batch"])
             bpe = int(sampler.batches_per_epoch)
             sampler.set_epoch(self._next_batch // bpe)
             sampler.set_start_batch(self._next_batch % bpe)
@@ -141,6 +161,9 @@ class IRDROCallback(Callback):
         return sampler
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._trainer = trainer
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         found = _find_sampler(trainer.train_dataloader)
         if self._pending_state is not None:
@@ -177,6 +200,8 @@ class IRDROCallback(Callback):
         sampler = self.sampler
         if sampler is None:
             return
+        if isinstance(sampler, ShardedIRDROSampler) and sampler.rank == 0:
+            self._rows_folders.settle(trainer)  # the rows folders of checkpoints rotated out since the last batch
         losses = self._losses(outputs)
         indices = self._indices(outputs, batch)
         self._note_class_targets(outputs, batch, sampler)
@@ -213,7 +238,11 @@ class IRDROCallback(Callback):
         self._drawn_sum, self._drawn_count = 0.0, 0
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
-    def _note_class_targets(self, outputs: Any, batch: Any, sampler: IRDROSampler) -> None:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if isinstance(self.sampler, ShardedIRDROSampler) and self.sampler.rank == 0:
+            self._rows_folders.settle(trainer)
+
+    def _note_class_targets(self, outputs: Any, batch: Any, sampler: IRDROSampler | ShardedIRDROSampler) -> None:
         """Once per callback: class-index targets but a sampler without groups (see ``_class_targets``)."""
         if self._noted_groups or sampler.table.groups is not None:
             return
@@ -273,9 +302,16 @@ class IRDROCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The sampler state and the next global batch (tensors and primitives; the same on every rank)."""
+        """The sampler state and the next global batch (tensors and primitives; the same on every rank). With a
+        ``ShardedIRDROSampler``: every rank writes its rows folder (a collective: Lightning calls this on every
+        rank while building a checkpoint) and the state is the folder's entry."""
         if self.sampler is None:
             return dict(self._pending_state) if self._pending_state is not None else {}
+        if isinstance(self.sampler, ShardedIRDROSampler):
+            entry, folder = lightning_sharded.save(self.sampler, self._trainer, self._next_batch)
+            if self.sampler.rank == 0:
+                self._rows_folders.wrote(self._trainer, folder)
+            return entry
         return {"format": _STATE_FORMAT, "version": _STATE_VERSION, "next_batch": self._next_batch,
                 "sampler": self.sampler.state_dict()}
 
@@ -283,10 +319,13 @@ class IRDROCallback(Callback):
         """Keep a checkpoint's state until :meth:`attach` (or load it now if a sampler is attached)."""
         if not state_dict:
             return
-        if not isinstance(state_dict, Mapping) or state_dict.get("format") != _STATE_FORMAT:
-            raise ValueError(f"IRDROCallback.load_state_dict: not an IRDROCallback state: {sorted(state_dict)}")
-        IRDROSampler.check_state_dict(state_dict["sampler"])
-        self._pending_state = dict(state_dict)
+        if isinstance(state_dict, Mapping) and state_dict.get("format") == lightning_sharded.FORMAT:
+            self._pending_state = lightning_sharded.check_entry(state_dict)
+        else:
+            if not isinstance(state_dict, Mapping) or state_dict.get("format") != _STATE_FORMAT:
+                raise ValueError(f"IRDROCallback.load_state_dict: not an IRDROCallback state: {sorted(state_dict)}")
+            IRDROSampler.check_state_dict(state_dict["sampler"])
+            self._pending_state = dict(state_dict)
         if self.sampler is not None:
             sampler, self.sampler = self.sampler, None
             self.attach(sampler)
