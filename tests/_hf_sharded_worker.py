@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    # Leave together and tear the group down before exit: a rank exiting while gloo's threads still run
+    # aborts ("terminate called without an active exception"), seen under a loaded CPU.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

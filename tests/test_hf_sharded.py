@@ -45,6 +45,7 @@ ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 import _hf_sharded_worker as worker  # noqa: E402
 from _hf_worker import Samples  # noqa: E402
+from _sharded_by_hand import drive_by_hand  # noqa: E402
 
 sys.path.remove(str(TESTS))
 
@@ -98,19 +99,9 @@ def _global_batches(ranks: list[dict]) -> dict[int, list[int]]:
 
 # ---------------------------------------------------------------------------- the draws and the rows
 def _drive_by_hand(rank: int, world: int, port: int, results, steps: list[int], feedback: list) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        sampler = ShardedIRDROSampler(SAMPLES, BATCH * WORLD // world, num_shards=worker.NUM_SHARDS, seed=worker.SEED,
-                                      feedback_delay=worker.FEEDBACK_DELAY)
-        drawn = {}
-        for b in steps:
-            drawn[b] = sampler.batch(b)[0].tolist()
-            for step, idx, losses in feedback:
-                if step == b:
-                    sampler.update(np.asarray(idx, dtype=np.int64), np.asarray(losses, dtype=np.float32), step=step)
-        results[rank] = {"drawn": drawn, "fingerprint": sampler.fingerprint()}
-    finally:
-        dist.destroy_process_group()
+    options = dict(dataset_size=SAMPLES, batch_size=BATCH * WORLD // world, num_shards=worker.NUM_SHARDS,
+                   seed=worker.SEED, feedback_delay=worker.FEEDBACK_DELAY)
+    drive_by_hand(rank, world, port, results, steps, feedback, options)
 
 
 def test_two_ranks_draw_what_one_sharded_sampler_draws_by_hand_and_split_the_rows(full_run):

@@ -20,22 +20,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("lightning")
 
-import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from irdro_sampler import ShardedIRDROSampler  # noqa: E402
 from irdro_sampler.integrations import lightning_sharded  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 import _lightning_sharded_worker as worker  # noqa: E402
+from _sharded_by_hand import drive_by_hand  # noqa: E402
 
 sys.path.remove(str(TESTS))
 
@@ -80,19 +78,9 @@ def full_run(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 def _drive_by_hand(rank: int, world: int, port: int, results, steps: list[int], feedback: list) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        sampler = ShardedIRDROSampler(SAMPLES, BATCH * WORLD // world, num_shards=worker.NUM_SHARDS, seed=worker.SEED,
-                                      feedback_delay=worker.FEEDBACK_DELAY)
-        drawn = {}
-        for b in steps:
-            drawn[b] = sampler.batch(b)[0].tolist()
-            for step, idx, losses in feedback:
-                if step == b:
-                    sampler.update(np.asarray(idx, dtype=np.int64), np.asarray(losses, dtype=np.float32), step=step)
-        results[rank] = {"drawn": drawn, "fingerprint": sampler.fingerprint()}
-    finally:
-        dist.destroy_process_group()
+    options = dict(dataset_size=SAMPLES, batch_size=BATCH * WORLD // world, num_shards=worker.NUM_SHARDS,
+                   seed=worker.SEED, feedback_delay=worker.FEEDBACK_DELAY)
+    drive_by_hand(rank, world, port, results, steps, feedback, options)
 
 
 def test_two_ranks_draw_what_one_sharded_sampler_draws_by_hand_and_split_the_rows(full_run):
