@@ -52,8 +52,12 @@ TASK_ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") 
 # The tilt at full strength already where the groups explain half of the losses' spread (issue 18; the
 # default is 1.0: the strength is the share itself; RESULTS_suite_group_tilt.md).
 TASK_ARMS["irdro-tilt-share05"] = {"groups": "labels", "group_tilt_share": 0.5}
+# The tilt faded by the share the cut removes (tilt_fade_cut, issue 18; RESULTS_suite_tilt_fade.md).
+TASK_ARMS["irdro-fade02"] = {"groups": "labels", "tilt_fade_cut": 0.2}
+TASK_ARMS["irdro-nogroups-fade02"] = {"tilt_fade_cut": 0.2}
 #: Arms that only make sense where there are labels.
-CLASSIFIER_ONLY = ("irdro-nogroups", "irdro-nogroups-ungated", "irdro-z25", "irdro-tilt-share05")
+CLASSIFIER_ONLY = ("irdro-nogroups", "irdro-nogroups-ungated", "irdro-z25", "irdro-tilt-share05",
+                   "irdro-nogroups-fade02")
 METRICS = ("score", "rare", "worst")
 
 

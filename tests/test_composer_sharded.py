@@ -77,7 +77,7 @@ def test_sharded_run_interrupted_and_autoresumed_is_bitwise_equal(tmp_path):
     missing = tmp_path / "broken" / f"ep1-ba9-rank0.pt{SIDECAR}" / "rows-52-100.pt"
     for r in range(2):
         # A missing rank file: a ValueError naming it on every rank; nothing trained, nothing loaded.
-        assert broken[r]["error"].startswith(f"ValueError: {missing}: missing"), broken[r]["error"]
+        assert broken[r]["error"].startswith(f"ValueError: IRDRO: {missing} is missing"), broken[r]["error"]
         assert broken[r]["seen"] == []
         assert broken[r]["fingerprint"] == broken[r]["fresh_fingerprint"]
         assert int(broken[r]["rows"]["counts"].sum()) == 0

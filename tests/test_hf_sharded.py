@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,6 @@ except ImportError as exc:  # pragma: no cover
     pytest.skip(f"transformers' Trainer does not import: {exc}", allow_module_level=True)
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from irdro_sampler import ShardedIRDROSampler  # noqa: E402
 from irdro_sampler.integrations import hf_sharded  # noqa: E402
@@ -44,6 +42,7 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 import _hf_sharded_worker as worker  # noqa: E402
+from _core_helpers import free_port, spawn_gloo  # noqa: E402
 from _hf_worker import Samples  # noqa: E402
 from _sharded_by_hand import drive_by_hand  # noqa: E402
 
@@ -53,18 +52,12 @@ SAMPLES, BATCH, WORLD = 80, 4, 2  # 10 micro-batches per epoch and rank, 5 optim
 COMMON = ["--samples", str(SAMPLES), "--batch-size", str(BATCH), "--grad-accum", "2", "--epochs", "2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), str(TESTS / "_hf_sharded_worker.py"), "--out", str(out),
+           "127.0.0.1", "--master_port", str(free_port()), str(TESTS / "_hf_sharded_worker.py"), "--out", str(out),
            *COMMON, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     if ok:
@@ -74,12 +67,6 @@ def _torchrun(out: Path, *args: str, ok: bool = True) -> subprocess.CompletedPro
 
 def _results(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-
-
-def _spawn(fn, world: int, *args) -> list:
-    results = mp.Manager().dict()
-    mp.spawn(fn, args=(world, _free_port(), results, *args), nprocs=world, join=True)
-    return [results[r] for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +103,7 @@ def test_two_ranks_draw_what_one_sharded_sampler_draws_by_hand_and_split_the_row
     feedback = ranks[0]["feedback"]
     assert [f[0] for f in feedback] == sorted(trained) and all(f[1] == trained[f[0]] for f in feedback)
     assert ranks[0]["stats"]["kl_to_uniform"] > 0.01  # the weights moved: the draws are not uniform
-    (by_hand,) = _spawn(_drive_by_hand, 1, sorted(trained), feedback)
+    (by_hand,) = spawn_gloo(_drive_by_hand, 1, sorted(trained), feedback)
     assert {int(k): v for k, v in by_hand["drawn"].items()} == trained
     assert by_hand["fingerprint"] == ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
     # The table's rows are split: each rank holds half, and saved its half into the checkpoint.
@@ -203,7 +190,7 @@ def _missing_row_file(rank: int, world: int, port: int, results, folder: str) ->
 
 
 def test_missing_rank_file_is_a_clear_error_on_every_rank_with_nothing_loaded(tmp_path):
-    ranks = _spawn(_missing_row_file, WORLD, str(tmp_path))
+    ranks = spawn_gloo(_missing_row_file, WORLD, str(tmp_path))
     missing = tmp_path / "checkpoint-6" / hf_sharded.SHARDS_FOLDER / "rows-40-80.pt"
     for r in ranks:
         assert r["step"] == 6 and r["same"]

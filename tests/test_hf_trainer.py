@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -30,16 +29,11 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 import _hf_worker as worker  # noqa: E402
+from _core_helpers import free_port  # noqa: E402
 
 sys.path.remove(str(TESTS))
 
 from irdro_sampler.integrations.hf import STATE_FILE, IRDROTrainer  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(out: Path, *args: str) -> list[dict]:
@@ -48,7 +42,7 @@ def _torchrun(out: Path, *args: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(TESTS / "_hf_worker.py"), "--out", str(out), *args]
+           "--master_port", str(free_port()), str(TESTS / "_hf_worker.py"), "--out", str(out), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -24,6 +23,7 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 import _lightning_worker as worker  # noqa: E402
+from _core_helpers import free_port  # noqa: E402
 
 sys.path.remove(str(TESTS))
 
@@ -31,16 +31,10 @@ from irdro_sampler import IndexedDataset, IRDROSampler  # noqa: E402
 from irdro_sampler.integrations.lightning import IRDROCallback  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(out: Path, *args: str, devices: int = 1, check: bool = True) -> list[dict] | subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(TESTS / "_lightning_worker.py"), "--out", str(out),
                            "--devices", str(devices), *args], capture_output=True, text=True, timeout=300, env=env,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,6 @@ import torch
 
 pytest.importorskip("lightning")
 
-import torch.multiprocessing as mp  # noqa: E402
 
 from irdro_sampler.integrations import lightning_sharded  # noqa: E402
 
@@ -33,6 +31,7 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 import _lightning_sharded_worker as worker  # noqa: E402
+from _core_helpers import free_port, spawn_gloo  # noqa: E402
 from _sharded_by_hand import drive_by_hand  # noqa: E402
 
 sys.path.remove(str(TESTS))
@@ -41,16 +40,10 @@ SAMPLES, BATCH, WORLD = 96, 4, 2  # 12 global batches per epoch, 2 epochs: 24 st
 RUN = ["--samples", str(SAMPLES), "--batch-size", str(BATCH), "--epochs", "2", "--save-every", "5", "--top-k", "2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(out: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(TESTS / "_lightning_sharded_worker.py"), "--out", str(out),
                            "--devices", str(WORLD), *RUN, *args], capture_output=True, text=True, timeout=300, env=env,
@@ -95,10 +88,9 @@ def test_two_ranks_draw_what_one_sharded_sampler_draws_by_hand_and_split_the_row
     feedback = ranks[0]["feedback"]
     assert [f[0] for f in feedback] == list(range(24)) and all(f[1] == trained[f[0]] for f in feedback)
     assert ranks[0]["stats"]["kl_to_uniform"] > 0.01
-    results = mp.Manager().dict()
-    mp.spawn(_drive_by_hand, args=(1, _free_port(), results, list(range(24)), feedback), nprocs=1, join=True)
-    assert {int(k): v for k, v in results[0]["drawn"].items()} == trained
-    assert results[0]["fingerprint"] == ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+    (by_hand,) = spawn_gloo(_drive_by_hand, 1, list(range(24)), feedback)
+    assert {int(k): v for k, v in by_hand["drawn"].items()} == trained
+    assert by_hand["fingerprint"] == ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
     assert [r["rows"] for r in ranks] == [[0, 48], [48, 96]] and [r["table_rows"] for r in ranks] == [48, 48]
     # save_top_k=2 kept the checkpoints of steps 15 and 20; the rows folders of 5 and 10 went with theirs.
     ckpt = out / "ckpt"

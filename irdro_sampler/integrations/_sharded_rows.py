@@ -1,6 +1,7 @@
 """A :class:`~irdro_sampler.sharded_sampler.ShardedIRDROSampler`'s rows in a folder of a trainer's checkpoint:
 written by every rank, checked on every rank before anything is loaded (the Hugging Face and Lightning
-integrations; Composer's sidecar has its own entry in the checkpoint, :mod:`.composer.sharded_target`).
+integrations; Composer's sidecar has its own entry in the checkpoint, :mod:`.composer.sharded_target`, and
+shares :func:`check_rows` and :func:`all_ok`).
 
 A *rows folder* is the :mod:`irdro_sampler.sharded_state` layout (``rows-<first>-<stop>.pt`` per rank,
 ``common.pt``) plus rank 0's :data:`MARKER`: what the trainer needs back (its step) with the feedback
@@ -11,6 +12,8 @@ digest and the fingerprint of the saved state, written last (so a folder with a 
 * :func:`check` (local, every rank): the marker, ``common.pt`` (its digest must be the marker's) and every
   row file listed in it, present; a ``ValueError`` names the first missing one. Every rank checks every
   row file, so all name the same file.
+* :func:`check_rows` (local): the part of :func:`check` Composer's sidecar shares (its marker is the
+  checkpoint's own entry).
 * :func:`load` (a collective): :func:`check` on every rank, a failure on any rank raised on all with
   nothing loaded; then ``sampler.load`` and the fingerprint compared with the marker's.
 """
@@ -29,7 +32,7 @@ from irdro_sampler.saving import save_state
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
 from irdro_sampler.sharded_state import COMMON
 
-__all__ = ["MARKER", "all_ok", "check", "load", "write"]
+__all__ = ["MARKER", "all_ok", "check", "check_rows", "load", "write"]
 
 #: Rank 0's file in a rows folder, written last.
 MARKER = "trainer.pt"
@@ -72,19 +75,26 @@ def check(folder: str | Path, fmt: str, what: str) -> dict[str, Any]:
     entry = torch.load(marker, map_location="cpu", weights_only=True)
     if not isinstance(entry, Mapping) or entry.get("format") != fmt:
         raise ValueError(f"{what}: {marker} is not a {fmt} entry; nothing loaded")
+    check_rows(folder, entry.get("feedback_digest"), what, str(marker))
+    return dict(entry)
+
+
+def check_rows(folder: Path, feedback_digest: Any, what: str, owner: str) -> None:
+    """``folder``'s ``common.pt`` carries ``feedback_digest`` (``owner``'s) and every row file it lists is
+    present; else a ``ValueError`` (prefixed ``what``) naming the first missing or foreign file. Every rank
+    checks every row file (a rank reads only its own), so all ranks name the same one."""
     common = folder / COMMON
     if not common.is_file():
         raise ValueError(f"{what}: {common} is missing; nothing loaded")
     saved = torch.load(common, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(saved, Mapping) or saved.get("feedback_digest") != entry.get("feedback_digest"):
-        raise ValueError(f"{what}: {common} does not belong to {marker} (their feedback digests differ); "
+    if not isinstance(saved, Mapping) or saved.get("feedback_digest") != feedback_digest:
+        raise ValueError(f"{what}: {common} does not belong to {owner} (their feedback digests differ); "
                          "nothing loaded")
     for first, stop in saved.get("row_files", ()):
         rows = folder / f"rows-{first}-{stop}.pt"  # sharded_state's name of a rank's rows
         if not rows.is_file():
             raise ValueError(f"{what}: {rows} is missing (the rows of ids [{first}, {stop}) saved with this "
                              "checkpoint); nothing loaded")
-    return dict(entry)
 
 
 def load(sampler: ShardedIRDROSampler, folder: str | Path, fmt: str, what: str, error: str = "") -> dict[str, Any]:

@@ -44,8 +44,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from irdro_sampler._validation import as_groups
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
-from irdro_sampler.sharded_state import COMMON
 
+from .._sharded_rows import all_ok, check_rows
 from .targets import FeedbackOptions, SamplerTarget, option_conflicts
 
 __all__ = ["ENTRY", "SIDECAR_SUFFIX", "ShardedBatchSampler", "ShardedSamplerTarget"]
@@ -256,10 +256,9 @@ class ShardedSamplerTarget(SamplerTarget):
             folder = self._locate(entry)
         except ValueError as e:
             error, folder = str(e), Path()
-        failed = torch.tensor([float(bool(error))])
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=sampler.group)
-        if failed.item():
-            raise ValueError(error or "IRDRO: another rank could not find the sharded sampler's sidecar")
+        error = all_ok(error, sampler.group, "IRDRO")
+        if error:
+            raise ValueError(error)
         sampler.load(folder)
         if sampler.fingerprint() != entry["fingerprint"]:  # pragma: no cover - the digest check comes first
             raise ValueError(f"{folder}: the loaded sampler's fingerprint differs from the checkpoint's")
@@ -279,21 +278,9 @@ class ShardedSamplerTarget(SamplerTarget):
             candidates.append(Path(entry["path"]))
         for folder in candidates:
             if folder.is_dir():
-                common = folder / COMMON
-                if not common.is_file():
-                    raise ValueError(f"{common}: missing (the sidecar of the checkpoint is incomplete); nothing loaded")
-                saved = torch.load(common, map_location="cpu", weights_only=True, mmap=True)
-                if saved.get("feedback_digest") != entry["feedback_digest"]:
-                    raise ValueError(f"{common}: feedback_digest does not match the checkpoint's (the sidecar belongs "
-                                     "to another checkpoint); nothing loaded")
-                # Every rank checks every row file (a rank reads only its own), so all name the missing one.
-                for first, stop in saved.get("row_files", ()):
-                    rows = folder / f"rows-{first}-{stop}.pt"  # sharded_state's name of a rank's rows
-                    if not rows.is_file():
-                        raise ValueError(f"{rows}: missing (the rows of ids [{first}, {stop}) saved with this "
-                                         "checkpoint); nothing loaded")
+                check_rows(folder, entry["feedback_digest"], "IRDRO", "the checkpoint")
                 return folder
-        raise ValueError(f"{candidates[0] if candidates else entry['folder']}: missing (the folder of the "
+        raise ValueError(f"IRDRO: {candidates[0] if candidates else entry['folder']} is missing (the folder of the "
                          "ShardedIRDROSampler rows saved with this checkpoint); nothing loaded")
 
 
