@@ -97,6 +97,7 @@ class ShardedBalancedDraws(CreditModel):
         self.needs_reference = False  # a rebuild or an overflowing mass change asks the next draw to re-key
         self._keys = KeyMinTree(n, fanout=_KEY_FANOUT) if n else None
         self._stale: list[np.ndarray] = []
+        self._due: tuple[np.ndarray, ...] = (np.empty(0, dtype=np.int64), np.empty(0), np.empty(0))
         # Credits of samples whose offset a mass change would overflow: exact until the next re-key.
         self._held_ids = np.empty(0, dtype=np.int64)
         self._held_credits = np.empty(0, dtype=np.float64)
@@ -266,9 +267,10 @@ class ShardedBalancedDraws(CreditModel):
             self._advance(size, total)
         ids, values, mass = self._top_copies(max(self.clock, kth), size)
         gathered = self._all_gather(np.concatenate([values, ids.astype(np.float64), mass]))
-        ids, counts, mass = self._merge(gathered, size)
+        ids, counts, mass, low = self._merge(gathered, size)
         if commit:
             self._commit(ids, counts)
+            self._defer(ids, low)
         out = np.repeat(ids, counts)
         np.random.default_rng([self.seed, b]).shuffle(out)  # ranks take slices: spread repeats over them
         return out, mass[np.searchsorted(ids, out)]
@@ -305,21 +307,24 @@ class ShardedBalancedDraws(CreditModel):
             return ids, values, masses
         cand = self._keys.candidates(limit, 1)  # a superset of keys <= limit
         cand = cand[self._keys.levels[0][cand] <= limit]
+        self._due = (cand[:0], np.empty(0), np.empty(0))
         if cand.size == 0:
             return ids, values, masses
         records = self._records[cand]
         glob = cand + self.start
         theta = phases(self.seed, glob, records["draws"])
         rank = self._credits(records["offset"], records["mass"]) - _RANK_PHASE_OFF * theta
+        due = self._keys.levels[0][cand] <= self.clock  # the candidates a loss defers (:meth:`_defer`)
+        self._due = (cand[due], rank[due], records["mass"][due])
         top_ids, top_values = _largest_copies(glob, rank, size)
         ids[: top_ids.size], values[: top_values.size] = top_ids, top_values
         masses[: top_ids.size] = self.masses[top_ids - self.start]
         return ids, values, masses
 
     @staticmethod
-    def _merge(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The first ``size`` of every rank's copies (value descending, id ascending): sorted ids, counts
-        and masses."""
+    def _merge(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """The first ``size`` of every rank's copies (value descending, id ascending): sorted ids, counts,
+        masses and the smallest value drawn (the level)."""
         values, ids = rows[:, :size].ravel(), rows[:, size : 2 * size].ravel().astype(np.int64)
         masses = rows[:, 2 * size :].ravel()
         valid = ids >= 0
@@ -328,7 +333,7 @@ class ShardedBalancedDraws(CreditModel):
         values, ids, masses = values[valid], ids[valid], masses[valid]
         keep = np.lexsort((ids, -values))[:size]
         uniq, first, counts = np.unique(ids[keep], return_index=True, return_counts=True)
-        return uniq, counts, masses[keep][first]
+        return uniq, counts, masses[keep][first], float(values[keep].min())
 
     def _commit(self, ids: np.ndarray, counts: np.ndarray) -> None:
         """Record the owned draws: credits drop by the count, phases are replaced (as ``StrideScheduler.commit``)."""
@@ -346,6 +351,17 @@ class ShardedBalancedDraws(CreditModel):
         self._records[local] = records
         self._stale.append(local)
 
+    def _defer(self, ids: np.ndarray, low: float) -> None:
+        """Defer this rank's due candidates of the last draw that were not drawn (global ``ids`` were) until
+        their rank reaches ``low``, the draw's level (as ``StrideScheduler.commit``)."""
+        cand, rank, mass = self._due
+        self._due = (cand[:0], np.empty(0), np.empty(0))
+        if not self.defer or cand.size == 0:
+            return
+        lost = ~np.isin(cand + self.start, ids)
+        if lost.any():
+            self._keys.set(cand[lost], self._deferred_keys(low - rank[lost], mass[lost]))
+
     # -- state ------------------------------------------------------------------------------------------
     def state_dict(self, copy: bool = True) -> dict[str, Any]:
         """This rank's state: per-sample arrays over global ids ``[start, stop)``, per-shard arrays over
@@ -354,6 +370,8 @@ class ShardedBalancedDraws(CreditModel):
         :func:`~irdro_sampler.sharded_balanced_state.merge_states` and
         :func:`~irdro_sampler.sharded_balanced_state.slice_state` re-cut them for another world size."""
         own = (lambda a: a.copy()) if copy else (lambda a: a)
+        self._update_keys()  # as the next draw would: the saved keys are the ones it searches
+        keys = self._keys.leaf_buffer() if self._keys is not None else np.empty(0, dtype=np.float32)
         return {
             **{name: getattr(self, name) for name in CONFIG_FIELDS},
             "start": self.start, "stop": self.stop,
@@ -362,6 +380,7 @@ class ShardedBalancedDraws(CreditModel):
             "shard_totals": own(self.shard_totals), "shard_moved": own(self.shard_moved),
             "held_ids": own(self._held_ids), "held_credits": own(self._held_credits),
             **{name: getattr(self, name) for name in SCALAR_FIELDS},
+            **({"keys": own(keys)} if self.defer else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -380,7 +399,15 @@ class ShardedBalancedDraws(CreditModel):
         for name in ("clock", "drift1", "drift2", "alpha", "beta", "ref_total"):
             setattr(self, name, float(part[name]))
         self.rekeys, self.needs_reference = int(part["rekeys"]), bool(part["needs_reference"])
-        self._rebuild_keys()  # from the restored records and reference scalars
+        # Deferred keys are not a function of the records: saved. A state saved before deferral has none
+        # and keeps drawing without it (as it did).
+        self.defer = part.get("keys") is not None
+        if self.defer and self._keys is not None:
+            self._stale = []
+            self._keys.leaf_buffer()[:] = part["keys"]
+            self._keys.refresh()
+        elif not self.defer:
+            self._rebuild_keys()  # from the restored records and reference scalars
 
 
 def _largest_copies(ids: np.ndarray, rank: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,10 +15,13 @@ import numpy as np
 
 from .virtual_shards import VirtualShards
 
-__all__ = ["CONFIG_FIELDS", "PER_SAMPLE_FIELDS", "PER_SHARD_FIELDS", "SCALAR_FIELDS", "merge_states", "slice_state"]
+__all__ = ["CONFIG_FIELDS", "KEYS_FIELD", "PER_SAMPLE_FIELDS", "PER_SHARD_FIELDS", "SCALAR_FIELDS", "merge_states", "slice_state"]
 
 #: State arrays indexed by global id over ``[start, stop)``.
 PER_SAMPLE_FIELDS = ("masses", "offsets", "draws")
+#: The key tree's keys, indexed by global id like PER_SAMPLE_FIELDS; absent from states saved before
+#: deferred keys (they rebuild their keys and draw without deferral, as they did).
+KEYS_FIELD = "keys"
 #: State arrays indexed by shard over ``[first_shard, stop_shard)``.
 PER_SHARD_FIELDS = ("shard_totals", "shard_moved")
 #: The clock scalars every rank holds the same copy of.
@@ -48,6 +51,11 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     out["stop"], out["stop_shard"] = parts[-1]["stop"], parts[-1]["stop_shard"]
     for name in (*PER_SAMPLE_FIELDS, *PER_SHARD_FIELDS, "held_ids", "held_credits"):
         out[name] = np.concatenate([p[name] for p in parts])
+    has_keys = {p.get(KEYS_FIELD) is not None for p in states}
+    if len(has_keys) > 1:
+        raise ValueError(f"states disagree on '{KEYS_FIELD}': some hold the key tree's keys, some do not")
+    if has_keys.pop():
+        out[KEYS_FIELD] = np.concatenate([p[KEYS_FIELD] for p in parts])
     return out
 
 
@@ -62,7 +70,7 @@ def slice_state(state: dict[str, Any], shards: VirtualShards, rank: int, world_s
                          f"[{start}, {stop}) and shards [{owned.start}, {owned.stop})")
     out = dict(state)
     lo, hi = start - state["start"], stop - state["start"]
-    for name in PER_SAMPLE_FIELDS:
+    for name in (*PER_SAMPLE_FIELDS, KEYS_FIELD) if state.get(KEYS_FIELD) is not None else PER_SAMPLE_FIELDS:
         out[name] = state[name][lo:hi]
     for name in PER_SHARD_FIELDS:
         out[name] = state[name][owned.start - state["first_shard"] : owned.stop - state["first_shard"]]

@@ -28,6 +28,7 @@ import torch
 from .sharded_balanced import ShardedBalancedDraws
 from .sharded_balanced_state import (
     CONFIG_FIELDS,
+    KEYS_FIELD,
     PER_SAMPLE_FIELDS,
     PER_SHARD_FIELDS,
     SCALAR_FIELDS,
@@ -202,6 +203,8 @@ class ShardedBalancedScheme:
         out: dict[str, Any] = {k: int(state[k]) for k in ("start", "stop", "first_shard", "stop_shard")}
         for key in (*PER_SAMPLE_FIELDS, *PER_SHARD_FIELDS, "held_ids", "held_credits"):
             out[key] = torch.from_numpy(np.ascontiguousarray(state[key]))
+        if state.get(KEYS_FIELD) is not None:
+            out[KEYS_FIELD] = torch.from_numpy(np.ascontiguousarray(state[KEYS_FIELD]))
         return out
 
     def common_state(self) -> dict[str, Any]:
@@ -234,14 +237,16 @@ class ShardedBalancedScheme:
             if not isinstance(part.get(key), int):
                 raise ValueError(f"{where}: ['draws']['{key}'] must be an int, got {part.get(key)!r}")
             bounds[key] = part[key]
-        lengths = {**dict.fromkeys(PER_SAMPLE_FIELDS, bounds["stop"] - bounds["start"]),
+        lengths = {**dict.fromkeys((*PER_SAMPLE_FIELDS, KEYS_FIELD), bounds["stop"] - bounds["start"]),
                    **dict.fromkeys(PER_SHARD_FIELDS, bounds["stop_shard"] - bounds["first_shard"])}
         dtypes = {"masses": torch.float64, "offsets": torch.float32, "draws": torch.uint32,
                   "shard_totals": torch.float64, "shard_moved": torch.float64, "held_ids": torch.int64,
-                  "held_credits": torch.float64}
+                  "held_credits": torch.float64, KEYS_FIELD: torch.float32}
         out = {**config, **bounds, **{k: common[k] for k in SCALAR_FIELDS}}
         for key, dtype in dtypes.items():
             value = part.get(key)
+            if key == KEYS_FIELD and value is None:  # saved before deferred keys: rebuilt at the load
+                continue
             shape_ok = isinstance(value, torch.Tensor) and value.dim() == 1 and value.dtype == dtype
             if not shape_ok or (key in lengths and value.numel() != lengths[key]):
                 got = f"{value.dtype}{tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__

@@ -173,8 +173,9 @@ def _tighten(values: np.ndarray, limit: float, due: float, count: int) -> float:
 
 class CreditModel:
     """The credit arithmetic shared by :class:`StrideScheduler` and the sharded balanced draws: a sample's
-    exact credit ``E - D + theta`` from its stored offset, its mass and the model clock, and its key (the
-    model time at which the credit reaches 1). One copy, so both give the same bits.
+    exact credit ``E - D + theta`` from its stored offset, its mass and the model clock, its key (the
+    model time at which the credit reaches 1) and the key of a due sample that lost a draw. One copy, so
+    both give the same bits.
 
     Needs the attributes ``alpha``, ``beta`` (rate ``w = alpha m + beta``), ``clock``, ``drift1``, ``drift2``,
     ``uniform_mix`` and ``ref_total`` (set by :meth:`_predict_rates`).
@@ -183,6 +184,9 @@ class CreditModel:
     alpha: float
     beta: float
     clock: float
+    #: Whether a due sample that loses a draw is deferred (module docstring, "Deferral"); False only
+    #: for states saved before deferral, which keep drawing as they did.
+    defer: bool = True
     drift1: float
     drift2: float
 
@@ -198,6 +202,15 @@ class CreditModel:
         rate = self.rates(mass)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             key = (1.0 - offsets.astype(np.float64)) / rate
+        key[rate <= 0.0] = np.inf
+        return key.astype(np.float32)
+
+    def _deferred_keys(self, gap: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        """Keys of due samples that lost a draw by ``gap`` (level minus rank, after :meth:`advance`): the
+        model time at which the rank reaches the level (ignoring drift), inf for rate 0."""
+        rate = self.rates(mass)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            key = self.clock + np.maximum(gap, 0.0) / rate
         key[rate <= 0.0] = np.inf
         return key.astype(np.float32)
 
@@ -237,6 +250,7 @@ class StrideScheduler(CreditModel):
         self.rekeys = 0
         self.keys = KeyMinTree(self.num_samples, fanout=_KEY_FANOUT)
         self._selected: tuple[np.ndarray, ...] | None = None  # the last select(), for commit()
+        self._lost: tuple[np.ndarray, ...] = ()  # due samples the last select() passed over, for commit()
         self._stale: list[np.ndarray] = []  # samples whose key changed since the key tree last saw them
 
     def leaf_keys(self, indices: np.ndarray | slice) -> np.ndarray:
@@ -345,6 +359,10 @@ class StrideScheduler(CreditModel):
             keep = np.argsort(-value, kind="stable")[:size]
             counts = np.bincount(pos[keep], minlength=cand.size)
         chosen = counts > 0
+        # Due samples that lost wait for their rank to reach the draw's level (the smallest copy drawn).
+        lost = ~chosen & (self.keys.levels[0][cand] <= self.clock) if self.defer else np.zeros_like(chosen)
+        low = float(np.min(credit[chosen] - (counts[chosen] - 1))) if lost.any() else 0.0
+        self._lost = (cand[lost], low - credit[lost], mass[lost])
         self._selected = (cand[chosen], counts[chosen], records[chosen], theta[chosen])
         return cand[chosen], counts[chosen]
 
@@ -359,14 +377,19 @@ class StrideScheduler(CreditModel):
         records["draws"] = after
         self._records[indices] = records
         self.keys_changed(indices)
+        lost, gap, mass = self._lost
+        if lost.size:  # disjoint from the drawn (stale) ones: their keys are set now
+            self.keys.set(lost, self._deferred_keys(gap, mass))
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self._update_keys()  # as the next draw would: the saved keys are the ones it searches
         return {
             "offsets": torch.from_numpy(self.offsets.copy()),
             "draws": torch.from_numpy(self.draws.view(np.int32).copy()),
             "clock": self.clock, "drift1": self.drift1, "drift2": self.drift2,
             "ref_total": self.ref_total, "alpha": self.alpha, "beta": self.beta, "rekeys": self.rekeys,
+            **({"keys": torch.from_numpy(self.keys.leaf_buffer().copy())} if self.defer else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -376,7 +399,15 @@ class StrideScheduler(CreditModel):
         for name in ("clock", "drift1", "drift2", "ref_total", "alpha", "beta"):
             setattr(self, name, float(state[name]))
         self.rekeys = int(state["rekeys"])
-        self._rebuild_keys()
+        # Deferred keys are not a function of the records: saved. A state saved before deferral has none
+        # and keeps drawing without it (as it did).
+        self.defer = "keys" in state
+        if self.defer:
+            self._stale = []
+            self.keys.leaf_buffer()[:] = np.asarray(state["keys"], dtype=np.float32)
+            self.keys.refresh()
+        else:
+            self._rebuild_keys()
 
 
 def _copies(credit: np.ndarray, level: float) -> np.ndarray:

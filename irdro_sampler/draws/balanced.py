@@ -148,6 +148,16 @@ class BalancedDraws:
             value = entry.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"state_dict['balanced']['{key}'] must be a finite number, got {value!r}")
+        # The key tree's keys (states saved before deferred keys have none: they are rebuilt, no deferral).
+        keys = entry.get("keys")
+        if keys is not None:
+            if not isinstance(keys, torch.Tensor) or keys.dtype != torch.float32 or tuple(keys.shape) != (dataset_size,):
+                got = f"{keys.dtype}{tuple(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
+                raise ValueError(
+                    f"state_dict['balanced']['keys'] must be a torch.float32 tensor of shape ({dataset_size},), got {got}"
+                )
+            if torch.isnan(keys).any():
+                raise ValueError("state_dict['balanced']['keys'] holds NaN keys")
         # The masses' running total (states saved before it was kept have neither: it is recomputed).
         if ("mass_total" in entry) != ("mass_moved" in entry):
             raise ValueError("state_dict['balanced'] must hold both 'mass_total' and 'mass_moved' or neither")
