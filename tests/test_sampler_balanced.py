@@ -263,3 +263,34 @@ def test_rekeys_keep_predicted_due_times_accurate(monkeypatch):
     fresh, rekeys = worst(0.125)
     assert stale > 5 * COUNT_BOUND
     assert fresh < COUNT_BOUND and rekeys > 10
+
+
+def test_due_pool_stays_bounded_under_skewed_changing_weights():
+    """Due samples that lose a draw wait until their rank reaches its level, so the candidates a draw ranks
+    stay near a batch. Before deferral every due sample was a candidate at every draw: with skewed weights
+    moving after refits, the due samples of high phase kept losing and their pool grew batch after batch
+    (measured here: a median of 7.8 batches per window of 60 draws; with deferral 1.6, the largest the
+    draw after a re-key, which searches every due sample once)."""
+    n, batch, steps, window = 100_000, 128, 600, 60
+    rng = np.random.default_rng(0)
+    s = IRDROSampler(n, batch, temperature=1.0, truncate_quantile=0.99, uniform_mix=0.1, feedback_delay=32,
+                     seed=0, num_samples=batch * 10**6)  # the workload of benchmarks/bench_sampler.py
+    s.table.update(np.arange(n), rng.gamma(2.0, 0.5, n).astype(np.float32), step=0)  # a warm table
+    tree, pool = s.draw_scheme.stride.keys, []
+    search = tree.candidates
+
+    def counted(due: float, count: int) -> np.ndarray:
+        out = search(due, count)
+        pool.append(out.size)
+        return out
+
+    tree.candidates = counted
+    it = iter_batches(s)
+    drawn = np.asarray(next(it))
+    for step in range(1, steps):
+        losses = rng.gamma(2.0, 0.5, batch)
+        losses[rng.random(batch) < 0.02] *= 8.0  # 2% heavy losses
+        s.update(drawn, losses, step=step - 1)
+        drawn = np.asarray(next(it))
+    medians = [float(np.median(pool[i : i + window])) / batch for i in range(0, len(pool), window)]
+    assert s.stats()["rekeys"] > 5 and max(medians) < 2.5, medians
