@@ -75,6 +75,12 @@ def test_legacy_state_resumes_unchanged(draws: str, digests: dict[str, Any]) -> 
 
 @pytest.mark.parametrize("draws", ["balanced", "iid"])
 def test_legacy_state_equals_a_fresh_run(draws: str) -> None:
-    """The committed file is what the current code saves too (the state format did not move)."""
+    """The committed file is what the current code saves too (the state format did not move), but for the
+    balanced draws' key-tree keys, which states keep since deferred keys (without them a state draws
+    without deferral, as before); the fresh state does not differ otherwise."""
     saved = torch.load(DATA / "legacy_states" / f"{draws}.pt", weights_only=True)
-    assert dd.continuation_digest(saved) == dd.continuation_digest(dd.legacy_state(draws))
+    fresh = dd.legacy_state(draws)
+    if draws == "balanced":
+        assert "keys" in fresh["balanced"] and "keys" not in saved["balanced"]
+        del fresh["balanced"]["keys"]
+    assert dd.continuation_digest(saved) == dd.continuation_digest(fresh)
