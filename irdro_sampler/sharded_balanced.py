@@ -16,7 +16,8 @@ samples. Each rank sends its own ``G`` smallest keys; the ``G``-th smallest of t
 (value descending, id ascending) -- the unsharded tie-break -- and sends them; the global batch is the
 first ``G`` of the union in that order (a rank's copies outside its own first ``G`` cannot be among the
 global first ``G``). Every rank receives every copy, so no further collective hands out the ids;
-each owner then commits its own draws (new phases, keys).
+each owner then commits its own draws (new phases, keys) and defers its due candidates that were not
+drawn to the level, the smallest copy value drawn (as :mod:`irdro_sampler.stride`, "Deferral").
 
 **The total.** ``S_b`` (the masses' sum) is kept per virtual shard: a running sum per shard, updated
 in the shard's id order, so the same whichever rank owns it, and summed over the shard vector in shard

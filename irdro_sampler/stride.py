@@ -34,11 +34,25 @@ sampler and whenever ``S`` leaves ``[S_ref / (1 + eps), S_ref (1 + eps)]`` (``ep
 predicted due time is then off by at most ~``eps`` of the time since its last event, which bounds the
 extra lag to about ``eps`` draws.
 
+**Deferral.** A due sample that a draw passes over (its rank below the draw's *level*, the smallest copy
+value drawn) gets the key ``V + (level - r_i) / w_i``: the model time at which its rank reaches that
+level. Without it every due sample is a candidate of every draw; with skewed weights that move after
+refits, due samples of high phase (credit >= 1, rank low) kept losing, so the pool a draw ranks grew from
+one batch to the next (measured at N = 1e7, G = 4096: 4.6k candidates before the second refit, 95k
+after 600 draws). Deferred, the pool stays near ``2 G`` between re-keys and the draws barely move: the
+count bound and the epochs are unchanged (tests), and a deferred sample can only be passed over while
+the level stays above its rank. Keying the tree on the rank instead (no credit >= 1 test) keeps the
+pool at ``G`` but reached ``|E - D|`` of 3.7 in the tests (a sample of low rate waits for its rank,
+heavy ones are drawn early); deferring to the level plus a margin (0.05 draws) already broke the
+bound (2.1). A re-key rebuilds every key from the records, so the draw after it searches every due
+sample once. Deferred keys are not a function of the records: states save the keys (4 bytes per
+sample); a state saved before deferral has none, rebuilds them and draws without deferral (as it did).
+
 State: the float32 offsets and uint32 draw counts (8 bytes per sample) plus a few scalars. They share
 a 16-byte record per sample with the float64 mass (a draw or a mass change touches one cache line,
 not two); no sum tree is kept, since nothing searches it. The key tree (float32, 4.6 bytes per
-sample) is rebuilt from them. A mass change that would leave an offset beyond +-1024 (float32 would
-lose the credit) re-keys instead.
+sample) is rebuilt from them at re-keys; its leaf keys are saved (deferral). A mass change that would
+leave an offset beyond +-1024 (float32 would lose the credit) re-keys instead.
 """
 
 from __future__ import annotations
