@@ -294,3 +294,43 @@ def test_due_pool_stays_bounded_under_skewed_changing_weights():
         drawn = np.asarray(next(it))
     medians = [float(np.median(pool[i : i + window])) / batch for i in range(0, len(pool), window)]
     assert s.stats()["rekeys"] > 5 and max(medians) < 2.5, medians
+
+
+def test_deferred_keys_are_saved_and_resume_bit_for_bit():
+    """Deferred keys are not a function of the records: the state keeps them, so a run resumed mid-way
+    draws what the uninterrupted one draws; without them (a state saved before deferral) the keys are
+    rebuilt from the records and deferral stays off."""
+    import io
+
+    import torch
+
+    n, b, steps, save_at = 100_000, 128, 360, 300  # the workload above; 12 draws after a refresh (a re-key)
+    rng = np.random.default_rng(0)
+    kw = dict(temperature=1.0, truncate_quantile=0.99, uniform_mix=0.1, feedback_delay=32, seed=0,
+              num_samples=b * 10**6)
+    s = IRDROSampler(n, b, **kw)
+    s.table.update(np.arange(n), rng.gamma(2.0, 0.5, n).astype(np.float32), step=0)
+    it, out, losses, saved = iter_batches(s), [], [], None
+    for step in range(steps):
+        batch = next(it)
+        out.append(batch)
+        losses.append(rng.gamma(2.0, 0.5, b) * np.where(rng.random(b) < 0.02, 8.0, 1.0))
+        s.update(batch, losses[-1], step=step)
+        if step == save_at:
+            buf = io.BytesIO()
+            torch.save(s.state_dict(), buf)
+            saved = buf.getvalue()
+    state = torch.load(io.BytesIO(saved), weights_only=True)
+    r = IRDROSampler.from_state_dict(state)
+    r.set_start_batch(save_at + 1)
+    it = iter_batches(r)
+    for step in range(save_at + 1, steps):
+        batch = next(it)
+        assert batch == out[step], step
+        r.update(batch, losses[step], step=step)
+    del state["balanced"]["keys"]
+    old = IRDROSampler.from_state_dict(state).draw_scheme.stride
+    assert not old.defer and r.draw_scheme.stride.defer
+    rebuilt = old.keys.leaf_buffer()
+    assert not np.array_equal(rebuilt, IRDROSampler.from_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
+                              .draw_scheme.stride.keys.leaf_buffer())  # some keys were deferred
