@@ -269,8 +269,8 @@ def test_due_pool_stays_bounded_under_skewed_changing_weights():
     """Due samples that lose a draw wait until their rank reaches its level, so the candidates a draw ranks
     stay near a batch. Before deferral every due sample was a candidate at every draw: with skewed weights
     moving after refits, the due samples of high phase kept losing and their pool grew batch after batch
-    (measured here: a median of 7.8 batches per window of 60 draws; with deferral 1.6, the largest the
-    draw after a re-key, which searches every due sample once)."""
+    (measured here: at most 7.8 batches as the median of a window of 60 draws; with deferral 1.5). Medians,
+    since the one draw after each re-key searches every due sample again."""
     n, batch, steps, window = 100_000, 128, 600, 60
     rng = np.random.default_rng(0)
     s = IRDROSampler(n, batch, temperature=1.0, truncate_quantile=0.99, uniform_mix=0.1, feedback_delay=32,
