@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+#: The default ``tilt_fade_cut``: chosen on the task suite (benchmarks/RESULTS_suite_tilt_fade.md; with groups
+#: harmed 0/29 as before and the median oracle share 0.20 -> 0.24; without groups harmed 2/42 -> 1/42) and
+#: checked on the quality families (benchmarks/RESULTS_quality_fade.md).
+DEFAULT_TILT_FADE_CUT = 0.2
+
 
 def cut_fade_factor(seen: np.ndarray, kept: np.ndarray, fade_at: float) -> float:
     """``max(0, 1 - c / fade_at)`` with ``c`` the share of the ``seen`` samples not ``kept`` (boolean masks

@@ -27,7 +27,7 @@ from .cut_rules import (
 )
 from .group_share import DEFAULT_GROUP_TILT_SHARE, group_explained_share, tilt_factor
 from .loss_table import prior_value
-from .tilt_fade import cut_fade_factor
+from .tilt_fade import DEFAULT_TILT_FADE_CUT, cut_fade_factor
 
 if TYPE_CHECKING:
     from .loss_table import LossTable
@@ -277,8 +277,8 @@ class DROWeighting:
     (``1 - ess_fraction``, or ``kl_radius``) is scaled by the share of the kept losses' variance the groups
     explain over ``group_tilt_share`` (default 1.0: by the share itself; the factor capped at 1; None: not
     scaled; :mod:`irdro_sampler.group_share`): strong where the groups differ, flat where the high losses
-    sit inside every group. ``tilt_fade_cut`` (default None: off; issue 18, measured in
-    ``benchmarks/RESULTS_suite_tilt_fade.md``) scales it further by ``max(0, 1 - c / tilt_fade_cut)``, ``c``
+    sit inside every group. ``tilt_fade_cut`` (default :data:`DEFAULT_TILT_FADE_CUT` = 0.2,
+    chosen on the task suite: ``benchmarks/RESULTS_suite_tilt_fade.md``; None: off) scales it further by ``max(0, 1 - c / tilt_fade_cut)``, ``c``
     the share of the seen calibration samples the cut removes: where the cut finds much noise, the noise it
     missed sits just below its threshold, where the tilt would put the most weight; on clean data (``c``
     about 0) nothing changes. Both apply with or without groups, to a calibrated tilt only.
@@ -319,7 +319,7 @@ class DROWeighting:
     cut_learned_ratio: float | None = DEFAULT_CUT_LEARNED_RATIO
     cut_remeasured_only: bool = False
     group_tilt_share: float | None = DEFAULT_GROUP_TILT_SHARE
-    tilt_fade_cut: float | None = None
+    tilt_fade_cut: float | None = DEFAULT_TILT_FADE_CUT
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -344,10 +344,10 @@ class DROWeighting:
             raise ValueError(f"calibration_size must be an int >= 1, got {self.calibration_size!r}")
 
     def config(self) -> dict[str, Any]:
-        """The options as a dict; ``tilt_cap``, ``cut_floor``, ``cut_learned_ratio``, ``cut_remeasured_only`` and
-        ``group_tilt_share`` only when set, so the configs (and the fingerprints and saved states built from
+        """The options as a dict; ``tilt_cap``, ``cut_floor``, ``cut_learned_ratio``, ``cut_remeasured_only``,
+        ``group_tilt_share`` and ``tilt_fade_cut`` only when set, so the configs (and the fingerprints and saved states built from
         them) of rules without them are those of versions that did not have them (:meth:`from_config` reads a
-        missing ``cut_learned_ratio`` or ``group_tilt_share`` as None)."""
+        missing ``cut_learned_ratio``, ``group_tilt_share`` or ``tilt_fade_cut`` as None)."""
         out = asdict(self)
         for late in ("tilt_cap", "cut_floor", "cut_learned_ratio", "cut_remeasured_only", "group_tilt_share",
                      "tilt_fade_cut"):
@@ -358,9 +358,9 @@ class DROWeighting:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DROWeighting:
         """The rule a saved :meth:`config` describes. A config without ``cut_learned_ratio`` (or
-        ``group_tilt_share``) was saved with the gate (or the adaptation) off, by a version before it existed
+        ``group_tilt_share``, or ``tilt_fade_cut``) was saved with the gate (or the adaptation) off, by a version before it existed
         or with it set to None: it loads with it off."""
-        return cls(**{"cut_learned_ratio": None, "group_tilt_share": None, **config})
+        return cls(**{"cut_learned_ratio": None, "group_tilt_share": None, "tilt_fade_cut": None, **config})
 
     # -- calibration ------------------------------------------------------------------------------
     def fit(self, table: LossTable) -> WeightParams:

@@ -74,8 +74,9 @@ def _ess(rule: DROWeighting, table: LossTable) -> float:
 
 def test_the_tilt_keeps_its_strength_where_groups_differ_and_fades_where_they_do_not():
     between, within = _table(within=False), _table(within=True)
-    default, off = DROWeighting(), DROWeighting(group_tilt_share=None)
-    saturating = DROWeighting(group_tilt_share=0.5)
+    # The fade with the cut's share (tests/test_tilt_fade.py) off: this checks the groups' share alone.
+    default, off = DROWeighting(tilt_fade_cut=None), DROWeighting(group_tilt_share=None, tilt_fade_cut=None)
+    saturating = DROWeighting(group_tilt_share=0.5, tilt_fade_cut=None)
     assert default.group_tilt_share == DEFAULT_GROUP_TILT_SHARE == 1.0
     # Groups explain nearly all the spread: a rule saturating at half keeps the full tilt (ESS 0.9 of the
     # kept), the defaults' is nearly the full one (its strength times the share).

@@ -44,7 +44,7 @@ def _effective(table: LossTable, params) -> np.ndarray:
 
 def test_capped_masses_equal_the_formula_without_groups():
     table = _table()
-    rule = DROWeighting(tilt_cap="zscore", cut_rule="mixture-valley")
+    rule = DROWeighting(tilt_cap="zscore", cut_rule="mixture-valley", tilt_fade_cut=None)  # the fade: test_tilt_fade.py
     params = rule.fit(table)
     seen = table.losses[~np.isnan(table.losses)].astype(np.float64)
     cap = cut_threshold(seen, truncate_zscore=DEFAULT_ZSCORE)
@@ -67,7 +67,7 @@ def test_capped_masses_equal_the_formula_without_groups():
 
 def test_capped_masses_per_group():
     table = _table(groups=True)
-    rule = DROWeighting(tilt_cap="zscore", cut_rule="tail-normal-wide")
+    rule = DROWeighting(tilt_cap="zscore", cut_rule="tail-normal-wide", tilt_fade_cut=None)
     params = rule.fit(table)
     seen = ~np.isnan(table.losses)
     num_groups = NUM_GROUPS + 1
@@ -125,7 +125,8 @@ def test_defaults_unchanged():
     assert rule.tilt_cap is None and "tilt_cap" not in rule.config() and "tilt_cap" in RULE_OPTIONS
     assert [k for k, _ in rule.identity()] == sorted(
         ["temperature", "kl_radius", "ess_fraction", "truncate_quantile", "truncate_zscore", "cut_rule",
-         "uniform_mix", "calibration_size", "cut_learned_ratio", "group_tilt_share"])
+         "uniform_mix", "calibration_size", "cut_learned_ratio", "group_tilt_share",
+         "tilt_fade_cut"])
     assert DROWeighting(tilt_cap=None) == rule
     assert DROWeighting(tilt_cap="zscore").config()["tilt_cap"] == "zscore"
     for groups in (False, True):

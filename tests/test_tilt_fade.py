@@ -1,4 +1,4 @@
-"""The tilt fading with the cut's share (``DROWeighting(tilt_fade_cut=)``, issue 18; off by default): unchanged
+"""The tilt fading with the cut's share (``DROWeighting(tilt_fade_cut=)``, issue 18; 0.2 by default): unchanged
 where the cut removes nothing, flat where it removes ``tilt_fade_cut`` or more, in proportion between."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from _core_helpers import iter_batches, loss_of, roundtrip
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
-from irdro_sampler.tilt_fade import cut_fade_factor
+from irdro_sampler.tilt_fade import DEFAULT_TILT_FADE_CUT, cut_fade_factor
 
 
 def test_factor_is_one_minus_the_cut_share_over_the_fade_point():
@@ -36,11 +36,11 @@ def _table(noise_share: float, n: int = 4000) -> LossTable:
 
 
 def test_the_temperature_follows_the_factor():
-    """On a clean table nothing is cut and the rule equals the default; with 10% cut and a fade point of 0.2
+    """On a clean table nothing is cut and the rule equals the one without the fade; with 10% cut and a fade point of 0.2
     the tilt has half its strength (the ESS target 1 - 0.1 * 0.5); at 0.1 it is flat (the hottest
     temperature the calibration gives)."""
     clean, noisy = _table(0.0), _table(0.1)
-    default = DROWeighting()
+    default = DROWeighting(tilt_fade_cut=None)
     fading = DROWeighting(tilt_fade_cut=0.2)
     assert fading.fit(clean).temperature == default.fit(clean).temperature
     params = fading.fit(noisy)
@@ -61,9 +61,14 @@ def test_bad_tilt_fade_cut_is_refused_by_name(value):
         IRDROSampler(100, batch_size=4, tilt_fade_cut=value)
 
 
-def test_off_by_default_and_old_configs_load_without_it():
-    assert DROWeighting().tilt_fade_cut is None and "tilt_fade_cut" not in DROWeighting().config()
-    assert DROWeighting.from_config(DROWeighting().config()).tilt_fade_cut is None
+def test_on_by_default_and_old_configs_load_without_it():
+    assert DROWeighting().tilt_fade_cut == DEFAULT_TILT_FADE_CUT == 0.2
+    assert DROWeighting().config()["tilt_fade_cut"] == 0.2
+    assert DROWeighting.from_config(DROWeighting().config()).tilt_fade_cut == 0.2
+    old = {k: v for k, v in DROWeighting().config().items() if k != "tilt_fade_cut"}  # saved before it existed
+    assert DROWeighting.from_config(old).tilt_fade_cut is None
+    off = DROWeighting(tilt_fade_cut=None)
+    assert "tilt_fade_cut" not in off.config() and DROWeighting.from_config(off.config()).tilt_fade_cut is None
     assert DROWeighting.from_config(DROWeighting(tilt_fade_cut=0.3).config()).tilt_fade_cut == 0.3
 
 
@@ -96,7 +101,7 @@ def test_resume_is_bitwise_with_the_fade():
     again.load_state_dict(state)
     got += feedback(again, 2, start_epoch=1, step0=len(got))
     assert got == want
-    plain = make()
+    plain = make(tilt_fade_cut=None)
     feedback(plain, 3)
     assert full.stats()["truncated_fraction"] == pytest.approx(planted.mean(), abs=0.01)
     assert full.stats()["temperature"] > 1.5 * plain.stats()["temperature"]  # the faded tilt is the milder one
