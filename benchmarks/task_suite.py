@@ -141,10 +141,16 @@ ARMS.update({
     # the default).
     "group-tilt025": {"groups": "labels", "group_tilt_share": 0.25},
     "group-tilt05": {"groups": "labels", "group_tilt_share": 0.5},
-    # The tilt fading as the cut's share grows (tilt_fade_cut; RESULTS_suite_tilt_fade.md): to nothing at a
-    # cut of 20%, on top of the defaults.
-    "fade02": {"groups": "labels", "tilt_fade_cut": 0.2},
-    "fade02-nogroups": {"tilt_fade_cut": 0.2},
+})
+# Every arm above was run before the tilt faded with the cut's share (tilt_fade_cut=0.2, the default since
+# issue 18): it keeps its runs' options without the fade.
+ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, "tilt_fade_cut": None})
+        for name, opts in ARMS.items()}
+ARMS.update({
+    # The defaults before the fade (the runs named irdro* until then; the defaults' runs now were named
+    # fade02* before it became the default; RESULTS_suite_tilt_fade.md).
+    "fade-off": {"groups": "labels", "tilt_fade_cut": None},
+    "fade-off-nogroups": {"tilt_fade_cut": None},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

@@ -60,6 +60,8 @@ ARMS: dict[str, dict[str, Any]] = {
     },
     # The temperature rule's ablation: a stronger tilt (ESS 0.8 of the kept samples, about tau = 1 here).
     "irdro-ess0.8": {"data": "weighted", "algorithm": {**RECOMMENDED, "ess_fraction": 0.8}},
+    # The defaults before the tilt faded with the cut's share (tilt_fade_cut, issue 18).
+    "irdro-nofade": {"data": "weighted", "algorithm": {**RECOMMENDED, "tilt_fade_cut": None}},
     "reweight": {"data": "uniform", "algorithm": {"mode": "reweight", "temperature": 1.0}},
 }
 
