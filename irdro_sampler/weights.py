@@ -358,8 +358,8 @@ class DROWeighting:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DROWeighting:
         """The rule a saved :meth:`config` describes. A config without ``cut_learned_ratio`` (or
-        ``group_tilt_share``, or ``tilt_fade_cut``) was saved with the gate (or the adaptation) off, by a version before it existed
-        or with it set to None: it loads with it off."""
+        ``group_tilt_share``, or ``tilt_fade_cut``) was saved with that option off, by a version before it
+        existed or with it set to None: it loads with it off."""
         return cls(**{"cut_learned_ratio": None, "group_tilt_share": None, "tilt_fade_cut": None, **config})
 
     # -- calibration ------------------------------------------------------------------------------
