@@ -15,6 +15,14 @@ from typing import Any
 
 import numpy as np
 
+
+def with_option_off(arms: dict[str, dict[str, Any] | None], option: str) -> dict[str, dict[str, Any] | None]:
+    """``arms`` with ``option`` set to None in every sampler arm but the defaults (``irdro``, ``irdro-nogroups``):
+    the arms whose runs were made before ``option`` became a default keep their runs' options."""
+    return {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, option: None})
+            for name, opts in arms.items()}
+
+
 #: Arm name -> IRDROSampler options (None: not an IRDROSampler arm). ``groups="labels"`` passes the
 #: class labels as groups, which is how a classifier is meant to call the sampler.
 TASK_ARMS: dict[str, dict[str, Any] | None] = {
@@ -37,8 +45,7 @@ TASK_ARMS: dict[str, dict[str, Any] | None] = {
 }
 # The arms above but the defaults were run before the cut was gated on the first losses (issue 18): they keep
 # their runs' options with the gate off; the defaults' runs from then are the two "-ungated" arms.
-TASK_ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, "cut_learned_ratio": None})
-             for name, opts in TASK_ARMS.items()}
+TASK_ARMS = with_option_off(TASK_ARMS, "cut_learned_ratio")
 TASK_ARMS.update({"irdro-ungated": {"groups": "labels", "cut_learned_ratio": None},
                   "irdro-nogroups-ungated": {"cut_learned_ratio": None}})
 # A lower z-score with groups, with the defaults' gate (issue 18): better on the task suite with groups, worse
@@ -47,17 +54,15 @@ TASK_ARMS["irdro-z25"] = {"groups": "labels", "truncate_zscore": 2.5}
 # Every arm above was run before the tilt's strength followed the share of the losses' spread the groups explain
 # (group_tilt_share, issue 18): they keep their runs' options without it. On these families the groups explain
 # 0.6-0.7 of it, so the defaults' runs are unchanged (RESULTS_suite_group_tilt.md).
-TASK_ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, "group_tilt_share": None})
-             for name, opts in TASK_ARMS.items()}
+TASK_ARMS = with_option_off(TASK_ARMS, "group_tilt_share")
 # The tilt at full strength already where the groups explain half of the losses' spread (issue 18; the
 # default is 1.0: the strength is the share itself; RESULTS_suite_group_tilt.md).
 TASK_ARMS["irdro-tilt-share05"] = {"groups": "labels", "group_tilt_share": 0.5}
 # Every arm above was run before the tilt faded with the share the cut removes (tilt_fade_cut=0.2, the default
 # since issue 18; RESULTS_suite_tilt_fade.md): they keep their runs' options without it. The defaults before it
 # are the two "-nofade" arms (the defaults' runs now were named "irdro(-nogroups)-fade02" until then;
-# RESULTS_quality_fade.md).
-TASK_ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, "tilt_fade_cut": None})
-             for name, opts in TASK_ARMS.items()}
+# RESULTS_quality.md).
+TASK_ARMS = with_option_off(TASK_ARMS, "tilt_fade_cut")
 TASK_ARMS.update({"irdro-nofade": {"groups": "labels", "tilt_fade_cut": None},
                   "irdro-nogroups-nofade": {"tilt_fade_cut": None}})
 #: Arms that only make sense where there are labels.

@@ -44,6 +44,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from quality_tasks import with_option_off  # noqa: E402  (found through the path above)
 
 CONFIGS_PATH = HERE / "task_suite_configs.json"
 #: Appended to the full suite's RESULTS_suite.md: the reading of the last full run's figures.
@@ -107,8 +108,7 @@ ARMS: dict[str, dict[str, Any] | None] = {
 }
 # Every arm above was run before the cut was gated on the first losses (cut_learned_ratio, the default since
 # issue 18): it keeps its runs' options with the gate off.
-ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, "cut_learned_ratio": None})
-        for name, opts in ARMS.items()}
+ARMS = with_option_off(ARMS, "cut_learned_ratio")
 ARMS.update({
     # The defaults before the gate (the runs named irdro* until then; RESULTS_suite_learned.md).
     "ungated": {"groups": "labels", "cut_learned_ratio": None},
@@ -131,8 +131,7 @@ ARMS.update({
 })
 # Every arm above was run before the tilt's strength followed the share of the losses' spread the groups
 # explain (group_tilt_share, the default since issue 18): it keeps its runs' options without it.
-ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, "group_tilt_share": None})
-        for name, opts in ARMS.items()}
+ARMS = with_option_off(ARMS, "group_tilt_share")
 ARMS.update({
     # The defaults before the adaptation (the runs named irdro until then; RESULTS_suite_group_tilt.md).
     "group-tilt-off": {"groups": "labels", "group_tilt_share": None},
@@ -144,8 +143,7 @@ ARMS.update({
 })
 # Every arm above was run before the tilt faded with the cut's share (tilt_fade_cut=0.2, the default since
 # issue 18): it keeps its runs' options without the fade.
-ARMS = {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, "tilt_fade_cut": None})
-        for name, opts in ARMS.items()}
+ARMS = with_option_off(ARMS, "tilt_fade_cut")
 ARMS.update({
     # The defaults before the fade (the runs named irdro* until then; the defaults' runs now were named
     # fade02* before it became the default; RESULTS_suite_tilt_fade.md).

@@ -13,7 +13,7 @@ import numpy as np
 
 #: The default ``tilt_fade_cut``: chosen on the task suite (benchmarks/RESULTS_suite_tilt_fade.md; with groups
 #: harmed 0/29 as before and the median oracle share 0.20 -> 0.24; without groups harmed 2/42 -> 1/42) and
-#: checked on the quality families (benchmarks/RESULTS_quality_fade.md).
+#: checked on the quality families (benchmarks/RESULTS_quality.md, the rows against ``irdro-nofade``).
 DEFAULT_TILT_FADE_CUT = 0.2
 
 

@@ -277,9 +277,9 @@ class DROWeighting:
     (``1 - ess_fraction``, or ``kl_radius``) is scaled by the share of the kept losses' variance the groups
     explain over ``group_tilt_share`` (default 1.0: by the share itself; the factor capped at 1; None: not
     scaled; :mod:`irdro_sampler.group_share`): strong where the groups differ, flat where the high losses
-    sit inside every group. ``tilt_fade_cut`` (default :data:`DEFAULT_TILT_FADE_CUT` = 0.2,
-    chosen on the task suite: ``benchmarks/RESULTS_suite_tilt_fade.md``; None: off) scales it further by ``max(0, 1 - c / tilt_fade_cut)``, ``c``
-    the share of the seen calibration samples the cut removes: where the cut finds much noise, the noise it
+    sit inside every group. ``tilt_fade_cut`` (default :data:`DEFAULT_TILT_FADE_CUT` = 0.2, chosen on the
+    task suite: ``benchmarks/RESULTS_suite_tilt_fade.md``; None: off) scales it further by
+    ``max(0, 1 - c / tilt_fade_cut)``, ``c`` the share of the seen calibration samples the cut removes: where the cut finds much noise, the noise it
     missed sits just below its threshold, where the tilt would put the most weight; on clean data (``c``
     about 0) nothing changes. Both apply with or without groups, to a calibrated tilt only.
 
@@ -345,8 +345,8 @@ class DROWeighting:
 
     def config(self) -> dict[str, Any]:
         """The options as a dict; ``tilt_cap``, ``cut_floor``, ``cut_learned_ratio``, ``cut_remeasured_only``,
-        ``group_tilt_share`` and ``tilt_fade_cut`` only when set, so the configs (and the fingerprints and saved states built from
-        them) of rules without them are those of versions that did not have them (:meth:`from_config` reads a
+        ``group_tilt_share`` and ``tilt_fade_cut`` only when set, so the configs (and the fingerprints and saved
+        states built from them) of rules without them are those of versions that did not have them (:meth:`from_config` reads a
         missing ``cut_learned_ratio``, ``group_tilt_share`` or ``tilt_fade_cut`` as None)."""
         out = asdict(self)
         for late in ("tilt_cap", "cut_floor", "cut_learned_ratio", "cut_remeasured_only", "group_tilt_share",
