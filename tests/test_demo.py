@@ -292,3 +292,26 @@ def test_a_signal_whose_exception_python_discarded_is_raised_again():
     assert ended.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
     raise_if_signalled()  # the record does not outlive the block
+
+
+def test_a_signal_during_a_deferred_step_is_raised_when_the_step_ends():
+    """SIGTERM while a streaming dataset is being created waits for the creation to finish (an exception
+    between creating a shared-memory block and sizing it would leave an empty block behind)."""
+    import signal
+
+    from irdro_sampler.demo.tempdirs import signals_deferred, signals_unwind
+
+    finished = []
+    with pytest.raises(SystemExit) as ended:
+        with signals_unwind():
+            with signals_deferred():
+                with signals_deferred():  # nested: only the outermost block raises
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.01)  # the handler runs here and only records the signal
+                    finished.append("inner")
+                finished.append("outer")
+            finished.append("after")
+    assert ended.value.code == 128 + signal.SIGTERM
+    assert finished == ["inner", "outer"]
+    with signals_deferred():  # outside signals_unwind nothing is recorded or raised
+        pass

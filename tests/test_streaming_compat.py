@@ -100,3 +100,47 @@ def test_nothing_sweeps_other_processes_shared_memory():
         if p.name != "test_streaming_compat.py" and name in p.read_text()
     ]
     assert not callers, callers
+
+
+@pytest.mark.skipif(not os.path.isdir(compat.SHM_FOLDER), reason="shared memory is not under /dev/shm here")
+def test_an_empty_block_left_by_a_killed_run_does_not_break_later_datasets(tmp_path):
+    """A process stopped between creating a streaming block and sizing it leaves a 0-byte block; streaming's
+    search for a free prefix then fails on it. Our datasets remove such blocks (older than a few seconds)
+    before streaming searches; a block being created right now (fresh) is left alone."""
+    import time
+
+    from streaming.base.constant import SHM_TO_CLEAN
+
+    from irdro_sampler.integrations.streaming import WeightedStreamingDataset
+
+    assert "cache_usage" in SHM_TO_CLEAN  # streaming attaches to this block of every prefix it passes
+    remote = write_mds(str(tmp_path), 100, 50)
+
+    def make(cls, **kw):
+        return cls(remote=remote, local=fresh_local(str(tmp_path)), batch_size=10, **kw)
+
+    def plant(prefixes, age_s):
+        planted = []
+        for p in prefixes:
+            path = os.path.join(compat.SHM_FOLDER, compat.shm_name(p, "cache_usage"))
+            if not os.path.exists(path):
+                open(path, "wb").close()
+                os.utime(path, (time.time() - age_s,) * 2)
+                planted.append(path)
+        return planted
+
+    # Below every free prefix the search could pick (it skips prefixes with file locks in the temp folder).
+    stale = plant(range(0, 2000), age_s=60)
+    fresh = plant([999_999], age_s=0)
+    try:
+        with pytest.raises(ValueError, match="empty file"):  # the hazard, in streaming itself
+            make(streaming.StreamingDataset)
+        ds = make(WeightedStreamingDataset, round_size=50)
+        # (the new dataset's own block may now have one of the names, sized)
+        assert not [p for p in stale if os.path.exists(p) and os.path.getsize(p) == 0]
+        assert all(os.path.exists(p) for p in fresh)
+        ds.close()
+    finally:
+        for p in stale + fresh:
+            if os.path.exists(p) and os.path.getsize(p) == 0:
+                os.unlink(p)

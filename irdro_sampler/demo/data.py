@@ -274,10 +274,18 @@ def create_streaming_dataset(make: Callable[[], Any], attempts: int = 8) -> Any:
 
     Streaming picks a shared-memory prefix by scanning /dev/shm; two processes creating datasets at the
     same moment (parallel benchmark runs) can pick the same one, and one of them gets FileExistsError.
+    Empty blocks a killed run left there are removed first, and SIGINT/SIGTERM wait until the dataset
+    exists: raised while streaming creates a block, they would leave another one (see
+    :func:`~irdro_sampler.integrations._streaming_compat.remove_stale_empty_blocks`).
     """
+    from ..integrations._streaming_compat import remove_stale_empty_blocks
+    from .tempdirs import signals_deferred
+
+    remove_stale_empty_blocks()
     for attempt in range(attempts):
         try:
-            return make()
+            with signals_deferred():
+                return make()
         except FileExistsError:
             if attempt == attempts - 1:
                 raise

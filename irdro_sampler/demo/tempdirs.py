@@ -47,8 +47,14 @@ def owned_tempdir(prefix: str, parent: str | os.PathLike | None = None) -> Path:
 _received: list[int] = []
 
 
+# Depth of :func:`signals_deferred` blocks: inside one, a signal is only recorded.
+_deferring = [0]
+
+
 def _terminate(signum: int, frame: object) -> None:
     _received.append(signum)
+    if _deferring[0]:
+        return
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)
@@ -60,6 +66,22 @@ def raise_if_signalled() -> None:
         if _received[-1] == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + _received[-1])
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold back the exception of a signal that arrives under :func:`signals_unwind` until the block ends.
+
+    For steps that must not stop half-way: Python's SharedMemory creates a block and then sizes it, and
+    an exception between the two leaves an empty block that breaks later datasets. Outside
+    :func:`signals_unwind` it changes nothing."""
+    _deferring[0] += 1
+    try:
+        yield
+    finally:
+        _deferring[0] -= 1
+    if not _deferring[0]:
+        raise_if_signalled()
 
 
 @contextlib.contextmanager

@@ -17,6 +17,9 @@ caught by CI rather than by users; importing this module on an untested version 
 
 from __future__ import annotations
 
+import os
+import re
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +49,7 @@ __all__ = [
     "node_barrier",
     "parallel_rank_world",
     "parallel_worker_world",
+    "remove_stale_empty_blocks",
     "shm_name",
     "shm_prefix_int",
     "source_hashes",
@@ -136,6 +140,37 @@ def shm_name(prefix_int: int, name: str) -> str:
     return _prefix._get_path(prefix_int, name)
 
 
+#: Where streaming's SharedMemory (``shm_open``) puts its blocks on Linux.
+SHM_FOLDER = "/dev/shm"
+_BLOCK_NAME = re.compile(r"\d{6}_\w+")  # shm_name(prefix_int, name), pinned by the "_get_path" hash
+
+
+def remove_stale_empty_blocks(min_age_s: float = 10.0, folder: str = SHM_FOLDER) -> list[str]:
+    """Unlink streaming's empty shared-memory blocks older than ``min_age_s`` seconds; returns their names.
+
+    Python's SharedMemory creates a block and then sizes it; a process stopped in between (a signal raised
+    as an exception there, SIGKILL) leaves a 0-byte block behind. Streaming's search for a free prefix
+    attaches to the blocks of every prefix in use, and an empty one fails it ("cannot mmap an empty
+    file"): every later StreamingDataset on the machine would fail to start. No live dataset has an empty
+    block (a block is sized before its name is shared), and the age spares one being created right now.
+    """
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    now = time.time()
+    for entry in os.scandir(folder):
+        if not _BLOCK_NAME.fullmatch(entry.name):
+            continue
+        try:
+            stat = entry.stat()
+            if stat.st_size == 0 and now - stat.st_mtime >= min_age_s:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+    return removed
+
+
 # ---------------------------------------------------------------------- accessors
 # One function per private attribute read elsewhere, so a renamed attribute is fixed here only.
 
@@ -223,6 +258,10 @@ class NodePlannedDataset(StreamingDataset):
     * :meth:`planning_error` (every worker, after the plan is shared) returns that recorded error or
       None; it is raised in every worker once the shared blocks are released.
     """
+
+    def __init__(self, **streaming_kwargs: Any) -> None:
+        remove_stale_empty_blocks()  # or streaming's prefix search may fail on one (see there)
+        super().__init__(**streaming_kwargs)
 
     def plan_node_work(self, epoch: int, sample_in_epoch: int, world: Any) -> np.ndarray:
         """The whole world's plan for ``epoch`` from ``sample_in_epoch`` (``world``: the parallel worker world)."""
