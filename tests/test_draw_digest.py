@@ -3,9 +3,11 @@ taken before the sampler was split into one concern per file (tests/data/draw_di
 states saved by that code resume with the same continuation (tests/data/legacy_states/).
 
 The digests were taken on an x86-64 CPU without AVX-512. numpy picks its float64 ``exp``/``log``/``power``
-loops by CPU at import, and its AVX-512 loops round differently in the last bit, so the digests are
-computed in a subprocess with those loops switched off (``NPY_DISABLE_CPU_FEATURES``, and torch capped at
-AVX2 likewise): the comparison is between code versions, not between machines."""
+loops by CPU at import, and its AVX-512 loops round differently in the last bit; so does the OpenBLAS
+numpy ships (its SkylakeX kernels against Haswell ones: 13 of the 16 scenarios moved on an AVX-512 Xeon
+with numpy's loops pinned alone). The digests are computed in a subprocess with all of these held to
+AVX2 (``NPY_DISABLE_CPU_FEATURES``, ``OPENBLAS_CORETYPE``, and torch's ``ATEN_CPU_CAPABILITY`` and MKL
+likewise): the comparison is between code versions, not between machines."""
 
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ def _pinned_env(disable: str = "AVX512") -> dict[str, str]:
     if platform.machine().lower() in ("x86_64", "amd64"):
         env["NPY_DISABLE_CPU_FEATURES"] = " ".join(f for f in dd.numpy_umath().__cpu_dispatch__ if f.startswith(disable))
         env["ATEN_CPU_CAPABILITY"] = "avx2"
+        env["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
+        if disable == "AVX512":
+            env["OPENBLAS_CORETYPE"] = "Haswell"
     return env
 
 
@@ -53,10 +58,19 @@ def test_the_pin_switches_numpy_loops_off(disable: str) -> None:
     env = _pinned_env(disable)
     if "NPY_DISABLE_CPU_FEATURES" not in env:
         pytest.skip("not x86-64: numpy has no AVX loops to switch off")
-    code = "import json, _draw_digest as dd\nprint(json.dumps(sorted(k for k, v in dd.numpy_umath().__cpu_features__.items() if v)))"
+    # The dispatch targets only: sub-features such as AVX512BW are reported as the CPU has them, but numpy
+    # picks its loops by target.
+    code = ("import json, _draw_digest as dd\nm = dd.numpy_umath()\n"
+            "print(json.dumps(sorted(k for k in m.__cpu_dispatch__ if m.__cpu_features__[k])))")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, capture_output=True, text=True, check=True)
     used = json.loads(out.stdout.strip().splitlines()[-1])
     assert not [f for f in used if f.startswith(disable)], used
+    if disable == "AVX512":
+        pytest.importorskip("threadpoolctl")
+        code = ("import json, numpy, threadpoolctl\nprint(json.dumps([i.get('architecture') for i in "
+                "threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas']))")
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, capture_output=True, text=True, check=True)
+        assert set(json.loads(out.stdout.strip().splitlines()[-1])) <= {"Haswell"}
 
 
 @pytest.mark.parametrize("name", sorted(dd.SCENARIOS))
