@@ -212,21 +212,22 @@ class CreditModel:
         """Exact credits ``E - D + theta`` (after the last advanced batch) of samples with these fields."""
         return offsets + (self.rates(mass) * self.clock + (mass * self.drift1 + self.drift2))
 
-    def _keys_of(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    def _time_to_accrue(self, credit: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        """Model time for samples of ``mass`` to accrue ``credit`` at the predicted rates (float64), inf
+        where the rate is 0."""
         rate = self.rates(mass)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            key = (1.0 - offsets.astype(np.float64)) / rate
-        key[rate <= 0.0] = np.inf
-        return key.astype(np.float32)
+            time = credit / rate
+        time[rate <= 0.0] = np.inf
+        return time
+
+    def _keys_of(self, offsets: np.ndarray, mass: np.ndarray) -> np.ndarray:
+        return self._time_to_accrue(1.0 - offsets.astype(np.float64), mass).astype(np.float32)
 
     def _deferred_keys(self, gap: np.ndarray, mass: np.ndarray) -> np.ndarray:
         """Keys of due samples that lost a draw by ``gap`` (level minus rank, after :meth:`advance`): the
         model time at which the rank reaches the level (ignoring drift), inf for rate 0."""
-        rate = self.rates(mass)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            key = self.clock + np.maximum(gap, 0.0) / rate
-        key[rate <= 0.0] = np.inf
-        return key.astype(np.float32)
+        return (self.clock + self._time_to_accrue(np.maximum(gap, 0.0), mass)).astype(np.float32)
 
     def _predict_rates(self, total: float, batch: int, num_samples: int) -> None:
         """Rates predicted from the masses' total ``total`` (``ref_total``): ``batch`` draws per batch,
