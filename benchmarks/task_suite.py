@@ -149,6 +149,10 @@ ARMS.update({
     # fade02* before it became the default; RESULTS_suite_tilt_fade.md).
     "fade-off": {"groups": "labels", "tilt_fade_cut": None},
     "fade-off-nogroups": {"tilt_fade_cut": None},
+    # The fade without counting a block of unlearnable samples the cut takes whole (tilt_fade_skip_block,
+    # opt-in; RESULTS_suite_fadeblock.md).
+    "fadeblock": {"groups": "labels", "tilt_fade_skip_block": True},
+    "fadeblock-nogroups": {"tilt_fade_skip_block": True},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

@@ -17,11 +17,18 @@ import numpy as np
 DEFAULT_TILT_FADE_CUT = 0.2
 
 
-def cut_fade_factor(seen: np.ndarray, kept: np.ndarray, fade_at: float) -> float:
+def cut_fade_factor(seen: np.ndarray, kept: np.ndarray, fade_at: float, exempt: np.ndarray | None = None) -> float:
     """``max(0, 1 - c / fade_at)`` with ``c`` the share of the ``seen`` samples not ``kept`` (boolean masks
-    over the calibration sample); 1 when nothing was seen."""
+    over the calibration sample), not counting those ``exempt``; 1 when nothing was seen.
+
+    ``exempt`` (``DROWeighting(tilt_fade_skip_block=True)``): the samples of a block of unlearnable ones
+    (a tight, far high mode: random bytes in an LM's data). The cut takes such a block whole, so nothing
+    of it waits below the threshold, and the tilt need not fade for it."""
     n_seen = int(np.count_nonzero(seen))
     if n_seen == 0:
         return 1.0
-    cut_share = int(np.count_nonzero(seen & ~kept)) / n_seen
+    cut = seen & ~kept
+    if exempt is not None:
+        cut &= ~exempt
+    cut_share = int(np.count_nonzero(cut)) / n_seen
     return max(0.0, 1.0 - cut_share / fade_at)

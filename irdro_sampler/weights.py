@@ -24,6 +24,7 @@ from .cut_rules import (
     _check_zscore,
     cut_threshold,
     group_cut_thresholds,
+    unlearnable_block_valley,
 )
 from .group_share import DEFAULT_GROUP_TILT_SHARE, group_explained_share, tilt_factor
 from .loss_table import prior_value
@@ -281,7 +282,10 @@ class DROWeighting:
     task suite: ``benchmarks/RESULTS_suite_tilt_fade.md``; None: off) scales it further by
     ``max(0, 1 - c / tilt_fade_cut)``, ``c`` the share of the seen calibration samples the cut removes: where the cut finds much noise, the noise it
     missed sits just below its threshold, where the tilt would put the most weight; on clean data (``c``
-    about 0) nothing changes. Both apply with or without groups, to a calibrated tilt only.
+    about 0) nothing changes. ``tilt_fade_skip_block`` (default False) does not count the cut samples of a
+    block of unlearnable ones (a tight, far high mode, as ``cut_rule="zscore-mode"`` tests for, fitted on
+    at least 500 seen losses): the cut takes such a block whole, so none of it waits below the threshold.
+    Both apply with or without groups, to a calibrated tilt only.
 
     The cut (``truncate_zscore`` with ``cut_rule``, and/or ``truncate_quantile``; see
     :func:`cut_threshold`) is computed over the seen samples, per group when the table has groups
@@ -320,6 +324,7 @@ class DROWeighting:
     cut_remeasured_only: bool = False
     group_tilt_share: float | None = DEFAULT_GROUP_TILT_SHARE
     tilt_fade_cut: float | None = DEFAULT_TILT_FADE_CUT
+    tilt_fade_skip_block: bool = False
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -337,6 +342,8 @@ class DROWeighting:
         check_fraction(self.tilt_fade_cut, "tilt_fade_cut", low_open=True, high_open=False, allow_none=True)
         if not isinstance(self.cut_remeasured_only, bool):
             raise ValueError(f"cut_remeasured_only must be True or False, got {self.cut_remeasured_only!r}")
+        if not isinstance(self.tilt_fade_skip_block, bool):
+            raise ValueError(f"tilt_fade_skip_block must be True or False, got {self.tilt_fade_skip_block!r}")
         if self.tilt_cap is not None and self.tilt_cap not in TILT_CAPS:
             raise ValueError(f"tilt_cap must be None or one of {TILT_CAPS}, got {self.tilt_cap!r}")
         check_fraction(self.uniform_mix, "uniform_mix", low_open=False, high_open=False)
@@ -345,12 +352,12 @@ class DROWeighting:
 
     def config(self) -> dict[str, Any]:
         """The options as a dict; ``tilt_cap``, ``cut_floor``, ``cut_learned_ratio``, ``cut_remeasured_only``,
-        ``group_tilt_share`` and ``tilt_fade_cut`` only when set, so the configs (and the fingerprints and saved
+        ``group_tilt_share``, ``tilt_fade_cut`` and ``tilt_fade_skip_block`` only when set, so the configs (and the fingerprints and saved
         states built from them) of rules without them are those of versions that did not have them (:meth:`from_config` reads a
         missing ``cut_learned_ratio``, ``group_tilt_share`` or ``tilt_fade_cut`` as None)."""
         out = asdict(self)
         for late in ("tilt_cap", "cut_floor", "cut_learned_ratio", "cut_remeasured_only", "group_tilt_share",
-                     "tilt_fade_cut"):
+                     "tilt_fade_cut", "tilt_fade_skip_block"):
             if out[late] is None or out[late] is False:
                 del out[late]
         return out
@@ -430,7 +437,8 @@ class DROWeighting:
             scored = kept & seen  # group means of measured losses: the prior says nothing about a group
             factor = tilt_factor(group_explained_share(view[scored], groups[scored], num_groups), self.group_tilt_share)
         if self.tilt_fade_cut is not None:
-            factor *= cut_fade_factor(seen, kept, self.tilt_fade_cut)
+            exempt = view >= unlearnable_block_valley(seen_losses) if self.tilt_fade_skip_block else None
+            factor *= cut_fade_factor(seen, kept, self.tilt_fade_cut, exempt)
         tau = float(self.temperature_for(eff[kept], factor))
         return params._replace(temperature=tau)
 

@@ -105,3 +105,36 @@ def test_resume_is_bitwise_with_the_fade():
     feedback(plain, 3)
     assert full.stats()["truncated_fraction"] == pytest.approx(planted.mean(), abs=0.01)
     assert full.stats()["temperature"] > 1.5 * plain.stats()["temperature"]  # the faded tilt is the milder one
+
+
+def test_skip_block_exempts_a_tight_far_block_only():
+    """``tilt_fade_skip_block=True``: a block of unlearnable samples (all at about one loss, far above the
+    rest: random bytes in an LM's data) is cut whole, so the tilt does not fade for it; a broad tail of
+    noise still fades it, and so does a block among too few seen losses to fit (500)."""
+    block, fade, off = (DROWeighting(tilt_fade_cut=0.2, tilt_fade_skip_block=True), DROWeighting(tilt_fade_cut=0.2),
+                        DROWeighting(tilt_fade_cut=None))
+    noisy = _table(0.1)
+    assert fade.fit(noisy).temperature > off.fit(noisy).temperature  # precondition: the fade acts (half strength)
+    assert block.fit(noisy).temperature == off.fit(noisy).temperature
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    loss = rng.uniform(0.5, 2.5, n)
+    loss[: n // 10] = rng.uniform(6.0, 30.0, n // 10)  # a broad tail, not a tight mode
+    broad = LossTable(n)
+    broad.update(np.arange(n), loss, step=0)
+    assert block.fit(broad).temperature == fade.fit(broad).temperature != off.fit(broad).temperature
+
+    few = _table(0.1, n=400)
+    assert block.fit(few).temperature == fade.fit(few).temperature != off.fit(few).temperature
+
+
+def test_skip_block_is_off_by_default_saved_and_checked():
+    assert DROWeighting().tilt_fade_skip_block is False and "tilt_fade_skip_block" not in DROWeighting().config()
+    on = DROWeighting(tilt_fade_skip_block=True)
+    assert DROWeighting.from_config(on.config()).tilt_fade_skip_block is True
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="tilt_fade_skip_block"):
+            DROWeighting(tilt_fade_skip_block=bad)
+        with pytest.raises(ValueError, match="tilt_fade_skip_block"):
+            IRDROSampler(100, batch_size=4, tilt_fade_skip_block=bad)

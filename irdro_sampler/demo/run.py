@@ -62,6 +62,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "irdro-ess0.8": {"data": "weighted", "algorithm": {**RECOMMENDED, "ess_fraction": 0.8}},
     # The defaults before the tilt faded with the cut's share (tilt_fade_cut, issue 18).
     "irdro-nofade": {"data": "weighted", "algorithm": {**RECOMMENDED, "tilt_fade_cut": None}},
+    # The fade not counting a block of unlearnable documents the cut takes whole (opt-in, issue 18).
+    "irdro-fadeblock": {"data": "weighted", "algorithm": {**RECOMMENDED, "tilt_fade_skip_block": True}},
     "reweight": {"data": "uniform", "algorithm": {"mode": "reweight", "temperature": 1.0}},
 }
 
