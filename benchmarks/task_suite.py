@@ -659,7 +659,9 @@ def main(argv: list[str] | None = None) -> int:
             text = text.replace("`\n\n", f"`\n\n**Subset:** {len(configs)} of the {planned} configurations had "
                                 "all their runs when this report was written.\n\n", 1)
         results.write_text(text)
-        (out / "analysis_rules.json").write_text(json.dumps(analysis, indent=1))
+        # One analysis per report (analysis_suite_<name>.json beside the runs), so one --arms run does not
+        # overwrite another's.
+        (out / f"analysis_{results.stem.removeprefix('RESULTS_')}.json").write_text(json.dumps(analysis, indent=1))
         print(text)
         return 0
     elapsed = sum(r["seconds"] for r in runs) or time.time() - t0
