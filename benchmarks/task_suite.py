@@ -153,7 +153,7 @@ ARMS.update({
     # opt-in; RESULTS_suite_fadeblock.md).
     "fadeblock": {"groups": "labels", "tilt_fade_skip_block": True},
     "fadeblock-nogroups": {"tilt_fade_skip_block": True},
-    # A lower floor: cut samples drawn at 2% of their share, not 10% (task_suite_notes.md, "Leads").
+    # A lower floor: cut samples drawn at 2% of their share, not 10% (RESULTS_suite_mix002.md).
     "mix002": {"groups": "labels", "uniform_mix": 0.02},
     "mix002-nogroups": {"uniform_mix": 0.02},
 })
