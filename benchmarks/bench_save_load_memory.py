@@ -44,6 +44,7 @@ def main(n: int, folder: str) -> None:
         load_s, after_load = time.perf_counter() - t0, _peak_mb()
         print(f"N={n:.1e} nbytes={s.nbytes / 2**20:.0f} MB peak RSS: steps {steps:.0f} MB, +save {after_save:.0f} MB, "
               f"+load {after_load:.0f} MB; save {save_s:.2f} s, load {load_s:.2f} s")
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

@@ -118,6 +118,7 @@ def _rank(rank: int, world: int, port: int, n: int, steps: int, folder: str, dra
         out["load"] = time.perf_counter() - t0
         out.update(nbytes=s.nbytes, rss=_peak_rss(), shards=s.shards.num_shards)
         results[rank] = out
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

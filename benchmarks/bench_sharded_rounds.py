@@ -140,6 +140,7 @@ def _sharded_worker(rank: int, world: int, port: int, results, n: int, draws: st
             coll_n=int(statistics.median(coll_n)), held=held, owned=stop - start, round_bytes=round_bytes,
             peak=_peak_mb(), delta=_peak_mb() - rss0, digests=digests, shards=shards.num_shards,
         )
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

@@ -48,6 +48,7 @@ def run_rank(rank: int, args: argparse.Namespace, port: int, results) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world)
     try:
         results[rank] = train(rank, args)
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

@@ -65,6 +65,7 @@ def run_rank(rank: int, args: argparse.Namespace, port: int, results) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=args.world)
     try:
         results[rank] = train(rank, args)
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

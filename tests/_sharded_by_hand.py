@@ -26,5 +26,6 @@ def drive_by_hand(rank: int, world: int, port: int, results: Any, steps: list[in
                 if step == b:
                     sampler.update(np.asarray(idx, dtype=np.int64), np.asarray(losses, dtype=np.float32), step=step)
         results[rank] = {"drawn": drawn, "fingerprint": sampler.fingerprint()}
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()

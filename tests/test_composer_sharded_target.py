@@ -63,6 +63,7 @@ def _checks(rank: int, world: int, port: int, results) -> None:
         out["fresh_unchanged"] = fresh.sampler.feedback.digest == ShardedIRDROSampler(
             40, 4, num_shards=4, seed=1, temperature=0.5).feedback.digest
         results[rank] = out
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

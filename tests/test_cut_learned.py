@@ -255,6 +255,7 @@ def _sharded_worker(rank: int, world: int, port: int, results, folder: str, gate
         resumed.load(folder)
         results[rank] = (before, after, s.local_probabilities(), steps(resumed, SHARDED_SAVE + 1, SHARDED_STEPS),
                          resumed.local_probabilities())
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

@@ -66,6 +66,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
         except ValueError as e:
             out["bad-range"] = str(e)
         results[rank] = out
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

@@ -7,6 +7,7 @@ import atexit
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,10 +37,33 @@ TINY_FLAGS: dict[str, list[str]] = {
 }
 
 
-def _run(script: str, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, str(EXAMPLES / script), *TINY_FLAGS[script], *extra],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=EXAMPLES.parent)
+def _run(script: str, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run an example in its own session; on a timeout, every process of it prints its threads' stacks
+    (faulthandler on SIGABRT) into the failure, so a hang says where it is."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
+    args = [sys.executable, str(EXAMPLES / script), *TINY_FLAGS[script], *extra]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=EXAMPLES.parent, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        stacks = "\n".join(line for line in err.splitlines() if not line.startswith("Extension modules:"))
+        pytest.fail(f"{script} {' '.join(args[2:])} did not finish in {timeout:.0f} s; its output:\n{out[-3000:]}\n"
+                    f"its stacks (faulthandler):\n{stacks[-20000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # the group is gone: nothing left to signal
+        pass
 
 
 def test_every_example_script_has_tiny_flags():

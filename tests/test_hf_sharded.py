@@ -185,6 +185,7 @@ def _missing_row_file(rank: int, world: int, port: int, results, folder: str) ->
             out["error"] = str(e)
         out["unchanged"] = fresh.fingerprint() == before and fresh.table.num_seen == 0 and fresh.params is None
         results[rank] = out
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

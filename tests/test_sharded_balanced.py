@@ -77,6 +77,7 @@ def _worker(rank: int, world: int, port: int, results, jobs: list) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:  # several jobs per process group: spawning ranks costs far more than drawing
         results[rank] = [_job(rank, world, *job) for job in jobs]
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

@@ -32,6 +32,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
         held.set(np.arange(start, stop), m[start:stop])
         out = [draw_global_batch(held, SEED, b, BATCH, MIX) for b in range(BATCHES)]
         results[rank] = (np.stack([o[0] for o in out]), np.stack([o[1] for o in out]), [o[2] for o in out])
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

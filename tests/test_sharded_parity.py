@@ -70,6 +70,7 @@ def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
         out["batches"], out["parts"] = np.stack(batches), np.stack(parts)
         out["resumed"] = _resume(world, folder)
         results[rank] = out
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

@@ -44,6 +44,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
                 carry = plan.carry
                 out.append((plan.ids, plan.probabilities))
             results[rank] = {**results[rank], draws: (out, carry)}
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 
@@ -129,6 +130,7 @@ def _bad_worker(rank: int, world: int, port: int, results) -> None:
         table.update(ids[mine] - start, losses[mine])
         out["p"] = sharded_probabilities(DROWeighting(), table, shards)
         results[rank] = out
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

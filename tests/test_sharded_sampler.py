@@ -30,6 +30,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
             out.append(str(e))
         out.append({fault: _faulty_run(rank, world, fault) for fault in ("dropped", "duplicated")})
         results[rank] = out
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

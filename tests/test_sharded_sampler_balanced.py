@@ -88,6 +88,7 @@ def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results[rank] = {name: _run(name, rank, world, folder) for name in SCENARIOS}
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

@@ -53,6 +53,7 @@ def _reference(rank: int, world: int, port: int, results, folder: str) -> None:
         s.save(folder)
         counters = _counters(s)
         results[rank] = (before, _steps(s, SAVE_AT + 1, END), s.fingerprint(), counters)
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 
@@ -62,6 +63,7 @@ def _resume(rank: int, world: int, port: int, results, folder: str, bads: tuple[
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results[rank] = {bad: _load_and_continue(world, folder, bad) for bad in bads}
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 

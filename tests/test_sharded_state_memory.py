@@ -39,6 +39,7 @@ def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
         restored = all(np.array_equal(a, b, equal_nan=True) for a, b in
                        zip(before[:3], (s.table.losses, s.table.counts, s.table.last_step), strict=True))
         results[rank] = (saved, loaded, restored and s.fingerprint() == before[3], s.table.num_seen)
+        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
     finally:
         dist.destroy_process_group()
 
