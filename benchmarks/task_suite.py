@@ -396,6 +396,36 @@ def analyse(configs: list[dict[str, Any]], runs: list[dict[str, Any]], seeds: in
 
 
 # ------------------------------------------------------------------------------------------ report
+def oracle_share_by_family(analysis: dict[str, Any], arms: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Median oracle share (noise >= 10%, oracle gained) per family and arm, ``(median, n)``; and under
+    ``"with groups' configurations"`` every arm on the configurations ``irdro`` runs on (regression has no
+    labels, so the arms' medians over all configurations cover different families)."""
+    rows = [r for r in analysis["rows"] if r["noise"] >= 0.1 and r["oracle_gain"] > 0]
+    labelled = {r["config"] for r in rows if "irdro" in r["arms"]}
+    subsets = {f: [r for r in rows if r["family"] == f] for f in FAMILY_COUNTS}
+    subsets["with groups' configurations"] = [r for r in rows if r["config"] in labelled]
+    out: dict[str, dict[str, Any]] = {}
+    for name, subset in subsets.items():
+        out[name] = {}
+        for arm in arms:
+            shares = [r["arms"][arm]["oracle_share"] for r in subset if arm in r["arms"]]
+            out[name][arm] = (float(np.median(shares)), len(shares)) if shares else None
+    return out
+
+
+def _family_share_lines(analysis: dict[str, Any]) -> list[str]:
+    arms = tuple(a for a in COMPARED if a != "oracle")
+    table = oracle_share_by_family(analysis, arms)
+    lines = ["Median oracle share at noise >= 10% per family (n configurations); the last row compares the arms "
+             "on the same configurations:", "",
+             "| configurations | " + " | ".join(f"`{a}`" for a in arms) + " |",
+             "|---|" + "---|" * len(arms)]
+    for name, cells in table.items():
+        lines.append(f"| {name} | " + " | ".join("–" if c is None else f"{c[0]:.2f} ({c[1]})" for c in
+                                                  (cells[a] for a in arms)) + " |")
+    return lines
+
+
 def _fmt(x: float, ref: float) -> str:
     """Three decimals for metrics below 10 in size (accuracy, nats), else three significant digits of ``ref``."""
     scale = max(abs(ref), 1e-12)
@@ -455,6 +485,7 @@ def format_report(configs: list[dict[str, Any]], analysis: dict[str, Any], seeds
     lines += ["", "Harmed configurations:", ""]
     for arm in COMPARED:
         lines.append(f"- `{arm}`: " + (", ".join(f"`{n}`" for n in s[arm]["harmed_names"]) or "none"))
+    lines += ["", *_family_share_lines(analysis)]
     lines += ["", "Targets of issue 18 for the defaults (`irdro`, `irdro-nogroups`):", ""]
     for arm in ("irdro", "irdro-nogroups"):
         a = s[arm]
