@@ -140,3 +140,22 @@ def test_a_changed_readme_figure_fails(tmp_path):
     readme.write_text(text.replace(m.group(0), planted, 1))
     problems, _ = check_figures(root)
     assert any(p.startswith("README.md:") and "RESULTS_quality.md" in p for p in problems), problems
+
+
+def test_the_no_groups_log_note_quotes_its_results_files():
+    """The note integrations log for class targets without groups quotes measured figures: each sentence's
+    decimal figures are in the RESULTS file that sentence names (a re-run that moves them fails here)."""
+    from irdro_sampler.integrations._class_targets import no_groups_note
+
+    note = no_groups_note("(how)")
+    checked = 0
+    for sentence in re.split(r"(?<=[.;]) ", note):
+        cited = re.findall(r"benchmarks/(RESULTS\w*\.md)", sentence)
+        if not cited:
+            continue
+        have = set(numbers((ROOT / "benchmarks" / cited[0]).read_text()))
+        figures = [n for n in numbers(sentence.replace(cited[0], "")) if "." in n]
+        missing = [n for n in figures if n not in have]
+        assert not missing, f"{missing} quoted in the note are not in {cited[0]}: {sentence}"
+        checked += len(figures)
+    assert checked >= 5, note
