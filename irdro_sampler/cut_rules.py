@@ -9,6 +9,7 @@ cut (tilted mass 0). :class:`~irdro_sampler.DROWeighting` calls :func:`cut_thres
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ DEFAULT_CUT_LEARNED_RATIO = 0.5
 # How the adaptive cut is computed from the seen losses (per group when groups are known).
 CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixture-valley", "tail-exp-agree",
              "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide", "zscore-mode", "zscore-agree",
-             "zscore-shrunk", "zscore-evidence")
+             "zscore-shrunk", "zscore-evidence", "zscore-root", "zscore-mode-root")
 # "zscore-shrunk": a group's median and MAD are pulled toward those of all samples with weight
 # SHRINK_SAMPLES / (n_g + SHRINK_SAMPLES), so a small group (whose own statistics a few wrong labels can
 # swing) is judged mostly against the whole set and a large one mostly against itself.
@@ -64,6 +65,8 @@ MIXTURE_POINTS = 1024
 MIN_GROUP_SEEN = 8
 # 1.4826 * MAD estimates the standard deviation of a normal distribution.
 _MAD_TO_SIGMA = 1.4826
+#: A z-score cut: (losses, z) -> the loss above which samples are cut.
+ZCut = Callable[[np.ndarray, float], float]
 
 
 # --------------------------------------------------------------------------------------------- cut
@@ -96,6 +99,9 @@ def cut_threshold(
         ``"tail-normal"`` test below finds an upper tail heavier than a log-normal bulk predicts (over all
         samples, also when cutting per group); ``inf`` otherwise. The squared errors of a clean regression
         (normal or Student-t residuals) pass the test and are not cut, where the z-score alone cuts 10-17%.
+      - ``"zscore-root"`` / ``"zscore-mode-root"``: ``"zscore"`` / ``"zscore-mode"`` with the z-score taken on
+        ``sqrt(loss)`` (losses < 0 count as 0) and squared back: for a squared error that is the residual's
+        own scale, where a normal residual's z-score of 3.5 cuts 0.6% (on the squared errors themselves, 7%).
       - evidence rules (issue 18; they cut only where the losses show noise, compared on the task suite in
         benchmarks/RESULTS_suite_rules.md): ``"tail-normal"``, ``"tail-normal-wide"``, ``"tail-exp"``
         (:func:`_tail_threshold`: the excess of the upper tail over a model of the bulk) and
@@ -126,6 +132,12 @@ def _robust_z_threshold(x: np.ndarray, z: float) -> float:
     median = float(np.median(x))
     mad = float(np.median(np.abs(x - median)))
     return median + z * _MAD_TO_SIGMA * mad if mad > 0 else math.inf
+
+
+def _root_z_threshold(x: np.ndarray, z: float) -> float:
+    """``"zscore-root"``: the z-score of ``sqrt(loss)``, as a loss (squared back)."""
+    root = _robust_z_threshold(np.sqrt(np.maximum(x, 0.0)), z)
+    return root * root
 
 
 def _log_losses(x: np.ndarray) -> np.ndarray:
@@ -233,7 +245,7 @@ def _mixture_valley_threshold(x: np.ndarray, z: float, iterations: int = 60) -> 
     return _mixture_valley(x, iterations)[0]
 
 
-def _zscore_mode_threshold(x: np.ndarray, z: float) -> float:
+def _zscore_mode_threshold(x: np.ndarray, z: float, z_cut: ZCut = _robust_z_threshold) -> float:
     """The ``"zscore"`` cut, unless a *block* of unlearnable samples inflates the MAD past itself.
 
     Content the model cannot learn (random bytes or tokens) keeps a loss near its entropy, the same for
@@ -246,18 +258,18 @@ def _zscore_mode_threshold(x: np.ndarray, z: float) -> float:
     the lower of that z-score and the valley. A mode within the bulk's own reach (a clean class the model
     gets wrong) keeps the plain z-score, and so does early training (all samples near the uniform
     prediction's loss, in tight modes close together)."""
-    threshold = _robust_z_threshold(x, z)
-    block = _unlearnable_block(x, z)
+    threshold = z_cut(x, z)
+    block = _unlearnable_block(x, z, z_cut)
     return block[0] if block is not None and block[1] < threshold else threshold
 
 
-def _unlearnable_block(x: np.ndarray, z: float) -> tuple[float, float] | None:
-    """``(where to cut, the block's lower quartile)`` of a block of unlearnable samples the z-score of the
-    samples below it would cut (see :func:`_zscore_mode_threshold`); None without one."""
+def _unlearnable_block(x: np.ndarray, z: float, z_cut: ZCut = _robust_z_threshold) -> tuple[float, float] | None:
+    """``(where to cut, the block's lower quartile)`` of a block of unlearnable samples the z-score
+    (``z_cut``) of the samples below it would cut (see :func:`_zscore_mode_threshold`); None without one."""
     valley, lower_quartile = _mixture_valley(x, 60, block=True)
     if valley == math.inf:
         return None
-    without_mode = _robust_z_threshold(x[x < valley], z)
+    without_mode = z_cut(x[x < valley], z)
     return (min(without_mode, valley), lower_quartile) if without_mode < lower_quartile else None
 
 
@@ -311,6 +323,8 @@ _ADAPTIVE_CUTS = {
     "zscore-agree": _robust_z_threshold,
     "zscore-shrunk": _robust_z_threshold,  # without groups; per group see _shrunk_z_thresholds
     "zscore-evidence": lambda x, z: _zscore_mode_threshold(x, z) if _excess_tail(x) else math.inf,
+    "zscore-root": _root_z_threshold,
+    "zscore-mode-root": lambda x, z: _zscore_mode_threshold(x, z, _root_z_threshold),
 }
 
 
@@ -350,13 +364,15 @@ def group_cut_thresholds(
         if not _excess_tail(losses):
             return out
         cut_rule = "zscore-mode"
-    if cut_rule == "zscore-mode" and _check_zscore(truncate_zscore) is not None:
+    if cut_rule in ("zscore-mode", "zscore-mode-root") and _check_zscore(truncate_zscore) is not None:
         # A block of unlearnable content sits at the loss of its entropy, whatever its group: found once over
         # all samples (one mixture fit per refresh, not one per group), then cut in every group whose own
         # z-score keeps most of it.
+        root = cut_rule == "zscore-mode-root"
         own = group_cut_thresholds(losses, groups, num_groups=num_groups, truncate_quantile=truncate_quantile,
-                                   truncate_zscore=truncate_zscore, cut_rule="zscore")
-        block = _unlearnable_block(losses, float(truncate_zscore)) if losses.size >= MIN_GROUP_SEEN else None
+                                   truncate_zscore=truncate_zscore, cut_rule="zscore-root" if root else "zscore")
+        z_cut = _root_z_threshold if root else _robust_z_threshold
+        block = _unlearnable_block(losses, float(truncate_zscore), z_cut) if losses.size >= MIN_GROUP_SEEN else None
         return own if block is None else np.where(own > block[1], np.minimum(own, block[0]), own)
     order = np.argsort(groups, kind="stable")
     ids, starts = np.unique(groups[order], return_index=True)
