@@ -160,7 +160,7 @@ ARMS.update({
     # fall that far from the untrained model's (RESULTS_suite_learned90.md).
     "learned90": {"groups": "labels", "cut_learned_ratio": 0.9},
     "learned90-nogroups": {"cut_learned_ratio": 0.9},
-    # The z-score on sqrt(loss): a squared error's residual scale (a normal residual: 0.7% cut, not 10%).
+    # The z-score on sqrt(loss): a squared error's residual scale (a normal residual: 0.6% cut, not 10%).
     "root": {"groups": "labels", "cut_rule": "zscore-mode-root"},
     "root-nogroups": {"cut_rule": "zscore-mode-root"},
 })

@@ -101,7 +101,7 @@ def cut_threshold(
         (normal or Student-t residuals) pass the test and are not cut, where the z-score alone cuts 10-17%.
       - ``"zscore-root"`` / ``"zscore-mode-root"``: ``"zscore"`` / ``"zscore-mode"`` with the z-score taken on
         ``sqrt(loss)`` (losses < 0 count as 0) and squared back: for a squared error that is the residual's
-        own scale, where a normal residual's z-score of 3.5 cuts 0.6% (on the squared errors themselves, 7%).
+        own scale, where a normal residual's z-score of 3.5 cuts 0.6% (on the squared errors themselves, 10%).
       - evidence rules (issue 18; they cut only where the losses show noise, compared on the task suite in
         benchmarks/RESULTS_suite_rules.md): ``"tail-normal"``, ``"tail-normal-wide"``, ``"tail-exp"``
         (:func:`_tail_threshold`: the excess of the upper tail over a model of the bulk) and
@@ -326,6 +326,8 @@ _ADAPTIVE_CUTS = {
     "zscore-root": _root_z_threshold,
     "zscore-mode-root": lambda x, z: _zscore_mode_threshold(x, z, _root_z_threshold),
 }
+# Per group, the "zscore-mode" rules cut each group by their plain z-score rule (and a block found over all samples).
+_MODE_GROUP_RULE = {"zscore-mode": "zscore", "zscore-mode-root": "zscore-root"}
 
 
 def _excess_tail(x: np.ndarray) -> bool:
@@ -364,14 +366,14 @@ def group_cut_thresholds(
         if not _excess_tail(losses):
             return out
         cut_rule = "zscore-mode"
-    if cut_rule in ("zscore-mode", "zscore-mode-root") and _check_zscore(truncate_zscore) is not None:
+    if cut_rule in _MODE_GROUP_RULE and _check_zscore(truncate_zscore) is not None:
         # A block of unlearnable content sits at the loss of its entropy, whatever its group: found once over
         # all samples (one mixture fit per refresh, not one per group), then cut in every group whose own
         # z-score keeps most of it.
-        root = cut_rule == "zscore-mode-root"
+        own_rule = _MODE_GROUP_RULE[cut_rule]
         own = group_cut_thresholds(losses, groups, num_groups=num_groups, truncate_quantile=truncate_quantile,
-                                   truncate_zscore=truncate_zscore, cut_rule="zscore-root" if root else "zscore")
-        z_cut = _root_z_threshold if root else _robust_z_threshold
+                                   truncate_zscore=truncate_zscore, cut_rule=own_rule)
+        z_cut = _ADAPTIVE_CUTS[own_rule]
         block = _unlearnable_block(losses, float(truncate_zscore), z_cut) if losses.size >= MIN_GROUP_SEEN else None
         return own if block is None else np.where(own > block[1], np.minimum(own, block[0]), own)
     order = np.argsort(groups, kind="stable")
