@@ -16,10 +16,12 @@ from typing import Any
 import numpy as np
 
 
-def with_option_off(arms: dict[str, dict[str, Any] | None], option: str) -> dict[str, dict[str, Any] | None]:
-    """``arms`` with ``option`` set to None in every sampler arm but the defaults (``irdro``, ``irdro-nogroups``):
-    the arms whose runs were made before ``option`` became a default keep their runs' options."""
-    return {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, option: None})
+def with_option_off(arms: dict[str, dict[str, Any] | None], option: str,
+                    off: Any = None) -> dict[str, dict[str, Any] | None]:
+    """``arms`` with ``option`` set to ``off`` (None, or False for a flag) in every sampler arm but the defaults
+    (``irdro``, ``irdro-nogroups``): the arms whose runs were made before ``option`` became a default keep their
+    runs' options."""
+    return {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") else {**opts, option: off})
             for name, opts in arms.items()}
 
 
@@ -65,9 +67,15 @@ TASK_ARMS["irdro-tilt-share05"] = {"groups": "labels", "group_tilt_share": 0.5}
 TASK_ARMS = with_option_off(TASK_ARMS, "tilt_fade_cut")
 TASK_ARMS.update({"irdro-nofade": {"groups": "labels", "tilt_fade_cut": None},
                   "irdro-nogroups-nofade": {"tilt_fade_cut": None}})
+# Every arm above was run before the fade stopped counting a block of unlearnable samples the cut takes whole
+# (tilt_fade_skip_block=True, the default since issue 18; RESULTS_quality_fadeblock_lm8.md): they keep their runs'
+# options with it off. The defaults before it are the two "-fadecount" arms.
+TASK_ARMS = with_option_off(TASK_ARMS, "tilt_fade_skip_block", False)
+TASK_ARMS.update({"irdro-fadecount": {"groups": "labels", "tilt_fade_skip_block": False},
+                  "irdro-nogroups-fadecount": {"tilt_fade_skip_block": False}})
 #: Arms that only make sense where there are labels.
 CLASSIFIER_ONLY = ("irdro-nogroups", "irdro-nogroups-ungated", "irdro-z25", "irdro-tilt-share05",
-                   "irdro-nogroups-nofade")
+                   "irdro-nogroups-nofade", "irdro-nogroups-fadecount")
 METRICS = ("score", "rare", "worst")
 
 

@@ -282,9 +282,11 @@ class DROWeighting:
     task suite: ``benchmarks/RESULTS_suite_tilt_fade.md``; None: off) scales it further by
     ``max(0, 1 - c / tilt_fade_cut)``, ``c`` the share of the seen calibration samples the cut removes: where the cut finds much noise, the noise it
     missed sits just below its threshold, where the tilt would put the most weight; on clean data (``c``
-    about 0) nothing changes. ``tilt_fade_skip_block`` (default False) does not count the cut samples of a
-    block of unlearnable ones (a tight, far high mode, as ``cut_rule="zscore-mode"`` tests for, fitted on
-    at least 500 seen losses): the cut takes such a block whole, so none of it waits below the threshold.
+    about 0) nothing changes. ``tilt_fade_skip_block`` (default True, chosen on the quality benchmark's byte
+    LM: ``benchmarks/RESULTS_quality_fadeblock_lm8.md``) does not count the cut samples of a block of
+    unlearnable ones (a tight, far high mode, as ``cut_rule="zscore-mode"`` tests for, fitted on at least
+    500 seen losses): the cut takes such a block whole, so none of it waits below the threshold, and the
+    tilt need not fade for it.
     Both apply with or without groups, to a calibrated tilt only.
 
     The cut (``truncate_zscore`` with ``cut_rule``, and/or ``truncate_quantile``; see
@@ -324,7 +326,7 @@ class DROWeighting:
     cut_remeasured_only: bool = False
     group_tilt_share: float | None = DEFAULT_GROUP_TILT_SHARE
     tilt_fade_cut: float | None = DEFAULT_TILT_FADE_CUT
-    tilt_fade_skip_block: bool = False
+    tilt_fade_skip_block: bool = True
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -354,7 +356,8 @@ class DROWeighting:
         """The options as a dict; ``tilt_cap``, ``cut_floor``, ``cut_learned_ratio``, ``cut_remeasured_only``,
         ``group_tilt_share``, ``tilt_fade_cut`` and ``tilt_fade_skip_block`` only when set, so the configs (and the fingerprints and saved
         states built from them) of rules without them are those of versions that did not have them (:meth:`from_config` reads a
-        missing ``cut_learned_ratio``, ``group_tilt_share`` or ``tilt_fade_cut`` as None)."""
+        missing ``cut_learned_ratio``, ``group_tilt_share`` or ``tilt_fade_cut`` as None, a missing
+        ``tilt_fade_skip_block`` as False)."""
         out = asdict(self)
         for late in ("tilt_cap", "cut_floor", "cut_learned_ratio", "cut_remeasured_only", "group_tilt_share",
                      "tilt_fade_cut", "tilt_fade_skip_block"):
@@ -365,9 +368,10 @@ class DROWeighting:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DROWeighting:
         """The rule a saved :meth:`config` describes. A config without ``cut_learned_ratio`` (or
-        ``group_tilt_share``, or ``tilt_fade_cut``) was saved with that option off, by a version before it
-        existed or with it set to None: it loads with it off."""
-        return cls(**{"cut_learned_ratio": None, "group_tilt_share": None, "tilt_fade_cut": None, **config})
+        ``group_tilt_share``, ``tilt_fade_cut``, ``tilt_fade_skip_block``) was saved with that option off, by a
+        version before it existed or with it set off: it loads with it off."""
+        return cls(**{"cut_learned_ratio": None, "group_tilt_share": None, "tilt_fade_cut": None,
+                      "tilt_fade_skip_block": False, **config})
 
     # -- calibration ------------------------------------------------------------------------------
     def fit(self, table: LossTable) -> WeightParams:

@@ -26,7 +26,7 @@ def test_factor_is_one_minus_the_cut_share_over_the_fade_point():
 
 def _table(noise_share: float, n: int = 4000) -> LossTable:
     """Uniform losses (no tail: the z-score cuts none of them) with ``noise_share`` of the samples far above
-    them (what the cut removes)."""
+    them (what the cut removes: a tight block, which the default ``tilt_fade_skip_block=True`` does not count)."""
     rng = np.random.default_rng(3)
     loss = rng.uniform(0.5, 2.5, n)
     loss[: int(noise_share * n)] += 30.0
@@ -41,13 +41,13 @@ def test_the_temperature_follows_the_factor():
     temperature the calibration gives)."""
     clean, noisy = _table(0.0), _table(0.1)
     default = DROWeighting(tilt_fade_cut=None)
-    fading = DROWeighting(tilt_fade_cut=0.2)
+    fading = DROWeighting(tilt_fade_cut=0.2, tilt_fade_skip_block=False)
     assert fading.fit(clean).temperature == default.fit(clean).temperature
     params = fading.fit(noisy)
     kept = noisy.losses[noisy.losses < params.threshold].astype(np.float64)
     assert kept.size == 3600  # the cut removed exactly the planted 10%
     assert params.temperature == DROWeighting(ess_fraction=0.95).temperature_for(kept)
-    flat = DROWeighting(tilt_fade_cut=0.1).fit(noisy).temperature
+    flat = DROWeighting(tilt_fade_cut=0.1, tilt_fade_skip_block=False).fit(noisy).temperature
     assert flat == DROWeighting().temperature_for(kept, 0.0) and flat > 100 * params.temperature
     fixed = DROWeighting(temperature=2.0, tilt_fade_cut=0.1)  # a fixed temperature is not calibrated: kept
     assert fixed.fit(noisy).temperature == 2.0
@@ -111,8 +111,8 @@ def test_skip_block_exempts_a_tight_far_block_only():
     """``tilt_fade_skip_block=True``: a block of unlearnable samples (all at about one loss, far above the
     rest: random bytes in an LM's data) is cut whole, so the tilt does not fade for it; a broad tail of
     noise still fades it, and so does a block among too few seen losses to fit (500)."""
-    block, fade, off = (DROWeighting(tilt_fade_cut=0.2, tilt_fade_skip_block=True), DROWeighting(tilt_fade_cut=0.2),
-                        DROWeighting(tilt_fade_cut=None))
+    block, fade, off = (DROWeighting(tilt_fade_cut=0.2, tilt_fade_skip_block=True),
+                        DROWeighting(tilt_fade_cut=0.2, tilt_fade_skip_block=False), DROWeighting(tilt_fade_cut=None))
     noisy = _table(0.1)
     assert fade.fit(noisy).temperature > off.fit(noisy).temperature  # precondition: the fade acts (half strength)
     assert block.fit(noisy).temperature == off.fit(noisy).temperature
@@ -129,10 +129,14 @@ def test_skip_block_exempts_a_tight_far_block_only():
     assert block.fit(few).temperature == fade.fit(few).temperature != off.fit(few).temperature
 
 
-def test_skip_block_is_off_by_default_saved_and_checked():
-    assert DROWeighting().tilt_fade_skip_block is False and "tilt_fade_skip_block" not in DROWeighting().config()
-    on = DROWeighting(tilt_fade_skip_block=True)
-    assert DROWeighting.from_config(on.config()).tilt_fade_skip_block is True
+def test_skip_block_is_on_by_default_saved_and_checked():
+    """On by default and in the default config; a config without it (saved before it was the default, or with it
+    off) loads with it off, so such states resume with the rule they were saved with."""
+    assert DROWeighting().tilt_fade_skip_block is True and DROWeighting().config()["tilt_fade_skip_block"] is True
+    off = DROWeighting(tilt_fade_skip_block=False)
+    assert "tilt_fade_skip_block" not in off.config()
+    assert DROWeighting.from_config(off.config()).tilt_fade_skip_block is False
+    assert DROWeighting.from_config(DROWeighting().config()).tilt_fade_skip_block is True
     for bad in (1, "yes", None):
         with pytest.raises(ValueError, match="tilt_fade_skip_block"):
             DROWeighting(tilt_fade_skip_block=bad)
