@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import socket
@@ -156,6 +157,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """A gloo process group on 127.0.0.1 for the ``with`` block, destroyed on the way out. On success the
+    ranks first meet at a barrier: tearing gloo down while a peer is still inside a collective can hang
+    (pytorch#75097). On an error nothing waits for the peers, which would hang on the failed one."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def spawn_gloo(worker: Any, world: int, *args: Any) -> list[Any]:

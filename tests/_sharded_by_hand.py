@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
+from _core_helpers import gloo_group
 
 from irdro_sampler import ShardedIRDROSampler
 
@@ -16,8 +16,7 @@ def drive_by_hand(rank: int, world: int, port: int, results: Any, steps: list[in
     """In a process group of ``world`` ranks on 127.0.0.1:``port`` (gloo), draw global batches ``steps`` of a
     ``ShardedIRDROSampler(**options)``, applying each recorded ``(step, indices, losses)`` after its batch;
     ``results[rank]`` gets ``{"drawn": {b: indices}, "fingerprint": ...}``."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         sampler = ShardedIRDROSampler(**options)
         drawn = {}
         for b in steps:
@@ -26,6 +25,3 @@ def drive_by_hand(rank: int, world: int, port: int, results: Any, steps: list[in
                 if step == b:
                     sampler.update(np.asarray(idx, dtype=np.int64), np.asarray(losses, dtype=np.float32), step=step)
         results[rank] = {"drawn": drawn, "fingerprint": sampler.fingerprint()}
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()

@@ -10,8 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-from _core_helpers import spawn_gloo
+from _core_helpers import gloo_group, spawn_gloo
 
 pytest.importorskip("composer")
 
@@ -27,9 +26,8 @@ from irdro_sampler.sharded_sampler import ShardedIRDROSampler  # noqa: E402
 
 
 def _checks(rank: int, world: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     out: dict[str, object] = {}
-    try:
+    with gloo_group(rank, world, port):
         sampler = ShardedIRDROSampler(40, 4, num_shards=4, seed=1, feedback_delay=2, temperature=0.5)
         data = IndexedDataset(torch.utils.data.TensorDataset(torch.arange(40.0)))
         loader = torch.utils.data.DataLoader(data, batch_sampler=ShardedBatchSampler(sampler))
@@ -63,9 +61,6 @@ def _checks(rank: int, world: int, port: int, results) -> None:
         out["fresh_unchanged"] = fresh.sampler.feedback.digest == ShardedIRDROSampler(
             40, 4, num_shards=4, seed=1, temperature=0.5).feedback.digest
         results[rank] = out
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 def test_target_found_checked_and_refusing_a_checkpoint_without_rows():

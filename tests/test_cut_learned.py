@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _core_helpers import assert_state_equal, iter_batches, loss_of, roundtrip
+from _core_helpers import assert_state_equal, gloo_group, iter_batches, loss_of, roundtrip
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 from irdro_sampler.weights import kept_mask
@@ -234,13 +234,11 @@ SHARDED_OPTS = dict(seed=3, refresh_interval=3, feedback_delay=1, uniform_mix=0.
 
 
 def _sharded_worker(rank: int, world: int, port: int, results, folder: str, gate: str) -> None:
-    import torch.distributed as dist
     from _core_helpers import train_sharded_steps
 
     from irdro_sampler.sharded_sampler import ShardedIRDROSampler
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         def make() -> ShardedIRDROSampler:
             return ShardedIRDROSampler(SHARDED_N, SHARDED_BATCH // world, num_shards=8, **SHARDED_OPTS, **GATES[gate])
 
@@ -255,9 +253,6 @@ def _sharded_worker(rank: int, world: int, port: int, results, folder: str, gate
         resumed.load(folder)
         results[rank] = (before, after, s.local_probabilities(), steps(resumed, SHARDED_SAVE + 1, SHARDED_STEPS),
                          resumed.local_probabilities())
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-from _core_helpers import spawn_gloo
+from _core_helpers import gloo_group, spawn_gloo
 
 from irdro_sampler import DROWeighting, LossTable
 from irdro_sampler.distributed_fit import fit_sharded
@@ -46,8 +45,7 @@ TABLES = [(False, "mean"), (True, "mean"), (True, 2.5)]  # (groups, prior)
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         start, stop = VirtualShards(N, 64).ids_of_rank(rank, world)
         out = {}
         for with_groups, prior in TABLES:
@@ -66,9 +64,6 @@ def _worker(rank: int, world: int, port: int, results) -> None:
         except ValueError as e:
             out["bad-range"] = str(e)
         results[rank] = out
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 import _hf_sharded_worker as worker  # noqa: E402
-from _core_helpers import free_port, spawn_gloo  # noqa: E402
+from _core_helpers import free_port, gloo_group, spawn_gloo  # noqa: E402
 from _hf_worker import Samples  # noqa: E402
 from _sharded_by_hand import drive_by_hand  # noqa: E402
 
@@ -156,8 +156,7 @@ def test_missing_shard_folder_is_a_clear_error(full_run, tmp_path):
 
 
 def _missing_row_file(rank: int, world: int, port: int, results, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         def sampler() -> ShardedIRDROSampler:
             return ShardedIRDROSampler(SAMPLES, BATCH, num_shards=worker.NUM_SHARDS, seed=worker.SEED,
                                        feedback_delay=worker.FEEDBACK_DELAY)
@@ -185,9 +184,6 @@ def _missing_row_file(rank: int, world: int, port: int, results, folder: str) ->
             out["error"] = str(e)
         out["unchanged"] = fresh.fingerprint() == before and fresh.table.num_seen == 0 and fresh.params is None
         results[rank] = out
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 def test_missing_rank_file_is_a_clear_error_on_every_rank_with_nothing_loaded(tmp_path):

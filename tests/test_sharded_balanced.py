@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-from _core_helpers import P_THRESHOLD, chisquare_pvalue, spawn_gloo
+from _core_helpers import P_THRESHOLD, chisquare_pvalue, gloo_group, spawn_gloo
 
 from irdro_sampler.draws.balanced import BalancedDraws
 from irdro_sampler.sharded_balanced import ShardedBalancedDraws
@@ -74,12 +73,8 @@ def _job(rank: int, world: int, name: str, first: int, stop: int, state) -> tupl
 
 
 def _worker(rank: int, world: int, port: int, results, jobs: list) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:  # several jobs per process group: spawning ranks costs far more than drawing
+    with gloo_group(rank, world, port):  # several jobs per process group: spawning ranks costs far more than drawing
         results[rank] = [_job(rank, world, *job) for job in jobs]
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 _RUNS: dict[int, dict[str, list]] = {}

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-from _core_helpers import P_THRESHOLD, chisquare_pvalue, spawn_gloo
+from _core_helpers import P_THRESHOLD, chisquare_pvalue, gloo_group, spawn_gloo
 
 from irdro_sampler.sharded_draws import ShardMasses, draw_global_batch
 from irdro_sampler.virtual_shards import VirtualShards
@@ -23,8 +22,7 @@ def _masses() -> np.ndarray:
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         shards = VirtualShards(N, SHARDS)
         held = ShardMasses(shards, rank, world)
         start, stop = shards.ids_of_rank(rank, world)
@@ -32,9 +30,6 @@ def _worker(rank: int, world: int, port: int, results) -> None:
         held.set(np.arange(start, stop), m[start:stop])
         out = [draw_global_batch(held, SEED, b, BATCH, MIX) for b in range(BATCHES)]
         results[rank] = (np.stack([o[0] for o in out]), np.stack([o[1] for o in out]), [o[2] for o in out])
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 def _run(world: int):

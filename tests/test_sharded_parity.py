@@ -8,8 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-from _core_helpers import loss_of, spawn_gloo
+from _core_helpers import gloo_group, loss_of, spawn_gloo
 
 from irdro_sampler import IRDROSampler
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
@@ -38,8 +37,7 @@ def _sampler(world: int) -> ShardedIRDROSampler:
 
 
 def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         s = _sampler(world)
         out: dict = {"fresh": (s.stats(), s.importance_weights(_asked(rank, np.arange(3)))), "checks": {}}
         try:
@@ -70,9 +68,6 @@ def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
         out["batches"], out["parts"] = np.stack(batches), np.stack(parts)
         out["resumed"] = _resume(world, folder)
         results[rank] = out
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 def _resume(world: int, folder: str) -> tuple:

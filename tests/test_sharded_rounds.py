@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-from _core_helpers import P_THRESHOLD, chisquare_pvalue, spawn_gloo
+from _core_helpers import P_THRESHOLD, chisquare_pvalue, gloo_group, spawn_gloo
 
 from irdro_sampler import DROWeighting, LossTable
 from irdro_sampler.carried_rounding import balanced_counts, initial_carry
@@ -31,8 +30,7 @@ def _weights(r: int) -> np.ndarray:
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         shards = VirtualShards(N, SHARDS)
         start, stop = shards.ids_of_rank(rank, world)
         results[rank] = {}
@@ -44,9 +42,6 @@ def _worker(rank: int, world: int, port: int, results) -> None:
                 carry = plan.carry
                 out.append((plan.ids, plan.probabilities))
             results[rank] = {**results[rank], draws: (out, carry)}
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 _RUNS: dict[int, list] = {}
@@ -107,8 +102,7 @@ _BAD = {"nan": "NaN or inf", "negative": "negative", "short": "wrong length"}
 
 
 def _bad_worker(rank: int, world: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         shards = VirtualShards(N, SHARDS)
         start, stop = shards.ids_of_rank(rank, world)
         out = {}
@@ -130,9 +124,6 @@ def _bad_worker(rank: int, world: int, port: int, results) -> None:
         table.update(ids[mine] - start, losses[mine])
         out["p"] = sharded_probabilities(DROWeighting(), table, shards)
         results[rank] = out
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-from _core_helpers import loss_of, spawn_gloo
+from _core_helpers import gloo_group, loss_of, spawn_gloo
 
 from irdro_sampler import IRDROSampler
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
@@ -20,8 +19,7 @@ def _groups(start: int, stop: int) -> np.ndarray:
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         out = [_run(rank, world, with_groups) for with_groups in (False, True)]
         try:  # checked from the layout alone, before any collective
             ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=2)
@@ -30,9 +28,6 @@ def _worker(rank: int, world: int, port: int, results) -> None:
             out.append(str(e))
         out.append({fault: _faulty_run(rank, world, fault) for fault in ("dropped", "duplicated")})
         results[rank] = out
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 def _run(rank: int, world: int, with_groups: bool) -> tuple:

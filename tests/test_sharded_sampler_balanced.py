@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-from _core_helpers import loss_of, spawn_gloo
+from _core_helpers import gloo_group, loss_of, spawn_gloo
 
 from irdro_sampler import IRDROSampler
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
@@ -85,12 +84,8 @@ def _run(name: str, rank: int, world: int, folder: str) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         results[rank] = {name: _run(name, rank, world, folder) for name in SCENARIOS}
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-from _core_helpers import loss_of, spawn_gloo, train_sharded_steps
+from _core_helpers import gloo_group, loss_of, spawn_gloo, train_sharded_steps
 
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
 
@@ -46,26 +45,18 @@ def _steps(s: ShardedIRDROSampler, first: int, last: int) -> list[np.ndarray]:
 
 
 def _reference(rank: int, world: int, port: int, results, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         s = ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=SHARDS, **OPTS)
         before = _steps(s, 0, SAVE_AT + 1)
         s.save(folder)
         counters = _counters(s)
         results[rank] = (before, _steps(s, SAVE_AT + 1, END), s.fingerprint(), counters)
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 def _resume(rank: int, world: int, port: int, results, folder: str, bads: tuple[str, ...]) -> None:
     """Load ``folder`` into a sampler made wrong in each of ``bads`` ways ("" = right) in turn."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         results[rank] = {bad: _load_and_continue(world, folder, bad) for bad in bads}
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 def _load_and_continue(world: int, folder: str, bad: str) -> tuple:

@@ -8,8 +8,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-import torch.distributed as dist
-from _core_helpers import loss_of, spawn_gloo
+from _core_helpers import gloo_group, loss_of, spawn_gloo
 
 from irdro_sampler import sharded_state
 from irdro_sampler.sharded_sampler import ShardedIRDROSampler
@@ -18,8 +17,7 @@ N, SHARDS, CHUNK = 1 << 21, 512, 1 << 14  # 4,096 rows per shard: the rebuild af
 
 
 def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         sharded_state.CHUNK = CHUNK
         s = ShardedIRDROSampler(N, 256, num_shards=SHARDS, feedback_delay=2, refresh_interval=50)
         for b in range(6):
@@ -39,9 +37,6 @@ def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
         restored = all(np.array_equal(a, b, equal_nan=True) for a, b in
                        zip(before[:3], (s.table.losses, s.table.counts, s.table.last_step), strict=True))
         results[rank] = (saved, loaded, restored and s.fingerprint() == before[3], s.table.num_seen)
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
