@@ -170,6 +170,11 @@ ARMS.update({
     "fadecount-nogroups": {"tilt_fade_skip_block": False},
     "fadeblock": {"groups": "labels", "tilt_fade_skip_block": True},
     "fadeblock-nogroups": {"tilt_fade_skip_block": True},
+    # A scoring pass before training (IRDROSampler.prime with the starting model's losses on every sample): for
+    # continual training over few passes, where most draws are first visits the loss cannot steer. A recipe,
+    # not an option: run on the byte LM only (--only lm; the other families start from an untrained model).
+    "scored": {"groups": "labels", "score_first": True},
+    "scored-nogroups": {"score_first": True},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

@@ -27,6 +27,7 @@ on the same clean test set. ``uniform`` is shuffled epochs
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,6 +222,16 @@ def evaluate_lm(task: Task, model: torch.nn.Module) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ arms
+@torch.no_grad()
+def score_losses(task: Task, model: torch.nn.Module, batch_size: int = 256) -> torch.Tensor:
+    """The model's per-sample loss on every training sample (eval mode, no update): a scoring pass."""
+    model.eval()
+    losses = torch.cat([per_sample_loss(task, model(task.x[i:i + batch_size]), task.y[i:i + batch_size])
+                        for i in range(0, len(task.y), batch_size)])
+    model.train()
+    return losses
+
+
 def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
             on_epoch_end: Callable[[int, IRDROSampler | None, np.ndarray], None] | None = None,
             return_state: bool = False) -> dict[str, Any]:
@@ -237,6 +248,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
     n = len(task.y)
     ds = IndexedDataset(TensorDataset(task.x, task.y))
     sampler = None
+    scoring_seconds = None
     if arm == "oracle":
         clean = np.flatnonzero(~task.noisy)
         loader = DataLoader(torch.utils.data.Subset(ds, clean.tolist()), batch_size=task.batch_size, shuffle=True,
@@ -245,14 +257,20 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
         loader = DataLoader(ds, batch_size=task.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     else:
         options = dict(options)
+        score_first = options.pop("score_first", False)
         if options.get("groups") == "labels":  # what a classifier user passes: the class labels
             options["groups"] = task.y.numpy() if task.group_labels is None else task.group_labels
         sampler = IRDROSampler(ds, task.batch_size, seed=seed, **options)
+        if score_first:  # a scoring pass: the starting model's losses in the table before the first draw
+            t0 = time.perf_counter()
+            sampler.prime(np.arange(n), score_losses(task, model))
+            scoring_seconds = time.perf_counter() - t0
         loader = DataLoader(ds, batch_size=task.batch_size, sampler=sampler)
     steps_total = task.steps if task.steps is not None else task.epochs * math.ceil(n / task.batch_size)
     drawn = np.zeros(n, dtype=np.int64)
     step = 0
     epoch = 0
+    t_train = time.perf_counter()
     while step < steps_total:
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -276,6 +294,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
         epoch += 1
         if on_epoch_end is not None:
             on_epoch_end(epoch, sampler, drawn)
+    train_seconds = time.perf_counter() - t_train
     model.eval()
     result = evaluate(task, model)
     if return_state:
@@ -289,4 +308,6 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
         s = sampler.stats()
         result.update({k: float(s[k]) for k in ("truncated_fraction", "temperature", "ess_fraction", "readmitted",
                                                  "remeasured_cut")})
+    if scoring_seconds is not None:  # the scoring pass's time against the training loop's
+        result["scoring_cost"] = scoring_seconds / train_seconds
     return result

@@ -10,6 +10,8 @@ drawn again (replays) come from the :class:`~irdro_sampler.drawn_batches.DrawnBa
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .drawn_batches import DrawnBatches
@@ -76,6 +78,17 @@ class BatchOrder:
         """Fit the rule if nothing was drawn yet (the weights the next batch would be drawn from)."""
         if self.weights.params is None:
             self.advance_to(self.last_drawn + 1)
+
+    def prime(self, indices: Any, losses: Any) -> int:
+        """Apply losses measured before training now; the first draw fits the rule on them. Only before the
+        first batch is drawn. Returns the number of non-finite losses dropped."""
+        if self.last_drawn >= 0:
+            raise ValueError(f"prime() takes losses measured before training, but batch {self.last_drawn} was "
+                             "already drawn: report losses of trained batches with update()")
+        record, skipped = self.feedback.prime(indices, losses)
+        self.weights.apply([record])
+        self.weights.params = None  # fitted at the first draw (and by probabilities()) from the primed table
+        return skipped
 
     def flush(self) -> None:
         """Apply all buffered feedback now, whatever its step."""

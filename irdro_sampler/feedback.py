@@ -55,6 +55,17 @@ class FeedbackQueue:
         self.max_reported_step = max(self.max_reported_step, step)
         return idx, val, skipped
 
+    def prime(self, indices: Any, losses: Any) -> tuple[Record, int]:
+        """Validate losses measured before training (see ``IRDROSampler.prime``) and return them as a record of
+        step 0, handed out at once and chained into the digest, with the number of non-finite losses dropped.
+        The step counters are left alone: the training loop's own steps (and automatic steps) are unchanged."""
+        idx, val, skipped = validate_feedback(indices, losses, self.dataset_size)
+        self.skipped_nonfinite += skipped
+        record = (0, self.seq, idx, val)
+        self.seq += 1
+        self.digest = chain_digest(self.digest, 0, idx, val)
+        return record, skipped
+
     def take_due(self, through: float) -> list[Record]:
         """Remove and return the records of steps ``<= through`` in ``(step, seq)`` order; extend the digest."""
         due = [e for e in self.pending if e[0] <= through]

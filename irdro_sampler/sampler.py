@@ -220,6 +220,20 @@ class IRDROSampler(DistributedSampler):
         self.table.num_skipped += skipped
         self.order.drawn.forget_trained(feedback.max_reported_step)
 
+    def prime(self, indices: Any, losses: Any) -> None:
+        """Report losses measured before training: a scoring pass of the starting model over the data set.
+
+        They enter the table at once (as those samples' first losses) and the first batch is drawn from
+        the rule fitted on them, so the cut and the tilt act from the first draw. Without it the table
+        starts empty and only revisits can be steered: in continual training over one or two passes most
+        draws are first visits, noise included. The price is a forward pass over the data (no backward).
+        Same input contract as :meth:`update` (repeats averaged, non-finite losses dropped and counted);
+        call it before the first batch is drawn (``ValueError`` after, and on bad input, changing
+        nothing), on every rank with the same losses. The losses count as feedback applied before batch
+        0: the sample order stays a function of (seed, batch, applied feedback) and is saved and resumed.
+        """
+        self.table.num_skipped += self.order.prime(indices, losses)
+
     def flush(self) -> None:
         """Apply all buffered feedback now, whatever its step (for analysis and offline use).
 
