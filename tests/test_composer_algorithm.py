@@ -400,7 +400,7 @@ def test_class_targets_without_groups_are_noted_once(clf_data, caplog, with_grou
     notes = [r for r in caplog.records if "look like class indices and no groups" in r.getMessage()]
     assert len(notes) == (0 if with_groups else 1)
     if notes:
-        assert "0.006-0.123" in notes[0].getMessage() and "groups=labels" in notes[0].getMessage()
+        assert "0.006-0.130" in notes[0].getMessage() and "groups=labels" in notes[0].getMessage()
     trainer.close()
 
 
