@@ -9,7 +9,7 @@ A scoring pass fixes that: the starting model's loss on every document (a forwar
 reported with ``sampler.prime(indices, losses)`` before the first batch is drawn. With the library's
 defaults, at the default seed, the primed sampler draws the random documents far below their 25% share
 from the first batch on, and the held-out loss on clean code ends lower than with uniform sampling and
-lower than without the scoring pass (``tests/test_examples.py`` checks all three). Runs in seconds:
+lower than without the scoring pass (``tests/test_examples.py`` checks all three). Runs in half a minute:
 
     python examples/continual_scoring_pass.py                 # the three arms side by side
     python examples/continual_scoring_pass.py --docs 1000     # fewer documents
