@@ -126,7 +126,7 @@ def test_defaults_unchanged():
     assert [k for k, _ in rule.identity()] == sorted(
         ["temperature", "kl_radius", "ess_fraction", "truncate_quantile", "truncate_zscore", "cut_rule",
          "uniform_mix", "calibration_size", "cut_learned_ratio", "group_tilt_share",
-         "tilt_fade_cut"])
+         "tilt_fade_cut", "tilt_fade_skip_block"])
     assert DROWeighting(tilt_cap=None) == rule
     assert DROWeighting(tilt_cap="zscore").config()["tilt_cap"] == "zscore"
     for groups in (False, True):
