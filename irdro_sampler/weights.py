@@ -42,6 +42,12 @@ TILT_CAPS = ("zscore",)
 # classification metric and kept noise draws under the noise share; on the byte-level LM 0.8 is where
 # the hand-tuned tau = 1 was (ESS 0.81). See README "Defaults and why".
 DEFAULT_ESS_FRACTION = 0.9
+# Options added after the first saved states, and their "off" value: a config leaves an option out when it
+# is off, and a config without it loads with it off (DROWeighting.config / from_config).
+_LATE_OPTIONS_OFF: dict[str, Any] = {
+    "tilt_cap": None, "cut_floor": None, "cut_learned_ratio": None, "cut_remeasured_only": False,
+    "group_tilt_share": None, "tilt_fade_cut": None, "tilt_fade_skip_block": False,
+}
 # The temperature of the paper's in-batch reweighting and of ``temperature_for`` on a single loss.
 DEFAULT_TEMPERATURE = 1.0
 # Temperature searches run over [range / _TAU_LO_DIV, range * _TAU_HI_MUL] in log space. Below
@@ -353,25 +359,21 @@ class DROWeighting:
             raise ValueError(f"calibration_size must be an int >= 1, got {self.calibration_size!r}")
 
     def config(self) -> dict[str, Any]:
-        """The options as a dict; ``tilt_cap``, ``cut_floor``, ``cut_learned_ratio``, ``cut_remeasured_only``,
-        ``group_tilt_share``, ``tilt_fade_cut`` and ``tilt_fade_skip_block`` only when set, so the configs (and the fingerprints and saved
-        states built from them) of rules without them are those of versions that did not have them (:meth:`from_config` reads a
-        missing ``cut_learned_ratio``, ``group_tilt_share`` or ``tilt_fade_cut`` as None, a missing
-        ``tilt_fade_skip_block`` as False)."""
+        """The options as a dict; the options added after the first saved states (:data:`_LATE_OPTIONS_OFF`)
+        only when on, so the configs (and the fingerprints and saved states built from them) of rules with
+        them off are those of versions that did not have them."""
         out = asdict(self)
-        for late in ("tilt_cap", "cut_floor", "cut_learned_ratio", "cut_remeasured_only", "group_tilt_share",
-                     "tilt_fade_cut", "tilt_fade_skip_block"):
-            if out[late] is None or out[late] is False:
-                del out[late]
+        for name, off in _LATE_OPTIONS_OFF.items():
+            if out[name] is off:
+                del out[name]
         return out
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DROWeighting:
-        """The rule a saved :meth:`config` describes. A config without ``cut_learned_ratio`` (or
-        ``group_tilt_share``, ``tilt_fade_cut``, ``tilt_fade_skip_block``) was saved with that option off, by a
-        version before it existed or with it set off: it loads with it off."""
-        return cls(**{"cut_learned_ratio": None, "group_tilt_share": None, "tilt_fade_cut": None,
-                      "tilt_fade_skip_block": False, **config})
+        """The rule a saved :meth:`config` describes. A config without one of :data:`_LATE_OPTIONS_OFF` was
+        saved with that option off, by a version before it existed or with it set off: it loads with it off
+        (whatever the option's default is now)."""
+        return cls(**{**_LATE_OPTIONS_OFF, **config})
 
     # -- calibration ------------------------------------------------------------------------------
     def fit(self, table: LossTable) -> WeightParams:
