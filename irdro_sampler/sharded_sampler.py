@@ -159,6 +159,20 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         self.feedback.add(indices, losses, step)
         self.drawn.forget_trained(self.feedback.max_reported_step)
 
+    def prime(self, indices: Any, losses: Any) -> None:
+        """Losses measured before training (a scoring pass), as :meth:`IRDROSampler.prime`: applied at once,
+        the first batch drawn from the rule fitted on them. Same contract as :meth:`update`: every rank makes
+        the same calls with the same arrays (each keeps the rows it owns; a data set too large for one call
+        is passed in chunks, in the same order on every rank), and the chained digest of what was applied is
+        compared at the next draw. Only before the first draw (``ValueError`` after, and on bad input,
+        changing nothing)."""
+        if self.last_drawn >= 0:
+            raise ValueError(f"prime() takes losses measured before training, but batch {self.last_drawn} was "
+                             "already drawn: report losses of trained batches with update()")
+        record, _ = self.feedback.prime(indices, losses)  # non-finite losses dropped, counted by the queue
+        self._apply([record], update_masses=False)
+        self.params = None  # refitted at the first draw, from the primed table
+
     # ------------------------------------------------------------------------------------ drawing
     def batch(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Global batch ``b``: ids of all ranks and their draw probabilities (a collective)."""
