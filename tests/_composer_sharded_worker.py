@@ -6,8 +6,9 @@ PHASE ``first``: the uninterrupted reference run (folder ``OUT/ref``), then the 
 stopped by an exception after batch ``CRASH`` (a checkpoint every 3 batches, one kept).
 PHASE ``second`` (a new process group, as after a restart): autoresume from a copy of ``OUT/run`` whose
 rank 1 row file was deleted (must fail, nothing loaded), then autoresume from ``OUT/run`` to the end.
-Each run writes ``OUT/<name>-rank<r>.pt``: the batches this rank trained, the fingerprint, the model
-weights and this rank's table rows.
+Every run is primed with a scoring pass's losses (``IRDRO(initial_losses=...)``: a fresh run at FIT_START, a
+resumed one by its checkpoint). Each run writes ``OUT/<name>-rank<r>.pt``: the batches this rank trained, the
+fingerprint, the model weights, this rank's table rows and whether its first losses are the primed ones.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class Record(Callback):
             raise Crash(f"interrupted after batch {self.crash_after}")
 
 
+def scored() -> np.ndarray:
+    """A scoring pass's losses (every run is primed with them: ``IRDRO(initial_losses=...)``)."""
+    return np.random.default_rng(2).uniform(0.5, 2.5, 100).astype(np.float32)
+
+
 def make_sampler() -> ShardedIRDROSampler:
     return ShardedIRDROSampler(100, 8, num_shards=8, seed=5, feedback_delay=3, temperature=0.5)
 
@@ -63,7 +69,7 @@ def run(name: str, folder: Path, *, crash_after: int | None = None) -> None:
     data, _, _ = ex.make_classifier_data(num_samples=100, seed=0)
     sampler = make_sampler()
     dl = torch.utils.data.DataLoader(IndexedDataset(data), batch_sampler=ShardedBatchSampler(sampler))
-    algo = IRDRO(log_interval=2, check_interval=1)
+    algo = IRDRO(log_interval=2, check_interval=1, initial_losses=scored())
     model = ex.build_classifier_model(seed=0)
     record = Record(crash_after)
     trainer = ex.build_trainer(model, dl, [algo], steps=STEPS, seed=11, microbatch_size=4, callbacks=[record], save_folder=str(folder),
@@ -77,7 +83,8 @@ def run(name: str, folder: Path, *, crash_after: int | None = None) -> None:
     torch.save({"seen": record.seen, "fingerprint": sampler.fingerprint(), "error": error, "epoch": sampler.epoch,
                 "fresh_fingerprint": make_sampler().fingerprint(),
                 "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "rows": {k: torch.from_numpy(np.array(getattr(table, k))) for k in ("losses", "counts", "last_step")}},
+                "rows": {k: torch.from_numpy(np.array(getattr(table, k))) for k in ("losses", "counts", "last_step")},
+                "primed": bool(np.array_equal(table.first_losses, scored()[sampler.start:sampler.stop]))},
                OUT / f"{name}-rank{RANK}.pt")  # fmt: skip
     trainer.close()
     dist.barrier()

@@ -1,5 +1,6 @@
 """A Composer run on 2 gloo ranks with the loss table sharded (``ShardedIRDROSampler``), interrupted and
-autoresumed, is bitwise equal to the uninterrupted run: the same batches drawn on every rank, the same
+autoresumed, is bitwise equal to the uninterrupted run (every run primed with a scoring pass's losses, a resumed
+one from its checkpoint, not again): the same batches drawn on every rank, the same
 fingerprint, the same model weights and table rows. Each checkpoint's per-rank rows live in its sidecar
 folder (``<checkpoint>.irdro-shards``), removed with the checkpoint when Composer rotates it; a missing
 rank file on resume is a ``ValueError`` naming the file, with nothing loaded.
@@ -62,6 +63,7 @@ def test_sharded_run_interrupted_and_autoresumed_is_bitwise_equal(tmp_path):
         assert ref[r]["error"] is None and len(ref[r]["seen"]) == STEPS
         assert interrupted[r]["error"] == f"Crash: interrupted after batch {CRASH}"
         assert interrupted[r]["seen"] == ref[r]["seen"][:CRASH]
+        assert ref[r]["primed"] and interrupted[r]["primed"]  # IRDRO(initial_losses=...) reached each rank's rows
     # Each rank trains its slice of the same global batches (the last batch of an epoch is short).
     assert [len(s) for s in ref[0]["seen"]] == [8] * 6 + [2] + [8] * 5
     assert [len(s) for s in ref[1]["seen"]] == [len(s) for s in ref[0]["seen"]]
@@ -83,7 +85,7 @@ def test_sharded_run_interrupted_and_autoresumed_is_bitwise_equal(tmp_path):
         assert int(broken[r]["rows"]["counts"].sum()) == 0
         # Resumed from ep1-ba9: the batches of the uninterrupted run from there on, on every rank, and
         # bitwise the same table rows, model weights and fingerprint at the end.
-        assert resumed[r]["error"] is None
+        assert resumed[r]["error"] is None and resumed[r]["primed"] and not broken[r]["primed"]
         assert resumed[r]["seen"] == ref[r]["seen"][RESUMED_FROM:]
         assert resumed[r]["fingerprint"] == ref[r]["fingerprint"]
         assert resumed[r]["epoch"] == ref[r]["epoch"] == 1

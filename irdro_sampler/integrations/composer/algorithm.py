@@ -58,6 +58,7 @@ from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 from irdro_sampler._validation import as_groups
 from irdro_sampler.diagnostics import metric_names
 from irdro_sampler.integrations._class_targets import no_groups_note
+from irdro_sampler.priming import check_initial_losses
 
 from .batches import BatchFeedback, num_rows, split_off_indices, without_key
 from .collectives import check_ranks_agree, gather_feedback
@@ -172,6 +173,11 @@ class IRDRO(Algorithm):
             source of truth). With a streaming dataset they configure the rule this algorithm keeps. In
             ``reweight`` mode the rule's temperature (fixed, or calibrated per microbatch) sets the
             in-batch softmax.
+        initial_losses: losses of the starting model measured before training (a scoring pass: one forward
+            pass over the training set, no backward), so the first batches are drawn from the rule fitted on
+            them instead of uniformly: ``(indices, losses)``, one loss per sample (NaN: not scored), or the
+            path of a ``.npy`` vector (for YAML). Applied at the first ``FIT_START`` of a fresh run (not on
+            resume: the checkpoint holds them); see :func:`~irdro_sampler.initial_loss_feedback`.
         ema, prior, groups: the loss table's options (:class:`~irdro_sampler.LossTable`), for the
             streaming path's table (with an ``IRDROSampler`` its own table decides and they must agree).
         loss_fn: ``(outputs, batch) -> 1-D tensor`` with one loss per sample of the microbatch, computed
@@ -206,6 +212,7 @@ class IRDRO(Algorithm):
         log_interval: int = 100,
         check_interval: int | None = None,
         groups: Any = None,
+        initial_losses: Any = None,
         **rule_options: Any,
     ) -> None:
         if check_interval is None:
@@ -219,6 +226,9 @@ class IRDRO(Algorithm):
         LossTable(1, **self.table_options)
         if groups is not None:
             as_groups(groups, len(groups))
+        check_initial_losses(initial_losses)
+        self.initial_losses = initial_losses
+        self._fit_started = False  # primed (if asked) at the first FIT_START only
         self.loss_fn_spec = loss_fn
         self.loss_fn = resolve_loss_fn(loss_fn)
         self.index_key = index_key
@@ -339,11 +349,22 @@ class IRDRO(Algorithm):
         bind = getattr(target, "bind", None)
         if callable(bind):  # optional: targets that need the run (the sharded sampler's checkpoint files)
             bind(state)
-        if self._pending_state is not None:
+        if self._pending_state is not None:  # a resume: the saved table holds the primed losses already
             self._apply_state(self._pending_state)
             self._pending_state = None
+        elif self.initial_losses is not None and not self._fit_started:
+            self._prime(target)
+        self._fit_started = True
         self._checked_first_batch = False
         self._check_ranks_agree(state, "FIT_START")
+
+    def _prime(self, target: FeedbackTarget | None) -> None:
+        prime = getattr(target, "prime", None)
+        if not callable(prime):
+            what = "nothing is fed (mode='reweight' without a sampler)" if target is None else f"the {target.name} target"
+            raise ValueError(f"IRDRO(initial_losses=...): {what} cannot be primed; put an IRDROSampler or a weighted "
+                             "streaming dataset in the train DataLoader")
+        prime(self.initial_losses)
 
     # ------------------------------------------------------------------ per-sample feedback
     def _take_indices(self, state: State) -> None:

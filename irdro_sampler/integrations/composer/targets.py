@@ -28,7 +28,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from irdro_sampler import DROWeighting, IndexedDataset, IRDROSampler, LossTable, RoundFeedback
+from irdro_sampler import (
+    DROWeighting,
+    IndexedDataset,
+    IRDROSampler,
+    LossTable,
+    RoundFeedback,
+    initial_loss_feedback,
+)
 from irdro_sampler._validation import as_groups
 
 __all__ = [
@@ -77,7 +84,10 @@ class FeedbackTarget(Protocol):
 
     Optional: ``bind(state)``, called with Composer's ``State`` at ``FIT_START`` after :meth:`attach` and
     before a checkpoint's state is loaded, for a target whose checkpoint needs the run's files (the
-    sharded sampler's rows are written beside the checkpoint file); ``fit_end()``, called at ``FIT_END``.
+    sharded sampler's rows are written beside the checkpoint file); ``fit_end()``, called at ``FIT_END``;
+    ``prime(initial_losses)``, called at the first ``FIT_START`` of a fresh run given
+    ``IRDRO(initial_losses=...)`` (losses of a scoring pass, any form of
+    :func:`~irdro_sampler.initial_loss_feedback`), before anything is drawn.
     """
 
     name: str
@@ -221,6 +231,10 @@ class SamplerTarget:
         return option_conflicts(self.sampler.rule.config(), table, options,
                                 lambda groups: as_groups(groups, table.dataset_size))
 
+    def prime(self, initial_losses: Any) -> None:
+        """The sampler's ``prime`` with a scoring pass's losses (``IRDRO(initial_losses=...)``)."""
+        self.sampler.prime(*initial_loss_feedback(initial_losses, self.sampler.dataset_size))
+
     def global_step(self, timestamp: Any) -> int:
         # The sampler's global batch index: epoch * batches_per_epoch + batch_in_epoch.
         return int(timestamp.epoch) * int(self.sampler.batches_per_epoch) + int(timestamp.batch_in_epoch)
@@ -339,6 +353,14 @@ class StreamingTarget:
         if self.feedback is None:
             raise RuntimeError("StreamingTarget: no loss table yet (attach() builds it at FIT_START)")
         return self.feedback
+
+    def prime(self, initial_losses: Any) -> None:
+        """A scoring pass's losses into the table (as feedback of step 0), and the first round's weights fitted on
+        them pushed to the dataset before it plans that round (``IRDRO(initial_losses=...)``)."""
+        feedback = self._feedback()
+        indices, losses = initial_loss_feedback(initial_losses, feedback.num_samples)
+        feedback.update(indices, losses, step=0)
+        self.dataset.set_weights(feedback.round_probabilities())
 
     def global_step(self, timestamp: Any) -> int:
         return int(timestamp.batch)
