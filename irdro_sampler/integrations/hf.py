@@ -54,6 +54,8 @@ How each part works (facts about transformers 5 / accelerate 1 checked in their 
   uninterrupted run's (tested).
 * **Metrics.** Every training log (``logging_steps``) gets ``irdro/*``: the sampler's ``stats()``
   (ESS, KL to uniform, cut fraction, temperature, ...; O(N)) and the mean loss of the drawn samples.
+* **Priming.** ``irdro=dict(initial_losses=...)`` (a scoring pass's losses) is passed to the new sampler's
+  ``prime`` before the first draw; a resume takes them from the checkpoint's sampler state instead.
 
 **The loss table sharded over the ranks:** ``irdro=dict(sharded=True, ...)`` (or a
 :class:`~irdro_sampler.ShardedIRDROSampler`) keeps N / world rows per rank; each rank writes its rows into
@@ -95,6 +97,7 @@ from irdro_sampler.integrations._hf_compat import (
     train_batch_size,
 )
 from irdro_sampler.losses import classification_per_sample_loss, token_per_sample_loss
+from irdro_sampler.priming import check_initial_losses, initial_loss_feedback
 
 __all__ = [
     "INDEX_KEY",
@@ -112,6 +115,8 @@ STEP_KEY = "irdro_step"
 STATE_FILE = "irdro_sampler.pt"
 _STATE_FORMAT = "irdro_sampler.hf"
 _STATE_VERSION = 1
+#: The ``irdro`` key of the scoring pass's losses, as errors name it.
+_INITIAL_LOSSES = "irdro['initial_losses']"
 
 PerSampleLoss = Callable[[Any, Mapping[str, Any]], torch.Tensor]
 
@@ -338,6 +343,21 @@ class IRDROTrainerMixin:
             ``labels``) column is a ``ClassLabel``, its class ids are the groups (the task suite measured
             labels as groups safer; ``groups=None`` opts out). Class-index labels without groups are
             noted once in the log, with the measured consequence.
+
+            ``initial_losses`` (a key of the dict, not a sampler option): losses of the starting model
+            measured before training (a scoring pass), so that the first batch is drawn from the rule
+            fitted on them (:meth:`~irdro_sampler.IRDROSampler.prime`) rather than uniformly. One of
+            ``(indices, losses)``; a vector of one loss per sample of ``train_dataset`` (numpy, torch or a
+            list; NaN for a sample not scored, which stays unseen); or the path of a ``.npy`` file holding
+            such a vector (for configs). The form is checked here (``TypeError``, or
+            ``FileNotFoundError`` for a missing path); the length against ``train_dataset`` when the
+            sampler is built (``ValueError`` naming ``irdro['initial_losses']`` and the shape). Every rank
+            passes the same losses. ``train(resume_from_checkpoint=...)`` does not prime again: the
+            checkpoint's sampler state already holds the primed losses (as feedback applied before the first
+            batch), and the resumed run draws the uninterrupted run's batches. The cost is the scoring pass
+            itself, one forward pass of the model over the training data (no backward), run by the user
+            before ``train()``. A built ``IRDROSampler`` / ``ShardedIRDROSampler`` passed as ``irdro`` has
+            no such key: call its ``prime(indices, losses)`` before ``train()`` (not when resuming).
         per_sample_loss: how one loss per sample is computed from ``(outputs, inputs)`` (``inputs``
             includes ``labels``): ``'auto'`` (default, :func:`default_per_sample_loss` with the kind of
             model found from its class), ``'causal_lm'``, ``'token'``, ``'classification'``, or a callable
@@ -371,6 +391,7 @@ class IRDROTrainerMixin:
             sharded = self._irdro_spec.get("sharded", False)
             if not isinstance(sharded, bool):
                 raise ValueError(f"irdro: 'sharded' must be True or False, got {sharded!r}")
+            check_initial_losses(self._irdro_spec.get("initial_losses"), _INITIAL_LOSSES)
         self._irdro_loss_fn, self._irdro_loss_kind = _resolve_loss(per_sample_loss)
         super().__init__(*args, **kwargs)
         logging_steps = getattr(self.args, "logging_steps", 0)
@@ -409,6 +430,7 @@ class IRDROTrainerMixin:
             return s
         options = dict(self._irdro_spec)
         sharded = options.pop("sharded", False)
+        options.pop("initial_losses", None)  # not a sampler option: get_train_dataloader primes with them
         options.setdefault("seed", args.data_seed if args.data_seed is not None else args.seed)
         if "groups" not in options:
             # The data set declares its classes: judge each sample within its class (measured safer:
@@ -463,7 +485,9 @@ class IRDROTrainerMixin:
         sampler = self._irdro_build_sampler(len(dataset), self.train_dataset)  # type: ignore[attr-defined]
         self._irdro_check_delay(sampler)
         if self._irdro_resume_from is not None:
-            self._irdro_load(sampler, self._irdro_resume_from)
+            self._irdro_load(sampler, self._irdro_resume_from)  # the state holds the primed losses, if any
+        else:
+            self._irdro_prime(sampler, len(dataset))
         self.irdro_sampler = sampler
         batches = _RankBatches(sampler)
         args = self.args  # type: ignore[attr-defined]
@@ -482,6 +506,12 @@ class IRDROTrainerMixin:
         prepared = self.accelerator.prepare(DataLoader(_KeyedDataset(dataset), **params))  # type: ignore[attr-defined]
         _neutralise_sharding(prepared, batches)
         return prepared
+
+    def _irdro_prime(self, sampler: IRDROSampler | ShardedIRDROSampler, size: int) -> None:
+        """``sampler.prime`` with ``irdro['initial_losses']`` (if given) of a fresh, not resumed, run."""
+        initial = self._irdro_spec.get("initial_losses") if isinstance(self._irdro_spec, dict) else None
+        if initial is not None:
+            sampler.prime(*initial_loss_feedback(initial, size, _INITIAL_LOSSES))
 
     # ------------------------------------------------------------------ feedback
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
