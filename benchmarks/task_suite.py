@@ -175,6 +175,10 @@ ARMS.update({
     # not an option: run on the byte LM only (--only lm; the other families start from an untrained model).
     "scored": {"groups": "labels", "score_first": True},
     "scored-nogroups": {"score_first": True},
+    # A bound, not a rule: the cut threshold on the running loss re-chosen at every refit with the noise labels
+    # (the fewest misclassified samples), no gate (threshold_bound.py; RESULTS_suite_threshold_bound.md).
+    "best-threshold": {"groups": "labels", "cut_oracle": True, "cut_learned_ratio": None},
+    "best-threshold-nogroups": {"cut_oracle": True, "cut_learned_ratio": None},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

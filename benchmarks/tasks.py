@@ -258,9 +258,14 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
     else:
         options = dict(options)
         score_first = options.pop("score_first", False)
+        cut_oracle = options.pop("cut_oracle", False)  # a diagnostic bound (threshold_bound.py), not a rule
         if options.get("groups") == "labels":  # what a classifier user passes: the class labels
             options["groups"] = task.y.numpy() if task.group_labels is None else task.group_labels
         sampler = IRDROSampler(ds, task.batch_size, seed=seed, **options)
+        if cut_oracle:
+            from threshold_bound import with_best_thresholds
+
+            with_best_thresholds(sampler, task.noisy)
         if score_first:  # a scoring pass: the starting model's losses in the table before the first draw
             t0 = time.perf_counter()
             sampler.prime(np.arange(n), score_losses(task, model))

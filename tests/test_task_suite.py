@@ -79,3 +79,28 @@ def test_quick_suite_runs_and_reports(tmp_path):
     assert noisy["arms"]["irdro-nogroups"]["noise_draws"] > 0
     assert analysis["summary"]["irdro-nogroups"]["configs"] == len(quick)
     assert analysis["summary"]["irdro"]["configs"] == sum(c["family"] != "regression" for c in quick)
+
+
+def test_best_threshold_bound_is_the_fewest_errors_threshold():
+    """The bound arm's threshold (benchmarks/threshold_bound.py) misclassifies no more samples than any other
+    threshold on the same losses (brute force over every cut point), and cuts nothing without noise; the swapped
+    rule keeps the sampler's options and cuts at it."""
+    import threshold_bound
+
+    from irdro_sampler import IRDROSampler
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n = int(rng.integers(5, 60))
+        losses = np.round(rng.gamma(2.0, 1.0, n), 1)  # ties included
+        noisy = rng.random(n) < 0.3
+        t = threshold_bound.best_threshold(losses, noisy)
+        errors = [int(((losses > cut) != noisy).sum()) for cut in [t, np.inf, *losses, -np.inf]]
+        assert errors[0] == min(errors)
+    assert threshold_bound.best_threshold(losses, np.zeros(n, bool)) == np.inf
+    noisy = np.arange(200) % 5 == 0
+    s = IRDROSampler(200, 10, seed=0, cut_learned_ratio=None, ess_fraction=0.8)
+    threshold_bound.with_best_thresholds(s, noisy)
+    assert s.rule.ess_fraction == 0.8 and s.rule.cut_learned_ratio is None
+    s.prime(np.arange(200), np.where(noisy, 2.0, 1.0) + rng.uniform(0, 0.5, 200))
+    assert s.stats()["truncated_fraction"] == pytest.approx(noisy.mean())
