@@ -113,30 +113,13 @@ def test_a_resumed_primed_run_is_not_primed_again(lm_data, tmp_path):
 
 def test_the_streaming_table_and_first_round_are_primed(tmp_path):
     pytest.importorskip("streaming")
-    import torch.nn.functional as F
+    from _streaming_composer_model import Tiny, per_sample_loss
     from _streaming_data import fresh_local, write_mds
     from composer import Trainer
-    from composer.models import ComposerModel
 
     from irdro_sampler.integrations.streaming import WeightedStreamingDataset
 
     n, round_size = 2000, 200
-
-    class Tiny(ComposerModel):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.emb = torch.nn.Embedding(64, 8)
-            self.lin = torch.nn.Linear(8, 4)
-
-        def forward(self, batch):
-            return self.lin(self.emb(batch["x"] % 64))
-
-        def loss(self, outputs, batch, *args, **kwargs):
-            return F.cross_entropy(outputs, batch["x"] % 4)
-
-    def per_sample_loss(outputs, batch):
-        return F.cross_entropy(outputs, batch["x"] % 4, reduction="none")
 
     root = str(tmp_path)
     write_mds(root, n, 250)

@@ -28,12 +28,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytest.importorskip("accelerate")
-pytest.importorskip("transformers")
-try:
-    from transformers import Trainer  # noqa: F401
-except ImportError as exc:  # pragma: no cover
-    pytest.skip(f"transformers' Trainer does not import: {exc}", allow_module_level=True)
+import _hf_required  # noqa: E402, F401  (skips this module where the Trainer cannot run)
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))

@@ -21,17 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _hf_required  # noqa: E402, F401  (skips this module where the Trainer cannot run)
 import numpy as np
 import pytest
 import torch
-
-pytest.importorskip("accelerate")
-pytest.importorskip("transformers")
-try:
-    from transformers import Trainer  # noqa: F401
-except ImportError as exc:  # pragma: no cover
-    pytest.skip(f"transformers' Trainer does not import: {exc}", allow_module_level=True)
-
 import torch.distributed as dist  # noqa: E402
 
 from irdro_sampler import ShardedIRDROSampler  # noqa: E402

@@ -15,15 +15,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import _hf_required  # noqa: E402, F401  (skips this module where the Trainer cannot run)
 import pytest
 import torch
-
-pytest.importorskip("accelerate")
-pytest.importorskip("transformers")
-try:
-    from transformers import Trainer  # noqa: F401
-except ImportError as exc:  # pragma: no cover
-    pytest.skip(f"transformers' Trainer does not import: {exc}", allow_module_level=True)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

@@ -8,38 +8,18 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("streaming")
 pytest.importorskip("composer")
+from _streaming_composer_model import Tiny, per_sample_loss  # noqa: E402
 from _streaming_data import fresh_local, write_mds  # noqa: E402
 from composer import Callback, Trainer  # noqa: E402
-from composer.models import ComposerModel  # noqa: E402
 
 from irdro_sampler import IndexListCollate  # noqa: E402
 from irdro_sampler.integrations.composer import IRDRO, batch_sample_indices  # noqa: E402
 from irdro_sampler.integrations.streaming import WeightedStreamingDataset  # noqa: E402
 
 N, BATCH, ROUND = 20_000, 10, 200  # 20 batches per round; 160 KB of weights per tensor
-
-
-class Tiny(ComposerModel):
-    """Classifies x mod 4 from an embedding of x mod 64: some samples are harder than others."""
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(64, 8)
-        self.lin = torch.nn.Linear(8, 4)
-
-    def forward(self, batch):
-        return self.lin(self.emb(batch["x"] % 64))
-
-    def loss(self, outputs, batch, *args, **kwargs):
-        return F.cross_entropy(outputs, batch["x"] % 4)
-
-
-def per_sample_loss(outputs, batch):
-    return F.cross_entropy(outputs, batch["x"] % 4, reduction="none")
 
 
 class RecordIds(Callback):

@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("streaming")
 from _streaming_data import fresh_local, write_mds  # noqa: E402
@@ -91,26 +90,11 @@ def test_balanced_rounds_track_the_erm_objective_within_the_two_draw_bound(tmp_p
 def test_composer_importance_mode_on_streaming_weights_the_loss_by_the_rounds_probabilities(tmp_path, remote):
     """IRDRO(mode='importance') on a WeightedStreamingDataset backpropagates mean_i(l_i / (N p_i)) with p
     the round's frozen weights (checked at every batch after IRDRO replaced the loss)."""
+    from _streaming_composer_model import Tiny
+    from _streaming_composer_model import per_sample_loss as per_sample
     from composer import Callback, Event, Trainer
-    from composer.models import ComposerModel
 
     from irdro_sampler.integrations.composer import IRDRO, batch_sample_indices
-
-    class Tiny(ComposerModel):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.emb = torch.nn.Embedding(64, 8)
-            self.lin = torch.nn.Linear(8, 4)
-
-        def forward(self, batch):
-            return self.lin(self.emb(batch["x"] % 64))
-
-        def loss(self, outputs, batch, *args, **kwargs):
-            return F.cross_entropy(outputs, batch["x"] % 4)
-
-    def per_sample(outputs, batch):
-        return F.cross_entropy(outputs, batch["x"] % 4, reduction="none")
 
     ds = _dataset(str(tmp_path), remote)
     checked = []
