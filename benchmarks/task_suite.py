@@ -179,6 +179,10 @@ ARMS.update({
     # (the fewest misclassified samples), no gate (threshold_bound.py; RESULTS_suite_threshold_bound.md).
     "best-threshold": {"groups": "labels", "cut_oracle": True, "cut_learned_ratio": None},
     "best-threshold-nogroups": {"cut_oracle": True, "cut_learned_ratio": None},
+    # Otsu's split of the log-losses over all samples as a second cut (per group floored at the group's 0.7
+    # quantile): the placement the bound points to (RESULTS_suite_split.md).
+    "split": {"groups": "labels", "cut_rule": "zscore-mode-split"},
+    "split-nogroups": {"cut_rule": "zscore-mode-split"},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

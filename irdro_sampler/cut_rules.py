@@ -33,7 +33,7 @@ DEFAULT_CUT_LEARNED_RATIO = 0.5
 # How the adaptive cut is computed from the seen losses (per group when groups are known).
 CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixture-valley", "tail-exp-agree",
              "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide", "zscore-mode", "zscore-agree",
-             "zscore-shrunk", "zscore-evidence", "zscore-root", "zscore-mode-root")
+             "zscore-shrunk", "zscore-evidence", "zscore-root", "zscore-mode-root", "zscore-mode-split")
 # "zscore-shrunk": a group's median and MAD are pulled toward those of all samples with weight
 # SHRINK_SAMPLES / (n_g + SHRINK_SAMPLES), so a small group (whose own statistics a few wrong labels can
 # swing) is judged mostly against the whole set and a large one mostly against itself.
@@ -44,6 +44,13 @@ SHRINK_SAMPLES = 100
 # suite's byte LM); a whole class a classifier gets wrong is not (0.125 on a digits task).
 MODE_SPREAD_RATIO = 0.1
 MODE_LOSS_RATIO = 2.0
+# "zscore-mode-split" (issue 18, opt-in; benchmarks/RESULTS_suite_split.md): also cut where two modes of the
+# log-losses over all samples cross (loss_split), if Otsu's split separates them (between-side variance at least
+# SPLIT_SEPARABILITY of the total, the upper side under SPLIT_MAX_UPPER); per group never below the group's
+# SPLIT_GROUP_QUANTILE quantile, so a group whose losses are all high (a rare class) loses at most its top 30%.
+SPLIT_SEPARABILITY = 0.6
+SPLIT_MAX_UPPER = 0.5
+SPLIT_GROUP_QUANTILE = 0.7
 # The evidence rules (issue 18): cut only the part of the upper tail that a model of the bulk does not
 # predict. The bulk is fitted on log-losses below TAIL_FIT_QUANTILE; a sample's upper tail (the samples at
 # or above it, k of n) is excess when k >= TAIL_MIN_COUNT, k >= TAIL_EXCESS_FACTOR times the count the
@@ -99,6 +106,8 @@ def cut_threshold(
         ``"tail-normal"`` test below finds an upper tail heavier than a log-normal bulk predicts (over all
         samples, also when cutting per group); ``inf`` otherwise. The squared errors of a clean regression
         (normal or Student-t residuals) pass the test and are not cut, where the z-score alone cuts 10-17%.
+      - ``"zscore-mode-split"`` (opt-in): ``"zscore-mode"``, and also above :func:`loss_split` of the losses
+        where it separates two sides (per group: over all samples, never below the group's 0.7 quantile).
       - ``"zscore-root"`` / ``"zscore-mode-root"``: ``"zscore"`` / ``"zscore-mode"`` with the z-score taken on
         ``sqrt(loss)`` (losses < 0 count as 0) and squared back: for a squared error that is the residual's
         own scale, where a normal residual's z-score of 3.5 cuts 0.6% (on the squared errors themselves, 10%).
@@ -245,6 +254,50 @@ def _mixture_valley_threshold(x: np.ndarray, z: float, iterations: int = 60) -> 
     return _mixture_valley(x, iterations)[0]
 
 
+def _split_stats(lx: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For every cut point of the sorted ``lx`` (``k`` below it): the two sides' weights, means and variances."""
+    n = lx.size
+    c, c2 = np.cumsum(lx), np.cumsum(lx * lx)
+    k = np.arange(1, n)
+    w_lo = k / n
+    m_lo, m_hi = c[:-1] / k, (c[-1] - c[:-1]) / (n - k)
+    v_lo = np.maximum(c2[:-1] / k - m_lo**2, 1e-12)
+    v_hi = np.maximum((c2[-1] - c2[:-1]) / (n - k) - m_hi**2, 1e-12)
+    return w_lo, m_lo, m_hi, v_lo, v_hi
+
+
+def loss_split(x: np.ndarray) -> float:
+    """Where two modes of the log-losses ``x`` cross, as a loss; inf unless they separate.
+
+    Evidence: Otsu's split (the cut point maximising the variance between the two sides) holds at least
+    :data:`SPLIT_SEPARABILITY` of the total variance with the upper side under :data:`SPLIT_MAX_UPPER`; a
+    unimodal skewed sample (squared normal or Student-t residuals, exponential, log-normal losses) does not.
+    Placement: the minimum-error threshold (Kittler and Illingworth: two normals of their own weight and
+    variance) among cut points leaving at least 5% on each side and under half above; Otsu's split places the
+    cut too far into a wide lower mode. Above :data:`MIXTURE_POINTS` losses both use their evenly spaced
+    quantiles (one sort)."""
+    lx = np.sort(_log_losses(x))
+    if lx.size < MIN_GROUP_SEEN or lx[-1] == lx[0]:
+        return math.inf
+    if lx.size > MIXTURE_POINTS:
+        lx = np.quantile(lx, (np.arange(MIXTURE_POINTS) + 0.5) / MIXTURE_POINTS)
+    w_lo, m_lo, m_hi, v_lo, v_hi = _split_stats(lx)
+    w_hi = 1.0 - w_lo
+    between = w_lo * w_hi * (m_lo - m_hi) ** 2
+    i = int(np.argmax(between))
+    if between[i] < SPLIT_SEPARABILITY * float(lx.var()) or w_hi[i] > SPLIT_MAX_UPPER:
+        return math.inf
+    error = w_lo * np.log(v_lo) / 2 + w_hi * np.log(v_hi) / 2 - w_lo * np.log(w_lo) - w_hi * np.log(w_hi)
+    allowed = (w_lo >= 0.05) & (w_hi >= 0.05) & (w_hi <= SPLIT_MAX_UPPER)
+    j = int(np.argmin(np.where(allowed, error, np.inf))) if allowed.any() else i
+    return float(np.exp(min(0.5 * (lx[j] + lx[j + 1]), 700.0)))
+
+
+def _split_threshold(x: np.ndarray, z: float) -> float:
+    """``"zscore-mode-split"`` over all samples: the lower of ``"zscore-mode"`` and :func:`loss_split`."""
+    return min(_zscore_mode_threshold(x, z), loss_split(x))
+
+
 def _zscore_mode_threshold(x: np.ndarray, z: float, z_cut: ZCut = _robust_z_threshold) -> float:
     """The ``"zscore"`` cut, unless a *block* of unlearnable samples inflates the MAD past itself.
 
@@ -325,6 +378,7 @@ _ADAPTIVE_CUTS = {
     "zscore-evidence": lambda x, z: _zscore_mode_threshold(x, z) if _excess_tail(x) else math.inf,
     "zscore-root": _root_z_threshold,
     "zscore-mode-root": lambda x, z: _zscore_mode_threshold(x, z, _root_z_threshold),
+    "zscore-mode-split": _split_threshold,
 }
 # Per group, the "zscore-mode" rules cut each group by their plain z-score rule (and a block found over all samples).
 _MODE_GROUP_RULE = {"zscore-mode": "zscore", "zscore-mode-root": "zscore-root"}
@@ -366,6 +420,20 @@ def group_cut_thresholds(
         if not _excess_tail(losses):
             return out
         cut_rule = "zscore-mode"
+    if cut_rule == "zscore-mode-split" and _check_zscore(truncate_zscore) is not None:
+        # Each group by "zscore-mode"; the split is found over all samples (a small group is too few to split)
+        # and applied in each group above the group's SPLIT_GROUP_QUANTILE quantile.
+        own = group_cut_thresholds(losses, groups, num_groups=num_groups, truncate_quantile=truncate_quantile,
+                                   truncate_zscore=truncate_zscore, cut_rule="zscore-mode")
+        split = loss_split(losses)
+        if split == math.inf:
+            return own
+        order = np.argsort(groups, kind="stable")
+        ids, starts = np.unique(groups[order], return_index=True)
+        for g, part in zip(ids, np.split(losses[order], starts[1:]), strict=True):
+            if part.size >= MIN_GROUP_SEEN:
+                own[g] = min(own[g], max(split, float(np.quantile(part, SPLIT_GROUP_QUANTILE))))
+        return own
     if cut_rule in _MODE_GROUP_RULE and _check_zscore(truncate_zscore) is not None:
         # A block of unlearnable content sits at the loss of its entropy, whatever its group: found once over
         # all samples (one mixture fit per refresh, not one per group), then cut in every group whose own
