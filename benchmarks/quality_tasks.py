@@ -73,8 +73,11 @@ TASK_ARMS.update({"irdro-nofade": {"groups": "labels", "tilt_fade_cut": None},
 TASK_ARMS = with_option_off(TASK_ARMS, "tilt_fade_skip_block", False)
 TASK_ARMS.update({"irdro-fadecount": {"groups": "labels", "tilt_fade_skip_block": False},
                   "irdro-nogroups-fadecount": {"tilt_fade_skip_block": False}})
+# The opt-in second cut where two modes of the log-losses cross (cut_rule="zscore-mode-split"; issue 18,
+# RESULTS_suite_split.md), with groups.
+TASK_ARMS["irdro-split"] = {"groups": "labels", "cut_rule": "zscore-mode-split"}
 #: Arms that only make sense where there are labels.
-CLASSIFIER_ONLY = ("irdro-nogroups", "irdro-nogroups-ungated", "irdro-z25", "irdro-tilt-share05",
+CLASSIFIER_ONLY = ("irdro-nogroups", "irdro-nogroups-ungated", "irdro-z25", "irdro-tilt-share05", "irdro-split",
                    "irdro-nogroups-nofade", "irdro-nogroups-fadecount")
 METRICS = ("score", "rare", "worst")
 
