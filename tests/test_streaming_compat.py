@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -129,8 +130,11 @@ def test_an_empty_block_left_by_a_killed_run_does_not_break_later_datasets(tmp_p
                 planted.append(path)
         return planted
 
-    # Below every free prefix the search could pick (it skips prefixes with file locks in the temp folder).
-    stale = plant(range(0, 2000), age_s=60)
+    # Below every free prefix the search could pick: it skips prefixes with file locks in the temp folder, and
+    # runs killed earlier on this machine may have left such locks behind (thousands of them on a busy one).
+    locked = [int(name.split("_", 1)[0]) for name in os.listdir(tempfile.gettempdir())
+              if name.endswith("_filelock") and name.split("_", 1)[0].isdigit()]
+    stale = plant(range(0, max(locked, default=-1) + 2000), age_s=60)
     fresh = plant([999_999], age_s=0)
     try:
         with pytest.raises(ValueError, match="empty file"):  # the hazard, in streaming itself
