@@ -9,7 +9,7 @@ cut (tilted mass 0). :class:`~irdro_sampler.DROWeighting` calls :func:`cut_thres
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -428,11 +428,8 @@ def group_cut_thresholds(
         split = loss_split(losses)
         if split == math.inf:
             return own
-        order = np.argsort(groups, kind="stable")
-        ids, starts = np.unique(groups[order], return_index=True)
-        for g, part in zip(ids, np.split(losses[order], starts[1:]), strict=True):
-            if part.size >= MIN_GROUP_SEEN:
-                own[g] = min(own[g], max(split, float(np.quantile(part, SPLIT_GROUP_QUANTILE))))
+        for g, part in _groups_to_judge(losses, groups):
+            own[g] = min(own[g], max(split, float(np.quantile(part, SPLIT_GROUP_QUANTILE))))
         return own
     if cut_rule in _MODE_GROUP_RULE and _check_zscore(truncate_zscore) is not None:
         # A block of unlearnable content sits at the loss of its entropy, whatever its group: found once over
@@ -444,19 +441,26 @@ def group_cut_thresholds(
         z_cut = _ADAPTIVE_CUTS[own_rule]
         block = _unlearnable_block(losses, float(truncate_zscore), z_cut) if losses.size >= MIN_GROUP_SEEN else None
         return own if block is None else np.where(own > block[1], np.minimum(own, block[0]), own)
-    order = np.argsort(groups, kind="stable")
-    ids, starts = np.unique(groups[order], return_index=True)
     shrunk = cut_rule == "zscore-shrunk" and _check_zscore(truncate_zscore) is not None
     if shrunk:
         median = float(np.median(losses))
         mad = float(np.median(np.abs(losses - median)))
+    for g, part in _groups_to_judge(losses, groups):
+        out[g] = cut_threshold(part, truncate_quantile=truncate_quantile,
+                               truncate_zscore=None if shrunk else truncate_zscore, cut_rule=cut_rule)
+        if shrunk:
+            out[g] = min(out[g], _shrunk_z_threshold(part, median, mad, float(truncate_zscore)))
+    return out
+
+
+def _groups_to_judge(losses: np.ndarray, groups: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(group id, its losses)`` of every group with at least :data:`MIN_GROUP_SEEN` of them (a smaller one
+    is not evidence), in id order; one stable sort, not a mask per group."""
+    order = np.argsort(groups, kind="stable")
+    ids, starts = np.unique(groups[order], return_index=True)
     for g, part in zip(ids, np.split(losses[order], starts[1:]), strict=True):
         if part.size >= MIN_GROUP_SEEN:
-            out[g] = cut_threshold(part, truncate_quantile=truncate_quantile,
-                                   truncate_zscore=None if shrunk else truncate_zscore, cut_rule=cut_rule)
-            if shrunk:
-                out[g] = min(out[g], _shrunk_z_threshold(part, median, mad, float(truncate_zscore)))
-    return out
+            yield int(g), part
 
 
 def _shrunk_z_threshold(part: np.ndarray, median: float, mad: float, z: float) -> float:
