@@ -3,9 +3,11 @@
 A diagnostic arm for the task suite (issue 18), not a rule a user could run: :class:`BestThresholdRule` is the
 defaults' rule whose cut threshold (per group with groups, else one) is re-chosen at every refit **with the
 noise labels**: the threshold on the running loss that misclassifies the fewest seen samples as noisy or clean
-(the Bayes-optimal detector among all thresholds on that signal). The tilt is then calibrated on what it keeps,
-as the defaults do (ESS target, the groups' share, the fade with the cut's share). No gate on first losses: the
-threshold alone decides. Whatever this arm misses, no cut rule on the running loss can reach (any rule places
+(the Bayes-optimal detector among all thresholds on that signal). The tilt is then calibrated on what it keeps
+by a copy of the tail of ``DROWeighting.fit_calibration`` (ESS target, the groups' share, the fade with the
+cut's share), except that the fade counts every cut sample (the defaults' ``tilt_fade_skip_block`` exemption of
+an unlearnable block is not copied) and there is no tilt cap (off in the defaults too). No gate on first losses:
+the threshold alone decides. Whatever this arm misses, no cut rule on the running loss can reach (any rule places
 one threshold per group and refit); the suite's arms ``best-threshold`` / ``best-threshold-nogroups`` run it
 (``tasks.run_arm`` with the benchmark-only option ``cut_oracle``).
 """
