@@ -33,7 +33,8 @@ DEFAULT_CUT_LEARNED_RATIO = 0.5
 # How the adaptive cut is computed from the seen losses (per group when groups are known).
 CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixture-valley", "tail-exp-agree",
              "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide", "zscore-mode", "zscore-agree",
-             "zscore-shrunk", "zscore-evidence", "zscore-root", "zscore-mode-root", "zscore-mode-split")
+             "zscore-shrunk", "zscore-evidence", "zscore-root", "zscore-mode-root", "zscore-mode-split",
+             "zscore-mode-split-majority")
 # "zscore-shrunk": a group's median and MAD are pulled toward those of all samples with weight
 # SHRINK_SAMPLES / (n_g + SHRINK_SAMPLES), so a small group (whose own statistics a few wrong labels can
 # swing) is judged mostly against the whole set and a large one mostly against itself.
@@ -51,6 +52,10 @@ MODE_LOSS_RATIO = 2.0
 SPLIT_SEPARABILITY = 0.6
 SPLIT_MAX_UPPER = 0.5
 SPLIT_GROUP_QUANTILE = 0.7
+# "zscore-mode-split-majority" (opt-in; benchmarks/RESULTS_suite_split_majority.md): the split of "zscore-mode-split" only in a group whose own majority lies
+# below it, so its losses above the split are a minority of that group (wrong labels among a class's clean
+# ones), not the whole group sitting high (a rare class the model has not learned yet). Without groups there is
+# no such second opinion and the rule is "zscore-mode".
 # The evidence rules (issue 18): cut only the part of the upper tail that a model of the bulk does not
 # predict. The bulk is fitted on log-losses below TAIL_FIT_QUANTILE; a sample's upper tail (the samples at
 # or above it, k of n) is excess when k >= TAIL_MIN_COUNT, k >= TAIL_EXCESS_FACTOR times the count the
@@ -108,6 +113,8 @@ def cut_threshold(
         (normal or Student-t residuals) pass the test and are not cut, where the z-score alone cuts 10-17%.
       - ``"zscore-mode-split"`` (opt-in): ``"zscore-mode"``, and also above :func:`loss_split` of the losses
         where it separates two sides (per group: over all samples, never below the group's 0.7 quantile).
+      - ``"zscore-mode-split-majority"`` (opt-in): per group, the split only in a group whose median lies below
+        it; without groups ``"zscore-mode"``.
       - ``"zscore-root"`` / ``"zscore-mode-root"``: ``"zscore"`` / ``"zscore-mode"`` with the z-score taken on
         ``sqrt(loss)`` (losses < 0 count as 0) and squared back: for a squared error that is the residual's
         own scale, where a normal residual's z-score of 3.5 cuts 0.6% (on the squared errors themselves, 10%).
@@ -379,6 +386,7 @@ _ADAPTIVE_CUTS = {
     "zscore-root": _root_z_threshold,
     "zscore-mode-root": lambda x, z: _zscore_mode_threshold(x, z, _root_z_threshold),
     "zscore-mode-split": _split_threshold,
+    "zscore-mode-split-majority": _zscore_mode_threshold,  # the split per group only: group_cut_thresholds
 }
 # Per group, the "zscore-mode" rules cut each group by their plain z-score rule (and a block found over all samples).
 _MODE_GROUP_RULE = {"zscore-mode": "zscore", "zscore-mode-root": "zscore-root"}
@@ -420,15 +428,19 @@ def group_cut_thresholds(
         if not _excess_tail(losses):
             return out
         cut_rule = "zscore-mode"
-    if cut_rule == "zscore-mode-split" and _check_zscore(truncate_zscore) is not None:
+    if cut_rule.startswith("zscore-mode-split") and _check_zscore(truncate_zscore) is not None:
         # Each group by "zscore-mode"; the split is found over all samples (a small group is too few to split)
-        # and applied in each group above the group's SPLIT_GROUP_QUANTILE quantile.
+        # and applied in each group above the group's SPLIT_GROUP_QUANTILE quantile ("-majority": only in a
+        # group whose median lies below it).
         own = group_cut_thresholds(losses, groups, num_groups=num_groups, truncate_quantile=truncate_quantile,
                                    truncate_zscore=truncate_zscore, cut_rule="zscore-mode")
         split = loss_split(losses)
         if split == math.inf:
             return own
+        majority = cut_rule.endswith("-majority")
         for g, part in _groups_to_judge(losses, groups):
+            if majority and not np.median(part) < split:
+                continue
             own[g] = min(own[g], max(split, float(np.quantile(part, SPLIT_GROUP_QUANTILE))))
         return own
     if cut_rule in _MODE_GROUP_RULE and _check_zscore(truncate_zscore) is not None:

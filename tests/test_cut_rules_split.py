@@ -90,3 +90,22 @@ def test_the_rule_is_an_option_of_the_weighting() -> None:
     rule = DROWeighting(cut_rule=RULE)
     assert DROWeighting.from_config(rule.config()) == rule
     assert DROWeighting().cut_rule == "zscore-mode"  # opt-in: not the default
+
+
+def test_the_majority_form_splits_only_a_group_whose_median_lies_below_the_split() -> None:
+    """``"zscore-mode-split-majority"``: the same two groups as above. Group 0 (its high mode a minority) is cut at
+    the split as before; the rare group, whose losses sit above the split as a whole, keeps its own z-score
+    cut; without groups the rule is ``"zscore-mode"``."""
+    rng = np.random.default_rng(4)
+    bulk, mode, rare = rng.lognormal(-1.0, 0.8, 700), rng.lognormal(1.5, 0.2, 200), rng.lognormal(1.0, 0.3, 60)
+    losses = np.concatenate([bulk, mode, rare])
+    groups = np.repeat([0, 0, 1], [700, 200, 60])
+    args = dict(num_groups=2, truncate_zscore=3.5)
+    split_t = group_cut_thresholds(losses, groups, cut_rule=RULE, **args)
+    majority = group_cut_thresholds(losses, groups, cut_rule=RULE + "-majority", **args)
+    plain = group_cut_thresholds(losses, groups, cut_rule="zscore-mode", **args)
+    assert np.median(rare) > loss_split(losses) > np.median(np.concatenate([bulk, mode]))
+    assert majority[0] == split_t[0] <= plain[0]
+    assert majority[1] == plain[1] > split_t[1] and np.mean(rare > majority[1]) <= 0.05
+    assert cut_threshold(losses, truncate_zscore=3.5, cut_rule=RULE + "-majority") == cut_threshold(
+        losses, truncate_zscore=3.5, cut_rule="zscore-mode")
