@@ -12,7 +12,7 @@ from .diagnostics import weighting_diagnostics
 from .draws import DrawScheme, register_draw_scheme
 from .indexed import IndexedDataset, IndexListCollate
 from .loss_table import LossTable
-from .priming import initial_loss_feedback
+from .priming import initial_loss_chunks, initial_loss_feedback
 from .round_feedback import RoundFeedback
 from .sampler import DRAW_SCHEMES, IRDROSampler
 from .saving import save_state
@@ -51,6 +51,7 @@ __all__ = [
     "cut_threshold",
     "distribution_stats",
     "effective_sample_size",
+    "initial_loss_chunks",
     "initial_loss_feedback",
     "initial_carry",
     "kl_dro_weights",

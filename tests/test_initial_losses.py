@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from irdro_sampler import IRDROSampler, initial_loss_feedback
+from irdro_sampler import IRDROSampler, initial_loss_chunks, initial_loss_feedback
 from irdro_sampler.priming import check_initial_losses
 
 N = 50
@@ -56,3 +56,36 @@ def test_bad_forms_are_refused_naming_the_argument(tmp_path):
     bad.write_text("not an array")
     with pytest.raises(ValueError, match="is not a .npy array"):
         initial_loss_feedback(bad, N)
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_priming_in_chunks_fills_the_table_and_draws_as_one_call(tmp_path, as_file):
+    """``initial_loss_chunks``: a vector (or a memory-mapped ``.npy``) split into ``chunk_size`` pieces, the ids of
+    each piece offset by its start, unscored ones left out; primed piece by piece, the table, the first fit
+    and the draws are those of one ``prime`` call with :func:`initial_loss_feedback`."""
+    vector = _vector()
+    vector[28:35] = np.nan  # a whole piece unscored: an empty pair, which prime takes
+    form = vector
+    if as_file:
+        form = tmp_path / "losses.npy"
+        np.save(form, vector)
+    pairs = list(initial_loss_chunks(form, N, chunk_size=7))
+    assert len(pairs) == 8 and all(np.all((i >= 7 * k) & (i < 7 * k + 7)) for k, (i, _) in enumerate(pairs))
+    assert pairs[4][0].size == 0
+    one = initial_loss_feedback(form, N)
+    np.testing.assert_array_equal(np.concatenate([i for i, _ in pairs]), one[0])
+    np.testing.assert_array_equal(np.concatenate([v for _, v in pairs]), one[1])
+    chunked, whole = IRDROSampler(N, 5, seed=3), IRDROSampler(N, 5, seed=3)
+    for i, v in pairs:
+        chunked.prime(i, v)
+    whole.prime(*one)
+    np.testing.assert_array_equal(chunked.table.losses, whole.table.losses)
+    np.testing.assert_array_equal(chunked.probabilities(), whole.probabilities())
+    assert [list(b) for b in chunked.iter_batches()] == [list(b) for b in whole.iter_batches()]
+
+
+def test_a_bad_vector_is_refused_before_any_piece_is_yielded():
+    with pytest.raises(ValueError, match=r"got shape \(49,\)"):
+        initial_loss_chunks(np.ones(N - 1), N, chunk_size=7)  # raised at the call, not at the first next()
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
+        initial_loss_chunks(np.ones(N), N, chunk_size=0)

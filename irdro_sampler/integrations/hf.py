@@ -97,7 +97,7 @@ from irdro_sampler.integrations._hf_compat import (
     train_batch_size,
 )
 from irdro_sampler.losses import classification_per_sample_loss, token_per_sample_loss
-from irdro_sampler.priming import check_initial_losses, initial_loss_feedback
+from irdro_sampler.priming import check_initial_losses, prime_from
 
 __all__ = [
     "INDEX_KEY",
@@ -511,7 +511,7 @@ class IRDROTrainerMixin:
         """``sampler.prime`` with ``irdro['initial_losses']`` (if given) of a fresh, not resumed, run."""
         initial = self._irdro_spec.get("initial_losses") if isinstance(self._irdro_spec, dict) else None
         if initial is not None:
-            sampler.prime(*initial_loss_feedback(initial, size, _INITIAL_LOSSES))
+            prime_from(sampler.prime, initial, size, _INITIAL_LOSSES)
 
     # ------------------------------------------------------------------ feedback
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:

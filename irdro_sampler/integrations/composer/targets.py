@@ -34,9 +34,9 @@ from irdro_sampler import (
     IRDROSampler,
     LossTable,
     RoundFeedback,
-    initial_loss_feedback,
 )
 from irdro_sampler._validation import as_groups
+from irdro_sampler.priming import prime_from
 
 __all__ = [
     "FeedbackOptions",
@@ -233,7 +233,7 @@ class SamplerTarget:
 
     def prime(self, initial_losses: Any) -> None:
         """The sampler's ``prime`` with a scoring pass's losses (``IRDRO(initial_losses=...)``)."""
-        self.sampler.prime(*initial_loss_feedback(initial_losses, self.sampler.dataset_size))
+        prime_from(self.sampler.prime, initial_losses, self.sampler.dataset_size)
 
     def global_step(self, timestamp: Any) -> int:
         # The sampler's global batch index: epoch * batches_per_epoch + batch_in_epoch.
@@ -358,8 +358,8 @@ class StreamingTarget:
         """A scoring pass's losses into the table (as feedback of step 0), and the first round's weights fitted on
         them pushed to the dataset before it plans that round (``IRDRO(initial_losses=...)``)."""
         feedback = self._feedback()
-        indices, losses = initial_loss_feedback(initial_losses, feedback.num_samples)
-        feedback.update(indices, losses, step=0)
+        prime_from(lambda indices, losses: feedback.update(indices, losses, step=0), initial_losses,
+                   feedback.num_samples)
         self.dataset.set_weights(feedback.round_probabilities())
 
     def global_step(self, timestamp: Any) -> int:
