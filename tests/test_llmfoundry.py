@@ -208,3 +208,36 @@ def test_subclass_without_the_index_fails_with_advice_that_applies(text_data, tm
     assert "get_item" in msg and "irdro_text" in msg and "IndexListCollate" in msg
     assert "IndexedDataset" not in msg
     trainer.close()
+
+
+@pytest.mark.slow
+def test_llmfoundry_train_primes_from_a_npy_named_in_the_yaml(text_data, tmp_path):
+    """``algorithms.irdro.initial_losses=<.npy>`` (a scoring pass's losses, as a YAML config names them): the first
+    round is drawn from the rule fitted on them. Planted: a tenth of the samples far above the rest (cut: the
+    floor's weight only), every seventh not scored (NaN: unseen, the prior)."""
+    import numpy as np
+
+    n = 600  # text_data's documents
+    rng = np.random.default_rng(0)
+    losses = rng.uniform(2.0, 3.0, n)
+    high = rng.choice(n, n // 10, replace=False)
+    losses[high] = 40.0
+    losses[::7] = np.nan
+    path = tmp_path / "initial_losses.npy"
+    np.save(path, losses.astype(np.float32))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    _train(workdir, text_data, f"train_loader.round_size={ROUND_BATCHES * GLOBAL_BATCH}",
+           f"global_train_batch_size={GLOBAL_BATCH}", "max_duration=5ba", "scheduler.t_max=5ba", "save_interval=5ba",
+           f"algorithms.irdro.initial_losses={path}")
+    state = _checkpoint(workdir / "irdro-tiny-mpt" / "checkpoints", 5)
+    table = state["algorithms"][0][1]["table"]
+    scored = ~np.isnan(losses)
+    assert bool((table["counts"].numpy()[scored] > 0).all())  # primed: every scored sample in the table
+    w = state["dataset_state"]["train"]["irdro"]["frozen_weights"].double().numpy()  # round 0's, mid-round
+    assert w.shape == (n,) and abs(w.sum() - 1.0) < 1e-6
+    cut = high[scored[high]]  # planted high and scored (an unscored one gets the prior)
+    kept = scored.copy()
+    kept[high] = False
+    assert cut.size >= 40 and w[cut].max() < 0.2 * w[kept].min()  # cut from the first draw: the floor only
+    np.testing.assert_allclose(w[cut], 0.1 / n, rtol=1e-6)  # the default uniform_mix over all samples
