@@ -78,10 +78,9 @@ TASK_ARMS.update({"irdro-fadecount": {"groups": "labels", "tilt_fade_skip_block"
 TASK_ARMS["irdro-split"] = {"groups": "labels", "cut_rule": "zscore-mode-split"}
 # The same, only in a class whose median lies below the split (cut_rule="zscore-mode-split-majority").
 TASK_ARMS["irdro-split-majority"] = {"groups": "labels", "cut_rule": "zscore-mode-split-majority"}
-TASK_ARMS["irdro-split-own"] = {"groups": "labels", "cut_rule": "zscore-mode-split-own"}
 #: Arms that only make sense where there are labels.
 CLASSIFIER_ONLY = ("irdro-nogroups", "irdro-nogroups-ungated", "irdro-z25", "irdro-tilt-share05", "irdro-split",
-                   "irdro-split-majority", "irdro-split-own", "irdro-nogroups-nofade", "irdro-nogroups-fadecount")
+                   "irdro-split-majority", "irdro-nogroups-nofade", "irdro-nogroups-fadecount")
 METRICS = ("score", "rare", "worst")
 
 

@@ -186,7 +186,6 @@ ARMS.update({
     # The split only in a group whose median lies below it (without groups the rule is "zscore-mode", the
     # defaults' arm): RESULTS_suite_split_majority.md.
     "split-majority": {"groups": "labels", "cut_rule": "zscore-mode-split-majority"},
-    "split-own": {"groups": "labels", "cut_rule": "zscore-mode-split-own"},
 })
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")

@@ -34,7 +34,7 @@ DEFAULT_CUT_LEARNED_RATIO = 0.5
 CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixture-valley", "tail-exp-agree",
              "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide", "zscore-mode", "zscore-agree",
              "zscore-shrunk", "zscore-evidence", "zscore-root", "zscore-mode-root", "zscore-mode-split",
-             "zscore-mode-split-majority", "zscore-mode-split-own")
+             "zscore-mode-split-majority")
 # "zscore-shrunk": a group's median and MAD are pulled toward those of all samples with weight
 # SHRINK_SAMPLES / (n_g + SHRINK_SAMPLES), so a small group (whose own statistics a few wrong labels can
 # swing) is judged mostly against the whole set and a large one mostly against itself.
@@ -52,12 +52,10 @@ MODE_LOSS_RATIO = 2.0
 SPLIT_SEPARABILITY = 0.6
 SPLIT_MAX_UPPER = 0.5
 SPLIT_GROUP_QUANTILE = 0.7
-# "zscore-mode-split-own" (probe): each group split by its own losses, if it has at least this many seen.
-SPLIT_OWN_MIN_SEEN = 100
-# "zscore-mode-split-majority" (opt-in; benchmarks/RESULTS_suite_split_majority.md): the split of "zscore-mode-split" only in a group whose own majority lies
-# below it, so its losses above the split are a minority of that group (wrong labels among a class's clean
-# ones), not the whole group sitting high (a rare class the model has not learned yet). Without groups there is
-# no such second opinion and the rule is "zscore-mode".
+# "zscore-mode-split-majority" (opt-in; benchmarks/RESULTS_suite_split_majority.md): the split of
+# "zscore-mode-split" only in a group whose own majority lies below it, so its losses above the split are a
+# minority of that group (wrong labels among a class's clean ones), not the whole group sitting high (a rare
+# class the model has not learned yet). Without groups there is no such second opinion: "zscore-mode".
 # The evidence rules (issue 18): cut only the part of the upper tail that a model of the bulk does not
 # predict. The bulk is fitted on log-losses below TAIL_FIT_QUANTILE; a sample's upper tail (the samples at
 # or above it, k of n) is excess when k >= TAIL_MIN_COUNT, k >= TAIL_EXCESS_FACTOR times the count the
@@ -389,7 +387,6 @@ _ADAPTIVE_CUTS = {
     "zscore-mode-root": lambda x, z: _zscore_mode_threshold(x, z, _root_z_threshold),
     "zscore-mode-split": _split_threshold,
     "zscore-mode-split-majority": _zscore_mode_threshold,  # the split per group only: group_cut_thresholds
-    "zscore-mode-split-own": _zscore_mode_threshold,  # the split per group only: group_cut_thresholds
 }
 # Per group, the "zscore-mode" rules cut each group by their plain z-score rule (and a block found over all samples).
 _MODE_GROUP_RULE = {"zscore-mode": "zscore", "zscore-mode-root": "zscore-root"}
@@ -437,11 +434,6 @@ def group_cut_thresholds(
         # group whose median lies below it).
         own = group_cut_thresholds(losses, groups, num_groups=num_groups, truncate_quantile=truncate_quantile,
                                    truncate_zscore=truncate_zscore, cut_rule="zscore-mode")
-        if cut_rule.endswith("-own"):
-            for g, part in _groups_to_judge(losses, groups):
-                if part.size >= SPLIT_OWN_MIN_SEEN:
-                    own[g] = min(own[g], max(loss_split(part), float(np.quantile(part, SPLIT_GROUP_QUANTILE))))
-            return own
         split = loss_split(losses)
         if split == math.inf:
             return own
