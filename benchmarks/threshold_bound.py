@@ -3,11 +3,10 @@
 A diagnostic arm for the task suite (issue 18), not a rule a user could run: :class:`BestThresholdRule` is the
 defaults' rule whose cut threshold (per group with groups, else one) is re-chosen at every refit **with the
 noise labels**: the threshold on the running loss that misclassifies the fewest seen samples as noisy or clean
-(the Bayes-optimal detector among all thresholds on that signal). The tilt is then calibrated on what it keeps
-by a copy of the tail of ``DROWeighting.fit_calibration`` (ESS target, the groups' share, the fade with the
-cut's share), except that the fade counts every cut sample (the defaults' ``tilt_fade_skip_block`` exemption of
-an unlearnable block is not copied) and there is no tilt cap (off in the defaults too). No gate on first losses:
-the threshold alone decides. Whatever this arm misses, no cut rule on the running loss can reach (any rule places
+(the Bayes-optimal detector among all thresholds on that signal). It overrides only
+``DROWeighting.fit_cut``, so the tilt is calibrated on what it keeps as the defaults' is (ESS target, the groups'
+share, the fade with the cut's share and its exemption of an unlearnable block). The suite's arms switch the gate
+on first losses off (``cut_learned_ratio=None``): the threshold alone decides. Whatever this arm misses, no cut rule on the running loss can reach (any rule places
 one threshold per group and refit); the suite's arms ``best-threshold`` / ``best-threshold-nogroups`` run it
 (``tasks.run_arm`` with the benchmark-only option ``cut_oracle``).
 """
@@ -19,10 +18,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from irdro_sampler import DROWeighting, IRDROSampler
-from irdro_sampler.group_share import group_explained_share, tilt_factor
-from irdro_sampler.tilt_fade import cut_fade_factor
-from irdro_sampler.weights import _kept64
+from irdro_sampler import DROWeighting, IRDROSampler, WeightParams
 
 
 def best_threshold(losses: np.ndarray, noisy: np.ndarray) -> float:
@@ -51,30 +47,17 @@ class BestThresholdRule(DROWeighting):
         object.__setattr__(self, "noisy", np.asarray(noisy, dtype=bool))
         return self
 
-    def fit_calibration(self, losses, groups, *, num_groups, prior, first=None):
-        params = super().fit_calibration(losses, groups, num_groups=num_groups, prior=prior, first=first)
+    def fit_cut(self, view, seen, groups, *, num_groups, prior):
         noisy = self.noisy
-        if losses.size != noisy.size:
+        if view.size != noisy.size:
             raise ValueError("BestThresholdRule needs the whole table as its calibration sample (stride 1)")
-        view = losses.astype(np.float64)
-        seen = ~np.isnan(view)
         if groups is None:
-            params = params._replace(threshold=best_threshold(view[seen], noisy[seen]))
-        else:
-            cuts = np.full(num_groups, math.inf)
-            for g in np.unique(groups[seen]):
-                part = seen & (groups == g)
-                cuts[g] = best_threshold(view[part], noisy[part])
-            params = params._replace(group_threshold=cuts)
-        kept = _kept64(view, params, groups, first)
-        factor = 1.0
-        if groups is not None and self.group_tilt_share is not None:
-            scored = kept & seen
-            factor = tilt_factor(group_explained_share(view[scored], groups[scored], num_groups), self.group_tilt_share)
-        if self.tilt_fade_cut is not None:
-            factor *= cut_fade_factor(seen, kept, self.tilt_fade_cut)
-        eff = np.where(seen, view, params.prior)
-        return params._replace(temperature=float(self.temperature_for(eff[kept], factor)))
+            return WeightParams(1.0, best_threshold(view[seen], noisy[seen]), prior, 0.0)
+        cuts = np.full(num_groups, math.inf)
+        for g in np.unique(groups[seen]):
+            part = seen & (groups == g)
+            cuts[g] = best_threshold(view[part], noisy[part])
+        return WeightParams(1.0, math.inf, prior, 0.0, cuts)
 
 
 def with_best_thresholds(sampler: IRDROSampler, noisy: np.ndarray) -> None:

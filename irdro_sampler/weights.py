@@ -423,13 +423,7 @@ class DROWeighting:
         seen = ~np.isnan(view)
         seen_losses = view[seen]
         prior = prior_value(prior, seen_losses)
-        cut = dict(truncate_quantile=self.truncate_quantile, truncate_zscore=self.truncate_zscore, cut_rule=self.cut_rule)
-        floor = -math.inf if self.cut_floor is None else self.cut_floor
-        if groups is None:
-            params = WeightParams(1.0, max(cut_threshold(seen_losses, **cut), floor), prior, 0.0)
-        else:
-            per_group = group_cut_thresholds(seen_losses, groups[seen], num_groups=num_groups, **cut)
-            params = WeightParams(1.0, math.inf, prior, 0.0, np.maximum(per_group, floor))
+        params = self.fit_cut(view, seen, groups, num_groups=num_groups, prior=prior)
         if self.tilt_cap is not None:
             params = self._with_cap(params, seen_losses, None if groups is None else groups[seen], num_groups)
         params = self.gated(params)
@@ -447,6 +441,22 @@ class DROWeighting:
             factor *= cut_fade_factor(seen, kept, self.tilt_fade_cut, exempt)
         tau = float(self.temperature_for(eff[kept], factor))
         return params._replace(temperature=tau)
+
+    def fit_cut(
+        self, view: np.ndarray, seen: np.ndarray, groups: np.ndarray | None, *, num_groups: int, prior: float
+    ) -> WeightParams:
+        """The cut of :meth:`fit_calibration`: params with the threshold (or per-group thresholds) and ``prior``
+        set, temperature 1 and shift 0, from the calibration sample's losses ``view`` (float64), ``seen``
+        (its mask of measured ones) and ``groups``. The one place the cut is placed: a subclass that places it
+        otherwise overrides this and keeps the gate, the tilt's strength and the temperature as they are
+        (``benchmarks/threshold_bound.py``)."""
+        seen_losses = view[seen]
+        cut = dict(truncate_quantile=self.truncate_quantile, truncate_zscore=self.truncate_zscore, cut_rule=self.cut_rule)
+        floor = -math.inf if self.cut_floor is None else self.cut_floor
+        if groups is None:
+            return WeightParams(1.0, max(cut_threshold(seen_losses, **cut), floor), prior, 0.0)
+        per_group = group_cut_thresholds(seen_losses, groups[seen], num_groups=num_groups, **cut)
+        return WeightParams(1.0, math.inf, prior, 0.0, np.maximum(per_group, floor))
 
     def _with_cap(
         self, params: WeightParams, seen_losses: np.ndarray, seen_groups: np.ndarray | None, num_groups: int
