@@ -70,13 +70,18 @@ def test_the_crossing_is_placed_near_the_bayes_threshold() -> None:
     assert abs(math.log(loss_split(x)) - bayes) < 0.1
 
 
+def _bulk_mode_and_rare_group() -> tuple[np.ndarray, ...]:
+    """Group 0: a low bulk (700) with a high mode (200); group 1: a rare group (60) whose losses all sit high, as a
+    hard rare class's do. Returns ``bulk, mode, rare, losses, groups``."""
+    rng = np.random.default_rng(4)
+    bulk, mode, rare = rng.lognormal(-1.0, 0.8, 700), rng.lognormal(1.5, 0.2, 200), rng.lognormal(1.0, 0.3, 60)
+    return bulk, mode, rare, np.concatenate([bulk, mode, rare]), np.repeat([0, 0, 1], [700, 200, 60])
+
+
 def test_per_group_the_split_never_goes_below_a_groups_quantile() -> None:
     """Group 0: a low bulk with a high mode (cut at the split). Group 1: a rare group whose losses all sit high
     (as a hard rare class's do): it loses at most its top 30% to the split, not all of it."""
-    rng = np.random.default_rng(4)
-    bulk, mode, rare = rng.lognormal(-1.0, 0.8, 700), rng.lognormal(1.5, 0.2, 200), rng.lognormal(1.0, 0.3, 60)
-    losses = np.concatenate([bulk, mode, rare])
-    groups = np.repeat([0, 0, 1], [700, 200, 60])
+    bulk, mode, rare, losses, groups = _bulk_mode_and_rare_group()
     t = group_cut_thresholds(losses, groups, num_groups=2, truncate_zscore=3.5, cut_rule=RULE)
     split = loss_split(losses)
     assert math.isfinite(split) and t[0] <= split
@@ -96,10 +101,7 @@ def test_the_majority_form_splits_only_a_group_whose_median_lies_below_the_split
     """``"zscore-mode-split-majority"``: the same two groups as above. Group 0 (its high mode a minority) is cut at
     the split as before; the rare group, whose losses sit above the split as a whole, keeps its own z-score
     cut; without groups the rule is ``"zscore-mode"``."""
-    rng = np.random.default_rng(4)
-    bulk, mode, rare = rng.lognormal(-1.0, 0.8, 700), rng.lognormal(1.5, 0.2, 200), rng.lognormal(1.0, 0.3, 60)
-    losses = np.concatenate([bulk, mode, rare])
-    groups = np.repeat([0, 0, 1], [700, 200, 60])
+    bulk, mode, rare, losses, groups = _bulk_mode_and_rare_group()
     args = dict(num_groups=2, truncate_zscore=3.5)
     split_t = group_cut_thresholds(losses, groups, cut_rule=RULE, **args)
     majority = group_cut_thresholds(losses, groups, cut_rule=RULE + "-majority", **args)
