@@ -3,12 +3,12 @@
 A diagnostic arm for the task suite (issue 18), not a rule a user could run: :class:`BestThresholdRule` is the
 defaults' rule whose cut threshold (per group with groups, else one) is re-chosen at every refit **with the
 noise labels**: the threshold on the running loss that misclassifies the fewest seen samples as noisy or clean
-(the Bayes-optimal detector among all thresholds on that signal). It overrides only
-``DROWeighting.fit_cut``, so the tilt is calibrated on what it keeps as the defaults' is (ESS target, the groups'
-share, the fade with the cut's share and its exemption of an unlearnable block). The suite's arms switch the gate
-on first losses off (``cut_learned_ratio=None``): the threshold alone decides. Whatever this arm misses, no cut rule on the running loss can reach (any rule places
-one threshold per group and refit); the suite's arms ``best-threshold`` / ``best-threshold-nogroups`` run it
-(``tasks.run_arm`` with the benchmark-only option ``cut_oracle``).
+(the Bayes-optimal detector among all thresholds on that signal). It overrides only ``DROWeighting.fit_cut``,
+so the tilt is calibrated on what it keeps as the defaults' is (ESS target, the groups' share, the fade with the
+cut's share and its exemption of an unlearnable block). The suite's arms switch the gate on first losses off
+(``cut_learned_ratio=None``): the threshold alone decides. Whatever this arm misses, no cut rule on the running
+loss can reach (any rule places one threshold per group and refit); the suite's arms ``best-threshold`` /
+``best-threshold-nogroups`` run it (``tasks.run_arm`` with the benchmark-only option ``cut_oracle``).
 """
 
 from __future__ import annotations
