@@ -72,7 +72,8 @@ def pack_state(sampler: Any) -> dict[str, Any]:
 def params_state(params: WeightParams | None) -> dict[str, Any]:
     """The state entries of the params in force: ``params`` (4 numbers), ``group_threshold`` and, only
     when the params cap the tilt (``tilt_cap``), ``tilt_cap`` = ``{"cap": float | None, "group_cap":
-    tensor | None}`` (so states of uncapped rules are those of versions without the option)."""
+    tensor | None}``, and only when they cut at a gated split (``cut_rule="zscore-mode-split-gated"`` with
+    groups), ``group_split`` (a tensor): states of rules without them are those of versions without them."""
     out: dict[str, Any] = {
         "params": None if params is None else list(params[:4]),
         "group_threshold": None if params is None or params.group_threshold is None
@@ -81,6 +82,8 @@ def params_state(params: WeightParams | None) -> dict[str, Any]:
     if params is not None and (params.cap is not None or params.group_cap is not None):
         out["tilt_cap"] = {"cap": params.cap,
                            "group_cap": None if params.group_cap is None else torch.from_numpy(params.group_cap.copy())}
+    if params is not None and params.group_split is not None:
+        out["group_split"] = torch.from_numpy(params.group_split.copy())
     return out
 
 
@@ -165,7 +168,7 @@ def _check_rule(rule: Any, dataset_size: int) -> DROWeighting | FixedWeights:
 def _check_params_fit(state: Mapping[str, Any], table: dict[str, Any], rule: Any) -> WeightParams | None:
     losses, groups = table["losses"], table["groups"]
     params = _check_params(state_entry(state, "params", W), state.get("group_threshold"), groups, state.get("tilt_cap"),
-                           rule)
+                           rule, state.get("group_split"))
     if params is not None and isinstance(rule, DROWeighting):
         # A saved run keeps its largest mass within about e^+-600 (it rebases otherwise); beyond e^700 the
         # masses would overflow or vanish, so such params were not saved by a sampler.
@@ -198,11 +201,16 @@ def _is_hex(text: str) -> bool:
 
 
 def _check_params(
-    params: Any, group_threshold: Any, groups: np.ndarray | None, tilt_cap: Any = None, rule: Any = None
+    params: Any, group_threshold: Any, groups: np.ndarray | None, tilt_cap: Any = None, rule: Any = None,
+    group_split: Any = None,
 ) -> WeightParams | None:
-    """The saved params (with the tilt cap when saved), and the gates on the cut of ``rule`` (checked
-    before: they are options of the rule, not saved with the params)."""
+    """The saved params (with the tilt cap and the split's thresholds when saved), and the gates on the cut of
+    ``rule`` (checked before: they are options of the rule, not saved with the params)."""
     out = _check_cut_params(params, group_threshold, groups)
+    if out is not None and group_split is not None:
+        out = out._replace(group_split=_check_group_split(group_split, groups, rule))
+    elif out is not None and groups is not None and isinstance(rule, DROWeighting) and rule.gates_split:
+        raise ValueError("state_dict['group_split'] is missing: cut_rule='zscore-mode-split-gated' with groups saves it")
     if out is not None and isinstance(rule, DROWeighting):
         out = rule.gated(out)
     if out is None or tilt_cap is None:
@@ -221,6 +229,16 @@ def _check_params(
     if groups is None or np.isnan(per_group).any():
         raise ValueError(f"{where}['group_cap'] needs a table with groups and holds no NaN")
     return out._replace(group_cap=per_group.astype(np.float64))
+
+
+def _check_group_split(group_split: Any, groups: np.ndarray | None, rule: Any) -> np.ndarray:
+    where = "state_dict['group_split']"
+    per_group = state_array(group_split, where, kind="float", shape=(count_groups(groups),))
+    if groups is None or np.isnan(per_group).any():
+        raise ValueError(f"{where} needs a table with groups and holds no NaN")
+    if not (isinstance(rule, DROWeighting) and rule.gates_split):
+        raise ValueError(f"{where} is saved by cut_rule='zscore-mode-split-gated', not by this state's rule")
+    return per_group.astype(np.float64)
 
 
 def _check_cut_params(params: Any, group_threshold: Any, groups: np.ndarray | None) -> WeightParams | None:

@@ -20,10 +20,13 @@ from .cut_rules import (
     DEFAULT_CUT_LEARNED_RATIO,
     DEFAULT_CUT_RULE,
     DEFAULT_ZSCORE,
+    GATED_SPLIT_RULE,
+    SPLIT_LEARNED_RATIO,
     _check_cut_rule,
     _check_zscore,
     cut_threshold,
     group_cut_thresholds,
+    group_split_thresholds,
     unlearnable_block_valley,
 )
 from .group_share import DEFAULT_GROUP_TILT_SHARE, group_explained_share, tilt_factor
@@ -242,11 +245,15 @@ class WeightParams(NamedTuple):
     learned_ratio: float | None = None
     # ``cut_remeasured_only``: a sample whose running loss is still its first loss (measured once) is kept.
     remeasured_only: bool = False
+    # ``cut_rule="zscore-mode-split-gated"``: per-group thresholds of the split, a second cut that takes a seen
+    # sample above its group's only while its running loss has not fallen below SPLIT_LEARNED_RATIO of its first
+    # loss; None: no such cut.
+    group_split: np.ndarray | None = None
 
     @property
     def reads_first(self) -> bool:
         """Whether the kept flags read the samples' first losses (a gate on the cut is on)."""
-        return self.learned_ratio is not None or self.remeasured_only
+        return self.learned_ratio is not None or self.remeasured_only or self.group_split is not None
 
     def thresholds(self, groups: np.ndarray | None) -> float | np.ndarray:
         """The cut threshold of each sample of ``groups`` (the global one when there are no groups)."""
@@ -393,7 +400,12 @@ class DROWeighting:
     @property
     def reads_first_losses(self) -> bool:
         """Whether the rule gates its cut on the samples' first losses (the table must keep them)."""
-        return self.cut_learned_ratio is not None or self.cut_remeasured_only
+        return self.cut_learned_ratio is not None or self.cut_remeasured_only or self.gates_split
+
+    @property
+    def gates_split(self) -> bool:
+        """Whether the rule places the split as a second cut gated on first losses (with groups)."""
+        return self.cut_rule == GATED_SPLIT_RULE and _check_zscore(self.truncate_zscore) is not None
 
     def gated(self, params: WeightParams) -> WeightParams:
         """``params`` with this rule's gates on the cut (options of the rule, not fitted: saved states
@@ -404,7 +416,8 @@ class DROWeighting:
         """``ValueError`` if the rule needs what ``table`` does not keep (first losses, for the gates)."""
         if self.reads_first_losses and table.first_losses is None:
             gate = (f"cut_learned_ratio={self.cut_learned_ratio!r}" if self.cut_learned_ratio is not None
-                    else f"cut_remeasured_only={self.cut_remeasured_only!r}")
+                    else f"cut_remeasured_only={self.cut_remeasured_only!r}" if self.cut_remeasured_only
+                    else f"cut_rule={self.cut_rule!r}")
             raise ValueError(f"{gate} needs a LossTable that keeps first losses: "
                              "LossTable(..., track_first_losses=True) or table.track_first_losses()")
 
@@ -455,8 +468,13 @@ class DROWeighting:
         floor = -math.inf if self.cut_floor is None else self.cut_floor
         if groups is None:
             return WeightParams(1.0, max(cut_threshold(seen_losses, **cut), floor), prior, 0.0)
-        per_group = group_cut_thresholds(seen_losses, groups[seen], num_groups=num_groups, **cut)
-        return WeightParams(1.0, math.inf, prior, 0.0, np.maximum(per_group, floor))
+        seen_groups = groups[seen]
+        per_group = group_cut_thresholds(seen_losses, seen_groups, num_groups=num_groups, **cut)
+        params = WeightParams(1.0, math.inf, prior, 0.0, np.maximum(per_group, floor))
+        if not self.gates_split:
+            return params
+        split = group_split_thresholds(seen_losses, seen_groups, num_groups=num_groups)
+        return params._replace(group_split=np.maximum(split, floor))
 
     def _with_cap(
         self, params: WeightParams, seen_losses: np.ndarray, seen_groups: np.ndarray | None, num_groups: int
@@ -562,6 +580,11 @@ def _kept64(
             kept |= (start > 0) & (loss <= params.learned_ratio * start)
         if params.remeasured_only:
             kept |= loss == start  # (both float32 values: equal exactly until a second measurement moves it)
+        if params.group_split is not None:  # the split's cut, which spares a sample whose loss is falling
+            if groups is None:
+                raise ValueError("these parameters cut per group: pass the samples' groups")
+            kept &= (np.isnan(loss) | (loss <= params.group_split[groups])
+                     | ((start > 0) & (loss < SPLIT_LEARNED_RATIO * start)))
     return kept
 
 

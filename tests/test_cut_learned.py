@@ -46,8 +46,9 @@ def test_first_losses_are_the_first_observation():
 @pytest.mark.parametrize("groups", [False, True])
 def test_the_gate_spares_samples_being_learned(groups):
     table, hard = _table(groups)
-    plain = DROWeighting(cut_learned_ratio=None).fit(table)
-    gated = DROWeighting(cut_learned_ratio=0.5).fit(table)
+    # The learned gate alone: the split's own gate (the default cut_rule's, with groups) is tested in test_split_gated.py.
+    plain = DROWeighting(cut_learned_ratio=None, cut_rule="zscore-mode").fit(table)
+    gated = DROWeighting(cut_learned_ratio=0.5, cut_rule="zscore-mode").fit(table)
     losses, g = table.losses, table.groups
     cut_plain = ~kept_mask(losses, plain, g)
     cut_gated = ~kept_mask(losses, gated, g, table.first_losses)
@@ -56,7 +57,7 @@ def test_the_gate_spares_samples_being_learned(groups):
     noisy = np.arange(N) % 10 == 5
     assert cut_gated[noisy].all() and cut_gated.sum() == noisy.sum()  # 1.2 > 0.5 * 1: still cut
     # Probabilities: the spared samples get their tilted mass, the tree draws with the same distribution.
-    p = DROWeighting(cut_learned_ratio=0.5).probabilities(table)
+    p = DROWeighting(cut_learned_ratio=0.5, cut_rule="zscore-mode").probabilities(table)
     assert p[hard].min() > p[~hard & ~noisy].max()
     with pytest.raises(ValueError, match="first losses"):
         kept_mask(losses, gated, g)  # a gated fit needs the first losses
@@ -81,8 +82,10 @@ def test_config_fingerprint_and_bad_values():
     assert DROWeighting.from_config(DROWeighting().config()) == DROWeighting()
     s = IRDROSampler(100, 10, seed=0)
     assert s.table.first_losses is not None
-    ungated = IRDROSampler(100, 10, seed=0, cut_learned_ratio=None)
-    assert ungated.table.first_losses is None and s.nbytes - ungated.nbytes == 4 * 100  # kept only when used
+    # Kept only when used: the default cut_rule's split reads them too (its own gate), so the rule without either.
+    ungated = IRDROSampler(100, 10, seed=0, cut_learned_ratio=None, cut_rule="zscore-mode")
+    assert ungated.table.first_losses is None and s.nbytes - ungated.nbytes == 4 * 100
+    assert IRDROSampler(100, 10, seed=0, cut_learned_ratio=None).table.first_losses is not None
     assert s.fingerprint() != ungated.fingerprint()
     for bad in (0.0, 1.0, -0.5, 1.5, math.nan, "half", True):
         with pytest.raises((ValueError, TypeError), match="cut_learned_ratio"):

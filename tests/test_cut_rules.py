@@ -113,7 +113,7 @@ def test_deterministic_and_degenerate_inputs(rule: str) -> None:
 
 
 def test_the_default_rule() -> None:
-    assert DROWeighting().cut_rule == "zscore-mode"  # issue 18: benchmarks/RESULTS_suite_defaults.md
+    assert DROWeighting().cut_rule == "zscore-mode-split-gated"  # issue 18: benchmarks/RESULTS_suite_split_gated.md
     assert CUT_RULES[:3] == ("zscore", "log-zscore", "mixture")
 
 

@@ -94,7 +94,7 @@ def test_per_group_the_split_never_goes_below_a_groups_quantile() -> None:
 def test_the_rule_is_an_option_of_the_weighting() -> None:
     rule = DROWeighting(cut_rule=RULE)
     assert DROWeighting.from_config(rule.config()) == rule
-    assert DROWeighting().cut_rule == "zscore-mode"  # opt-in: not the default
+    assert DROWeighting().cut_rule == "zscore-mode-split-gated"  # the split opt-in; its gated form the default
 
 
 def test_the_majority_form_splits_only_a_group_whose_median_lies_below_the_split() -> None:
