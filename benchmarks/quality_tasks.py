@@ -25,6 +25,15 @@ def with_option_off(arms: dict[str, dict[str, Any] | None], option: str,
             for name, opts in arms.items()}
 
 
+def with_old_default(arms: dict[str, dict[str, Any] | None], option: str,
+                     old: Any) -> dict[str, dict[str, Any] | None]:
+    """``arms`` with ``option`` at its ``old`` default in every sampler arm that does not name it, but the
+    defaults' (``irdro``, ``irdro-nogroups``): the arms whose runs were made before the default changed keep
+    their runs' options, and an arm that names the option keeps its own."""
+    return {name: (opts if opts is None or name in ("irdro", "irdro-nogroups") or option in opts
+                   else {**opts, option: old}) for name, opts in arms.items()}
+
+
 #: Arm name -> IRDROSampler options (None: not an IRDROSampler arm). ``groups="labels"`` passes the
 #: class labels as groups, which is how a classifier is meant to call the sampler.
 TASK_ARMS: dict[str, dict[str, Any] | None] = {
@@ -78,9 +87,14 @@ TASK_ARMS.update({"irdro-fadecount": {"groups": "labels", "tilt_fade_skip_block"
 TASK_ARMS["irdro-split"] = {"groups": "labels", "cut_rule": "zscore-mode-split"}
 # The same, only in a class whose median lies below the split (cut_rule="zscore-mode-split-majority").
 TASK_ARMS["irdro-split-majority"] = {"groups": "labels", "cut_rule": "zscore-mode-split-majority"}
+# Every arm above was run before the split's gated form became the default cut_rule (issue 18;
+# RESULTS_suite_split_gated.md): they keep "zscore-mode". The defaults before it are "irdro-split-off" (its runs
+# are those named "irdro" until then; without groups the two rules are the same).
+TASK_ARMS = with_old_default(TASK_ARMS, "cut_rule", "zscore-mode")
+TASK_ARMS["irdro-split-off"] = {"groups": "labels", "cut_rule": "zscore-mode"}
 #: Arms that only make sense where there are labels.
 CLASSIFIER_ONLY = ("irdro-nogroups", "irdro-nogroups-ungated", "irdro-z25", "irdro-tilt-share05", "irdro-split",
-                   "irdro-split-majority", "irdro-nogroups-nofade", "irdro-nogroups-fadecount")
+                   "irdro-split-majority", "irdro-nogroups-nofade", "irdro-nogroups-fadecount", "irdro-split-off")
 METRICS = ("score", "rare", "worst")
 
 

@@ -47,9 +47,9 @@ def no_groups_note(how_to_pass: str) -> str:
         "IRDRO: the targets look like class indices and no groups were given, so the cut judges every "
         "sample against all others: a rare class whose losses are all high looks like noise. Measured "
         "(benchmarks/RESULTS_quality.md): on digits with three rare classes their accuracy fell to "
-        "0.006-0.130 without groups against 0.420-0.691 under uniform sampling, and rose to 0.661-0.792 "
+        "0.006-0.130 without groups against 0.420-0.691 under uniform sampling, and rose to 0.664-0.794 "
         "with them (0-20% flipped labels); on the task suite's labelled configurations with 10-30% noise "
-        "they kept a median 0.24 of a clean-data oracle's gain against 0.10 (benchmarks/RESULTS_suite.md). "
+        "they kept a median 0.29 of a clean-data oracle's gain against 0.10 (benchmarks/RESULTS_suite.md). "
         f"Pass the labels: {how_to_pass}"
     )
 
