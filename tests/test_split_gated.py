@@ -181,3 +181,56 @@ def test_without_groups_the_default_sampler_draws_as_zscore_mode_did() -> None:
     now, before = run(), run(cut_rule="zscore-mode")
     assert DROWeighting().cut_rule == RULE
     assert all(np.array_equal(now[k], before[k]) for k in range(45))
+
+
+# ------------------------------------------------------------------------------------- sharded over ranks
+SHARDED_STEPS, SHARDED_SAVE = 45, 30
+SHARDED_OPTS = dict(seed=5, refresh_interval=3, feedback_delay=1, uniform_mix=0.5, ema=0.0, cut_rule=RULE)
+
+
+def _sharded_groups(start: int, stop: int) -> np.ndarray:
+    return np.arange(start, stop) % 3
+
+
+def _sharded_worker(rank: int, world: int, port: int, results, folder: str) -> None:
+    from _core_helpers import gloo_group, train_sharded_steps
+
+    from irdro_sampler.sharded_sampler import ShardedIRDROSampler
+
+    with gloo_group(rank, world, port):
+        def make() -> ShardedIRDROSampler:
+            return ShardedIRDROSampler(SAMPLER_N, BATCH // world, num_shards=4, groups=_sharded_groups,
+                                       **SHARDED_OPTS)
+
+        s = make()
+        before = train_sharded_steps(s, 0, SHARDED_SAVE + 1, _sampler_loss)
+        split = None if s.params.group_split is None else s.params.group_split.copy()
+        s.save(folder)
+        after = train_sharded_steps(s, SHARDED_SAVE + 1, SHARDED_STEPS, _sampler_loss)
+        resumed = make()
+        resumed.load(folder)
+        results[rank] = (before, after, s.local_probabilities(), split,
+                         train_sharded_steps(resumed, SHARDED_SAVE + 1, SHARDED_STEPS, _sampler_loss),
+                         resumed.local_probabilities())
+
+
+@pytest.mark.slow
+def test_sharded_over_two_ranks_equals_the_unsharded_sampler_and_resumes(tmp_path) -> None:
+    """The split's thresholds are fitted from the gathered calibration sample on every rank and saved with the
+    sharded state: on 2 gloo ranks the distribution equals the unsharded sampler's fed the same feedback, and a run
+    resumed from its files draws the same batches."""
+    from _core_helpers import spawn_gloo
+
+    out = spawn_gloo(_sharded_worker, 2, str(tmp_path / "state"))
+    batches = out[0][0] + out[0][1]
+    assert all(np.array_equal(a, b) for r in out for a, b in zip(r[0] + r[1], batches, strict=True))
+    assert all(np.array_equal(a, b) for r in out for a, b in zip(r[4], out[0][1], strict=True))
+    assert out[0][3] is not None and np.isfinite(out[0][3]).any()  # the split was at work when saved
+    np.testing.assert_array_equal(out[0][3], out[1][3])
+    ref = IRDROSampler(SAMPLER_N, BATCH, draws="iid", groups=_sharded_groups(0, SAMPLER_N), **SHARDED_OPTS)
+    for b, ids in enumerate(batches):
+        ref.order.advance_to(b)
+        ref.update(ids, _sampler_loss(ids, b), step=b)
+    probs = ref.probabilities()
+    np.testing.assert_allclose(np.concatenate([out[0][2], out[1][2]]), probs, rtol=1e-9)
+    np.testing.assert_allclose(np.concatenate([out[0][5], out[1][5]]), probs, rtol=1e-9)
