@@ -104,3 +104,24 @@ def test_best_threshold_bound_is_the_fewest_errors_threshold():
     assert s.rule.ess_fraction == 0.8 and s.rule.cut_learned_ratio is None
     s.prime(np.arange(200), np.where(noisy, 2.0, 1.0) + rng.uniform(0, 0.5, 200))
     assert s.stats()["truncated_fraction"] == pytest.approx(noisy.mean())
+
+
+def test_arms_run_before_a_default_changed_keep_their_options():
+    """The runs in task_suite_out/ were made with the options of their day: an arm that names no cut_rule was run
+    before the gated split became the default and keeps "zscore-mode"; only the defaults' arms follow the
+    library's defaults, and "split-off" is the defaults before it."""
+    import quality_tasks
+
+    from irdro_sampler.cut_rules import DEFAULT_CUT_RULE
+
+    for arms in (task_suite.ARMS, quality_tasks.TASK_ARMS):
+        for name, opts in arms.items():
+            if opts is None:
+                continue
+            if name in ("irdro", "irdro-nogroups"):
+                assert "cut_rule" not in opts
+            else:
+                assert opts["cut_rule"] != DEFAULT_CUT_RULE, name
+    assert quality_tasks.TASK_ARMS["irdro-split-off"] == {"groups": "labels", "cut_rule": "zscore-mode"}
+    assert task_suite.ARMS["split-off"] == {"groups": "labels", "cut_rule": "zscore-mode"}
+    assert task_suite.ARMS["split-majority"]["cut_rule"] == "zscore-mode-split-majority"  # named: kept
