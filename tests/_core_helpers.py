@@ -193,3 +193,24 @@ def train_sharded_steps(sampler: Any, first: int, last: int, loss_fn: Any) -> li
         sampler.update(ids, loss_fn(ids, b), step=b)
         out.append(ids)
     return out
+
+
+def run_steps(sampler: Any, steps: range, loss_fn: Any, save_after: int | None = None) -> tuple[dict, dict | None]:
+    """Global batches ``steps`` of an ``IRDROSampler``, each followed by ``loss_fn(batch, step)`` as its feedback
+    (a start mid-epoch uses ``set_start_batch``); returns the batches by step and the state saved (round-tripped)
+    after step ``save_after``."""
+    batches, saved, it = {}, None, None
+    per_epoch = len(sampler) // sampler.batch_size
+    for step in steps:
+        epoch, j = divmod(step, per_epoch)
+        if it is None or j == 0:
+            sampler.set_epoch(epoch)
+            if j:
+                sampler.set_start_batch(j)
+            it = iter_batches(sampler)
+        b = next(it)
+        batches[step] = b
+        sampler.update(b, loss_fn(b, step), step=step)
+        if step == save_after:
+            saved = roundtrip(sampler.state_dict())
+    return batches, saved

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from _core_helpers import assert_state_equal, iter_batches, loss_of, roundtrip
+from _core_helpers import assert_state_equal, loss_of, run_steps
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 from irdro_sampler.weights import kept_mask
@@ -67,18 +67,7 @@ def test_bad_floor_refused(bad):
 
 
 def _run(sampler: IRDROSampler, steps: range, save_after: int | None = None) -> tuple[dict, dict | None]:
-    batches, saved = {}, None
-    sampler.set_epoch(0)
-    if steps.start:
-        sampler.set_start_batch(steps.start)
-    it = iter_batches(sampler)
-    for step in steps:
-        b = next(it)
-        batches[step] = b
-        sampler.update(b, loss_of(b, step), step=step)
-        if step == save_after:
-            saved = roundtrip(sampler.state_dict())
-    return batches, saved
+    return run_steps(sampler, steps, loss_of, save_after)
 
 
 def test_resume_with_floor():

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from _core_helpers import assert_state_equal, iter_batches, roundtrip
+from _core_helpers import assert_state_equal, roundtrip, run_steps
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 from irdro_sampler.cut_rules import (
@@ -124,21 +124,7 @@ def _make(**kw) -> IRDROSampler:
 
 
 def _run(sampler: IRDROSampler, first: int, last: int, save_after: int | None = None) -> tuple[dict, dict | None]:
-    per_epoch = len(sampler) // BATCH
-    batches, saved, it = {}, None, None
-    for step in range(first, last):
-        epoch, j = divmod(step, per_epoch)
-        if it is None or j == 0:
-            sampler.set_epoch(epoch)
-            if j:
-                sampler.set_start_batch(j)
-            it = iter_batches(sampler)
-        b = next(it)
-        batches[step] = b
-        sampler.update(b, _sampler_loss(b, step), step=step)
-        if step == save_after:
-            saved = roundtrip(sampler.state_dict())
-    return batches, saved
+    return run_steps(sampler, range(first, last), _sampler_loss, save_after)
 
 
 def test_a_resumed_run_draws_the_same_batches_and_bad_split_states_are_refused() -> None:

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from _core_helpers import assert_state_equal, iter_batches, loss_of, roundtrip
+from _core_helpers import assert_state_equal, loss_of, run_steps
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
 from irdro_sampler.cut_rules import DEFAULT_ZSCORE, cut_threshold, group_cut_thresholds
@@ -148,24 +148,13 @@ def test_bad_tilt_cap_refused(bad):
 
 
 
+def _loss(b: list[int], step: int) -> np.ndarray:
+    return loss_of(b, step) * np.where(np.asarray(b) % 10 == 0, 40.0, 1.0)
+
+
 def _run(sampler: IRDROSampler, steps: range, save_after: int | None = None) -> tuple[dict, dict | None]:
-    """Batches of global ``steps`` with feedback (a mid-epoch start uses ``set_start_batch``); the state saved
-    after step ``save_after``."""
-    batches, saved, it = {}, None, None
-    per_epoch = len(sampler) // sampler.batch_size
-    for step in steps:
-        epoch, j = divmod(step, per_epoch)
-        if it is None or j == 0:
-            sampler.set_epoch(epoch)
-            if j:
-                sampler.set_start_batch(j)
-            it = iter_batches(sampler)
-        b = next(it)
-        batches[step] = b
-        sampler.update(b, loss_of(b, step) * np.where(np.asarray(b) % 10 == 0, 40.0, 1.0), step=step)
-        if step == save_after:
-            saved = roundtrip(sampler.state_dict())
-    return batches, saved
+    """Batches of global ``steps`` with feedback; the state saved after step ``save_after``."""
+    return run_steps(sampler, steps, _loss, save_after)
 
 
 def _make(groups: bool, **opts) -> IRDROSampler:
