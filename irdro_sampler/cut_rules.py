@@ -297,11 +297,11 @@ def loss_split(x: np.ndarray) -> float:
     variance) among cut points leaving at least 5% on each side and under half above; Otsu's split places the
     cut too far into a wide lower mode. Above :data:`MIXTURE_POINTS` losses both use their evenly spaced
     quantiles (one sort)."""
-    lx = np.sort(_log_losses(x))
-    if lx.size < MIN_GROUP_SEEN or lx[-1] == lx[0]:
+    lx = _log_losses(x)
+    if lx.size < MIN_GROUP_SEEN or lx.min() == lx.max():
         return math.inf
-    if lx.size > MIXTURE_POINTS:
-        lx = np.quantile(lx, (np.arange(MIXTURE_POINTS) + 0.5) / MIXTURE_POINTS)
+    # The quantiles come out sorted and do not depend on the input's order: no sort of every loss above them.
+    lx = np.quantile(lx, (np.arange(MIXTURE_POINTS) + 0.5) / MIXTURE_POINTS) if lx.size > MIXTURE_POINTS else np.sort(lx)
     w_lo, m_lo, m_hi, v_lo, v_hi = _split_stats(lx)
     w_hi = 1.0 - w_lo
     between = w_lo * w_hi * (m_lo - m_hi) ** 2

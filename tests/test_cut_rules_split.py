@@ -111,3 +111,15 @@ def test_the_majority_form_splits_only_a_group_whose_median_lies_below_the_split
     assert majority[1] == plain[1] > split_t[1] and np.mean(rare > majority[1]) <= 0.05
     assert cut_threshold(losses, truncate_zscore=3.5, cut_rule=RULE + "-majority") == cut_threshold(
         losses, truncate_zscore=3.5, cut_rule="zscore-mode")
+
+
+def test_the_split_does_not_depend_on_the_order_of_the_losses() -> None:
+    """Above MIXTURE_POINTS losses the split reads their quantiles without sorting every loss first: any order of
+    the same losses gives the same threshold, bit for bit (below it, the losses are sorted)."""
+    rng = np.random.default_rng(7)
+    for n in (300, 5000):
+        x = np.concatenate([rng.lognormal(-1.0, 0.8, n), rng.lognormal(1.5, 0.2, n // 4)])
+        t = loss_split(np.sort(x))
+        assert math.isfinite(t)
+        for _ in range(3):
+            assert loss_split(rng.permutation(x)) == t
