@@ -127,6 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     rank = int(os.environ.get("RANK", "0"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    # Leave together and tear the group down before exit, as _hf_sharded_worker.py does: a rank that exits while
+    # gloo's threads still hold work aborts in the interpreter's finalization ("terminate called without an
+    # active exception", seen once in CI on a 2-rank resume).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return result
 
 
