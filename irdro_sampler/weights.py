@@ -570,8 +570,11 @@ def _kept64(
     """Unseen samples (NaN) are never cut; seen ones are kept up to their threshold (float64 compare), and
     with a ``learned_ratio`` also where the loss has fallen to that fraction of a positive first loss (the
     model is learning the sample), and with ``remeasured_only`` where the loss is still the first loss
-    (measured once): in both cases there is no evidence that the sample cannot be learned."""
-    kept = np.isnan(loss) | (loss <= params.thresholds(groups))
+    (measured once): in both cases there is no evidence that the sample cannot be learned. With a
+    ``group_split`` a seen sample above its group's split is cut too, unless its loss has fallen below
+    ``SPLIT_LEARNED_RATIO`` of its first."""
+    unseen = np.isnan(loss)
+    kept = unseen | (loss <= params.thresholds(groups))
     if params.reads_first:
         if first is None:
             raise ValueError("these parameters gate the cut on the first losses: pass the samples' first losses")
@@ -583,7 +586,7 @@ def _kept64(
         if params.group_split is not None:  # the split's cut, which spares a sample whose loss is falling
             if groups is None:
                 raise ValueError("these parameters cut per group: pass the samples' groups")
-            kept &= (np.isnan(loss) | (loss <= params.group_split[groups])
+            kept &= (unseen | (loss <= params.group_split[groups])
                      | ((start > 0) & (loss < SPLIT_LEARNED_RATIO * start)))
     return kept
 
