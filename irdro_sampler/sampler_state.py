@@ -225,20 +225,24 @@ def _check_params(
         if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or math.isnan(cap):
             raise ValueError(f"{where}['cap'] must be a number (not NaN), got {cap!r}")
         return out._replace(cap=float(cap))
-    per_group = state_array(group_cap, f"{where}['group_cap']", kind="float", shape=(count_groups(groups),))
+    return out._replace(group_cap=_per_group_values(group_cap, f"{where}['group_cap']", groups))
+
+
+def _per_group_values(value: Any, where: str, groups: np.ndarray | None) -> np.ndarray:
+    """A saved per-group vector (thresholds, caps, splits) as float64: one number per group, no NaN, and only
+    for a table with groups."""
+    per_group = state_array(value, where, kind="float", shape=(count_groups(groups),))
     if groups is None or np.isnan(per_group).any():
-        raise ValueError(f"{where}['group_cap'] needs a table with groups and holds no NaN")
-    return out._replace(group_cap=per_group.astype(np.float64))
+        raise ValueError(f"{where} needs a table with groups and holds no NaN")
+    return per_group.astype(np.float64)
 
 
 def _check_group_split(group_split: Any, groups: np.ndarray | None, rule: Any) -> np.ndarray:
     where = "state_dict['group_split']"
-    per_group = state_array(group_split, where, kind="float", shape=(count_groups(groups),))
-    if groups is None or np.isnan(per_group).any():
-        raise ValueError(f"{where} needs a table with groups and holds no NaN")
+    per_group = _per_group_values(group_split, where, groups)
     if not (isinstance(rule, DROWeighting) and rule.gates_split):
         raise ValueError(f"{where} is saved by cut_rule='zscore-mode-split-gated', not by this state's rule")
-    return per_group.astype(np.float64)
+    return per_group
 
 
 def _check_cut_params(params: Any, group_threshold: Any, groups: np.ndarray | None) -> WeightParams | None:
@@ -258,11 +262,8 @@ def _check_cut_params(params: Any, group_threshold: Any, groups: np.ndarray | No
         raise ValueError(f"state_dict['params'] must hold a threshold (not NaN), a finite prior and shift; got {params!r}")
     if group_threshold is None:
         return WeightParams(*values)
-    num_groups = count_groups(groups)
-    per_group = state_array(group_threshold, "state_dict['group_threshold']", kind="float", shape=(num_groups,))
-    if groups is None or np.isnan(per_group).any():
-        raise ValueError("state_dict['group_threshold'] needs a table with groups and holds no NaN")
-    return WeightParams(*values, group_threshold=per_group.astype(np.float64))
+    return WeightParams(*values, group_threshold=_per_group_values(group_threshold, "state_dict['group_threshold']",
+                                                                   groups))
 
 
 def _check_schedule(sched: Any, batches_per_epoch: int) -> dict[str, int]:
