@@ -3,8 +3,8 @@
 Every ``refresh_interval`` batches the sampler refits its :class:`~irdro_sampler.DROWeighting` on the loss
 table (``rule.fit(table)``) and rebuilds its draw structure. This script times the fit alone, for the
 default rule (``cut_rule="zscore-mode-split-gated"``: the robust z-score plus one two-component mixture fit of at
-most 1024 quantile points, and with groups the split of all samples' log-losses, one sort of at most 1024 quantile
-points, and each group's 0.7 quantile) against ``"zscore-mode"`` (the default before; without groups the same
+most 1024 quantile points, and with groups the split of all samples' log-losses, read from their 1024 quantiles, and
+each group's 0.7 quantile) against ``"zscore-mode"`` (the default before; without groups the same
 rule), the plain ``"zscore"`` and a fixed ``truncate_quantile=0.99`` (the rule of ``benchmarks/RESULTS_sampler.md``),
 without and with 10 groups, on a warm table of N samples whose losses are a
 log-normal bulk plus a 15% block of unlearnable samples at a tight high loss (the case the default's mixture
