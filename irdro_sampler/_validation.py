@@ -68,6 +68,17 @@ def as_groups(groups: Any, num_samples: int, name: str = "groups") -> np.ndarray
     return arr.astype(np.uint16)
 
 
+def batch_losses(indices: Any, losses: Any, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Check indices and their losses (1-D, equal length, real numbers); returns ``(int64, float64)`` copies."""
+    idx = as_indices(indices, num_samples, "indices")
+    val = to_numpy(losses, "losses")
+    if not (np.issubdtype(val.dtype, np.floating) or np.issubdtype(val.dtype, np.integer)) or val.dtype == np.bool_:
+        raise TypeError(f"losses must be real numbers, got dtype {val.dtype}")
+    if val.shape != idx.shape:
+        raise ValueError(f"indices and losses must have the same length, got {idx.shape[0]} and {val.shape[0]}")
+    return idx, val.astype(np.float64, copy=True)
+
+
 def validate_feedback(indices: Any, losses: Any, num_samples: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Check one feedback call and drop non-finite losses.
 
@@ -76,13 +87,7 @@ def validate_feedback(indices: Any, losses: Any, num_samples: int) -> tuple[np.n
     here and counted by the caller. So are finite losses whose magnitude exceeds float32's range
     (:data:`MAX_LOSS`, about 3.4e38): the table stores float32, where they would become inf.
     """
-    idx = as_indices(indices, num_samples, "indices")
-    val = to_numpy(losses, "losses")
-    if not (np.issubdtype(val.dtype, np.floating) or np.issubdtype(val.dtype, np.integer)) or val.dtype == np.bool_:
-        raise TypeError(f"losses must be real numbers, got dtype {val.dtype}")
-    if val.shape != idx.shape:
-        raise ValueError(f"indices and losses must have the same length, got {idx.shape[0]} and {val.shape[0]}")
-    val = val.astype(np.float64, copy=True)
+    idx, val = batch_losses(indices, losses, num_samples)
     finite = np.abs(val) <= MAX_LOSS  # False for NaN and +-inf too
     skipped = int(finite.size - finite.sum())
     if skipped:

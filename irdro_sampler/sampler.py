@@ -18,7 +18,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from ._validation import as_indices, check_int, check_step
+from ._validation import as_indices, batch_losses, check_int, check_step
 from .batch_order import BatchOrder
 from .diagnostics import weighting_diagnostics
 from .distributed import process_group_up
@@ -28,6 +28,7 @@ from .fixed_weights import FixedWeights, weighted_sampler
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
 from .sampler_state import check_state, pack_state, restore_state
+from .screening import screen_first_visits
 from .weights import DROWeighting
 
 __all__ = ["DRAW_SCHEMES", "IRDROSampler"]
@@ -219,6 +220,29 @@ class IRDROSampler(DistributedSampler):
         _, _, skipped = feedback.add(indices, losses, step)
         self.table.num_skipped += skipped
         self.order.drawn.forget_trained(feedback.max_reported_step)
+
+    def screen(self, indices: Any, losses: Any) -> np.ndarray:
+        """Which samples of a batch to learn from: ``False`` for a first visit whose loss the cut would take.
+
+        The cut steers the draws only once a sample's loss is in the table; its first visit is drawn blind and
+        trained on, noise included. Call this in the step, after the forward pass, with the batch's indices and
+        per-sample losses, and leave the ``False`` samples out of the loss (keep the batch's divisor)::
+
+            keep = torch.as_tensor(sampler.screen(idx, per_sample.detach()), device=per_sample.device)
+            (per_sample * keep).mean().backward()
+            sampler.update(idx, per_sample.detach(), step=step)   # report every loss, screened ones too
+
+        ``True`` for every sample the table holds a loss of (the draws already weigh it; a cut one drawn by the
+        floor is trained on, so it can be re-admitted), before the first refit, for non-finite losses and under
+        :meth:`from_weights`. A sample counts as unseen until its feedback is applied (``feedback_delay`` steps
+        after it is reported). Read-only: the sample order and the state do not change. Same input contract as
+        :meth:`update` (raises naming the argument on bad input). ``benchmarks/RESULTS_suite_screen.md``
+        measures it on the task suite.
+        """
+        idx, val = batch_losses(indices, losses, self.dataset_size)
+        seen = ~np.isnan(self.table.losses[idx])
+        groups = None if self.table.groups is None else self.table.groups[idx]
+        return screen_first_visits(val, seen, self.order.weights.params, groups)
 
     def prime(self, indices: Any, losses: Any) -> None:
         """Report losses measured before training: a scoring pass of the starting model over the data set.

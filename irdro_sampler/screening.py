@@ -1,0 +1,43 @@
+"""The first-visit screen: which samples of a trained batch the step should learn from.
+
+The cut acts through the draws: a seen sample above its threshold keeps only the floor's share of them. A
+sample the table has not seen cannot be steered that way: it is drawn at the prior's weight and trained on at
+its first visit, wrong labels and random documents included. Where training makes one or two passes over the
+data (continual training of a language model) most draws are first visits, so most of the noise is trained on
+before the cut can see it (benchmarks/RESULTS_suite_scored.md).
+
+Inside the step the loss of every drawn sample is known before the backward pass. The screen judges a first
+visit there by the rule's parameters of the last refit, as the cut would judge that loss as the sample's first:
+no gate can spare it (its loss has not fallen), so it is left out where its group's threshold (or split) lies
+below it. Samples the table has seen are always kept: the draws already weigh them, and a cut sample drawn by
+the floor is trained on as before (the floor is what lets a sample the model comes to fit be re-admitted).
+
+A pure function of the parameters and the table, read-only: it changes neither the sample order nor the state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .weights import WeightParams, kept_mask
+
+
+def screen_first_visits(
+    losses: np.ndarray, seen: np.ndarray, params: WeightParams | None, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """``True`` where a sample of a batch is trained on; ``False`` for a first visit the cut would take.
+
+    ``losses`` (float) are the step's per-sample losses, ``seen`` whether the table holds a loss of each sample,
+    ``params`` the rule's parameters of the last refit (``None`` before the first: nothing is screened) and
+    ``groups`` the samples' group ids (required when ``params`` cut per group). A non-finite loss is not judged
+    (kept). The loss is compared as the table would store it (float32), so the screen says ``False`` exactly
+    where the sample would be cut once its loss is applied, were the parameters still the same.
+    """
+    keep = np.ones(losses.shape[0], dtype=bool)
+    judge = ~seen & np.isfinite(losses)
+    if params is None or not judge.any():
+        return keep
+    stored = losses[judge].astype(np.float32)
+    part_groups = None if groups is None else groups[judge]
+    keep[judge] = kept_mask(stored, params, part_groups, stored if params.reads_first else None)
+    return keep
