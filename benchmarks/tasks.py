@@ -242,6 +242,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
     ``benchmarks/cut_recall.py``); ``sampler`` is None for arms without one, ``drawn`` counts the draws
     of each training sample so far.
     """
+    screen = False
     torch.manual_seed(seed)
     model = build_model(task, seed)
     opt = torch.optim.Adam(model.parameters(), lr=task.lr)
@@ -259,6 +260,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
         options = dict(options)
         score_first = options.pop("score_first", False)
         cut_oracle = options.pop("cut_oracle", False)  # a diagnostic bound (threshold_bound.py), not a rule
+        screen = options.pop("screen_first", False)  # a loop recipe (RESULTS_suite_screen.md), not an option
         if options.get("groups") == "labels":  # what a classifier user passes: the class labels
             options["groups"] = task.y.numpy() if task.group_labels is None else task.group_labels
         sampler = IRDROSampler(ds, task.batch_size, seed=seed, **options)
@@ -287,6 +289,8 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
                 lv = loss.detach().numpy().astype(np.float64)
                 w = torch.from_numpy(kl_dro_weights(lv, DROWeighting().temperature_for(lv))).float()
                 total = (w * loss).sum()
+            elif screen:  # the first-visit screen (IRDROSampler.screen): a first visit the cut would take is left out
+                total = (loss * torch.from_numpy(sampler.screen(idx, loss.detach()))).mean()
             else:
                 total = loss.mean()
             opt.zero_grad()
@@ -316,3 +320,4 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
     if scoring_seconds is not None:  # the scoring pass's time against the training loop's
         result["scoring_cost"] = scoring_seconds / train_seconds
     return result
+
