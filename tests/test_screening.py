@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _core_helpers import iter_batches, run_with_feedback
 
 from irdro_sampler import IRDROSampler
 from irdro_sampler.screening import screen_first_visits
 from irdro_sampler.weights import WeightParams
-
-from _core_helpers import iter_batches, run_with_feedback
 
 N = 2000
 NOISY = np.arange(N) % 10 == 0  # 10% unlearnable samples, spread over the index range and the groups
