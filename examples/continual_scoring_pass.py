@@ -1,4 +1,5 @@
-"""Continual training over few passes: a scoring pass primes the sampler (``IRDROSampler.prime``).
+"""Continual training over few passes: a scoring pass primes the sampler (``IRDROSampler.prime``), or the step
+screens first visits (``IRDROSampler.screen``).
 
 The data is made here: 64-byte documents of Python standard-library source code, a quarter of them
 replaced by random bytes (content no model can learn). A tiny byte-level language model is trained on
@@ -9,9 +10,13 @@ A scoring pass fixes that: the starting model's loss on every document (a forwar
 reported with ``sampler.prime(indices, losses)`` before the first batch is drawn. With the library's
 defaults, at the default seed, the primed sampler draws the random documents far below their 25% share
 from the first batch on, and the held-out loss on clean code ends lower than with uniform sampling and
-lower than without the scoring pass (``tests/test_examples.py`` checks all three). Runs in half a minute:
+lower than without the scoring pass. Without a scoring pass, the step can screen: after the forward pass it
+leaves out of the loss the first visits whose loss the sampler's cut would take (every loss is still
+reported). It trains on the random documents at less than half the share the unscreened sampler does, and
+its held-out loss ends between the unscreened sampler's and the primed one's (``tests/test_examples.py``
+checks all of these). Runs in half a minute:
 
-    python examples/continual_scoring_pass.py                 # the three arms side by side
+    python examples/continual_scoring_pass.py                 # the four arms side by side
     python examples/continual_scoring_pass.py --docs 1000     # fewer documents
 """
 
@@ -70,26 +75,31 @@ def scoring_pass(model: ByteLM, docs: torch.Tensor, batch_size: int = 512) -> to
 
 
 def train(model: ByteLM, loader: DataLoader, steps: int, lr: float, sampler: IRDROSampler | None,
-          noisy: torch.Tensor) -> float:
-    """``steps`` steps of Adam on the plain mean loss; reports each batch's losses to ``sampler``; returns the
-    share of draws that were noise documents."""
+          noisy: torch.Tensor, screen: bool = False) -> tuple[float, float]:
+    """``steps`` steps of Adam on the plain mean loss; reports each batch's losses to ``sampler``; with ``screen``
+    leaves out of each step's loss the first visits the sampler's cut would take (``sampler.screen``). Returns the
+    shares of draws that were noise documents, and that were noise documents trained on."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    step, noise_draws = 0, 0
+    step, noise_draws, noise_trained = 0, 0, 0
     while step < steps:
         for (docs,), idx in ((batch[:-1], batch[-1]) for batch in loader):
             loss = model(docs)
+            keep = torch.ones(len(idx), dtype=torch.bool)
+            if screen:
+                keep = torch.as_tensor(sampler.screen(idx, loss.detach()))
             opt.zero_grad()
-            loss.mean().backward()  # resampling: the plain mean has the DRO gradient in expectation
+            (loss * keep).mean().backward()  # resampling: the plain mean has the DRO gradient in expectation
             opt.step()
             if sampler is not None:
-                sampler.update(idx, loss.detach(), step=step)
+                sampler.update(idx, loss.detach(), step=step)  # every loss, screened ones too
             noise_draws += int(noisy[idx].sum())
+            noise_trained += int((noisy[idx] & keep).sum())
             step += 1
             if step == steps:
                 break
         if sampler is not None:
             sampler.set_epoch(sampler.epoch + 1)
-    return noise_draws / (steps * loader.batch_size)
+    return noise_draws / (steps * loader.batch_size), noise_trained / (steps * loader.batch_size)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -112,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     steps = round(args.passes * args.docs / args.batch_size)
 
     results = {}
-    for arm in ("uniform", "irdro", "irdro + scoring pass"):
+    for arm in ("uniform", "irdro", "irdro + screen", "irdro + scoring pass"):
         model = ByteLM()
         model.load_state_dict(start.state_dict())  # every arm continues the same starting model
         torch.manual_seed(args.seed + 1)
@@ -126,14 +136,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 sampler.prime(torch.arange(len(docs)), scoring_pass(model, docs))
                 scoring_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        share = train(model, DataLoader(dataset, args.batch_size, sampler=order), steps, 1e-3, sampler, noisy)
+        share, trained = train(model, DataLoader(dataset, args.batch_size, sampler=order), steps, 1e-3, sampler, noisy,
+                               screen=arm == "irdro + screen")
         train_seconds = time.perf_counter() - t0
         with torch.no_grad():
             held = float(model(held_out).mean())
-        results[arm] = {"held_out_loss": held, "noise_draws": share, "scoring_cost": scoring_seconds / train_seconds}
+        results[arm] = {"held_out_loss": held, "noise_draws": share, "noise_trained": trained,
+                        "scoring_cost": scoring_seconds / train_seconds}
         cut = f", cut {sampler.stats()['truncated_fraction']:.1%}" if sampler is not None else ""
         print(f"{arm:>22}: held-out clean loss {held:.4f} nats/byte, draws on random documents {share:.1%} "
-              f"(share {float(noisy.float().mean()):.1%}){cut}", flush=True)
+              f"(share {float(noisy.float().mean()):.1%}), trained on {trained:.1%}{cut}", flush=True)
     print(f"the scoring pass took {results['irdro + scoring pass']['scoring_cost']:.0%} of the continual training's "
           "time", flush=True)
     return results

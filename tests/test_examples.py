@@ -160,7 +160,8 @@ def test_plain_pytorch_example_shows_its_claim():
 def test_scoring_pass_example_shows_its_claim():
     """At the default seed and flags, with the library's defaults: the primed sampler draws the random
     documents far below their 25% share, and the held-out clean loss ends below uniform sampling's and below
-    the unprimed sampler's."""
+    the unprimed sampler's; the screened loop trains on the random documents at under half the unscreened
+    sampler's share and ends between the unscreened and the primed sampler."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("continual_scoring_pass", EXAMPLES / "continual_scoring_pass.py")
@@ -168,8 +169,11 @@ def test_scoring_pass_example_shows_its_claim():
     spec.loader.exec_module(example)
     out = example.main([])
     uniform, plain, primed = out["uniform"], out["irdro"], out["irdro + scoring pass"]
+    screened = out["irdro + screen"]
     assert primed["noise_draws"] < 0.1 < 0.2 < min(uniform["noise_draws"], plain["noise_draws"]), out
     assert primed["held_out_loss"] < plain["held_out_loss"] < uniform["held_out_loss"], out
+    assert screened["noise_trained"] < 0.5 * plain["noise_trained"], out
+    assert primed["held_out_loss"] < screened["held_out_loss"] < plain["held_out_loss"], out
 
 
 @pytest.mark.slow
