@@ -47,7 +47,7 @@ class BestThresholdRule(DROWeighting):
         object.__setattr__(self, "noisy", np.asarray(noisy, dtype=bool))
         return self
 
-    def fit_cut(self, view, seen, groups, *, num_groups, prior):
+    def fit_cut(self, view, seen, groups, *, num_groups, prior, summary=None):
         noisy = self.noisy
         if view.size != noisy.size:
             raise ValueError("BestThresholdRule needs the whole table as its calibration sample (stride 1)")

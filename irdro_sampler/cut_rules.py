@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,53 @@ _MAD_TO_SIGMA = 1.4826
 ZCut = Callable[[np.ndarray, float], float]
 
 
+class LossSummary:
+    """One refit's seen losses (float64) and their groups, with what several rules read of them computed once.
+
+    A refit with the default rule and groups reads the log-losses' quantiles twice (the block's mixture and
+    the split), fits the block's mixture twice (the cut and the tilt's fade) and sorts the losses by group twice
+    (the per-group z-scores and the split's per-group floors). Each is a lazily computed, cached attribute;
+    the functions below take a summary wherever they take the losses, and give the same thresholds bit for
+    bit. Read-only: the arrays must not change while the summary is in use."""
+
+    def __init__(self, losses: np.ndarray, groups: np.ndarray | None = None) -> None:
+        self.losses = losses
+        self.groups = groups
+
+    @property
+    def size(self) -> int:
+        return self.losses.size
+
+    @cached_property
+    def log_losses(self) -> np.ndarray:
+        return _log_losses(self.losses)
+
+    @cached_property
+    def log_quantiles(self) -> np.ndarray:
+        """The log-losses' :data:`MIXTURE_POINTS` evenly spaced quantiles (sorted; the fits' points above that many)."""
+        return np.quantile(self.log_losses, (np.arange(MIXTURE_POINTS) + 0.5) / MIXTURE_POINTS)
+
+    @cached_property
+    def block(self) -> tuple[float, float]:
+        """:func:`_mixture_valley` with ``block=True`` (60 EM passes)."""
+        return _mixture_valley(self, 60, block=True)
+
+    @cached_property
+    def by_group(self) -> list[tuple[int, np.ndarray]]:
+        """:func:`_groups_to_judge` of the losses by their groups."""
+        if self.groups is None:
+            raise ValueError("this summary has no groups")
+        return list(_groups_to_judge(self.losses, np.asarray(self.groups)))
+
+
+def _summary(x: np.ndarray | LossSummary) -> LossSummary:
+    return x if isinstance(x, LossSummary) else LossSummary(x)
+
+
+def _values(x: np.ndarray | LossSummary) -> np.ndarray:
+    return x.losses if isinstance(x, LossSummary) else x
+
+
 # --------------------------------------------------------------------------------------------- cut
 def cut_threshold(
     losses: Any,
@@ -139,7 +187,8 @@ def cut_threshold(
         valley); their ``"-agree"`` forms cut per group only where the rule over all samples agrees
         (:func:`group_cut_thresholds`).
 
-    Both may be given; the lower threshold wins. ``losses`` should be the *seen* losses only:
+    Both may be given; the lower threshold wins. ``losses`` (an array or a :class:`LossSummary` of it) should be
+    the *seen* losses only:
     filling unseen samples with a prior and including them would pull the quantile towards the prior.
     """
     q = check_fraction(truncate_quantile, "truncate_quantile", low_open=True, high_open=False, allow_none=True)
@@ -147,14 +196,16 @@ def cut_threshold(
     _check_cut_rule(cut_rule)
     if q is None and z is None:
         return math.inf
-    arr = np.asarray(losses, dtype=np.float64)
+    summary = losses if isinstance(losses, LossSummary) else None
+    arr = summary.losses if summary is not None else np.asarray(losses, dtype=np.float64)
     if arr.size == 0:
         return math.inf
     threshold = math.inf
     if q is not None and q < 1.0:
         threshold = float(np.quantile(arr, q))
     if z is not None:
-        threshold = min(threshold, _ADAPTIVE_CUTS[cut_rule](arr, z))
+        reads_summary = summary is not None and cut_rule in _READS_SUMMARY
+        threshold = min(threshold, _ADAPTIVE_CUTS[cut_rule](summary if reads_summary else arr, z))
     return threshold
 
 
@@ -178,15 +229,16 @@ def _log_z_threshold(x: np.ndarray, z: float) -> float:
     return float(np.exp(min(_robust_z_threshold(_log_losses(x), z), 700.0)))
 
 
-def _log_mixture(x: np.ndarray, iterations: int) -> tuple | None:
+def _log_mixture(x: np.ndarray | LossSummary, iterations: int) -> tuple | None:
     """Two-component 1-D Gaussian mixture on log-losses by EM from a quantile start (deterministic):
     ``(weight, mu, var, lo, hi, separation)`` with ``lo`` / ``hi`` the lower / upper component and
     ``separation`` Ashman's D; ``None`` when there are too few or identical losses."""
-    lx = _log_losses(x)
+    summary = _summary(x)
+    lx = summary.log_losses
     if lx.size < MIN_GROUP_SEEN or float(lx.max() - lx.min()) == 0.0:
         return None
     if lx.size > MIXTURE_POINTS:  # the fit needs the shape, not every point: its evenly spaced quantiles
-        lx = np.quantile(lx, (np.arange(MIXTURE_POINTS) + 0.5) / MIXTURE_POINTS)
+        lx = summary.log_quantiles
     mu = np.quantile(lx, [0.25, 0.95])
     var = np.full(2, max(float(lx.var()) / 4.0, 1e-12))
     weight = np.array([0.8, 0.2])
@@ -287,8 +339,9 @@ def _split_stats(lx: np.ndarray) -> tuple[np.ndarray, ...]:
     return w_lo, m_lo, m_hi, v_lo, v_hi
 
 
-def loss_split(x: np.ndarray) -> float:
-    """Where two modes of the log-losses ``x`` cross, as a loss; inf unless they separate.
+def loss_split(x: np.ndarray | LossSummary) -> float:
+    """Where two modes of the log-losses of ``x`` (losses, or their :class:`LossSummary`) cross, as a loss; inf
+    unless they separate.
 
     Evidence: Otsu's split (the cut point maximising the variance between the two sides) holds at least
     :data:`SPLIT_SEPARABILITY` of the total variance with the upper side under :data:`SPLIT_MAX_UPPER`; a
@@ -297,11 +350,12 @@ def loss_split(x: np.ndarray) -> float:
     variance) among cut points leaving at least 5% on each side and under half above; Otsu's split places the
     cut too far into a wide lower mode. Above :data:`MIXTURE_POINTS` losses both use their evenly spaced
     quantiles (one sort)."""
-    lx = _log_losses(x)
+    summary = _summary(x)
+    lx = summary.log_losses
     if lx.size < MIN_GROUP_SEEN or lx.min() == lx.max():
         return math.inf
     # The quantiles come out sorted and do not depend on the input's order: no sort of every loss above them.
-    lx = np.quantile(lx, (np.arange(MIXTURE_POINTS) + 0.5) / MIXTURE_POINTS) if lx.size > MIXTURE_POINTS else np.sort(lx)
+    lx = summary.log_quantiles if lx.size > MIXTURE_POINTS else np.sort(lx)
     w_lo, m_lo, m_hi, v_lo, v_hi = _split_stats(lx)
     w_hi = 1.0 - w_lo
     between = w_lo * w_hi * (m_lo - m_hi) ** 2
@@ -314,12 +368,12 @@ def loss_split(x: np.ndarray) -> float:
     return float(np.exp(min(0.5 * (lx[j] + lx[j + 1]), 700.0)))
 
 
-def _split_threshold(x: np.ndarray, z: float) -> float:
+def _split_threshold(x: np.ndarray | LossSummary, z: float) -> float:
     """``"zscore-mode-split"`` over all samples: the lower of ``"zscore-mode"`` and :func:`loss_split`."""
     return min(_zscore_mode_threshold(x, z), loss_split(x))
 
 
-def _zscore_mode_threshold(x: np.ndarray, z: float, z_cut: ZCut = _robust_z_threshold) -> float:
+def _zscore_mode_threshold(x: np.ndarray | LossSummary, z: float, z_cut: ZCut = _robust_z_threshold) -> float:
     """The ``"zscore"`` cut, unless a *block* of unlearnable samples inflates the MAD past itself.
 
     Content the model cannot learn (random bytes or tokens) keeps a loss near its entropy, the same for
@@ -332,18 +386,21 @@ def _zscore_mode_threshold(x: np.ndarray, z: float, z_cut: ZCut = _robust_z_thre
     the lower of that z-score and the valley. A mode within the bulk's own reach (a clean class the model
     gets wrong) keeps the plain z-score, and so does early training (all samples near the uniform
     prediction's loss, in tight modes close together)."""
-    threshold = z_cut(x, z)
+    threshold = z_cut(_values(x), z)
     block = _unlearnable_block(x, z, z_cut)
     return block[0] if block is not None and block[1] < threshold else threshold
 
 
-def _unlearnable_block(x: np.ndarray, z: float, z_cut: ZCut = _robust_z_threshold) -> tuple[float, float] | None:
+def _unlearnable_block(
+    x: np.ndarray | LossSummary, z: float, z_cut: ZCut = _robust_z_threshold
+) -> tuple[float, float] | None:
     """``(where to cut, the block's lower quartile)`` of a block of unlearnable samples the z-score
     (``z_cut``) of the samples below it would cut (see :func:`_zscore_mode_threshold`); None without one."""
-    valley, lower_quartile = _mixture_valley(x, 60, block=True)
+    valley, lower_quartile = _summary(x).block
     if valley == math.inf:
         return None
-    without_mode = z_cut(x[x < valley], z)
+    values = _values(x)
+    without_mode = z_cut(values[values < valley], z)
     return (min(without_mode, valley), lower_quartile) if without_mode < lower_quartile else None
 
 
@@ -352,16 +409,16 @@ def _unlearnable_block(x: np.ndarray, z: float, z_cut: ZCut = _robust_z_threshol
 BLOCK_MIN_COUNT = 500
 
 
-def unlearnable_block_valley(x: np.ndarray, min_count: int = BLOCK_MIN_COUNT) -> float:
-    """Where a block of unlearnable samples begins in the losses ``x``: the valley below a tight, far high
-    mode (the test of ``"zscore-mode"``, see :func:`_zscore_mode_threshold`); inf without one or with
-    fewer than ``min_count`` losses."""
+def unlearnable_block_valley(x: np.ndarray | LossSummary, min_count: int = BLOCK_MIN_COUNT) -> float:
+    """Where a block of unlearnable samples begins in the losses ``x`` (or their :class:`LossSummary`): the
+    valley below a tight, far high mode (the test of ``"zscore-mode"``, see :func:`_zscore_mode_threshold`);
+    inf without one or with fewer than ``min_count`` losses."""
     if x.size < min_count:
         return math.inf
-    return _mixture_valley(x, 60, block=True)[0]
+    return _summary(x).block[0]
 
 
-def _mixture_valley(x: np.ndarray, iterations: int, block: bool = False) -> tuple[float, float]:
+def _mixture_valley(x: np.ndarray | LossSummary, iterations: int, block: bool = False) -> tuple[float, float]:
     """``(valley, lower quartile of the upper mode)`` of ``"mixture-valley"`` (losses, not log-losses);
     ``(inf, inf)`` without a separate mode. With ``block``, the upper mode must also be tight and far (see
     :func:`_zscore_mode_threshold`)."""
@@ -403,6 +460,8 @@ _ADAPTIVE_CUTS = {
     "zscore-mode-split-majority": _zscore_mode_threshold,  # the split per group only: group_cut_thresholds
     "zscore-mode-split-gated": _zscore_mode_threshold,  # the split per group only: group_split_thresholds
 }
+# The rules whose functions read a LossSummary (the others are given its losses).
+_READS_SUMMARY = frozenset({"zscore-mode", "zscore-mode-split", "zscore-mode-split-majority", "zscore-mode-split-gated"})
 # Per group, the "zscore-mode" rules cut each group by their plain z-score rule (and a block found over all samples).
 _MODE_GROUP_RULE = {"zscore-mode": "zscore", "zscore-mode-root": "zscore-root"}
 
@@ -419,10 +478,11 @@ def _check_cut_rule(rule: Any) -> str:
 
 
 def group_cut_thresholds(
-    losses: np.ndarray, groups: np.ndarray, *, num_groups: int, truncate_quantile: float | None = None,
+    losses: np.ndarray | LossSummary, groups: np.ndarray, *, num_groups: int, truncate_quantile: float | None = None,
     truncate_zscore: float | None = None, cut_rule: str = "zscore",
 ) -> np.ndarray:
-    """:func:`cut_threshold` of each group's ``losses`` (seen ones); index the result by group id.
+    """:func:`cut_threshold` of each group's ``losses`` (seen ones, or a :class:`LossSummary` of them and
+    ``groups``); index the result by group id.
 
     Groups with fewer than :data:`MIN_GROUP_SEEN` samples get ``inf`` (not enough evidence to cut).
     The ``"*-agree"`` rules cut a sample only where its group's rule and the same rule over all the
@@ -440,7 +500,7 @@ def group_cut_thresholds(
         return np.maximum(own, overall)
     if cut_rule == "zscore-evidence" and _check_zscore(truncate_zscore) is not None:
         # The evidence is taken over all samples: one small group's own tail is too few samples to test.
-        if not _excess_tail(losses):
+        if not _excess_tail(_values(losses)):
             return out
         cut_rule = "zscore-mode"
     if cut_rule.startswith("zscore-mode-split") and _check_zscore(truncate_zscore) is not None:
@@ -464,9 +524,10 @@ def group_cut_thresholds(
         return own if block is None else np.where(own > block[1], np.minimum(own, block[0]), own)
     shrunk = cut_rule == "zscore-shrunk" and _check_zscore(truncate_zscore) is not None
     if shrunk:
-        median = float(np.median(losses))
-        mad = float(np.median(np.abs(losses - median)))
-    for g, part in _groups_to_judge(losses, groups):
+        values = _values(losses)
+        median = float(np.median(values))
+        mad = float(np.median(np.abs(values - median)))
+    for g, part in _by_group(losses, groups):
         out[g] = cut_threshold(part, truncate_quantile=truncate_quantile,
                                truncate_zscore=None if shrunk else truncate_zscore, cut_rule=cut_rule)
         if shrunk:
@@ -475,7 +536,7 @@ def group_cut_thresholds(
 
 
 def group_split_thresholds(
-    losses: np.ndarray, groups: np.ndarray, *, num_groups: int, majority: bool = True
+    losses: np.ndarray | LossSummary, groups: np.ndarray, *, num_groups: int, majority: bool = True
 ) -> np.ndarray:
     """Per group id, where the split cut starts: :func:`loss_split` of all the (seen) ``losses``, found once (a
     small group is too few to split), never below the group's :data:`SPLIT_GROUP_QUANTILE` quantile (a group whose
@@ -486,11 +547,19 @@ def group_split_thresholds(
     split = loss_split(losses)
     if split == math.inf:
         return out
-    for g, part in _groups_to_judge(losses, np.asarray(groups)):
+    for g, part in _by_group(losses, np.asarray(groups)):
         if majority and not np.median(part) < split:
             continue
         out[g] = max(split, float(np.quantile(part, SPLIT_GROUP_QUANTILE)))
     return out
+
+
+def _by_group(losses: np.ndarray | LossSummary, groups: np.ndarray) -> list[tuple[int, np.ndarray]] | Iterator:
+    """:func:`_groups_to_judge`, from the summary's cache when ``losses`` is a :class:`LossSummary` with groups
+    (which must then be ``groups``)."""
+    if isinstance(losses, LossSummary) and losses.groups is not None:
+        return losses.by_group
+    return _groups_to_judge(_values(losses), groups)
 
 
 def _groups_to_judge(losses: np.ndarray, groups: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:

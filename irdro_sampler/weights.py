@@ -22,6 +22,7 @@ from .cut_rules import (
     DEFAULT_ZSCORE,
     GATED_SPLIT_RULE,
     SPLIT_LEARNED_RATIO,
+    LossSummary,
     _check_cut_rule,
     _check_zscore,
     cut_threshold,
@@ -435,8 +436,10 @@ class DROWeighting:
         view = losses.astype(np.float64)
         seen = ~np.isnan(view)
         seen_losses = view[seen]
+        # The cut and the fade read the same seen losses: their quantiles, block and groups' order computed once.
+        summary = LossSummary(seen_losses, None if groups is None else groups[seen])
         prior = prior_value(prior, seen_losses)
-        params = self.fit_cut(view, seen, groups, num_groups=num_groups, prior=prior)
+        params = self.fit_cut(view, seen, groups, num_groups=num_groups, prior=prior, summary=summary)
         if self.tilt_cap is not None:
             params = self._with_cap(params, seen_losses, None if groups is None else groups[seen], num_groups)
         params = self.gated(params)
@@ -450,30 +453,33 @@ class DROWeighting:
             scored = kept & seen  # group means of measured losses: the prior says nothing about a group
             factor = tilt_factor(group_explained_share(view[scored], groups[scored], num_groups), self.group_tilt_share)
         if self.tilt_fade_cut is not None:
-            exempt = view >= unlearnable_block_valley(seen_losses) if self.tilt_fade_skip_block else None
+            exempt = view >= unlearnable_block_valley(summary) if self.tilt_fade_skip_block else None
             factor *= cut_fade_factor(seen, kept, self.tilt_fade_cut, exempt)
         tau = float(self.temperature_for(eff[kept], factor))
         return params._replace(temperature=tau)
 
     def fit_cut(
-        self, view: np.ndarray, seen: np.ndarray, groups: np.ndarray | None, *, num_groups: int, prior: float
+        self, view: np.ndarray, seen: np.ndarray, groups: np.ndarray | None, *, num_groups: int, prior: float,
+        summary: LossSummary | None = None,
     ) -> WeightParams:
         """The cut of :meth:`fit_calibration`: params with the threshold (or per-group thresholds) and ``prior``
         set, temperature 1 and shift 0, from the calibration sample's losses ``view`` (float64), ``seen``
-        (its mask of measured ones) and ``groups``. The one place the cut is placed: a subclass that places it
-        otherwise overrides this and keeps the gate, the tilt's strength and the temperature as they are
-        (``benchmarks/threshold_bound.py``)."""
-        seen_losses = view[seen]
+        (its mask of measured ones) and ``groups``; ``summary``, if given, is the :class:`LossSummary` of
+        ``view[seen]`` and ``groups[seen]`` (made here otherwise). The one place the cut is placed: a subclass
+        that places it otherwise overrides this and keeps the gate, the tilt's strength and the temperature as
+        they are (``benchmarks/threshold_bound.py``)."""
+        if summary is None:
+            summary = LossSummary(view[seen], None if groups is None else groups[seen])
         cut = dict(truncate_quantile=self.truncate_quantile, truncate_zscore=self.truncate_zscore, cut_rule=self.cut_rule)
         floor = -math.inf if self.cut_floor is None else self.cut_floor
         if groups is None:
-            return WeightParams(1.0, max(cut_threshold(seen_losses, **cut), floor), prior, 0.0)
-        seen_groups = groups[seen]
-        per_group = group_cut_thresholds(seen_losses, seen_groups, num_groups=num_groups, **cut)
+            return WeightParams(1.0, max(cut_threshold(summary, **cut), floor), prior, 0.0)
+        seen_groups = summary.groups
+        per_group = group_cut_thresholds(summary, seen_groups, num_groups=num_groups, **cut)
         params = WeightParams(1.0, math.inf, prior, 0.0, np.maximum(per_group, floor))
         if not self.gates_split:
             return params
-        split = group_split_thresholds(seen_losses, seen_groups, num_groups=num_groups)
+        split = group_split_thresholds(summary, seen_groups, num_groups=num_groups)
         return params._replace(group_split=np.maximum(split, floor))
 
     def _with_cap(
