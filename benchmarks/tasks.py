@@ -275,6 +275,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
         loader = DataLoader(ds, batch_size=task.batch_size, sampler=sampler)
     steps_total = task.steps if task.steps is not None else task.epochs * math.ceil(n / task.batch_size)
     drawn = np.zeros(n, dtype=np.int64)
+    screened = 0  # draws the first-visit screen left out of the loss
     step = 0
     epoch = 0
     t_train = time.perf_counter()
@@ -290,7 +291,9 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
                 w = torch.from_numpy(kl_dro_weights(lv, DROWeighting().temperature_for(lv))).float()
                 total = (w * loss).sum()
             elif screen:  # the first-visit screen (IRDROSampler.screen): a first visit the cut would take is left out
-                total = (loss * torch.from_numpy(sampler.screen(idx, loss.detach()))).mean()
+                keep = sampler.screen(idx, loss.detach())
+                screened += int(keep.size - keep.sum())
+                total = (loss * torch.from_numpy(keep)).mean()
             else:
                 total = loss.mean()
             opt.zero_grad()
@@ -317,6 +320,8 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
         s = sampler.stats()
         result.update({k: float(s[k]) for k in ("truncated_fraction", "temperature", "ess_fraction", "readmitted",
                                                  "remeasured_cut")})
+    if screen:
+        result["screened"] = float(screened / total_draws)
     if scoring_seconds is not None:  # the scoring pass's time against the training loop's
         result["scoring_cost"] = scoring_seconds / train_seconds
     return result
