@@ -233,8 +233,8 @@ class IRDROSampler(DistributedSampler):
             sampler.update(idx, per_sample.detach(), step=step)   # report every loss, screened ones too
 
         ``True`` for every sample the table holds a loss of (the draws already weigh it; a cut one drawn by the
-        floor is trained on, so it can be re-admitted), before the first refit, for non-finite losses and under
-        :meth:`from_weights`. A sample counts as unseen until its feedback is applied (``feedback_delay`` steps
+        floor is trained on, so it can be re-admitted), while the last refit saw no loss (the first
+        ``feedback_delay`` steps), for non-finite losses and under :meth:`from_weights`. A sample counts as unseen until its feedback is applied (``feedback_delay`` steps
         after it is reported). Read-only: the sample order and the state do not change. Same input contract as
         :meth:`update` (raises naming the argument on bad input). ``benchmarks/RESULTS_suite_screen.md``
         measures it on the task suite.

@@ -68,6 +68,15 @@ def test_a_group_whose_losses_all_sit_high_is_judged_against_itself() -> None:
     assert keep[groups[both] == 1].all() and not keep[groups[both] == 0].any()
 
 
+def test_fixed_weights_screen_nothing() -> None:
+    sampler = IRDROSampler.from_weights(np.ones(N), 50, uniform_mix=0.1)
+    sampler.update(np.arange(100), np.full(100, 1.0), step=0)
+    sampler.flush()
+    sampler.set_epoch(0)
+    next(iter_batches(sampler))
+    assert sampler.screen(np.arange(N), np.full(N, 1e6)).all()
+
+
 def test_non_finite_losses_are_not_judged() -> None:
     sampler = _primed_sampler()
     idx = np.flatnonzero(~PRIMED & NOISY)[:3]
