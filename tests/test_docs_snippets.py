@@ -127,6 +127,28 @@ def test_readme_plain_pytorch_snippet_runs_verbatim(tmp_path, monkeypatch):
     assert sampler.table.num_seen > 0 and state["dataset_size"] == 256
 
 
+def test_readme_screen_snippet_runs_verbatim():
+    """The README's screen snippet, as written: the gradient is that of the batch's mean with the screened first
+    visits weighing 0, and every loss is reported."""
+    from irdro_sampler import IRDROSampler
+
+    (code,) = python_blocks(ROOT / "README.md", "sampler.screen(idx, losses)")
+    n = 400
+    sampler = IRDROSampler(n, 8, seed=0)
+    seen = np.arange(200)
+    sampler.prime(seen, np.exp(0.3 * np.random.default_rng(0).standard_normal(200)))
+    sampler.set_epoch(0)
+    next(iter(sampler))  # the first draw fits the rule on the primed losses
+    idx = torch.tensor([200, 201, 202, 203])  # unseen; the second's loss is far above every seen one
+    weight = torch.ones(4, requires_grad=True)
+    per_sample = weight * torch.tensor([1.0, 50.0, 0.9, 1.1])
+    namespace = {"sampler": sampler, "idx": idx, "per_sample": per_sample, "step": 0, "torch": torch}
+    exec(compile(code, "README.md screen snippet", "exec"), namespace)  # noqa: S102 - the documented code, verbatim
+    assert namespace["keep"].tolist() == [True, False, True, True]
+    assert torch.allclose(weight.grad, torch.tensor([1.0, 0.0, 0.9, 1.1]) / 4)
+    assert len(sampler.order.feedback.pending) == 1 and sampler.order.feedback.pending[0][2].tolist() == idx.tolist()
+
+
 def test_readme_from_weights_snippet_runs_and_follows_the_weights():
     """The README's WeightedRandomSampler replacement, as written, draws in proportion to the weights."""
     from torch.utils.data import DataLoader
