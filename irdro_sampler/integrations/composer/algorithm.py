@@ -16,8 +16,8 @@ Turns IR-DRO on in a Composer (or llm-foundry) run with one algorithm entry. The
   (no extra forward pass), pairs it with the microbatch's slice of the indices, and at ``BATCH_END``
   gathers the feedback of all ranks (in rank order) so every rank applies identical updates in
   identical order.
-* In ``importance`` and ``reweight`` modes it replaces ``state.loss`` at ``AFTER_LOSS`` (Composer
-  0.32.1 backpropagates ``state.loss`` as it is after ``AFTER_LOSS``/``BEFORE_BACKWARD``).
+* In ``importance`` and ``reweight`` modes, and with ``screen=True``, it replaces ``state.loss`` at ``AFTER_LOSS``
+  (Composer 0.32.1 backpropagates ``state.loss`` as it is after ``AFTER_LOSS``/``BEFORE_BACKWARD``).
 
 Facts about Composer 0.32.1 this module relies on (checked in ``composer/trainer/trainer.py``):
 
@@ -128,6 +128,11 @@ class _Meters:
         self.drawn_sum, self.drawn_count = 0.0, 0
         self.nonfinite_weights = 0
         self.reweight_max_sum, self.reweight_ess_sum, self.reweight_count = 0.0, 0.0, 0
+        self.screened, self.screen_judged = 0, 0
+
+    def add_screened(self, keep: np.ndarray) -> None:
+        self.screened += int(keep.size - np.count_nonzero(keep))
+        self.screen_judged += int(keep.size)
 
     def add_drawn(self, losses: np.ndarray) -> None:
         finite = np.isfinite(losses)
@@ -153,6 +158,9 @@ class _Meters:
             self.reweight_max_sum, self.reweight_ess_sum, self.reweight_count = 0.0, 0.0, 0
         if mode == "importance":
             metrics["irdro/importance_weights_nonfinite"] = float(self.nonfinite_weights)
+        if self.screen_judged:  # this rank's microbatches since the last log
+            metrics["irdro/screened_fraction"] = self.screened / self.screen_judged
+            self.screened, self.screen_judged = 0, 0
         return metrics
 
 
@@ -192,6 +200,14 @@ class IRDRO(Algorithm):
             ERM objective), or ``'reweight'`` (the paper's original: uniform data, loss
             ``sum_i softmax(l/tau)_i * l_i`` within each microbatch on each rank, weights detached; needs
             no IRDROSampler, but if one is present it is fed too).
+        screen: leave out of each microbatch's loss the first visits the sampler's cut would take
+            (:meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>`: samples its table has no loss of yet,
+            whose loss lies above their cut); every loss is still fed back. For training over few passes (continual
+            training), where most draws are first visits the draws cannot steer. The loss becomes
+            ``mean_i(keep_i * l_i)`` (times ``w_i`` in ``importance`` mode) over ``loss_fn``'s per-sample losses,
+            which must keep gradients; it replaces the model's own loss (for a causal LM: the mean of per-sequence
+            means, not the mean over all tokens). Needs an ``IRDROSampler`` in the train DataLoader; not with
+            ``mode='reweight'``. Logs ``irdro/screened_fraction``. Default False.
         log_interval: log ``irdro/*`` metrics every this many batches (0 disables). The sampler's
             diagnostics cost O(N) (a pass over the probabilities), so keep it coarse for large N.
         check_interval: compare the ranks' fingerprints (one all-gather of one int64) at ``FIT_START``
@@ -213,11 +229,17 @@ class IRDRO(Algorithm):
         check_interval: int | None = None,
         groups: Any = None,
         initial_losses: Any = None,
+        screen: bool = False,
         **rule_options: Any,
     ) -> None:
         if check_interval is None:
             check_interval = log_interval if isinstance(log_interval, int) else 0
         _check_options(mode, log_interval, check_interval, index_key)
+        if not isinstance(screen, bool):
+            raise TypeError(f"screen must be a bool, got {screen!r}")
+        if screen and mode == "reweight":
+            raise ValueError("IRDRO(screen=True) needs the sampler's draws; mode='reweight' reweights uniform data")
+        self.screen = screen
         self.rule_options = dict(rule_options)
         self.table_options = {k: v for k, v in dict(ema=ema, prior=prior).items() if v is not None}
         self.groups = groups
@@ -253,6 +275,8 @@ class IRDRO(Algorithm):
             extra += f", check_interval={self.check_interval}"
         if isinstance(self.loss_fn_spec, str):
             extra += f", loss_fn={self.loss_fn_spec!r}"
+        if self.screen:
+            extra += ", screen=True"
         return f"IRDRO({args + ', ' if args else ''}{extra})"
 
     # ------------------------------------------------------------------ what is fed
@@ -335,13 +359,16 @@ class IRDRO(Algorithm):
                 logger.log_metrics(metric_names(metrics))
 
     def _needs_grad_losses(self) -> bool:
-        return self.mode in ("importance", "reweight")
+        return self.mode in ("importance", "reweight") or self.screen
 
     def _fit_start(self, state: State) -> None:
         dataloader = state.train_dataloader if state.train_dataloader is not None else state.dataloader
         target = find_target(dataloader)
         if target is None and self.mode != "reweight":
             raise _nothing_to_feed(self.mode, dataloader)
+        if self.screen and not callable(getattr(target, "screen", None)):
+            raise ValueError(f"IRDRO(screen=True): the {target.name} target cannot screen first visits; put an "
+                             "IRDROSampler in the train DataLoader")
         if target is not None:
             options = FeedbackOptions(self._rule, self.rule_options, self.table_options, self.groups, self.mode)
             target.attach(options, self.target)
@@ -425,10 +452,18 @@ class IRDRO(Algorithm):
                 f"IRDRO(mode={self.mode!r}) replaces the model's loss and needs it to be a single tensor; "
                 f"the model returned {type(state.loss).__name__}"
             )
+        keep = None
+        if self.screen:  # FIT_START checked the target can screen
+            assert self.target is not None and indices is not None
+            keep = self.target.screen(indices.numpy(), losses.detach())  # type: ignore[attr-defined]
+            self._meters.add_screened(keep)
         if self.mode == "importance":
             assert self.target is not None and indices is not None  # FIT_START refuses importance without one
-            new, nonfinite = importance_weighted_loss(losses, self.target.importance_weights(indices.numpy(), self._step))
+            weights = self.target.importance_weights(indices.numpy(), self._step)
+            new, nonfinite = importance_weighted_loss(losses, weights if keep is None else weights * keep)
             self._meters.nonfinite_weights += nonfinite
+        elif self.mode == "resample":  # with the screen: the mean with screened samples weighing 0
+            new, _ = importance_weighted_loss(losses, keep.astype(np.float64))
         else:  # reweight
             new, weights = reweighted_loss(losses, self._rule)
             self._meters.add_reweight(weights, losses)

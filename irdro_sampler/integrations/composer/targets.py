@@ -87,7 +87,8 @@ class FeedbackTarget(Protocol):
     sharded sampler's rows are written beside the checkpoint file); ``fit_end()``, called at ``FIT_END``;
     ``prime(initial_losses)``, called at the first ``FIT_START`` of a fresh run given
     ``IRDRO(initial_losses=...)`` (losses of a scoring pass, any form of
-    :func:`~irdro_sampler.initial_loss_feedback`), before anything is drawn.
+    :func:`~irdro_sampler.initial_loss_feedback`), before anything is drawn; ``screen(indices, losses)``, which
+    of a microbatch's samples to learn from (``IRDRO(screen=True)``; on this rank, read-only).
     """
 
     name: str
@@ -241,6 +242,10 @@ class SamplerTarget:
 
     def update(self, indices: np.ndarray, losses: np.ndarray, step: int) -> None:
         self.sampler.update(indices, losses, step=step)
+
+    def screen(self, indices: np.ndarray, losses: Any) -> np.ndarray:
+        """:meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>` (``IRDRO(screen=True)``)."""
+        return self.sampler.screen(indices, losses)
 
     def importance_weights(self, indices: np.ndarray, step: int) -> np.ndarray:
         """The batch's draw probabilities (buffered by the sampler while the batch is recent)."""

@@ -1,0 +1,83 @@
+"""``IRDRO(screen=True)``: the first-visit screen through the real Composer Trainer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("composer")
+
+from _composer_example import ex  # noqa: E402
+from composer.core import Callback, Event  # noqa: E402
+from composer.loggers import InMemoryLogger  # noqa: E402
+
+from irdro_sampler.cut_rules import DEFAULT_ZSCORE  # noqa: E402
+from irdro_sampler.integrations.composer import IRDRO, batch_sample_indices  # noqa: E402
+
+N, BATCH = 512, 16
+
+
+class ScreenCheck(Callback):
+    """Recomputes, before each backward, the loss the screen asks for from the step's own outputs."""
+
+    def __init__(self, sampler, importance: bool = False) -> None:
+        self.sampler, self.importance = sampler, importance
+        self.idx: torch.Tensor | None = None
+        self.got: list[float] = []
+        self.expected: list[float] = []
+        self.screened = 0
+
+    def run_event(self, event: Event, state, logger) -> None:
+        if event == Event.AFTER_DATALOADER:
+            self.idx = batch_sample_indices(state).clone()
+        if event == Event.BEFORE_BACKWARD:
+            with torch.no_grad():
+                per = torch.nn.functional.cross_entropy(state.outputs, state.batch["labels"], reduction="none").double()
+            idx = self.idx.numpy()  # one microbatch per batch
+            keep = self.sampler.screen(idx, per)
+            w = torch.as_tensor(keep.astype(np.float64))
+            if self.importance:
+                w = w * torch.as_tensor(self.sampler.importance_weights(idx, step=int(state.timestamp.batch)))
+            self.got.append(float(state.loss.detach()))
+            self.expected.append(float((w * per).mean()))
+            self.screened += int((~keep).sum())
+
+
+def _run(mode: str, steps: int = 12):
+    data, _, _ = ex.make_classifier_data(num_samples=N, seed=0)
+    # (the example's importance loader switches the cut off; the screen needs it: the default z-score)
+    dl = ex.build_dataloader(data, "irdro" if mode == "resample" else "irdro-importance", BATCH, seed=0,
+                             sampler_kwargs={"truncate_zscore": DEFAULT_ZSCORE})
+    sampler = dl.sampler
+    # A table holding low losses for the first half, fitted at the first draw: the untrained model's first
+    # visits to the other half lie far above their cut, so the screen has first visits to leave out from step 0.
+    seen = np.arange(N // 2)
+    sampler.prime(seen, np.full(seen.size, 0.05) + 0.01 * np.random.default_rng(0).random(seen.size))
+    algo = IRDRO(mode=mode, screen=True, log_interval=1)
+    check = ScreenCheck(sampler, importance=mode == "importance")
+    logger = InMemoryLogger()
+    model = ex.build_classifier_model(seed=0)
+    trainer = ex.build_trainer(model, dl, [algo], steps=steps, callbacks=[check], loggers=[logger])
+    trainer.fit()
+    trainer.close()
+    return check, logger
+
+
+@pytest.mark.parametrize("mode", ["resample", "importance"])
+def test_the_loss_leaves_the_screened_first_visits_out(mode: str) -> None:
+    check, logger = _run(mode)
+    assert check.screened > 0  # some first visits were screened ...
+    assert check.screened < len(check.got) * BATCH  # ... and not all: seen samples are kept
+    np.testing.assert_allclose(check.got, check.expected, rtol=1e-5)
+    fractions = [v for _, v in logger.data["irdro/screened_fraction"]]
+    assert len(fractions) == len(check.got) and 0.0 < float(np.mean(fractions)) < 1.0
+    assert np.isclose(float(np.mean(fractions)) * len(check.got) * BATCH, check.screened)
+
+
+def test_screen_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="mode='reweight'"):
+        IRDRO(mode="reweight", screen=True)
+    with pytest.raises(TypeError, match="screen must be a bool"):
+        IRDRO(screen="yes")
+    assert "screen=True" in repr(IRDRO(screen=True)) and "screen" not in repr(IRDRO())
