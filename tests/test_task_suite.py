@@ -109,7 +109,8 @@ def test_best_threshold_bound_is_the_fewest_errors_threshold():
 def test_arms_run_before_a_default_changed_keep_their_options():
     """The runs in task_suite_out/ were made with the options of their day: an arm that names no cut_rule was run
     before the gated split became the default and keeps "zscore-mode"; only the defaults' arms follow the
-    library's defaults, and "split-off" is the defaults before it."""
+    library's defaults (and the screen's, "screen*": the defaults with the loop's first-visit screen, run after), and
+    "split-off" is the defaults before it."""
     import quality_tasks
 
     from irdro_sampler.cut_rules import DEFAULT_CUT_RULE
@@ -118,8 +119,8 @@ def test_arms_run_before_a_default_changed_keep_their_options():
         for name, opts in arms.items():
             if opts is None:
                 continue
-            if name in ("irdro", "irdro-nogroups"):
-                assert "cut_rule" not in opts
+            if name in ("irdro", "irdro-nogroups", "screen", "screen-nogroups"):
+                assert "cut_rule" not in opts, name
             else:
                 assert opts["cut_rule"] != DEFAULT_CUT_RULE, name
     assert quality_tasks.TASK_ARMS["irdro-split-off"] == {"groups": "labels", "cut_rule": "zscore-mode"}
