@@ -200,6 +200,9 @@ ARMS["split-off"] = {"groups": "labels", "cut_rule": "zscore-mode"}
 # take is left out of the step's loss): a recipe, not a sampler option; RESULTS_suite_screen.md.
 ARMS["screen"] = {"groups": "labels", "screen_first": True}
 ARMS["screen-nogroups"] = {"screen_first": True}
+# A probe: the defaults, flat (no cut, no tilt) at a refit whose losses show no evidence of noise (evidence_gate.py).
+ARMS["evidence"] = {"groups": "labels", "evidence_gate": True}
+ARMS["evidence-nogroups"] = {"evidence_gate": True}
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
 COMPARED = ("oracle", "irdro", "irdro-nogroups", "reweight")

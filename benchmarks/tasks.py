@@ -261,6 +261,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
         score_first = options.pop("score_first", False)
         cut_oracle = options.pop("cut_oracle", False)  # a diagnostic bound (threshold_bound.py), not a rule
         screen = options.pop("screen_first", False)  # a loop recipe (RESULTS_suite_screen.md), not an option
+        evidence_gate = options.pop("evidence_gate", False)  # a probe (evidence_gate.py), not a rule
         if options.get("groups") == "labels":  # what a classifier user passes: the class labels
             options["groups"] = task.y.numpy() if task.group_labels is None else task.group_labels
         sampler = IRDROSampler(ds, task.batch_size, seed=seed, **options)
@@ -268,6 +269,10 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
             from threshold_bound import with_best_thresholds
 
             with_best_thresholds(sampler, task.noisy)
+        if evidence_gate:
+            from evidence_gate import with_evidence_gate
+
+            with_evidence_gate(sampler)
         if score_first:  # a scoring pass: the starting model's losses in the table before the first draw
             t0 = time.perf_counter()
             sampler.prime(np.arange(n), score_losses(task, model))
