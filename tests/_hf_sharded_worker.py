@@ -21,7 +21,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _hf_worker import SEQ, VOCAB, RecordingTrainer, Samples  # noqa: E402
+from _hf_worker import SEQ, VOCAB, RecordingTrainer, Samples, exit_without_finalization  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
 
 #: The sampler options of every run (the by-hand driver in tests/test_hf_sharded.py uses the same).
@@ -94,16 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-
-
-def exit_without_finalization() -> None:
-    """Exit 0 once the results are written, without the interpreter's finalization: with 2 gloo ranks under the
-    HF Trainer a rank still aborted there after the teardown above ("terminate called without an active
-    exception", a C++ thread still joinable at static destruction, twice in CI's newest HF lane), after every
-    result was on disk. Only the worker scripts exit this way; a failure before it raises as usual."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
