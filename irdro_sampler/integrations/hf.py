@@ -85,7 +85,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from irdro_sampler import IRDROSampler, ShardedIRDROSampler, save_state
 from irdro_sampler.distributed import check_ranks_agree, gather_feedback, world_size
-from irdro_sampler.integrations import hf_sharded
+from irdro_sampler.integrations import hf_screen, hf_sharded
 from irdro_sampler.integrations._class_targets import (
     class_label_groups,
     looks_like_class_indices,
@@ -364,6 +364,13 @@ class IRDROTrainerMixin:
             returning a 1-D tensor of the micro-batch's size (custom-loss models).
         irdro_check_interval: compare the ranks' sampler fingerprints every this many optimizer steps
             (one all-gather of an int64; 0: never). Default: ``args.logging_steps`` (int form).
+        irdro_screen: leave out of each micro-batch's loss the first visits the sampler's cut would take
+            (:meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>`: samples its table has no loss of
+            yet, judged by the last refit; for training over few passes, where most draws are first visits).
+            The step trains on the Trainer's loss less the screened samples' share of it, divisor kept
+            (:mod:`irdro_sampler.integrations.hf_screen`); every loss is still fed back, the sample order is
+            unchanged, and ``irdro/screened_fraction`` is logged. Needs an ``IRDROSampler`` (not
+            ``sharded=True``). Default False.
 
     Attributes: ``irdro_sampler`` (None until the train DataLoader is built).
     """
@@ -374,8 +381,15 @@ class IRDROTrainerMixin:
         irdro: IRDROSampler | ShardedIRDROSampler | Mapping[str, Any] | None = None,
         per_sample_loss: PerSampleLoss | str | None = None,
         irdro_check_interval: int | None = None,
+        irdro_screen: bool = False,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(irdro_screen, bool):
+            raise TypeError(f"irdro_screen must be True or False, got {irdro_screen!r}")
+        if irdro_screen and (isinstance(irdro, ShardedIRDROSampler)
+                             or (isinstance(irdro, Mapping) and irdro.get("sharded", False) is True)):
+            raise ValueError("irdro_screen=True needs an IRDROSampler: a ShardedIRDROSampler keeps a sample's table "
+                             "row on one rank and cannot screen (leave out sharded=True, or irdro_screen)")
         if irdro is not None and not isinstance(irdro, (IRDROSampler, ShardedIRDROSampler, Mapping)):
             raise TypeError(f"irdro must be a dict of IRDROSampler options, an IRDROSampler or a ShardedIRDROSampler, "
                             f"got {irdro!r}")
@@ -407,6 +421,8 @@ class IRDROTrainerMixin:
         self._irdro_drawn_sum = 0.0
         self._irdro_drawn_count = 0
         self._irdro_commits = 0
+        self._irdro_screen = irdro_screen
+        self._irdro_screened = self._irdro_screen_judged = 0  # this rank's micro-batches since the last log
         # A user who set groups (even to None) has chosen; the note is for those who have not.
         self._irdro_noted_groups = isinstance(self._irdro_spec, dict) and "groups" in self._irdro_spec
         self.add_callback(_CommitCallback(self))  # type: ignore[attr-defined]
@@ -554,7 +570,24 @@ class IRDROTrainerMixin:
                 f"got {shape}"
             )
         self._irdro_parts.append((step, torch.tensor(idx, dtype=torch.int64), per_sample.detach().float().cpu()))
+        if self._irdro_screen:
+            loss = self._irdro_screened_loss(model, loss, outputs, view, idx, per_sample)
         return (loss, outputs) if return_outputs else loss
+
+    def _irdro_screened_loss(self, model: Any, loss: torch.Tensor, outputs: Any, inputs: Mapping[str, Any],
+                             idx: list[int], per_sample: torch.Tensor) -> torch.Tensor:
+        """``loss`` less the share of the micro-batch's first visits the cut would take (``irdro_screen``)."""
+        keep = self.irdro_sampler.screen(np.asarray(idx, dtype=np.int64), per_sample.detach().float().cpu())  # type: ignore[union-attr]
+        self._irdro_screened += int(keep.size - np.count_nonzero(keep))
+        self._irdro_screen_judged += int(keep.size)
+        if keep.all():
+            return loss
+        kind = self._irdro_kind(model)
+        token_level = self._irdro_loss_fn is None and _logits(outputs).ndim == 3
+        total = hf_screen.batch_share_total(per_sample, inputs, token_level=token_level, shift=kind == "causal")
+        rows = torch.from_numpy(np.flatnonzero(~keep))
+        screened = hf_screen.loss_shares(outputs, inputs, rows, kind=kind, logits_of=_logits, loss_fn=self._irdro_loss_fn)
+        return hf_screen.without_screened(loss, total, screened)
 
     def _irdro_note_class_targets(self, inputs: Mapping[str, Any]) -> None:
         """Once per trainer: class-index labels but no groups (the cut then judges rare classes as noise)."""
@@ -569,10 +602,14 @@ class IRDROTrainerMixin:
     def _irdro_per_sample(self, model: Any, outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         if self._irdro_loss_fn is not None:
             return self._irdro_loss_fn(outputs, inputs)
+        return default_per_sample_loss(outputs, inputs, kind=self._irdro_kind(model))
+
+    def _irdro_kind(self, model: Any) -> str | None:
+        """The per-sample loss's kind (``per_sample_loss``; with ``'auto'`` found from the model class)."""
         kind = self._irdro_loss_kind
         if kind == "auto":
             kind = _model_kind(self.accelerator.unwrap_model(model))  # type: ignore[attr-defined]
-        return default_per_sample_loss(outputs, inputs, kind=kind)
+        return kind
 
     def _irdro_commit(self) -> None:
         """Gather the buffered micro-batches' feedback from every rank and apply it (every rank alike)."""
@@ -627,6 +664,9 @@ class IRDROTrainerMixin:
             if self._irdro_drawn_count:
                 logs["irdro/drawn_loss_mean"] = self._irdro_drawn_sum / self._irdro_drawn_count
             self._irdro_drawn_sum, self._irdro_drawn_count = 0.0, 0
+            if self._irdro_screen_judged:
+                logs["irdro/screened_fraction"] = self._irdro_screened / self._irdro_screen_judged
+                self._irdro_screened = self._irdro_screen_judged = 0
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
     # ------------------------------------------------------------------ checkpoints
