@@ -203,6 +203,11 @@ ARMS["screen-nogroups"] = {"screen_first": True}
 # A probe: the defaults, flat (no cut, no tilt) at a refit whose losses show no evidence of noise (evidence_gate.py).
 ARMS["evidence"] = {"groups": "labels", "evidence_gate": True}
 ARMS["evidence-nogroups"] = {"evidence_gate": True}
+# A lower z-score with groups only (a class's own statistics judge it; without groups a lower z-score cuts rare
+# classes: RESULTS_suite_z25.md, run before the gated split), and with the first-visit screen as well.
+ARMS["z30-groups"] = {"groups": "labels", "truncate_zscore": 3.0}
+ARMS["z25-groups"] = {"groups": "labels", "truncate_zscore": 2.5}
+ARMS["z25-screen"] = {"groups": "labels", "truncate_zscore": 2.5, "screen_first": True}
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
 COMPARED = ("oracle", "irdro", "irdro-nogroups", "reweight")

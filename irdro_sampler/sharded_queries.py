@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._validation import as_indices
+from ._validation import as_indices, batch_losses
 from .distributed_fit import fit_sharded, max_over_ranks
+from .screening import screen_first_visits
 from .weights import WeightParams, mixture_probabilities
 
 _CHUNK = 1 << 22  # rows per pass of the O(N / world) loops: bounded temporaries
@@ -70,22 +71,33 @@ def _gather_ids(indices: Any, n: int, group: Any) -> tuple[np.ndarray, np.ndarra
         idx = as_indices(indices, n)
     except (TypeError, ValueError) as e:
         idx, error = np.zeros(0, dtype=np.int64), f"{type(e).__name__}: {e}"
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    every, counts = _gather_checked(idx, error, group, "importance_weights", "indices")
+    return idx, every, sum(counts[: dist.get_rank(group)])
+
+
+def _gather_checked(idx: np.ndarray, error: str, group: Any, query: str, what: str) -> tuple[np.ndarray, list[int]]:
+    """Every rank's ids in rank order and how many each has, once this rank's input is checked (``error`` empty,
+    or why it is bad: then every rank raises)."""
+    world = dist.get_world_size(group)
     sizes = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([idx.size, int(bool(error))], dtype=torch.int64), group=group)
     bad = [r for r in range(world) if int(sizes[r][1])]
     if bad:
-        raise ValueError(error or f"importance_weights: rank {bad[0]} passed bad indices (nothing was computed)")
+        raise ValueError(error or f"{query}: rank {bad[0]} passed bad {what} (nothing was computed)")
     counts = [int(s[0]) for s in sizes]
+    return _all_gather_parts(idx, counts, group, torch.int64), counts
+
+
+def _all_gather_parts(values: np.ndarray, counts: list[int], group: Any, dtype: torch.dtype) -> np.ndarray:
+    """Every rank's ``values`` (``counts[r]`` on rank ``r``) concatenated in rank order: one all-gather."""
     most = max(counts)
     if most == 0:
-        return idx, idx, 0
-    padded = torch.zeros(most, dtype=torch.int64)
-    padded[: idx.size] = torch.from_numpy(idx)
-    parts = [torch.empty(most, dtype=torch.int64) for _ in range(world)]
+        return np.zeros(0, dtype=values.dtype)
+    padded = torch.zeros(most, dtype=dtype)
+    padded[: values.size] = torch.from_numpy(values)
+    parts = [torch.empty(most, dtype=dtype) for _ in range(len(counts))]
     dist.all_gather(parts, padded, group=group)
-    every = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).numpy()
-    return idx, every, sum(counts[:rank])
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).numpy()
 
 
 def point_probabilities(sampler: Any, indices: Any) -> np.ndarray:
@@ -103,6 +115,34 @@ def point_probabilities(sampler: Any, indices: Any) -> np.ndarray:
     out = max_over_ranks(packed, sampler.group)
     mass = out[offset : offset + idx.size]
     return mixture_probabilities(mass, _total(out[every.size :]), sampler.dataset_size, sampler.rule.uniform_mix)
+
+
+def screen(sampler: Any, indices: Any, losses: Any) -> np.ndarray:
+    """:meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>` over the ranks' rows: which of this rank's
+    samples to learn from (``False`` for a first visit whose loss the cut of the last refit would take).
+
+    A collective: three all-gathers (sizes, every rank's ids, their losses) and one max-reduction of as many
+    float64 (each owner judges the ids it holds); after the first, nothing while the sampler has not refitted
+    (every rank alike: the params are replicated). Bad input on any rank raises on every rank. Read-only."""
+    error = ""
+    try:
+        idx, val = batch_losses(indices, losses, sampler.dataset_size)
+    except (TypeError, ValueError) as e:
+        idx, val, error = np.zeros(0, dtype=np.int64), np.zeros(0), f"{type(e).__name__}: {e}"
+    every, counts = _gather_checked(idx, error, sampler.group, "screen", "indices or losses")
+    params = sampler.params
+    if params is None or every.size == 0:
+        return np.ones(idx.size, dtype=bool)
+    offset = sum(counts[: dist.get_rank(sampler.group)])
+    every_loss = _all_gather_parts(val, counts, sampler.group, torch.float64)
+    screened = np.zeros(every.size, dtype=np.float64)
+    own = np.flatnonzero((every >= sampler.start) & (every < sampler.stop))
+    rows = every[own] - sampler.start
+    seen = ~np.isnan(sampler.table.losses[rows])
+    groups = None if sampler.table.groups is None else sampler.table.groups[rows]
+    screened[own] = ~screen_first_visits(every_loss[own], seen, params, groups)
+    out = max_over_ranks(screened, sampler.group)
+    return out[offset : offset + idx.size] == 0.0
 
 
 def importance_weights(sampler: Any, indices: Any, step: int | None) -> np.ndarray:

@@ -276,6 +276,16 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         """
         return sharded_queries.importance_weights(self, indices, step)
 
+    def screen(self, indices: Any, losses: Any) -> np.ndarray:
+        """Which of this rank's samples of a batch to learn from, as :meth:`IRDROSampler.screen`: ``False`` for a
+        first visit (no loss of it in its owner's rows) whose loss the cut of the last refit would take.
+
+        **A collective**: every rank calls it, once per micro-batch, in the same order (O(ids of all ranks)
+        traffic: each owner judges the ids it holds). Same contract as the unsharded screen: read-only, all
+        ``True`` before the first refit and for non-finite losses; bad input on any rank raises on every rank.
+        """
+        return sharded_queries.screen(self, indices, losses)
+
     def local_probabilities(self) -> np.ndarray:
         """The current distribution over this rank's ids ``[start, stop)`` (float64; the ranks' parts
         together are :meth:`IRDROSampler.probabilities`). A collective (O(S) traffic), O(N / world)."""

@@ -6,6 +6,9 @@ PHASE ``first``: the uninterrupted reference run (folder ``OUT/ref``), then the 
 stopped by an exception after batch ``CRASH`` (a checkpoint every 3 batches, one kept).
 PHASE ``second`` (a new process group, as after a restart): autoresume from a copy of ``OUT/run`` whose
 rank 1 row file was deleted (must fail, nothing loaded), then autoresume from ``OUT/run`` to the end.
+PHASE ``screen``: ``IRDRO(screen=True)`` on a sampler primed with low losses for half the samples; each rank writes
+``OUT/screen-rank<r>.pt``: per batch the loss Composer backpropagated and the one recomputed from the step's
+outputs with the sampler's screen (a collective: both ranks call it in step), and how many were screened.
 Every run is primed with a scoring pass's losses (``IRDRO(initial_losses=...)``: a fresh run at FIT_START, a
 resumed one by its checkpoint). Each run writes ``OUT/<name>-rank<r>.pt``: the batches this rank trained, the
 fingerprint, the model weights, this rank's table rows and whether its first losses are the primed ones.
@@ -24,7 +27,7 @@ torch.set_num_threads(1)
 OUT, EXAMPLES, PHASE = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 sys.path.insert(0, EXAMPLES)
 import composer_train as ex  # noqa: E402
-from composer.core import Callback  # noqa: E402
+from composer.core import Callback, Event  # noqa: E402
 from composer.devices import DeviceCPU  # noqa: E402
 from composer.utils import dist  # noqa: E402
 
@@ -92,7 +95,44 @@ def run(name: str, folder: Path, *, crash_after: int | None = None) -> None:
         torch.save(sorted(p.name for p in folder.iterdir()), OUT / f"{name}-files.pt")
 
 
-if PHASE == "first":
+class ScreenCheck(Callback):
+    """Before each backward: the loss the screen asks for, recomputed from the step's own outputs."""
+
+    def __init__(self, sampler: ShardedIRDROSampler) -> None:
+        self.sampler = sampler
+        self.got: list[float] = []
+        self.expected: list[float] = []
+        self.screened = 0
+
+    def run_event(self, event: Event, state, logger) -> None:
+        if event != Event.BEFORE_BACKWARD:
+            return
+        with torch.no_grad():
+            per = torch.nn.functional.cross_entropy(state.outputs, state.batch["labels"], reduction="none").double()
+        keep = self.sampler.screen(batch_sample_indices(state).numpy(), per)  # a collective, on both ranks
+        self.got.append(float(state.loss.detach()))
+        self.expected.append(float((torch.as_tensor(keep.astype(np.float64)) * per).mean()))
+        self.screened += int((~keep).sum())
+
+
+def run_screen() -> None:
+    data, _, _ = ex.make_classifier_data(num_samples=100, seed=0)
+    sampler = make_sampler()
+    dl = torch.utils.data.DataLoader(IndexedDataset(data), batch_sampler=ShardedBatchSampler(sampler))
+    primed = np.full(100, np.nan)
+    primed[:50] = 0.05 + 0.01 * np.random.default_rng(0).random(50)  # the other half: first visits, far above
+    check = ScreenCheck(sampler)
+    trainer = ex.build_trainer(ex.build_classifier_model(seed=0), dl, [IRDRO(screen=True, initial_losses=primed)],
+                               steps=6, seed=11, microbatch_size=8, callbacks=[check])
+    trainer.fit()
+    torch.save({"got": check.got, "expected": check.expected, "screened": check.screened},
+               OUT / f"screen-rank{RANK}.pt")
+    trainer.close()
+
+
+if PHASE == "screen":
+    run_screen()
+elif PHASE == "first":
     run("ref", OUT / "ref")
     run("interrupted", OUT / "run", crash_after=CRASH)
 else:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +49,36 @@ class FeedbackRecordingTrainer(RecordingTrainer):
         return loader
 
 
+class ScreenRecordingTrainer(FeedbackRecordingTrainer):
+    """Also records, per micro-batch: the sampler step, indices, the loss returned to the Trainer, the model's own
+    loss and every sample's token-loss sum (``--screen``: what the step learned from)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.losses: list[dict] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        from irdro_sampler.losses import token_loss_sums
+
+        current = self._irdro_current
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch,
+                                             **kwargs)
+        if current is not None:
+            with torch.no_grad():
+                sums, _ = token_loss_sums(outputs["logits"], labels, shift=True)
+            self.losses.append({"step": current[1], "idx": list(current[0]), "loss": float(loss),
+                                "own": float(outputs["loss"]), "sums": sums.double().tolist()})
+        return (loss, outputs) if return_outputs else loss
+
+
+def screen_primed(n: int) -> np.ndarray:
+    """``--screen``'s scoring pass: tight low losses, NaN (not scored: first visits) for every 4th sample."""
+    loss = np.random.default_rng(0).uniform(1.0, 1.2, n)
+    loss[np.arange(n) % 4 == 0] = np.nan
+    return loss
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -57,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--screen", action="store_true", help="irdro_screen=True, primed with screen_primed()")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -68,10 +100,13 @@ def main(argv: list[str] | None = None) -> None:
         logging_steps=2, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         report_to=[], use_cpu=True, seed=0, disable_tqdm=True, ddp_backend="gloo",
     )
-    trainer = FeedbackRecordingTrainer(
-        model=model, args=targs, train_dataset=Samples(args.samples, "lm"),
-        irdro=dict(sharded=True, seed=SEED, num_shards=NUM_SHARDS, feedback_delay=FEEDBACK_DELAY),
-    )
+    irdro = dict(sharded=True, seed=SEED, num_shards=NUM_SHARDS, feedback_delay=FEEDBACK_DELAY)
+    screen = {}
+    if args.screen:
+        irdro["initial_losses"] = screen_primed(args.samples)
+        screen["irdro_screen"] = True
+    trainer = ScreenRecordingTrainer(model=model, args=targs, train_dataset=Samples(args.samples, "lm"), irdro=irdro,
+                                     **screen)
     trainer.train(resume_from_checkpoint=args.resume)
     sampler = trainer.irdro_sampler
     rank = int(os.environ.get("RANK", "0"))
@@ -86,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         "table_rows": int(sampler.table.dataset_size),
         "table_seen": int(sampler.table.num_seen),
         "type": type(sampler).__name__,
+        "losses": trainer.losses,
     }
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

@@ -13,7 +13,8 @@ gradient of the returned loss with respect to the logits:
 * the loss is the Trainer's times the kept samples' share of the token-loss sum;
 
 and that the draws are the unscreened run's, ``irdro/screened_fraction`` is logged, a sequence classifier is
-screened the same way, and bad arguments are refused naming them.
+screened the same way, and a bad ``irdro_screen`` is refused naming it (the sharded table screens too:
+tests/test_hf_sharded.py).
 
 Runs in the `[hf]` CI lane (.ci/hf_lane); skipped where transformers' Trainer or accelerate is missing.
 """
@@ -172,5 +173,3 @@ def test_bad_screen_arguments_are_refused(tmp_path):
     data = worker.Samples(16, "lm")
     with pytest.raises(TypeError, match="irdro_screen must be True or False, got 'yes'"):
         IRDROTrainer(model=model, args=args, train_dataset=data, irdro_screen="yes")
-    with pytest.raises(ValueError, match="irdro_screen=True needs an IRDROSampler"):
-        IRDROTrainer(model=model, args=args, train_dataset=data, irdro=dict(sharded=True), irdro_screen=True)

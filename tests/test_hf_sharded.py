@@ -188,6 +188,29 @@ def test_missing_rank_file_is_a_clear_error_on_every_rank_with_nothing_loaded(tm
         assert r["unchanged"]
 
 
+# ---------------------------------------------------------------------------- the first-visit screen
+def test_sharded_table_screens_first_visits_on_every_rank(tmp_path):
+    """``irdro_screen=True`` with the sharded table: every 4th sample is not scored (a first visit far above the
+    cut of the primed losses), and until the run's first feedback is applied (``feedback_delay`` micro-batches,
+    less the one accelerate draws ahead of the step) each rank's loss is the Trainer's times the share of the token-loss sum its kept samples hold. The Trainer's
+    loss is the model's times one factor for the run (the world size where transformers averages tokens across
+    devices with ``num_items_in_batch``, else 1): the screen keeps that normalisation."""
+    _torchrun(tmp_path, "--screen")
+    screened, factors = 0, []
+    for r in _results(tmp_path):
+        early = [m for m in r["losses"] if m["step"] < worker.FEEDBACK_DELAY - 1]
+        assert len(early) == worker.FEEDBACK_DELAY - 1
+        for m in early:
+            block = np.arange(SAMPLES)[m["idx"]] % 4 == 0
+            sums = np.array(m["sums"])
+            factors.append(m["loss"] / (m["own"] * sums[~block].sum() / sums.sum()))
+            screened += int(block.sum())
+        assert any("irdro/screened_fraction" in h for h in r["log_history"])
+    assert screened >= 8
+    assert min(abs(factors[0] - 1.0), abs(factors[0] - WORLD)) < 1e-5, factors[0]
+    np.testing.assert_allclose(factors, factors[0], rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------- options
 def test_options_are_checked(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments

@@ -1,4 +1,4 @@
-"""ShardedIRDROSampler's importance_weights, stats, local_probabilities and set_start_batch on 2 gloo ranks
+"""ShardedIRDROSampler's importance_weights, screen, stats, local_probabilities and set_start_batch on 2 gloo ranks
 equal those of an unsharded IRDROSampler(draws="iid") fed the same feedback; a run saved mid-epoch and
 resumed with set_start_batch draws the batches of the uninterrupted run."""
 
@@ -32,6 +32,11 @@ def _asked(rank: int, part: np.ndarray) -> np.ndarray:
     return np.concatenate([part, [0, N - 1, 5, 5]]) if rank == 0 else np.array([N - 1, 17, 3000])
 
 
+def _screen_losses(asked: np.ndarray) -> np.ndarray:
+    """Losses to screen ``asked`` with: from well inside the bulk to far above any group's cut."""
+    return np.linspace(0.05, 40.0, asked.size)
+
+
 def _sampler(world: int) -> ShardedIRDROSampler:
     return ShardedIRDROSampler(N, GLOBAL_BATCH // world, num_shards=SHARDS, groups=_groups, **OPTS)
 
@@ -39,7 +44,9 @@ def _sampler(world: int) -> ShardedIRDROSampler:
 def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
     with gloo_group(rank, world, port):
         s = _sampler(world)
-        out: dict = {"fresh": (s.stats(), s.importance_weights(_asked(rank, np.arange(3)))), "checks": {}}
+        fresh_asked = _asked(rank, np.arange(3))
+        out: dict = {"fresh": (s.stats(), s.importance_weights(fresh_asked),
+                               s.screen(fresh_asked, _screen_losses(fresh_asked))), "checks": {}}
         try:
             s.set_start_batch(s.batches_per_epoch + 1)
         except ValueError as e:
@@ -48,6 +55,10 @@ def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
             s.importance_weights([N] if rank == 1 else [1, 2])
         except ValueError as e:
             out["bad_ids"] = str(e)
+        try:  # rank 0 passes one loss too many
+            s.screen([1, 2], [1.0, 2.0, 3.0] if rank == 0 else [1.0, 2.0])
+        except ValueError as e:
+            out["bad_screen"] = str(e)
         batches, parts, step = [], [], 0
         for epoch in range(EPOCHS):
             s.set_epoch(epoch)
@@ -59,7 +70,8 @@ def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
                 if step in CHECK_AT:
                     asked = _asked(rank, part)
                     out["checks"][step] = (s.stats(), asked, s.importance_weights(asked),
-                                           s.importance_weights(part, step=step), s.local_probabilities())
+                                           s.importance_weights(part, step=step), s.local_probabilities(),
+                                           s.screen(asked, _screen_losses(asked)))
                 if step == SAVE_AT:
                     s.set_start_batch(SAVE_AT + 1)  # saved with the state, so the resumed run starts there
                     s.save(folder)
@@ -118,9 +130,11 @@ def test_queries_equal_the_unsharded_sampler_fed_the_same_feedback(run):
     for rank, r in enumerate(run):
         _assert_stats_equal(r["fresh"][0], fresh.stats(), f"rank {rank} before the first draw")
         np.testing.assert_allclose(r["fresh"][1], fresh.importance_weights(_asked(rank, np.arange(3))), rtol=1e-9)
+        assert r["fresh"][2].all()  # nothing is screened before the first refit
+    screened = 0
     for b, (want, probs, ref) in _reference(batches):
         for rank, r in enumerate(run):
-            stats, asked, weights, drawn_weights, local = r["checks"][b]
+            stats, asked, weights, drawn_weights, local, keep = r["checks"][b]
             where = f"rank {rank} after step {b}"
             _assert_stats_equal(stats, want, where)
             assert stats["last_drawn_batch"] == b and stats["pending_feedback"] == min(b + 1, OPTS["feedback_delay"])
@@ -133,6 +147,10 @@ def test_queries_equal_the_unsharded_sampler_fed_the_same_feedback(run):
             # ...and this rank's rows of the distribution.
             lo, hi = rank * N // WORLD, (rank + 1) * N // WORLD
             np.testing.assert_allclose(local, probs[lo:hi], rtol=1e-9, err_msg=where)
+            # The first-visit screen: the owners' judgement, as the whole table's.
+            np.testing.assert_array_equal(keep, ref.screen(asked, _screen_losses(asked)), err_msg=where)
+            screened += int(keep.size - keep.sum())
+    assert screened >= 10  # the screen was exercised (first visits above their cut)
     assert want["refreshes"] >= 9 and want["remeasured_cut"] > 0  # the counters were exercised
     assert np.ptp(np.log(probs)) > 1.0  # the cut and the tilt are at work
 
@@ -142,6 +160,8 @@ def test_bad_input_is_refused_on_every_rank(run):
     for r in run:
         assert r["bad_start"] == "batch_in_epoch must be <= 64, got 65"
         assert "must lie in [0, 4096), got 4096" in r["bad_ids"] or "rank 1 passed bad indices" in r["bad_ids"]
+        assert ("indices and losses must have the same length, got 2 and 3" in r["bad_screen"]
+                or "screen: rank 0 passed bad indices or losses" in r["bad_screen"])
 
 
 @pytest.mark.slow

@@ -119,7 +119,8 @@ def test_arms_run_before_a_default_changed_keep_their_options():
         for name, opts in arms.items():
             if opts is None:
                 continue
-            if name in ("irdro", "irdro-nogroups", "screen", "screen-nogroups", "evidence", "evidence-nogroups"):
+            if name in ("irdro", "irdro-nogroups", "screen", "screen-nogroups", "evidence", "evidence-nogroups",
+                        "z30-groups", "z25-groups", "z25-screen"):
                 assert "cut_rule" not in opts, name
             else:
                 assert opts["cut_rule"] != DEFAULT_CUT_RULE, name

@@ -369,8 +369,8 @@ class IRDROTrainerMixin:
             yet, judged by the last refit; for training over few passes, where most draws are first visits).
             The step trains on the Trainer's loss less the screened samples' share of it, divisor kept
             (:mod:`irdro_sampler.integrations.hf_screen`); every loss is still fed back, the sample order is
-            unchanged, and ``irdro/screened_fraction`` is logged. Needs an ``IRDROSampler`` (not
-            ``sharded=True``). Default False.
+            unchanged, and ``irdro/screened_fraction`` is logged. With ``sharded=True`` each micro-batch's
+            screen is a collective (the owners of its samples' rows judge them). Default False.
 
     Attributes: ``irdro_sampler`` (None until the train DataLoader is built).
     """
@@ -386,10 +386,6 @@ class IRDROTrainerMixin:
     ) -> None:
         if not isinstance(irdro_screen, bool):
             raise TypeError(f"irdro_screen must be True or False, got {irdro_screen!r}")
-        if irdro_screen and (isinstance(irdro, ShardedIRDROSampler)
-                             or (isinstance(irdro, Mapping) and irdro.get("sharded", False) is True)):
-            raise ValueError("irdro_screen=True needs an IRDROSampler: a ShardedIRDROSampler keeps a sample's table "
-                             "row on one rank and cannot screen (leave out sharded=True, or irdro_screen)")
         if irdro is not None and not isinstance(irdro, (IRDROSampler, ShardedIRDROSampler, Mapping)):
             raise TypeError(f"irdro must be a dict of IRDROSampler options, an IRDROSampler or a ShardedIRDROSampler, "
                             f"got {irdro!r}")

@@ -101,8 +101,6 @@ class ShardedSamplerTarget(SamplerTarget):
     from the run's timestamp at ``FIT_START``, after loading and at every ``EPOCH_END``.
     """
 
-    screen = None  # a sample's table row lives on one rank: no first-visit screen (IRDRO(screen=True) refuses)
-
     name = "ShardedIRDROSampler"
     sampler_type = ShardedIRDROSampler
     wants_epoch_end = True
