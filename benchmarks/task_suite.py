@@ -208,6 +208,10 @@ ARMS["evidence-nogroups"] = {"evidence_gate": True}
 ARMS["z30-groups"] = {"groups": "labels", "truncate_zscore": 3.0}
 ARMS["z25-groups"] = {"groups": "labels", "truncate_zscore": 2.5}
 ARMS["z25-screen"] = {"groups": "labels", "truncate_zscore": 2.5, "screen_first": True}
+# ... with a milder learned gate (a sample is spared once its loss has fallen to 0.6 / 0.7 of its first): does it
+# give back the clean samples the lower z-score takes?
+ARMS["z25-screen-l6"] = {"groups": "labels", "truncate_zscore": 2.5, "screen_first": True, "cut_learned_ratio": 0.6}
+ARMS["z25-screen-l7"] = {"groups": "labels", "truncate_zscore": 2.5, "screen_first": True, "cut_learned_ratio": 0.7}
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
 COMPARED = ("oracle", "irdro", "irdro-nogroups", "reweight")

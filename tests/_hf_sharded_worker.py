@@ -22,14 +22,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _hf_worker import SEQ, VOCAB, RecordingTrainer, Samples, exit_without_finalization  # noqa: E402
+from _hf_worker import SEQ, VOCAB, OutputsHookTrainer, Samples, exit_without_finalization  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
 
 #: The sampler options of every run (the by-hand driver in tests/test_hf_sharded.py uses the same).
 SEED, NUM_SHARDS, FEEDBACK_DELAY = 3, 8, 8
 
 
-class FeedbackRecordingTrainer(RecordingTrainer):
+class FeedbackRecordingTrainer(OutputsHookTrainer):
     """Records each ``sampler.update`` call (the gathered feedback every rank applies)."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -57,19 +57,13 @@ class ScreenRecordingTrainer(FeedbackRecordingTrainer):
         super().__init__(*args, **kwargs)
         self.losses: list[dict] = []
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+    def on_outputs(self, current, loss, outputs, labels) -> None:
         from irdro_sampler.losses import token_loss_sums
 
-        current = self._irdro_current
-        labels = inputs.get("labels")
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch,
-                                             **kwargs)
-        if current is not None:
-            with torch.no_grad():
-                sums, _ = token_loss_sums(outputs["logits"], labels, shift=True)
-            self.losses.append({"step": current[1], "idx": list(current[0]), "loss": float(loss),
-                                "own": float(outputs["loss"]), "sums": sums.double().tolist()})
-        return (loss, outputs) if return_outputs else loss
+        with torch.no_grad():
+            sums, _ = token_loss_sums(outputs["logits"], labels, shift=True)
+        self.losses.append({"step": current[1], "idx": list(current[0]), "loss": float(loss),
+                            "own": float(outputs["loss"]), "sums": sums.double().tolist()})
 
 
 def screen_primed(n: int) -> np.ndarray:

@@ -66,6 +66,23 @@ class RecordingTrainer(IRDROTrainer):
         return super().training_step(model, inputs, *args, **kwargs)
 
 
+class OutputsHookTrainer(RecordingTrainer):
+    """Calls ``on_outputs(current, loss, outputs, labels)`` after each training micro-batch's ``compute_loss``
+    (``current`` = (indices, sampler step); ``loss`` what goes back to the Trainer)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        current = self._irdro_current
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch,
+                                             **kwargs)
+        if current is not None:
+            self.on_outputs(current, loss, outputs, labels)
+        return (loss, outputs) if return_outputs else loss
+
+    def on_outputs(self, current, loss, outputs, labels) -> None:
+        pass
+
+
 def build(argv: list[str] | None = None) -> tuple[RecordingTrainer, argparse.Namespace]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)

@@ -54,27 +54,21 @@ def _primed(low: float) -> np.ndarray:
     return loss
 
 
-class GradTrainer(worker.RecordingTrainer):
+class GradTrainer(worker.OutputsHookTrainer):
     """Records, per micro-batch, the returned loss's and the model's own loss's gradients on the logits."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.steps: list[dict] = []
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
-        current = self._irdro_current
-        labels = inputs.get("labels")
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch,
-                                             **kwargs)
-        if current is not None:
-            logits = outputs["logits"]
-            own = outputs["loss"]  # the model's loss: the Trainer's unscreened one in a single process
-            (g_returned,) = torch.autograd.grad(loss, logits, retain_graph=True)
-            (g_own,) = torch.autograd.grad(own, logits, retain_graph=True)
-            self.steps.append({"idx": list(current[0]), "loss": float(loss), "own": float(own),
-                               "g_returned": g_returned.detach().clone(), "g_own": g_own.detach().clone(),
-                               "logits": logits.detach().clone(), "labels": labels.detach().clone()})
-        return (loss, outputs) if return_outputs else loss
+    def on_outputs(self, current, loss, outputs, labels) -> None:
+        logits = outputs["logits"]
+        own = outputs["loss"]  # the model's loss: the Trainer's unscreened one in a single process
+        (g_returned,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        (g_own,) = torch.autograd.grad(own, logits, retain_graph=True)
+        self.steps.append({"idx": list(current[0]), "loss": float(loss), "own": float(own),
+                           "g_returned": g_returned.detach().clone(), "g_own": g_own.detach().clone(),
+                           "logits": logits.detach().clone(), "labels": labels.detach().clone()})
 
 
 def _trainer(out: Path, *, screen: bool, task: str = "lm", grad_accum: int = 1) -> GradTrainer:
