@@ -212,6 +212,8 @@ ARMS["z25-screen"] = {"groups": "labels", "truncate_zscore": 2.5, "screen_first"
 # give back the clean samples the lower z-score takes?
 ARMS["z25-screen-l6"] = {"groups": "labels", "truncate_zscore": 2.5, "screen_first": True, "cut_learned_ratio": 0.6}
 ARMS["z25-screen-l7"] = {"groups": "labels", "truncate_zscore": 2.5, "screen_first": True, "cut_learned_ratio": 0.7}
+# The same pair of options as a sampler default with groups (no screen in the loop).
+ARMS["z25-l7"] = {"groups": "labels", "truncate_zscore": 2.5, "cut_learned_ratio": 0.7}
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
 COMPARED = ("oracle", "irdro", "irdro-nogroups", "reweight")
