@@ -22,10 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import as_indices, to_numpy
+from ._validation import as_indices, batch_losses, to_numpy
 from .diagnostics import weighting_diagnostics
 from .fingerprint import digest_to_int, table_digest
 from .loss_table import LossTable, check_table_state
+from .sampler_state import _check_params, params_state
+from .screening import screen_first_visits
 from .weights import DROWeighting, WeightParams, cut_transitions, first_losses_for
 
 __all__ = ["RoundFeedback"]
@@ -99,6 +101,15 @@ class RoundFeedback:
             self.remeasured_cut += remeasured
             self.readmitted += readmitted
 
+    def screen(self, indices: Any, losses: Any) -> np.ndarray:
+        """Which samples of a trained batch to learn from: ``False`` for a first visit (no loss in the table)
+        whose loss the round's cut would take, as :meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>`
+        (all ``True`` before the first round). Read-only; same input contract as :meth:`update`."""
+        idx, val = batch_losses(indices, losses, self.num_samples)
+        seen = ~np.isnan(self.table.losses[idx])
+        groups = None if self.table.groups is None else self.table.groups[idx]
+        return screen_first_visits(val, seen, self.params, groups)
+
     # ------------------------------------------------------------------------------ rounds
     def round_probabilities(self) -> np.ndarray:
         """Fit the rule to the table, make the fit the cut in force, return the round's probabilities.
@@ -141,12 +152,16 @@ class RoundFeedback:
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """``{'table': table.state_dict(), 'rule': rule.config()}``: tensors and primitives only.
+        """``{'table': table.state_dict(), 'rule': rule.config()}``, and once a round is in force its cut's
+        params (``params``, ``group_threshold``, ...: what :meth:`screen` judges by): tensors and primitives only.
 
         The rule is saved so that tools (``irdro-sampler inspect``) can show the weights the way they
         were trained; loading does not apply it (see :meth:`load_state_dict`).
         """
-        return {"table": self.table.state_dict(), "rule": self.rule.config()}
+        out = {"table": self.table.state_dict(), "rule": self.rule.config()}
+        if self.params is not None:
+            out.update(params_state(self.params))
+        return out
 
     @staticmethod
     def check_state_dict(state: Any) -> None:
@@ -162,14 +177,23 @@ class RoundFeedback:
         """Restore the table from ``state['table']`` (same N); ``ValueError`` and no change on a bad state.
 
         The rule stays the one given to the constructor (a run may resume with other rule options; a
-        saved ``'rule'`` is checked, not applied). The cut in force and the counters are left as they
-        are: they belong to the round in progress, which the data source resumes from its own state.
+        saved ``'rule'`` is checked, not applied). The cut of the round in force (what :meth:`screen` judges
+        by) is restored when the state holds one and was saved under this same rule (otherwise none is in force
+        until the next round); the counters are left as they are. The round's probabilities are the data
+        source's, which resumes them from its own state.
         """
         if not isinstance(state, Mapping) or "table" not in state:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"state must be a dict with a 'table' entry, got {got}")
         _check_rule_state(state)
-        self.table.load_state_dict(state["table"])  # checks everything before it changes anything
+        table = check_table_state(state["table"], self.num_samples)
+        params = None
+        if state.get("params") is not None and state.get("rule") == self.rule.config():
+            # The round in force was cut under this very rule: its params judge the screen until the next round.
+            params = _check_params(state["params"], state.get("group_threshold"), table["groups"],
+                                  state.get("tilt_cap"), self.rule, state.get("group_split"))
+        self.table._assign(table)  # everything was checked before anything changed
+        self.params = params
 
 
 def _check_rule_state(state: Mapping[str, Any]) -> None:

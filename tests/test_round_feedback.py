@@ -118,8 +118,48 @@ def test_state_round_trip_resumes_identically(tmp_path):
         idx = rng.integers(0, N, 8)
         if step >= 5:
             resumed.update(idx, losses_of(idx, step), step)
-    assert_state_equal(resumed.state_dict(), full.state_dict())
+    got, want = resumed.state_dict(), full.state_dict()
+    assert set(want) - set(got) == {"params", "group_threshold"}  # the full run's last round: its cut is in force
+    assert_state_equal({k: got[k] for k in ("table", "rule")}, {k: want[k] for k in ("table", "rule")})
     np.testing.assert_array_equal(resumed.round_probabilities(), full.round_probabilities())
+
+
+def test_screen_judges_first_visits_by_the_round_in_force_and_a_reload_keeps_it(tmp_path):
+    rule = DROWeighting(truncate_zscore=2.5)
+    fb, _ = fed(rule, steps=4, rounds_every=100)
+    unseen = np.flatnonzero(fb.table.counts == 0)[:2]
+    seen = np.flatnonzero(fb.table.counts > 0)[:2]
+    batch = np.concatenate([unseen, seen, unseen[:1]])
+    losses = np.array([1e3, 1e-3, 1e3, 1e3, float("nan")])
+    assert fb.screen(batch, losses).all()  # no round yet: no cut in force
+    fb.round_probabilities()
+    want = np.array([False, True, True, True, True])  # only a first visit above the cut; NaN is not judged
+    np.testing.assert_array_equal(fb.screen(batch, losses), want)
+    table_before = fb.table.state_dict()
+    with pytest.raises(ValueError, match="indices and losses must have the same length"):
+        fb.screen(batch, losses[:2])
+    assert_state_equal(fb.table.state_dict(), table_before)  # read-only
+    state = fb.state_dict()
+    assert_plain_state(state)
+    torch.save(state, tmp_path / "fb.pt")
+    saved = torch.load(tmp_path / "fb.pt", weights_only=True)
+    same = RoundFeedback(LossTable(N), DROWeighting(truncate_zscore=2.5))
+    same.load_state_dict(saved)
+    assert same.params == fb.params
+    np.testing.assert_array_equal(same.screen(batch, losses), want)
+    other = RoundFeedback(LossTable(N), DROWeighting(truncate_zscore=3.0))  # another rule: no cut in force
+    other.load_state_dict(saved)
+    assert other.params is None and other.screen(batch, losses).all()
+    legacy = RoundFeedback(LossTable(N), DROWeighting(truncate_zscore=2.5))  # a state from before the params
+    legacy.load_state_dict({"table": saved["table"], "rule": saved["rule"]})
+    assert legacy.params is None
+    bad = dict(saved, group_threshold=torch.zeros(3))  # per-group thresholds for a table without groups
+    target = RoundFeedback(LossTable(N), DROWeighting(truncate_zscore=2.5))
+    before = target.state_dict()
+    with pytest.raises(ValueError, match="group_threshold"):
+        target.load_state_dict(bad)
+    assert_state_equal(target.state_dict(), before)  # nothing changed
+    assert target.params is None
 
 
 def test_load_keeps_its_own_rule_and_checks_the_saved_one():

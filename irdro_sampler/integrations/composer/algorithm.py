@@ -206,8 +206,9 @@ class IRDRO(Algorithm):
             training), where most draws are first visits the draws cannot steer. The loss becomes
             ``mean_i(keep_i * l_i)`` (times ``w_i`` in ``importance`` mode) over ``loss_fn``'s per-sample losses,
             which must keep gradients; it replaces the model's own loss (for a causal LM: the mean of per-sequence
-            means, not the mean over all tokens). Needs an ``IRDROSampler`` or a ``ShardedIRDROSampler`` (a collective
-            per microbatch) in the train DataLoader; not the streaming path, not with ``mode='reweight'``. Logs ``irdro/screened_fraction``. Default False.
+            means, not the mean over all tokens). Works with an ``IRDROSampler``, a ``ShardedIRDROSampler`` (a collective
+            per microbatch) and the streaming path (the round's cut); not with ``mode='reweight'``. Logs
+            ``irdro/screened_fraction``. Default False.
         log_interval: log ``irdro/*`` metrics every this many batches (0 disables). The sampler's
             diagnostics cost O(N) (a pass over the probabilities), so keep it coarse for large N.
         check_interval: compare the ranks' fingerprints (one all-gather of one int64) at ``FIT_START``
@@ -368,7 +369,7 @@ class IRDRO(Algorithm):
             raise _nothing_to_feed(self.mode, dataloader)
         if self.screen and not callable(getattr(target, "screen", None)):
             raise ValueError(f"IRDRO(screen=True): the {target.name} target cannot screen first visits; put an "
-                             "IRDROSampler or a ShardedIRDROSampler in the train DataLoader")
+                             "IRDROSampler, a ShardedIRDROSampler or a weighted streaming dataset in the train DataLoader")
         if target is not None:
             options = FeedbackOptions(self._rule, self.rule_options, self.table_options, self.groups, self.mode)
             target.attach(options, self.target)

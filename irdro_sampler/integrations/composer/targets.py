@@ -382,6 +382,11 @@ class StreamingTarget:
         with np.errstate(divide="ignore"):  # p = 0 cannot have been drawn; inf is caught by the caller
             return 1.0 / (int(self.dataset.num_samples) * p)
 
+    def screen(self, indices: np.ndarray, losses: Any) -> np.ndarray:
+        """:meth:`RoundFeedback.screen <irdro_sampler.RoundFeedback.screen>`: first visits the round's cut would
+        take (``IRDRO(screen=True)``; every rank holds the whole table, so no collective)."""
+        return self._feedback().screen(indices, losses)
+
     def stats(self) -> dict[str, float]:
         """The table's seen fraction and mean loss (O(N) for the mean); the round's full diagnostics
         are returned by :meth:`epoch_end`."""
