@@ -49,8 +49,8 @@ def loss_shares(
     """The shares ``s_i`` of the micro-batch's samples ``rows`` in its loss, attached to the graph.
 
     Token-level logits ``(B, T, V)``: the sum of the sample's token cross-entropies (``kind='causal'`` shifts
-    the labels); logits ``(B, C)``: the per-sample loss; a custom ``loss_fn``: its losses (the model's loss is
-    then taken to be their batch mean).
+    the labels); logits ``(B, C)``: the per-sample loss; a custom ``loss_fn``: its losses, which must keep
+    autograd (the model's loss is then taken to be their batch mean).
     """
     if loss_fn is not None:
         return loss_fn(outputs, inputs)[rows.to(torch.long)]
