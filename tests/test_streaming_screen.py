@@ -6,8 +6,6 @@ outputs, and what is screened is exactly the first visits of odd ids."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -53,16 +51,10 @@ class ScreenCheck(Callback):
             self.visited.update(int(i) for i in self.idx)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("mds_screen"))
-    write_mds(root, N, 500)
-    return root
-
-
-def test_streaming_path_screens_first_visits_the_rounds_cut_would_take(data_root):
-    ds = WeightedStreamingDataset(round_size=ROUND, remote=os.path.join(data_root, "remote"),
-                                  local=fresh_local(data_root), batch_size=BATCH, shuffle=True, seed=1)
+def test_streaming_path_screens_first_visits_the_rounds_cut_would_take(tmp_path):
+    remote = write_mds(str(tmp_path), N, 500)
+    ds = WeightedStreamingDataset(round_size=ROUND, remote=remote, local=fresh_local(str(tmp_path)),
+                                  batch_size=BATCH, shuffle=True, seed=1)
     dl = torch.utils.data.DataLoader(ds, batch_size=BATCH)
     primed = np.full(N, np.nan)
     primed[::2] = 0.05 + 0.01 * np.random.default_rng(0).random(N // 2)
