@@ -78,14 +78,20 @@ def _gather_ids(indices: Any, n: int, group: Any) -> tuple[np.ndarray, np.ndarra
 def _gather_checked(idx: np.ndarray, error: str, group: Any, query: str, what: str) -> tuple[np.ndarray, list[int]]:
     """Every rank's ids in rank order and how many each has, once this rank's input is checked (``error`` empty,
     or why it is bad: then every rank raises)."""
+    counts = _checked_counts(idx.size, error, group, query, what)
+    return _all_gather_parts(idx, counts, group, torch.int64), counts
+
+
+def _checked_counts(count: int, error: str, group: Any, query: str, what: str) -> list[int]:
+    """How many ids each rank asks about (one all-gather, which also carries whether a rank's input was bad:
+    then every rank raises, ``error`` on the rank that found it)."""
     world = dist.get_world_size(group)
     sizes = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([idx.size, int(bool(error))], dtype=torch.int64), group=group)
+    dist.all_gather(sizes, torch.tensor([count, int(bool(error))], dtype=torch.int64), group=group)
     bad = [r for r in range(world) if int(sizes[r][1])]
     if bad:
         raise ValueError(error or f"{query}: rank {bad[0]} passed bad {what} (nothing was computed)")
-    counts = [int(s[0]) for s in sizes]
-    return _all_gather_parts(idx, counts, group, torch.int64), counts
+    return [int(s[0]) for s in sizes]
 
 
 def _all_gather_parts(values: np.ndarray, counts: list[int], group: Any, dtype: torch.dtype) -> np.ndarray:
@@ -121,26 +127,31 @@ def screen(sampler: Any, indices: Any, losses: Any) -> np.ndarray:
     """:meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>` over the ranks' rows: which of this rank's
     samples to learn from (``False`` for a first visit whose loss the cut of the last refit would take).
 
-    A collective: three all-gathers (sizes, every rank's ids, their losses) and one max-reduction of as many
-    float64 (each owner judges the ids it holds); after the first, nothing while the sampler has not refitted
-    (every rank alike: the params are replicated). Bad input on any rank raises on every rank. Read-only."""
+    A collective once the sampler has refitted: two all-gathers (sizes, then every rank's ids and losses packed as
+    float64 pairs: ids below 2**53 are exact) and one max-reduction (each owner judges the ids it holds). Before
+    the first refit nothing is screened and only the sizes are exchanged (every rank alike: the params are
+    replicated). Bad input on any rank raises on every rank. Read-only."""
     error = ""
     try:
         idx, val = batch_losses(indices, losses, sampler.dataset_size)
     except (TypeError, ValueError) as e:
         idx, val, error = np.zeros(0, dtype=np.int64), np.zeros(0), f"{type(e).__name__}: {e}"
-    every, counts = _gather_checked(idx, error, sampler.group, "screen", "indices or losses")
-    params = sampler.params
-    if params is None or every.size == 0:
+    counts = _checked_counts(idx.size, error, sampler.group, "screen", "indices or losses")
+    if sampler.params is None:
         return np.ones(idx.size, dtype=bool)
+    pairs = np.empty(2 * idx.size, dtype=np.float64)
+    pairs[0::2], pairs[1::2] = idx, val
+    every_pairs = _all_gather_parts(pairs, [2 * c for c in counts], sampler.group, torch.float64)
+    if every_pairs.size == 0:
+        return np.ones(0, dtype=bool)
+    every, every_loss = every_pairs[0::2].astype(np.int64), every_pairs[1::2]
     offset = sum(counts[: dist.get_rank(sampler.group)])
-    every_loss = _all_gather_parts(val, counts, sampler.group, torch.float64)
     screened = np.zeros(every.size, dtype=np.float64)
     own = np.flatnonzero((every >= sampler.start) & (every < sampler.stop))
     rows = every[own] - sampler.start
     seen = ~np.isnan(sampler.table.losses[rows])
     groups = None if sampler.table.groups is None else sampler.table.groups[rows]
-    screened[own] = ~screen_first_visits(every_loss[own], seen, params, groups)
+    screened[own] = ~screen_first_visits(every_loss[own], seen, sampler.params, groups)
     out = max_over_ranks(screened, sampler.group)
     return out[offset : offset + idx.size] == 0.0
 
