@@ -14,9 +14,17 @@ import torch.nn.functional as F
 __all__ = [
     "causal_lm_per_sample_loss",
     "classification_per_sample_loss",
+    "target_counts",
     "token_loss_sums",
     "token_per_sample_loss",
 ]
+
+
+def target_counts(labels: torch.Tensor, *, shift: bool, ignore_index: int = -100) -> torch.Tensor:
+    """Target tokens per sequence of ``labels`` ``(B, T)``, int64 ``(B,)``: positions other than ``ignore_index``,
+    from the second on with ``shift=True`` (causal LMs: position ``t`` predicts ``labels[:, t + 1]``)."""
+    target = labels[:, 1:] if shift else labels
+    return (target != ignore_index).sum(dim=1)
 
 
 def token_loss_sums(
@@ -44,10 +52,10 @@ def token_loss_sums(
         )
     b, t, v = logits.shape
     target = labels.to(logits.device)
+    counts = target_counts(target, shift=shift, ignore_index=ignore_index)
     if shift:
         logits, target = logits[:, :-1], target[:, 1:]
         t -= 1
-    counts = (target != ignore_index).sum(dim=1)
     if b == 0 or t < 1:
         # Still attached to the graph: a loss built from it can be backpropagated (to zero gradients).
         return logits.new_zeros((b,), dtype=torch.float32) + 0.0 * logits.sum(), counts

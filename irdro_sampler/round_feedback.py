@@ -27,7 +27,7 @@ from .diagnostics import weighting_diagnostics
 from .fingerprint import digest_to_int, table_digest
 from .loss_table import LossTable, check_table_state
 from .sampler_state import _check_params, params_state
-from .screening import screen_first_visits
+from .screening import screen_table_rows
 from .weights import DROWeighting, WeightParams, cut_transitions, first_losses_for
 
 __all__ = ["RoundFeedback"]
@@ -106,9 +106,7 @@ class RoundFeedback:
         whose loss the round's cut would take, as :meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>`
         (all ``True`` before the first round). Read-only; same input contract as :meth:`update`."""
         idx, val = batch_losses(indices, losses, self.num_samples)
-        seen = ~np.isnan(self.table.losses[idx])
-        groups = None if self.table.groups is None else self.table.groups[idx]
-        return screen_first_visits(val, seen, self.params, groups)
+        return screen_table_rows(self.table, idx, val, self.params)
 
     # ------------------------------------------------------------------------------ rounds
     def round_probabilities(self) -> np.ndarray:

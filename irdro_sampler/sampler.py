@@ -28,7 +28,7 @@ from .fixed_weights import FixedWeights, weighted_sampler
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
 from .sampler_state import check_state, pack_state, restore_state
-from .screening import screen_first_visits
+from .screening import screen_table_rows
 from .weights import DROWeighting
 
 __all__ = ["DRAW_SCHEMES", "IRDROSampler"]
@@ -240,9 +240,7 @@ class IRDROSampler(DistributedSampler):
         measures it on the task suite.
         """
         idx, val = batch_losses(indices, losses, self.dataset_size)
-        seen = ~np.isnan(self.table.losses[idx])
-        groups = None if self.table.groups is None else self.table.groups[idx]
-        return screen_first_visits(val, seen, self.order.weights.params, groups)
+        return screen_table_rows(self.table, idx, val, self.order.weights.params)
 
     def prime(self, indices: Any, losses: Any) -> None:
         """Report losses measured before training: a scoring pass of the starting model over the data set.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .loss_table import LossTable
 from .weights import WeightParams, kept_mask
 
 
@@ -41,3 +42,11 @@ def screen_first_visits(
     part_groups = None if groups is None else groups[judge]
     keep[judge] = kept_mask(stored, params, part_groups, stored if params.reads_first else None)
     return keep
+
+
+def screen_table_rows(table: LossTable, rows: np.ndarray, losses: np.ndarray, params: WeightParams | None) -> np.ndarray:
+    """:func:`screen_first_visits` of the samples at ``rows`` of ``table`` (seen where it holds a loss, judged in
+    their groups) with their step's ``losses``: what every sampler's ``screen`` asks of the rows it holds."""
+    seen = ~np.isnan(table.losses[rows])
+    groups = None if table.groups is None else table.groups[rows]
+    return screen_first_visits(losses, seen, params, groups)

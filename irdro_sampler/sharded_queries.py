@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ._validation import as_indices, batch_losses
 from .distributed_fit import fit_sharded, max_over_ranks
-from .screening import screen_first_visits
+from .screening import screen_table_rows
 from .weights import WeightParams, mixture_probabilities
 
 _CHUNK = 1 << 22  # rows per pass of the O(N / world) loops: bounded temporaries
@@ -71,15 +71,8 @@ def _gather_ids(indices: Any, n: int, group: Any) -> tuple[np.ndarray, np.ndarra
         idx = as_indices(indices, n)
     except (TypeError, ValueError) as e:
         idx, error = np.zeros(0, dtype=np.int64), f"{type(e).__name__}: {e}"
-    every, counts = _gather_checked(idx, error, group, "importance_weights", "indices")
-    return idx, every, sum(counts[: dist.get_rank(group)])
-
-
-def _gather_checked(idx: np.ndarray, error: str, group: Any, query: str, what: str) -> tuple[np.ndarray, list[int]]:
-    """Every rank's ids in rank order and how many each has, once this rank's input is checked (``error`` empty,
-    or why it is bad: then every rank raises)."""
-    counts = _checked_counts(idx.size, error, group, query, what)
-    return _all_gather_parts(idx, counts, group, torch.int64), counts
+    counts = _checked_counts(idx.size, error, group, "importance_weights", "indices")
+    return idx, _all_gather_parts(idx, counts, group, torch.int64), sum(counts[: dist.get_rank(group)])
 
 
 def _checked_counts(count: int, error: str, group: Any, query: str, what: str) -> list[int]:
@@ -137,21 +130,16 @@ def screen(sampler: Any, indices: Any, losses: Any) -> np.ndarray:
     except (TypeError, ValueError) as e:
         idx, val, error = np.zeros(0, dtype=np.int64), np.zeros(0), f"{type(e).__name__}: {e}"
     counts = _checked_counts(idx.size, error, sampler.group, "screen", "indices or losses")
-    if sampler.params is None:
+    if sampler.params is None or sum(counts) == 0:  # the same on every rank: all return here, or none
         return np.ones(idx.size, dtype=bool)
     pairs = np.empty(2 * idx.size, dtype=np.float64)
     pairs[0::2], pairs[1::2] = idx, val
     every_pairs = _all_gather_parts(pairs, [2 * c for c in counts], sampler.group, torch.float64)
-    if every_pairs.size == 0:
-        return np.ones(0, dtype=bool)
     every, every_loss = every_pairs[0::2].astype(np.int64), every_pairs[1::2]
     offset = sum(counts[: dist.get_rank(sampler.group)])
     screened = np.zeros(every.size, dtype=np.float64)
     own = np.flatnonzero((every >= sampler.start) & (every < sampler.stop))
-    rows = every[own] - sampler.start
-    seen = ~np.isnan(sampler.table.losses[rows])
-    groups = None if sampler.table.groups is None else sampler.table.groups[rows]
-    screened[own] = ~screen_first_visits(every_loss[own], seen, sampler.params, groups)
+    screened[own] = ~screen_table_rows(sampler.table, every[own] - sampler.start, every_loss[own], sampler.params)
     out = max_over_ranks(screened, sampler.group)
     return out[offset : offset + idx.size] == 0.0
 

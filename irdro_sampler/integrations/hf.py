@@ -576,14 +576,8 @@ class IRDROTrainerMixin:
         keep = self.irdro_sampler.screen(np.asarray(idx, dtype=np.int64), per_sample.detach().float().cpu())  # type: ignore[union-attr]
         self._irdro_screened += int(keep.size - np.count_nonzero(keep))
         self._irdro_screen_judged += int(keep.size)
-        if keep.all():
-            return loss
-        kind = self._irdro_kind(model)
-        token_level = self._irdro_loss_fn is None and _logits(outputs).ndim == 3
-        total = hf_screen.batch_share_total(per_sample, inputs, token_level=token_level, shift=kind == "causal")
-        rows = torch.from_numpy(np.flatnonzero(~keep))
-        screened = hf_screen.loss_shares(outputs, inputs, rows, kind=kind, logits_of=_logits, loss_fn=self._irdro_loss_fn)
-        return hf_screen.without_screened(loss, total, screened)
+        return hf_screen.screened_loss(loss, outputs, inputs, per_sample, keep, kind=self._irdro_kind(model),
+                                       logits_of=_logits, loss_fn=self._irdro_loss_fn)
 
     def _irdro_note_class_targets(self, inputs: Mapping[str, Any]) -> None:
         """Once per trainer: class-index labels but no groups (the cut then judges rare classes as noise)."""

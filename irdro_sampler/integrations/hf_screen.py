@@ -21,61 +21,68 @@ Pure functions of tensors; :class:`~irdro_sampler.integrations.hf.IRDROTrainerMi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-from irdro_sampler.losses import classification_per_sample_loss, token_loss_sums
+from irdro_sampler.losses import classification_per_sample_loss, target_counts, token_loss_sums
 
-__all__ = ["batch_share_total", "loss_shares", "target_counts", "without_screened"]
+__all__ = ["screened_loss"]
 
-
-def target_counts(labels: torch.Tensor, *, shift: bool, ignore_index: int = -100) -> torch.Tensor:
-    """Target tokens per sequence of ``labels`` ``(B, T)`` (shifted for causal LMs), int64 ``(B,)``."""
-    target = labels[:, 1:] if shift else labels
-    return (target != ignore_index).sum(dim=1)
+PerSampleLoss = Callable[[Any, Mapping[str, Any]], torch.Tensor]
 
 
-def loss_shares(
+def screened_loss(
+    loss: torch.Tensor,
     outputs: Any,
     inputs: Mapping[str, Any],
-    rows: torch.Tensor,
+    per_sample: torch.Tensor,
+    keep: np.ndarray,
     *,
     kind: str | None,
     logits_of: Callable[[Any], torch.Tensor],
-    loss_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
+    loss_fn: PerSampleLoss | None = None,
 ) -> torch.Tensor:
-    """The shares ``s_i`` of the micro-batch's samples ``rows`` in its loss, attached to the graph.
+    """``loss - loss / S * sum_{i screened} s_i`` for the micro-batch's samples with ``keep`` False (see the module
+    docstring); ``loss`` itself when none is screened or ``S`` is not a positive finite number.
 
-    Token-level logits ``(B, T, V)``: the sum of the sample's token cross-entropies (``kind='causal'`` shifts
-    the labels); logits ``(B, C)``: the per-sample loss; a custom ``loss_fn``: its losses, which must keep
-    autograd (the model's loss is then taken to be their batch mean).
+    ``per_sample`` are the step's per-sample losses (detached; token means for token-level logits), ``kind`` the
+    per-sample loss's kind (``'causal'`` shifts the labels) and ``loss_fn`` a custom per-sample loss, whose
+    losses must keep autograd (the model's loss is then taken to be their batch mean).
     """
+    rows = np.flatnonzero(~keep)
+    if rows.size == 0:
+        return loss
+    token_level = loss_fn is None and logits_of(outputs).ndim == 3
+    total = _share_total(per_sample, inputs, token_level=token_level, shift=kind == "causal")
+    if not (total > 0.0 and math.isfinite(total)):
+        return loss
+    screened = _shares(outputs, inputs, torch.from_numpy(rows), token_level=token_level, kind=kind,
+                       logits_of=logits_of, loss_fn=loss_fn)
+    return loss - loss.detach() / total * screened.to(loss.dtype).sum().to(loss.device)
+
+
+def _shares(outputs: Any, inputs: Mapping[str, Any], rows: torch.Tensor, *, token_level: bool, kind: str | None,
+            logits_of: Callable[[Any], torch.Tensor], loss_fn: PerSampleLoss | None) -> torch.Tensor:
+    """The shares ``s_i`` of the samples ``rows``, attached to the graph: token-loss sums (token level), the
+    per-sample loss (logits ``(B, C)``) or ``loss_fn``'s losses."""
     if loss_fn is not None:
-        return loss_fn(outputs, inputs)[rows.to(torch.long)]
+        return loss_fn(outputs, inputs)[rows]
     logits = logits_of(outputs)
     labels = inputs["labels"].to(logits.device)
     rows = rows.to(logits.device)
-    if logits.ndim == 3:
-        sums, _ = token_loss_sums(logits[rows], labels[rows], shift=kind == "causal")
-        return sums
+    if token_level:
+        return token_loss_sums(logits[rows], labels[rows], shift=kind == "causal")[0]
     return classification_per_sample_loss(logits[rows], labels[rows])
 
 
-def batch_share_total(per_sample: torch.Tensor, inputs: Mapping[str, Any], *, token_level: bool, shift: bool) -> float:
-    """``S``, the sum of every sample's share, from the detached per-sample losses (token means weighted by
-    their target counts for token-level losses); NaN losses (no target) count 0."""
+def _share_total(per_sample: torch.Tensor, inputs: Mapping[str, Any], *, token_level: bool, shift: bool) -> float:
+    """``S``, every sample's share summed, from the detached per-sample losses (token means weighted by their
+    target counts at token level: no second pass over the logits); NaN losses (no target) count 0."""
     losses = per_sample.detach().double().cpu()
     if token_level:
         losses = losses * target_counts(inputs["labels"].cpu(), shift=shift).double()
     return float(torch.nan_to_num(losses, nan=0.0).sum())
-
-
-def without_screened(loss: torch.Tensor, total: float, screened: torch.Tensor) -> torch.Tensor:
-    """``loss - loss / total * screened.sum()``: the loss less the screened samples' shares (see the module
-    docstring). ``loss`` unchanged when ``total`` is not a positive finite number (nothing to scale by)."""
-    if not (total > 0.0 and torch.isfinite(torch.tensor(total))):
-        return loss
-    factor = loss.detach() / total
-    return loss - factor * screened.to(loss.dtype).sum().to(loss.device)
