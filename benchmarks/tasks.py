@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from irdro_sampler import IndexedDataset, IRDROSampler
-from irdro_sampler.screening import default_screen
 from irdro_sampler.weights import DROWeighting, kl_dro_weights
 
 
@@ -261,8 +260,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
         options = dict(options)
         score_first = options.pop("score_first", False)
         cut_oracle = options.pop("cut_oracle", False)  # a diagnostic bound (threshold_bound.py), not a rule
-        # The first-visit screen is the loop's (sampler.screen); None: the library's default (on with groups).
-        screen = options.pop("screen_first", None)
+        screen = options.pop("screen_first", False)  # a loop recipe (RESULTS_suite_screen.md), not an option
         evidence_gate = options.pop("evidence_gate", False)  # a probe (evidence_gate.py), not a rule
         if options.get("groups") == "labels":  # what a classifier user passes: the class labels
             options["groups"] = task.y.numpy() if task.group_labels is None else task.group_labels
@@ -280,8 +278,6 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
             sampler.prime(np.arange(n), score_losses(task, model))
             scoring_seconds = time.perf_counter() - t0
         loader = DataLoader(ds, batch_size=task.batch_size, sampler=sampler)
-        if screen is None:
-            screen = default_screen(sampler.table.groups is not None)
     steps_total = task.steps if task.steps is not None else task.epochs * math.ceil(n / task.batch_size)
     drawn = np.zeros(n, dtype=np.int64)
     screened = 0  # draws the first-visit screen left out of the loss

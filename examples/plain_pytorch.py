@@ -16,6 +16,8 @@ matters: without groups the cut cannot tell the rare group from noise and starve
     python examples/plain_pytorch.py --sampler uniform      # the baseline
     python examples/plain_pytorch.py --no-groups            # what happens without groups
     python examples/plain_pytorch.py --checkpoint run.pt    # crash-safe checkpoints; rerun to resume
+    python examples/plain_pytorch.py --screen               # screen first visits (harms the rare group here:
+                                                            # benchmarks/screen_subgroup.py)
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--sampler", choices=["irdro", "uniform"], default="irdro")
     ap.add_argument("--no-groups", action="store_true", help="do not pass the labels as groups")
+    ap.add_argument("--screen", action="store_true",
+                    help="leave out of each step the first visits the cut would take (sampler.screen)")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint", default=None,
@@ -93,7 +97,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for x, y, idx in loader:
             per_sample = F.cross_entropy(model(x), y, reduction="none")
             opt.zero_grad()
-            per_sample.mean().backward()  # resampling: the plain mean has the DRO gradient in expectation
+            loss = per_sample.mean()  # resampling: the plain mean has the DRO gradient in expectation
+            if args.screen and isinstance(sampler, IRDROSampler):  # a screened sample weighs 0, divisor kept
+                keep = torch.as_tensor(sampler.screen(idx, per_sample.detach()), dtype=per_sample.dtype)
+                loss = (per_sample * keep).mean()
+            loss.backward()
             opt.step()
             if isinstance(sampler, IRDROSampler):
                 sampler.update(idx, per_sample.detach(), step=step)

@@ -34,16 +34,6 @@ DEFAULT_CUT_RULE = "zscore-mode-split-gated"
 # not (0-36%). On the task suite it takes the cut on clean data from 0.08 to 0.01 with groups and the harmed
 # configurations without groups from 5/42 to 2/42 (benchmarks/RESULTS_suite_learned.md).
 DEFAULT_CUT_LEARNED_RATIO = 0.5
-# With groups (issue 18), a sample is judged against its own group: the spread of one class's losses is far
-# narrower than the pooled spread, which mixes classes, so a lower z-score finds its wrong labels without
-# reaching into the clean rare classes a pooled cut would take; the milder gate (spared once the running loss
-# has fallen to 0.7 of the first) gives back the clean hard samples it would take. On the task suite's 29
-# labelled configurations, with the loop's first-visit screen (screening.py), the median oracle share at >= 10%
-# noise goes from 0.29 to 0.59 with nothing harmed and 0.019 cut on clean data
-# (benchmarks/RESULTS_suite_group_z.md). Without groups a lower z-score cuts rare classes with the noise
-# (benchmarks/RESULTS_suite_z25.md): the pooled defaults above stay.
-DEFAULT_GROUP_ZSCORE = 2.0
-DEFAULT_GROUP_CUT_LEARNED_RATIO = 0.7
 # How the adaptive cut is computed from the seen losses (per group when groups are known).
 CUT_RULES = ("zscore", "log-zscore", "mixture", "tail-exp", "tail-normal", "mixture-valley", "tail-exp-agree",
              "tail-normal-agree", "mixture-valley-agree", "tail-normal-wide", "zscore-mode", "zscore-agree",

@@ -212,7 +212,7 @@ def _check_params(
     elif out is not None and groups is not None and isinstance(rule, DROWeighting) and rule.gates_split:
         raise ValueError("state_dict['group_split'] is missing: cut_rule='zscore-mode-split-gated' with groups saves it")
     if out is not None and isinstance(rule, DROWeighting):
-        out = (rule if groups is None else rule.with_groups()).gated(out)
+        out = rule.gated(out)
     if out is None or tilt_cap is None:
         return out
     where = "state_dict['tilt_cap']"

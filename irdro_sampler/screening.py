@@ -23,15 +23,6 @@ from .loss_table import LossTable
 from .weights import WeightParams, kept_mask
 
 
-def default_screen(has_groups: bool) -> bool:
-    """Whether a training loop screens first visits when its user did not say (``screen=None``): where the
-    samples carry groups. With groups, on the task suite's labelled configurations, the screen is what the byte
-    LMs lacked (their median oracle share 0.17 -> 0.40) and with the groups' own z-score it keeps a median 0.59
-    with nothing harmed (benchmarks/RESULTS_suite_group_z.md); without groups it harms a flipped-pair mixture
-    the defaults do not (benchmarks/RESULTS_suite_screen.md)."""
-    return bool(has_groups)
-
-
 def screen_first_visits(
     losses: np.ndarray, seen: np.ndarray, params: WeightParams | None, groups: np.ndarray | None = None
 ) -> np.ndarray:

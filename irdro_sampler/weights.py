@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -19,8 +19,6 @@ from ._validation import as_loss_vector, check_fraction, check_positive
 from .cut_rules import (
     DEFAULT_CUT_LEARNED_RATIO,
     DEFAULT_CUT_RULE,
-    DEFAULT_GROUP_CUT_LEARNED_RATIO,
-    DEFAULT_GROUP_ZSCORE,
     DEFAULT_ZSCORE,
     GATED_SPLIT_RULE,
     SPLIT_LEARNED_RATIO,
@@ -53,7 +51,6 @@ DEFAULT_ESS_FRACTION = 0.9
 _LATE_OPTIONS_OFF: dict[str, Any] = {
     "tilt_cap": None, "cut_floor": None, "cut_learned_ratio": None, "cut_remeasured_only": False,
     "group_tilt_share": None, "tilt_fade_cut": None, "tilt_fade_skip_block": False,
-    "group_truncate_zscore": None, "group_cut_learned_ratio": None,
 }
 # The temperature of the paper's in-batch reweighting and of ``temperature_for`` on a single loss.
 DEFAULT_TEMPERATURE = 1.0
@@ -320,14 +317,6 @@ class DROWeighting:
     learning it), and ``cut_remeasured_only`` (default False) keeps a sample whose running loss is still
     its first (measured once, before any step trained on it: no evidence yet that it cannot be learned).
 
-    With groups, ``group_truncate_zscore`` (default :data:`DEFAULT_GROUP_ZSCORE` = 2.0) and
-    ``group_cut_learned_ratio`` (default :data:`DEFAULT_GROUP_CUT_LEARNED_RATIO` = 0.7) take the place of
-    ``truncate_zscore`` and ``cut_learned_ratio`` (:meth:`with_groups`): one class's losses spread far less
-    than the pooled ones, so its wrong labels stand out at a lower z-score (chosen on the task suite:
-    ``benchmarks/RESULTS_suite_group_z.md``). None: the ungrouped option applies with groups too. They only
-    tune: where ``truncate_zscore`` or ``cut_learned_ratio`` is None, the cut or the gate stays off with
-    groups as well.
-
     This class is the one place where the rule's options, their defaults and their checks live;
     ``IRDROSampler``, the Composer ``IRDRO`` algorithm and the streaming path take the same keywords
     and pass them here.
@@ -352,8 +341,6 @@ class DROWeighting:
     group_tilt_share: float | None = DEFAULT_GROUP_TILT_SHARE
     tilt_fade_cut: float | None = DEFAULT_TILT_FADE_CUT
     tilt_fade_skip_block: bool = True
-    group_truncate_zscore: float | None = DEFAULT_GROUP_ZSCORE
-    group_cut_learned_ratio: float | None = DEFAULT_GROUP_CUT_LEARNED_RATIO
 
     def __post_init__(self) -> None:
         given = [n for n in ("temperature", "kl_radius", "ess_fraction") if getattr(self, n) is not None]
@@ -367,10 +354,6 @@ class DROWeighting:
         _check_cut_rule(self.cut_rule)
         check_positive(self.cut_floor, "cut_floor", allow_none=True)
         check_fraction(self.cut_learned_ratio, "cut_learned_ratio", low_open=True, high_open=True, allow_none=True)
-        if self.group_truncate_zscore is not None:
-            check_positive(self.group_truncate_zscore, "group_truncate_zscore")
-        check_fraction(self.group_cut_learned_ratio, "group_cut_learned_ratio", low_open=True, high_open=True,
-                       allow_none=True)
         check_fraction(self.group_tilt_share, "group_tilt_share", low_open=True, high_open=False, allow_none=True)
         check_fraction(self.tilt_fade_cut, "tilt_fade_cut", low_open=True, high_open=False, allow_none=True)
         if not isinstance(self.cut_remeasured_only, bool):
@@ -415,19 +398,6 @@ class DROWeighting:
                                       first=None if table.first_losses is None else table.first_losses[::stride])
         return params._replace(shift=max_kept_loss(table.losses, params, table.groups, first=table.first_losses))
 
-    def with_groups(self) -> DROWeighting:
-        """The rule a table with groups is fitted and gated by: ``truncate_zscore`` and ``cut_learned_ratio``
-        replaced by ``group_truncate_zscore`` and ``group_cut_learned_ratio`` where both are set (the group
-        options tune an option that is on; they do not switch one on)."""
-        z, ratio = self.truncate_zscore, self.cut_learned_ratio
-        if z is not None and self.group_truncate_zscore is not None:
-            z = self.group_truncate_zscore
-        if ratio is not None and self.group_cut_learned_ratio is not None:
-            ratio = self.group_cut_learned_ratio
-        if (z, ratio) == (self.truncate_zscore, self.cut_learned_ratio):
-            return self
-        return replace(self, truncate_zscore=z, cut_learned_ratio=ratio)
-
     @property
     def reads_first_losses(self) -> bool:
         """Whether the rule gates its cut on the samples' first losses (the table must keep them)."""
@@ -462,10 +432,7 @@ class DROWeighting:
     ) -> WeightParams:
         """Prior, cut thresholds and temperature (shift 0) from the calibration sample: the strided table
         ``losses`` (float32, NaN unseen), their ``groups`` (None without groups; ids below ``num_groups``),
-        their ``first`` losses (needed with a gate on the cut) and the table's ``prior`` option. With groups
-        the rule is :meth:`with_groups`."""
-        if groups is not None and (rule := self.with_groups()) is not self:
-            return rule.fit_calibration(losses, groups, num_groups=num_groups, prior=prior, first=first)
+        their ``first`` losses (needed with a gate on the cut) and the table's ``prior`` option."""
         view = losses.astype(np.float64)
         seen = ~np.isnan(view)
         seen_losses = view[seen]

@@ -66,11 +66,10 @@ def run_scenario(*, draws: str, groups: bool, cut: str, ranks: int, replay: bool
     noisy = (np.arange(N) % 17) == 3
     # Pinned to the rule that was the default when the digests were taken (issue 18 changed the default to
     # "zscore-mode", gated the cut on the first losses, scaled the tilt by the groups' share of the loss
-    # spread, faded it with the cut's share, did not count a block of unlearnable samples in that fade and
-    # judged a group at its own z-score; the rule is part of the state).
+    # spread, faded it with the cut's share and did not count a block of unlearnable samples in that fade; the
+    # rule is part of the state).
     rule: dict[str, Any] = {"cut_rule": "zscore", "cut_learned_ratio": None, "group_tilt_share": None,
-                            "tilt_fade_cut": None, "tilt_fade_skip_block": False, "group_truncate_zscore": None,
-                            "group_cut_learned_ratio": None}
+                            "tilt_fade_cut": None, "tilt_fade_skip_block": False}
     if cut == "none":
         rule["truncate_zscore"] = None
     elif cut == "quantile":
@@ -160,8 +159,7 @@ def legacy_state(draws: str) -> dict[str, Any]:
     s = IRDROSampler(N, BATCH, groups=labels, draws=draws, seed=4, feedback_delay=3, refresh_interval=5,
                      cut_rule="zscore", cut_learned_ratio=None,
                      group_tilt_share=None, tilt_fade_cut=None,
-                     tilt_fade_skip_block=False, group_truncate_zscore=None,
-                     group_cut_learned_ratio=None)  # the defaults when the legacy states were saved
+                     tilt_fade_skip_block=False)  # the defaults when the legacy states were saved
     step = 0
     for epoch in range(3):
         s.set_epoch(epoch)

@@ -44,20 +44,17 @@ class ScreenCheck(Callback):
             self.screened += int((~keep).sum())
 
 
-def _run(mode: str, steps: int = 12, screen: bool | None = True, groups: bool = False, loss_fn=None):
+def _run(mode: str, steps: int = 12):
     data, _, _ = ex.make_classifier_data(num_samples=N, seed=0)
     # (the example's importance loader switches the cut off; the screen needs it: the default z-score)
-    kwargs = {"truncate_zscore": DEFAULT_ZSCORE}
-    if groups:  # the observed labels, as a classifier's user passes them
-        kwargs["groups"] = data.columns["labels"].numpy()
     dl = ex.build_dataloader(data, "irdro" if mode == "resample" else "irdro-importance", BATCH, seed=0,
-                             sampler_kwargs=kwargs)
+                             sampler_kwargs={"truncate_zscore": DEFAULT_ZSCORE})
     sampler = dl.sampler
     # A table holding low losses for the first half, fitted at the first draw: the untrained model's first
     # visits to the other half lie far above their cut, so the screen has first visits to leave out from step 0.
     seen = np.arange(N // 2)
     sampler.prime(seen, np.full(seen.size, 0.05) + 0.01 * np.random.default_rng(0).random(seen.size))
-    algo = IRDRO(mode=mode, screen=screen, log_interval=1, loss_fn=loss_fn)
+    algo = IRDRO(mode=mode, screen=True, log_interval=1)
     check = ScreenCheck(sampler, importance=mode == "importance")
     logger = InMemoryLogger()
     model = ex.build_classifier_model(seed=0)
@@ -78,33 +75,9 @@ def test_the_loss_leaves_the_screened_first_visits_out(mode: str) -> None:
     assert np.isclose(float(np.mean(fractions)) * len(check.got) * BATCH, check.screened)
 
 
-def test_by_default_it_screens_where_the_samples_carry_groups() -> None:
-    """``screen=None`` (the default) is ``default_screen`` of the sampler's groups: on with them, off without."""
-    with_groups, logger = _run("resample", steps=6, screen=None, groups=True)
-    assert with_groups.screened > 0 and "irdro/screened_fraction" in logger.data
-    np.testing.assert_allclose(with_groups.got, with_groups.expected, rtol=1e-5)
-    without, logger = _run("resample", steps=6, screen=None, groups=False)
-    assert without.screened > 0  # the check would have screened ...
-    assert "irdro/screened_fraction" not in logger.data  # ... but the run did not
-    assert not np.allclose(without.got, without.expected, rtol=1e-5)
-
-
-def test_by_default_a_loss_fn_without_gradients_turns_the_screen_off(caplog) -> None:
-    def detached(outputs, batch):
-        return torch.nn.functional.cross_entropy(outputs, batch["labels"], reduction="none").detach()
-
-    with caplog.at_level("WARNING"):
-        check, logger = _run("resample", steps=4, screen=None, groups=True, loss_fn=detached)
-    assert "irdro/screened_fraction" not in logger.data
-    assert sum("first-visit screen (on by default with groups) is off" in r.getMessage() for r in caplog.records) == 1
-    with pytest.raises(ValueError, match="without gradients"):
-        _run("resample", steps=2, screen=True, groups=True, loss_fn=detached)
-
-
 def test_screen_options_are_checked() -> None:
     with pytest.raises(ValueError, match="mode='reweight'"):
         IRDRO(mode="reweight", screen=True)
-    with pytest.raises(TypeError, match="screen must be True, False or None"):
+    with pytest.raises(TypeError, match="screen must be a bool"):
         IRDRO(screen="yes")
     assert "screen=True" in repr(IRDRO(screen=True)) and "screen" not in repr(IRDRO())
-    assert "screen=False" in repr(IRDRO(screen=False))

@@ -156,6 +156,20 @@ def test_plain_pytorch_example_shows_its_claim():
     assert irdro["drawn_rare"] > uniform["drawn_rare"], (irdro, uniform)
 
 
+def test_plain_pytorch_screen_flag_harms_the_rare_group_as_its_docstring_says():
+    """``--screen`` (sampler.screen in the loop): the rare group, whose own decision boundary the model has not
+    learned at its first visits, has those visits screened and ends worse than under uniform sampling
+    (benchmarks/screen_subgroup.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plain_pytorch", EXAMPLES / "plain_pytorch.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    uniform, screened = example.main(["--sampler", "uniform"]), example.main(["--screen"])
+    assert screened["rare"] > uniform["rare"] + 0.5, (screened, uniform)
+    assert screened["drawn_rare"] < uniform["drawn_rare"], (screened, uniform)
+
+
 @pytest.mark.slow
 def test_scoring_pass_example_shows_its_claim():
     """At the default seed and flags, with the library's defaults: the primed sampler draws the random

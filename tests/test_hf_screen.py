@@ -71,8 +71,7 @@ class GradTrainer(worker.OutputsHookTrainer):
                            "logits": logits.detach().clone(), "labels": labels.detach().clone()})
 
 
-def _trainer(out: Path, *, screen: bool | None, task: str = "lm", grad_accum: int = 1,
-             groups: np.ndarray | None = None) -> GradTrainer:
+def _trainer(out: Path, *, screen: bool, task: str = "lm", grad_accum: int = 1) -> GradTrainer:
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, TrainingArguments
 
     torch.manual_seed(0)
@@ -89,7 +88,7 @@ def _trainer(out: Path, *, screen: bool | None, task: str = "lm", grad_accum: in
     )
     return GradTrainer(model=model, args=args, train_dataset=worker.Samples(N, task),
                        irdro=dict(seed=3, initial_losses=_primed(1.0 if task == "lm" else 0.1),
-                                  groups=groups),
+                                  groups=None),
                        irdro_screen=screen)
 
 
@@ -159,19 +158,6 @@ def test_sequence_classifier_is_screened_alike(tmp_path):
     assert _check_steps(t, token_level=False) >= 30
 
 
-def test_by_default_it_screens_where_the_sampler_has_groups(tmp_path):
-    """``irdro_screen=None`` (the default) is ``default_screen`` of the sampler's groups: on with groups (here two
-    halves, each judged at its own cut), off without."""
-    grouped = _trainer(tmp_path / "groups", screen=None, groups=(np.arange(N) % 2).astype(np.int64))
-    grouped.train()
-    assert _check_steps(grouped, token_level=True) >= 30
-    assert any("irdro/screened_fraction" in h for h in grouped.state.log_history)
-    plain = _trainer(tmp_path / "plain", screen=None)
-    plain.train()
-    assert all(rec["loss"] == rec["own"] for rec in plain.steps)
-    assert not any("irdro/screened_fraction" in h for h in plain.state.log_history)
-
-
 def test_bad_screen_arguments_are_refused(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
@@ -179,5 +165,5 @@ def test_bad_screen_arguments_are_refused(tmp_path):
                                        n_head=2))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     data = worker.Samples(16, "lm")
-    with pytest.raises(TypeError, match="irdro_screen must be True, False or None, got 'yes'"):
+    with pytest.raises(TypeError, match="irdro_screen must be True or False, got 'yes'"):
         IRDROTrainer(model=model, args=args, train_dataset=data, irdro_screen="yes")

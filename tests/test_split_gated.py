@@ -22,9 +22,6 @@ from irdro_sampler.cut_rules import (
 from irdro_sampler.weights import kept_mask
 
 RULE = "zscore-mode-split-gated"
-# The split is judged here at the pooled z-score and gate (the defaults when these tests were written): with
-# groups the defaults now cut each group at z = 2.0, which on these losses lies below the split.
-POOLED = {"group_truncate_zscore": None, "group_cut_learned_ratio": None}
 N = 960
 GROUPS = np.repeat([0, 1, 2], [450, 450, 60])
 
@@ -55,7 +52,7 @@ def _table(loss: np.ndarray, first: np.ndarray, groups: np.ndarray | None) -> Lo
 def test_the_split_cuts_rising_losses_and_spares_falling_ones() -> None:
     loss, first, mode, falling = _losses()
     table = _table(loss, first, GROUPS)
-    params = DROWeighting(**POOLED, cut_rule=RULE).fit(table)
+    params = DROWeighting(cut_rule=RULE).fit(table)
     kept = kept_mask(table.losses, params, table.groups, table.first_losses)
     z_only = group_cut_thresholds(loss, GROUPS, num_groups=3, truncate_zscore=3.5, cut_rule="zscore-mode")
     assert np.mean(loss[mode] > z_only[GROUPS[mode]]) <= 0.25  # the z-score alone misses most of the mode
@@ -76,9 +73,9 @@ def test_it_is_the_majority_split_with_the_falling_samples_spared() -> None:
     cut there whose loss is below their first."""
     loss, first, mode, falling = _losses()
     table = _table(loss, first, GROUPS)
-    gated = DROWeighting(**POOLED, cut_rule=RULE).fit(table)
-    majority = DROWeighting(**POOLED, cut_rule="zscore-mode-split-majority").fit(table)
-    plain = DROWeighting(**POOLED, cut_rule="zscore-mode").fit(table)
+    gated = DROWeighting(cut_rule=RULE).fit(table)
+    majority = DROWeighting(cut_rule="zscore-mode-split-majority").fit(table)
+    plain = DROWeighting(cut_rule="zscore-mode").fit(table)
     kept_g, kept_m, kept_p = (kept_mask(table.losses, p, table.groups, table.first_losses)
                               for p in (gated, majority, plain))
     np.testing.assert_array_equal(gated.group_threshold, plain.group_threshold)
@@ -92,15 +89,15 @@ def test_it_is_the_majority_split_with_the_falling_samples_spared() -> None:
 def test_without_groups_it_is_zscore_mode() -> None:
     loss, first, _, _ = _losses()
     table = _table(loss, first, None)
-    gated, plain = DROWeighting(**POOLED, cut_rule=RULE), DROWeighting(**POOLED, cut_rule="zscore-mode")
+    gated, plain = DROWeighting(cut_rule=RULE), DROWeighting(cut_rule="zscore-mode")
     assert gated.fit(table) == plain.fit(table)
     np.testing.assert_array_equal(gated.probabilities(table), plain.probabilities(table))
 
 
 def test_the_rule_reads_first_losses_and_names_itself_when_the_table_has_none() -> None:
-    rule = DROWeighting(**POOLED, cut_rule=RULE, cut_learned_ratio=None)
+    rule = DROWeighting(cut_rule=RULE, cut_learned_ratio=None)
     assert rule.reads_first_losses and rule.gates_split
-    assert not DROWeighting(**POOLED, cut_rule=RULE, truncate_zscore=None, cut_learned_ratio=None).reads_first_losses
+    assert not DROWeighting(cut_rule=RULE, truncate_zscore=None, cut_learned_ratio=None).reads_first_losses
     with pytest.raises(ValueError, match="cut_rule='zscore-mode-split-gated'.*track_first_losses"):
         rule.fit(LossTable(N, groups=GROUPS, track_first_losses=False))
     assert DROWeighting.from_config(rule.config()) == rule
@@ -123,7 +120,7 @@ def _sampler_loss(ids: list[int], step: int) -> np.ndarray:
 
 def _make(**kw) -> IRDROSampler:
     return IRDROSampler(SAMPLER_N, BATCH, seed=5, groups=SAMPLER_GROUPS, refresh_interval=3, feedback_delay=1,
-                        uniform_mix=0.5, ema=0.0, cut_rule=RULE, **POOLED, **kw)
+                        uniform_mix=0.5, ema=0.0, cut_rule=RULE, **kw)
 
 
 def _run(sampler: IRDROSampler, first: int, last: int, save_after: int | None = None) -> tuple[dict, dict | None]:
@@ -174,7 +171,7 @@ def test_without_groups_the_default_sampler_draws_as_zscore_mode_did() -> None:
 
 # ------------------------------------------------------------------------------------- sharded over ranks
 SHARDED_STEPS, SHARDED_SAVE = 45, 30
-SHARDED_OPTS = dict(seed=5, refresh_interval=3, feedback_delay=1, uniform_mix=0.5, ema=0.0, cut_rule=RULE, **POOLED)
+SHARDED_OPTS = dict(seed=5, refresh_interval=3, feedback_delay=1, uniform_mix=0.5, ema=0.0, cut_rule=RULE)
 
 
 def _sharded_groups(start: int, stop: int) -> np.ndarray:

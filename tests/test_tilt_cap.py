@@ -14,7 +14,7 @@ import pytest
 from _core_helpers import assert_state_equal, loss_of, run_steps
 
 from irdro_sampler import DROWeighting, IRDROSampler, LossTable
-from irdro_sampler.cut_rules import DEFAULT_GROUP_ZSCORE, DEFAULT_ZSCORE, cut_threshold, group_cut_thresholds
+from irdro_sampler.cut_rules import DEFAULT_ZSCORE, cut_threshold, group_cut_thresholds
 from irdro_sampler.weights import RULE_OPTIONS, masses, max_kept_loss, temperature_for_ess
 
 N = 3000
@@ -72,7 +72,7 @@ def test_capped_masses_per_group():
     seen = ~np.isnan(table.losses)
     num_groups = NUM_GROUPS + 1
     want_cap = group_cut_thresholds(table.losses[seen].astype(np.float64), table.groups[seen], num_groups=num_groups,
-                                    truncate_zscore=DEFAULT_GROUP_ZSCORE)  # a group's own z-score
+                                    truncate_zscore=DEFAULT_ZSCORE)
     np.testing.assert_array_equal(params.group_cap, want_cap)
     assert params.cap is None and params.group_cap[NUM_GROUPS] == math.inf  # the tiny group is uncapped
     assert len(set(params.group_cap[:NUM_GROUPS].tolist())) > 1  # each group its own cap
@@ -126,7 +126,7 @@ def test_defaults_unchanged():
     assert [k for k, _ in rule.identity()] == sorted(
         ["temperature", "kl_radius", "ess_fraction", "truncate_quantile", "truncate_zscore", "cut_rule",
          "uniform_mix", "calibration_size", "cut_learned_ratio", "group_tilt_share",
-         "tilt_fade_cut", "tilt_fade_skip_block", "group_truncate_zscore", "group_cut_learned_ratio"])
+         "tilt_fade_cut", "tilt_fade_skip_block"])
     assert DROWeighting(tilt_cap=None) == rule
     assert DROWeighting(tilt_cap="zscore").config()["tilt_cap"] == "zscore"
     for groups in (False, True):

@@ -98,7 +98,6 @@ from irdro_sampler.integrations._hf_compat import (
 )
 from irdro_sampler.losses import classification_per_sample_loss, token_per_sample_loss
 from irdro_sampler.priming import check_initial_losses, prime_from
-from irdro_sampler.screening import default_screen
 
 __all__ = [
     "INDEX_KEY",
@@ -371,9 +370,7 @@ class IRDROTrainerMixin:
             The step trains on the Trainer's loss less the screened samples' share of it, divisor kept
             (:mod:`irdro_sampler.integrations.hf_screen`); every loss is still fed back, the sample order is
             unchanged, and ``irdro/screened_fraction`` is logged. With ``sharded=True`` each micro-batch's
-            screen is a collective (the owners of its samples' rows judge them). Default None: on where the
-            sampler has groups (:func:`~irdro_sampler.screening.default_screen`), off otherwise; under None a
-            ``per_sample_loss`` callable whose losses carry no gradients turns it off, logged once.
+            screen is a collective (the owners of its samples' rows judge them). Default False.
 
     Attributes: ``irdro_sampler`` (None until the train DataLoader is built).
     """
@@ -384,11 +381,11 @@ class IRDROTrainerMixin:
         irdro: IRDROSampler | ShardedIRDROSampler | Mapping[str, Any] | None = None,
         per_sample_loss: PerSampleLoss | str | None = None,
         irdro_check_interval: int | None = None,
-        irdro_screen: bool | None = None,
+        irdro_screen: bool = False,
         **kwargs: Any,
     ) -> None:
-        if irdro_screen is not None and not isinstance(irdro_screen, bool):
-            raise TypeError(f"irdro_screen must be True, False or None, got {irdro_screen!r}")
+        if not isinstance(irdro_screen, bool):
+            raise TypeError(f"irdro_screen must be True or False, got {irdro_screen!r}")
         if irdro is not None and not isinstance(irdro, (IRDROSampler, ShardedIRDROSampler, Mapping)):
             raise TypeError(f"irdro must be a dict of IRDROSampler options, an IRDROSampler or a ShardedIRDROSampler, "
                             f"got {irdro!r}")
@@ -569,24 +566,9 @@ class IRDROTrainerMixin:
                 f"got {shape}"
             )
         self._irdro_parts.append((step, torch.tensor(idx, dtype=torch.int64), per_sample.detach().float().cpu()))
-        if self._irdro_screens(per_sample):
+        if self._irdro_screen:
             loss = self._irdro_screened_loss(model, loss, outputs, view, idx, per_sample)
         return (loss, outputs) if return_outputs else loss
-
-    def _irdro_screens(self, per_sample: torch.Tensor) -> bool:
-        """Whether this micro-batch is screened: ``irdro_screen``, or under None :func:`default_screen` of the
-        sampler's groups while the per-sample losses can carry the screen's gradients."""
-        if self._irdro_screen is not None:
-            return self._irdro_screen
-        if not default_screen(self.irdro_sampler.table.groups is not None):  # type: ignore[union-attr]
-            return False
-        if self._irdro_loss_fn is not None and torch.is_grad_enabled() and not per_sample.requires_grad:
-            log.warning("IRDROTrainer: the first-visit screen (on by default with groups) is off: per_sample_loss "
-                        "returned losses without gradients; keep autograd to screen, or pass irdro_screen=False "
-                        "to silence this")
-            self._irdro_screen = False
-            return False
-        return True
 
     def _irdro_screened_loss(self, model: Any, loss: torch.Tensor, outputs: Any, inputs: Mapping[str, Any],
                              idx: list[int], per_sample: torch.Tensor) -> torch.Tensor:

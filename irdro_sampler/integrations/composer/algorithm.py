@@ -59,7 +59,6 @@ from irdro_sampler._validation import as_groups
 from irdro_sampler.diagnostics import metric_names
 from irdro_sampler.integrations._class_targets import no_groups_note
 from irdro_sampler.priming import check_initial_losses
-from irdro_sampler.screening import default_screen
 
 from .batches import BatchFeedback, num_rows, split_off_indices, without_key
 from .collectives import check_ranks_agree, gather_feedback
@@ -209,10 +208,7 @@ class IRDRO(Algorithm):
             which must keep gradients; it replaces the model's own loss (for a causal LM: the mean of per-sequence
             means, not the mean over all tokens). Works with an ``IRDROSampler``, a ``ShardedIRDROSampler`` (a collective
             per microbatch) and the streaming path (the round's cut); not with ``mode='reweight'``. Logs
-            ``irdro/screened_fraction``. Default None: on where the target's samples carry groups
-            (:func:`~irdro_sampler.screening.default_screen`; the suite's labelled tasks gain from it) and it can
-            screen (not in ``reweight`` mode), off otherwise; under None a ``loss_fn`` whose losses carry no
-            gradients turns it off, logged once, where ``screen=True`` raises.
+            ``irdro/screened_fraction``. Default False.
         log_interval: log ``irdro/*`` metrics every this many batches (0 disables). The sampler's
             diagnostics cost O(N) (a pass over the probabilities), so keep it coarse for large N.
         check_interval: compare the ranks' fingerprints (one all-gather of one int64) at ``FIT_START``
@@ -234,18 +230,17 @@ class IRDRO(Algorithm):
         check_interval: int | None = None,
         groups: Any = None,
         initial_losses: Any = None,
-        screen: bool | None = None,
+        screen: bool = False,
         **rule_options: Any,
     ) -> None:
         if check_interval is None:
             check_interval = log_interval if isinstance(log_interval, int) else 0
         _check_options(mode, log_interval, check_interval, index_key)
-        if screen is not None and not isinstance(screen, bool):
-            raise TypeError(f"screen must be True, False or None, got {screen!r}")
+        if not isinstance(screen, bool):
+            raise TypeError(f"screen must be a bool, got {screen!r}")
         if screen and mode == "reweight":
             raise ValueError("IRDRO(screen=True) needs the sampler's draws; mode='reweight' reweights uniform data")
         self.screen = screen
-        self._screens = bool(screen)  # resolved at FIT_START when None (default_screen of the target)
         self.rule_options = dict(rule_options)
         self.table_options = {k: v for k, v in dict(ema=ema, prior=prior).items() if v is not None}
         self.groups = groups
@@ -281,8 +276,8 @@ class IRDRO(Algorithm):
             extra += f", check_interval={self.check_interval}"
         if isinstance(self.loss_fn_spec, str):
             extra += f", loss_fn={self.loss_fn_spec!r}"
-        if self.screen is not None:
-            extra += f", screen={self.screen}"
+        if self.screen:
+            extra += ", screen=True"
         return f"IRDRO({args + ', ' if args else ''}{extra})"
 
     # ------------------------------------------------------------------ what is fed
@@ -365,7 +360,7 @@ class IRDRO(Algorithm):
                 logger.log_metrics(metric_names(metrics))
 
     def _needs_grad_losses(self) -> bool:
-        return self.mode in ("importance", "reweight") or self._screens
+        return self.mode in ("importance", "reweight") or self.screen
 
     def _fit_start(self, state: State) -> None:
         dataloader = state.train_dataloader if state.train_dataloader is not None else state.dataloader
@@ -378,8 +373,6 @@ class IRDRO(Algorithm):
         if target is not None:
             options = FeedbackOptions(self._rule, self.rule_options, self.table_options, self.groups, self.mode)
             target.attach(options, self.target)
-        can_screen = target is not None and self.mode != "reweight" and callable(getattr(target, "screen", None))
-        self._screens = self.screen if self.screen is not None else can_screen and default_screen(target.has_groups)
         self.target = target
         bind = getattr(target, "bind", None)
         if callable(bind):  # optional: targets that need the run (the sharded sampler's checkpoint files)
@@ -433,17 +426,10 @@ class IRDRO(Algorithm):
         if self._needs_grad_losses():
             self._grad_losses, self._grad_indices = losses, indices
             if not losses.requires_grad and torch.is_grad_enabled() and not self._checked_first_batch:
-                if self.screen is not None or self.mode != "resample":
-                    raise ValueError(
-                        f"IRDRO(mode={self.mode!r}): loss_fn returned losses without gradients; it must compute them "
-                        "from state.outputs with autograd (no .detach(), no torch.no_grad())"
-                    )
-                # The screen was on by default (groups): a loss_fn without gradients cannot screen; say so once.
-                log.warning("IRDRO: the first-visit screen (on by default with groups) is off: loss_fn returned "
-                            "losses without gradients; return them from state.outputs with autograd to screen, or "
-                            "pass screen=False to silence this")
-                self._screens = False
-                self._grad_losses = self._grad_indices = None
+                raise ValueError(
+                    f"IRDRO(mode={self.mode!r}): loss_fn returned losses without gradients; it must compute them "
+                    "from state.outputs with autograd (no .detach(), no torch.no_grad())"
+                )
         if not self._checked_first_batch:
             self._note_class_targets(batch)
         self._checked_first_batch = True
@@ -468,7 +454,7 @@ class IRDRO(Algorithm):
                 f"the model returned {type(state.loss).__name__}"
             )
         keep = None
-        if self._screens:  # FIT_START checked the target can screen
+        if self.screen:  # FIT_START checked the target can screen
             assert self.target is not None and indices is not None
             keep = self.target.screen(indices.numpy(), losses.detach())  # type: ignore[attr-defined]
             self._meters.add_screened(keep)
