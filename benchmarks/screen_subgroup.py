@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from block_screen import BlockScreen
+
 from irdro_sampler import IRDROSampler
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "plain_pytorch.py"
@@ -28,13 +30,18 @@ def _example():
     return module
 
 
-def run(options: dict, screen: bool) -> dict[str, float]:
-    """The example at its default seed and flags, its sampler built with ``options``, the loop screening or not."""
+def run(options: dict, screen: bool | str) -> dict[str, float]:
+    """The example at its default seed and flags, its sampler built with ``options``, the loop screening or not
+    (``"block"``: only first visits inside a block of unlearnable samples, block_screen.py)."""
     ex = _example()
 
     class Sampler(IRDROSampler):  # the example's sampler with the variant's options
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **options, **kwargs)
+            self._block = BlockScreen()
+
+        def screen(self, indices, losses):
+            return self._block.keep(self, indices, losses) if screen == "block" else super().screen(indices, losses)
 
     ex.IRDROSampler = Sampler
     return ex.main(["--screen"] if screen else [])
@@ -43,7 +50,7 @@ def run(options: dict, screen: bool) -> dict[str, float]:
 def main() -> None:
     print(f"uniform: {_rounded(_example().main(['--sampler', 'uniform']))}")
     for name, options in VARIANTS.items():
-        for screen in (False, True):
+        for screen in (False, True, "block"):
             print(f"{name}, screen={screen}: {_rounded(run(options, screen))}")
 
 

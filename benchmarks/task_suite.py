@@ -219,6 +219,9 @@ ARMS["z25-l7"] = {"groups": "labels", "truncate_zscore": 2.5, "cut_learned_ratio
 # the first visits the gate needs, and the quality benchmark's clean rare digits lose half their gain).
 ARMS["z20-screen-l7"] = {"groups": "labels", "truncate_zscore": 2.0, "screen_first": True, "cut_learned_ratio": 0.7}
 ARMS["z225-screen-l7"] = {"groups": "labels", "truncate_zscore": 2.25, "screen_first": True, "cut_learned_ratio": 0.7}
+# A probe: the screen only inside a block of unlearnable samples (block_screen.py), with and without groups.
+ARMS["screen-block"] = {"groups": "labels", "screen_first": "block"}
+ARMS["screen-block-nogroups"] = {"screen_first": "block"}
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
 COMPARED = ("oracle", "irdro", "irdro-nogroups", "reweight")

@@ -281,6 +281,10 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
     steps_total = task.steps if task.steps is not None else task.epochs * math.ceil(n / task.batch_size)
     drawn = np.zeros(n, dtype=np.int64)
     screened = 0  # draws the first-visit screen left out of the loss
+    if screen == "block":
+        from block_screen import BlockScreen
+
+        block_screen = BlockScreen()
     step = 0
     epoch = 0
     t_train = time.perf_counter()
@@ -295,6 +299,10 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
                 lv = loss.detach().numpy().astype(np.float64)
                 w = torch.from_numpy(kl_dro_weights(lv, DROWeighting().temperature_for(lv))).float()
                 total = (w * loss).sum()
+            elif screen == "block":  # a probe: only first visits inside a block of unlearnable samples are left out
+                keep = block_screen.keep(sampler, idx, loss.detach())
+                screened += int(keep.size - keep.sum())
+                total = (loss * torch.from_numpy(keep)).mean()
             elif screen:  # the first-visit screen (IRDROSampler.screen): a first visit the cut would take is left out
                 keep = sampler.screen(idx, loss.detach())
                 screened += int(keep.size - keep.sum())

@@ -106,6 +106,33 @@ def test_best_threshold_bound_is_the_fewest_errors_threshold():
     assert s.stats()["truncated_fraction"] == pytest.approx(noisy.mean())
 
 
+def test_block_screen_leaves_out_only_first_visits_above_the_block():
+    """The probe's screen (benchmarks/block_screen.py): with a block of random-content losses in the table, a first
+    visit above the block's valley is left out, one below it or already seen is kept; without a block nothing is."""
+    import block_screen
+
+    from irdro_sampler import IRDROSampler
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    block = np.arange(n) % 5 == 0  # 20%: a tight mode far above the bulk
+    losses = np.where(block, 5.5 + 0.05 * rng.standard_normal(n), np.exp(0.3 * rng.standard_normal(n)))
+    for with_block in (True, False):
+        s = IRDROSampler(n, 10, seed=0)
+        primed = np.arange(n) % 2 == 0
+        s.prime(np.flatnonzero(primed), (losses if with_block else np.where(block, 1.0, losses))[primed])
+        next(iter(s))  # the first refit, on the primed losses
+        screen = block_screen.BlockScreen()
+        unseen = np.flatnonzero(~primed)
+        keep = screen.keep(s, unseen, losses[unseen])
+        if with_block:
+            assert np.isfinite(screen.valley)
+            np.testing.assert_array_equal(keep, ~block[unseen])
+            assert screen.keep(s, np.flatnonzero(primed & block), losses[primed & block]).all()  # seen: kept
+        else:
+            assert screen.valley == np.inf and keep.all()
+
+
 def test_arms_run_before_a_default_changed_keep_their_options():
     """The runs in task_suite_out/ were made with the options of their day: an arm that names no cut_rule was run
     before the gated split became the default and keeps "zscore-mode"; only the defaults' arms follow the
@@ -121,7 +148,8 @@ def test_arms_run_before_a_default_changed_keep_their_options():
                 continue
             if name in ("irdro", "irdro-nogroups", "screen", "screen-nogroups", "evidence", "evidence-nogroups",
                         "z30-groups", "z25-groups", "z25-screen", "z25-screen-l6", "z25-screen-l7", "z25-l7",
-                        "z20-screen-l7", "z225-screen-l7"):
+                        "z20-screen-l7", "z225-screen-l7", "screen-block", "screen-block-nogroups",
+                        "irdro-z20-screen-l7"):
                 assert "cut_rule" not in opts, name
             else:
                 assert opts["cut_rule"] != DEFAULT_CUT_RULE, name
