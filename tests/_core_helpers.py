@@ -174,13 +174,37 @@ def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+#: Seconds the ranks still running may take to tear gloo down once one rank has exited cleanly.
+TEARDOWN_GRACE = 60.0
+
+
 def spawn_gloo(worker: Any, world: int, *args: Any) -> list[Any]:
     """Run ``worker(rank, world, port, results, *args)`` on ``world`` processes (torch.multiprocessing)
-    and return what each rank stored in ``results[rank]``, in rank order."""
+    and return what each rank stored in ``results[rank]``, in rank order.
+
+    A rank that fails fails the call (its traceback raised here). A rank that exits cleanly has passed the
+    barrier of :func:`gloo_group`, so every rank has finished its work and stored its results: a rank still
+    running :data:`TEARDOWN_GRACE` seconds later is stuck tearing gloo down (seen on this machine, rarely, in
+    ``destroy_process_group``: pytorch#75097) and is killed, with a note on stderr, instead of hanging the run."""
+    import sys
+    import time
+
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
-    mp.spawn(worker, args=(world, free_port(), results, *args), nprocs=world, join=True)
+    ctx = mp.start_processes(worker, args=(world, free_port(), results, *args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = None
+    while not ctx.join(timeout=1.0):
+        if deadline is None and any(p.exitcode == 0 for p in ctx.processes):
+            deadline = time.monotonic() + TEARDOWN_GRACE
+        if deadline is not None and time.monotonic() > deadline:
+            stuck = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
+            for rank in stuck:
+                ctx.processes[rank].kill()
+            print(f"spawn_gloo: rank(s) {stuck} of {world} stuck in gloo teardown after the others exited; killed",
+                  file=sys.stderr)
+            break
     return [results[r] for r in range(world)]
 
 
