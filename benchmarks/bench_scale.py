@@ -23,7 +23,6 @@ import argparse
 import os
 import resource
 import shlex
-import socket
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _gloo import free_port, gloo_group
 from tqdm import tqdm
 
 from irdro_sampler import IRDROSampler
@@ -104,8 +104,7 @@ def _peak_rss() -> int:
 
 
 def _rank(rank: int, world: int, port: int, n: int, steps: int, folder: str, draws: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         traffic = _Traffic()
         s = ShardedIRDROSampler(n, GLOBAL_BATCH // world, feedback_delay=4, refresh_interval=REFRESH, draws=draws)
         out = _measure(s, steps, traffic)
@@ -118,9 +117,6 @@ def _rank(rank: int, world: int, port: int, n: int, steps: int, folder: str, dra
         out["load"] = time.perf_counter() - t0
         out.update(nbytes=s.nbytes, rss=_peak_rss(), shards=s.shards.num_shards)
         results[rank] = out
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 def _unsharded(n: int, steps: int, draws: str, results) -> None:
@@ -129,12 +125,6 @@ def _unsharded(n: int, steps: int, draws: str, results) -> None:
     out.update(nbytes=s.nbytes, rss=_peak_rss(), shards=0,
                save=float("nan"), load=float("nan"))
     results[0] = out
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(n: int, world: int | None, steps: int, draws: str = "iid") -> dict:
@@ -147,7 +137,7 @@ def run(n: int, world: int | None, steps: int, draws: str = "iid") -> dict:
         per = [results[0]]
     else:
         with tempfile.TemporaryDirectory() as folder:
-            mp.spawn(_rank, args=(world, _free_port(), n, steps, folder, draws, results), nprocs=world, join=True)
+            mp.spawn(_rank, args=(world, free_port(), n, steps, folder, draws, results), nprocs=world, join=True)
             per = [results[r] for r in range(world)]
     wall = np.concatenate([p["wall"] for p in per]) * 1e3
     cpu = np.concatenate([p["cpu"] for p in per]) * 1e3

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import socket
 import statistics
 import sys
 import time
 
 import numpy as np
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from _gloo import free_port, gloo_group
 from tqdm import tqdm
 
 from irdro_sampler import IRDROSampler, ShardedIRDROSampler
@@ -32,12 +31,6 @@ def _loss(ids: np.ndarray, step: int) -> np.ndarray:
     """Deterministic losses: a quarter of the ids (ids % 4 == 0) far above the rest."""
     base = (ids * 2654435761 % 1000) / 500.0 + 0.5
     return np.where(ids % 4 == 0, 8.0, base) + 0.01 * np.sin(step + ids)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _time_steps(draw_and_feed, screen, steps: int, progress: bool) -> tuple[float, float]:
@@ -69,8 +62,7 @@ def unsharded(n: int, batch: int, steps: int) -> tuple[float, float]:
 
 
 def _sharded_worker(rank: int, world: int, port: int, results, n: int, batch: int, steps: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         s = ShardedIRDROSampler(n, batch, seed=0)
         parts = s.iter_batches()
 
@@ -81,14 +73,11 @@ def _sharded_worker(rank: int, world: int, port: int, results, n: int, batch: in
             return part, _loss(part, b)
 
         results[rank] = _time_steps(draw_and_feed, s.screen, steps, progress=rank == 0)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def sharded(n: int, batch: int, steps: int, world: int) -> tuple[float, float]:
     results = mp.Manager().dict()
-    mp.spawn(_sharded_worker, args=(world, _free_port(), results, n, batch, steps), nprocs=world, join=True)
+    mp.spawn(_sharded_worker, args=(world, free_port(), results, n, batch, steps), nprocs=world, join=True)
     return max(results[r][0] for r in range(world)), max(results[r][1] for r in range(world))
 
 

@@ -28,7 +28,6 @@ import hashlib
 import os
 import resource
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _gloo import free_port, gloo_group
 from tqdm import tqdm
 
 from irdro_sampler.carried_rounding import balanced_counts, initial_carry
@@ -49,12 +49,6 @@ SEED = 1234
 ROUNDS = 3
 MDS_SHARD = 1 << 15  # synthetic MDS shards of the unsharded planner
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "all_gather_object")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb() -> float:
@@ -107,8 +101,7 @@ class _CollectiveClock:
 
 def _sharded_worker(rank: int, world: int, port: int, results, n: int, draws: str, round_size: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         shards = VirtualShards(n, default_num_shards(n))
         start, stop = shards.ids_of_rank(rank, world)
         owned = shards.shards_of_rank(rank, world)
@@ -140,9 +133,6 @@ def _sharded_worker(rank: int, world: int, port: int, results, n: int, draws: st
             coll_n=int(statistics.median(coll_n)), held=held, owned=stop - start, round_bytes=round_bytes,
             peak=_peak_mb(), delta=_peak_mb() - rss0, digests=digests, shards=shards.num_shards,
         )
-        dist.barrier()  # leave together: tearing gloo down while a peer is mid-collective can hang
-    finally:
-        dist.destroy_process_group()
 
 
 def _unsharded_worker(_: int, port: int, results, n: int, draws: str, round_size: int) -> None:
@@ -180,9 +170,9 @@ def _unsharded_worker(_: int, port: int, results, n: int, draws: str, round_size
 def _spawn(fn, nprocs: int, *args) -> list[dict]:
     results = mp.Manager().dict()
     if fn is _sharded_worker:
-        mp.spawn(fn, args=(nprocs, _free_port(), results, *args), nprocs=nprocs, join=True)
+        mp.spawn(fn, args=(nprocs, free_port(), results, *args), nprocs=nprocs, join=True)
     else:
-        mp.spawn(fn, args=(_free_port(), results, *args), nprocs=1, join=True)
+        mp.spawn(fn, args=(free_port(), results, *args), nprocs=1, join=True)
     return [results[r] for r in range(nprocs)]
 
 

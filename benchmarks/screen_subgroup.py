@@ -2,10 +2,10 @@
 
 The screen leaves out a first visit the cut would take. The rare group here has its own decision boundary, which
 the model has not learned when the group's hard samples are first visited: their losses lie above the cut, so
-they are screened, never trained on at that visit, and their loss does not fall, which is the evidence the
-gate that spares what is being learned waits for; the group is then cut and drawn below its share. Prints the example's result
-(test loss per group, share of draws) for the defaults and the suite's candidates, with and without the screen
-in the loop (RESULTS_suite_group_z.md):
+they are screened, never trained on at that visit, and their loss does not fall, which is the evidence the gate
+that spares what is being learned waits for; the group is then cut and drawn below its share. Prints the
+example's result (test loss per group, share of draws) for the defaults and the suite's candidates, without the
+screen, with it, and with the block-only screen (block_screen.py) in the loop (RESULTS_suite_group_z.md):
 
     python benchmarks/screen_subgroup.py
 """

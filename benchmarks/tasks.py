@@ -299,12 +299,10 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
                 lv = loss.detach().numpy().astype(np.float64)
                 w = torch.from_numpy(kl_dro_weights(lv, DROWeighting().temperature_for(lv))).float()
                 total = (w * loss).sum()
-            elif screen == "block":  # a probe: only first visits inside a block of unlearnable samples are left out
-                keep = block_screen.keep(sampler, idx, loss.detach())
-                screened += int(keep.size - keep.sum())
-                total = (loss * torch.from_numpy(keep)).mean()
             elif screen:  # the first-visit screen (IRDROSampler.screen): a first visit the cut would take is left out
-                keep = sampler.screen(idx, loss.detach())
+                # ("block", a probe: only first visits inside a block of unlearnable samples, block_screen.py)
+                keep = (block_screen.keep(sampler, idx, loss.detach()) if screen == "block"
+                        else sampler.screen(idx, loss.detach()))
                 screened += int(keep.size - keep.sum())
                 total = (loss * torch.from_numpy(keep)).mean()
             else:
