@@ -5,7 +5,7 @@ the model has not learned when the group's hard samples are first visited: their
 they are screened, never trained on at that visit, and their loss does not fall, which is the evidence the gate
 that spares what is being learned waits for; the group is then cut and drawn below its share. Prints the
 example's result (test loss per group, share of draws) for the defaults and the suite's candidates, without the
-screen, with it, and with the block-only screen (block_screen.py) in the loop (RESULTS_suite_group_z.md):
+screen, with it, and with the block-only screen (`--screen-block`) in the loop (RESULTS_suite_group_z.md):
 
     python benchmarks/screen_subgroup.py
 """
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-
-from block_screen import BlockScreen
 
 from irdro_sampler import IRDROSampler
 
@@ -32,19 +30,15 @@ def _example():
 
 def run(options: dict, screen: bool | str) -> dict[str, float]:
     """The example at its default seed and flags, its sampler built with ``options``, the loop screening or not
-    (``"block"``: only first visits inside a block of unlearnable samples, block_screen.py)."""
+    (``"block"``: only first visits inside a block of unlearnable samples, the example's ``--screen-block``)."""
     ex = _example()
 
     class Sampler(IRDROSampler):  # the example's sampler with the variant's options
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **options, **kwargs)
-            self._block = BlockScreen()
-
-        def screen(self, indices, losses):
-            return self._block.keep(self, indices, losses) if screen == "block" else super().screen(indices, losses)
 
     ex.IRDROSampler = Sampler
-    return ex.main(["--screen"] if screen else [])
+    return ex.main({False: [], True: ["--screen"], "block": ["--screen-block"]}[screen])
 
 
 def main() -> None:

@@ -223,6 +223,11 @@ ARMS["z225-screen-l7"] = {"groups": "labels", "truncate_zscore": 2.25, "screen_f
 ARMS["screen-block"] = {"groups": "labels", "screen_first": "block"}
 ARMS["screen-block-nogroups"] = {"screen_first": "block"}
 #: The arms of the defaults' suite (RESULTS_suite.md); the others run only when named with --arms.
+# The library's block-only screen (IRDROSampler.screen(..., block_only=True): a block placed on >= 100 seen losses).
+ARMS["screen-block100"] = {"groups": "labels", "screen_first": "library-block"}
+ARMS["screen-block100-nogroups"] = {"screen_first": "library-block"}
+ARMS["absloss-nogroups"] = {"report_root": True}  # probe: a regression reports |y - f(x)|, not its square
+
 BASE_ARMS = ("uniform", "oracle", "irdro", "irdro-nogroups", "reweight")
 COMPARED = ("oracle", "irdro", "irdro-nogroups", "reweight")
 #: Steps of one MLP run are capped (epochs are reduced to fit) at MAX_STEPS and at an estimated

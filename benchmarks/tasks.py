@@ -243,6 +243,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
     of each training sample so far.
     """
     screen = False
+    report_root = False
     torch.manual_seed(seed)
     model = build_model(task, seed)
     opt = torch.optim.Adam(model.parameters(), lr=task.lr)
@@ -262,6 +263,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
         cut_oracle = options.pop("cut_oracle", False)  # a diagnostic bound (threshold_bound.py), not a rule
         screen = options.pop("screen_first", False)  # a loop recipe (RESULTS_suite_screen.md), not an option
         evidence_gate = options.pop("evidence_gate", False)  # a probe (evidence_gate.py), not a rule
+        report_root = options.pop("report_root", False)  # a probe: a squared error reported as |residual|
         if options.get("groups") == "labels":  # what a classifier user passes: the class labels
             options["groups"] = task.y.numpy() if task.group_labels is None else task.group_labels
         sampler = IRDROSampler(ds, task.batch_size, seed=seed, **options)
@@ -281,7 +283,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
     steps_total = task.steps if task.steps is not None else task.epochs * math.ceil(n / task.batch_size)
     drawn = np.zeros(n, dtype=np.int64)
     screened = 0  # draws the first-visit screen left out of the loss
-    if screen == "block":
+    if screen == "block":  # the probe at 500 seen losses (RESULTS_suite_block_screen.md), before the library had it
         from block_screen import BlockScreen
 
         block_screen = BlockScreen()
@@ -301,8 +303,9 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
                 total = (w * loss).sum()
             elif screen:  # the first-visit screen (IRDROSampler.screen): a first visit the cut would take is left out
                 # ("block", a probe: only first visits inside a block of unlearnable samples, block_screen.py)
+                # ("library-block": the library's screen(..., block_only=True), at 100 seen losses)
                 keep = (block_screen.keep(sampler, idx, loss.detach()) if screen == "block"
-                        else sampler.screen(idx, loss.detach()))
+                        else sampler.screen(idx, loss.detach(), block_only=screen == "library-block"))
                 screened += int(keep.size - keep.sum())
                 total = (loss * torch.from_numpy(keep)).mean()
             else:
@@ -311,7 +314,7 @@ def run_arm(task: Task, arm: str, options: dict[str, Any] | None, seed: int,
             total.backward()
             opt.step()
             if sampler is not None:
-                sampler.update(idx, loss.detach(), step=step)
+                sampler.update(idx, loss.detach().sqrt() if report_root else loss.detach(), step=step)
             np.add.at(drawn, idx.numpy(), 1)
             step += 1
         epoch += 1

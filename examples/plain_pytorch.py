@@ -18,6 +18,8 @@ matters: without groups the cut cannot tell the rare group from noise and starve
     python examples/plain_pytorch.py --checkpoint run.pt    # crash-safe checkpoints; rerun to resume
     python examples/plain_pytorch.py --screen               # screen first visits (harms the rare group here:
                                                             # benchmarks/screen_subgroup.py)
+    python examples/plain_pytorch.py --screen-block         # screen only a block of unlearnable samples: none
+                                                            # here, so the run is the unscreened one
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--no-groups", action="store_true", help="do not pass the labels as groups")
     ap.add_argument("--screen", action="store_true",
                     help="leave out of each step the first visits the cut would take (sampler.screen)")
+    ap.add_argument("--screen-block", action="store_true",
+                    help="leave out only first visits inside a block of unlearnable samples "
+                         "(sampler.screen(..., block_only=True))")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint", default=None,
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"resumed after epoch {ckpt['epoch']} (step {step})", flush=True)
     result = evaluate(model, test, test_group)
     drawn = torch.zeros(3)  # draws per group over the whole run (since the resume)
+    screened = 0  # draws left out of their step's loss by the screen
     for epoch in range(start_epoch, args.epochs):
         if isinstance(sampler, IRDROSampler):
             sampler.set_epoch(epoch)
@@ -98,9 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             per_sample = F.cross_entropy(model(x), y, reduction="none")
             opt.zero_grad()
             loss = per_sample.mean()  # resampling: the plain mean has the DRO gradient in expectation
-            if args.screen and isinstance(sampler, IRDROSampler):  # a screened sample weighs 0, divisor kept
-                keep = torch.as_tensor(sampler.screen(idx, per_sample.detach()), dtype=per_sample.dtype)
-                loss = (per_sample * keep).mean()
+            if (args.screen or args.screen_block) and isinstance(sampler, IRDROSampler):
+                # a screened sample weighs 0, divisor kept
+                keep = sampler.screen(idx, per_sample.detach(), block_only=args.screen_block)
+                screened += int(keep.size - keep.sum())
+                loss = (per_sample * torch.as_tensor(keep, dtype=per_sample.dtype)).mean()
             loss.backward()
             opt.step()
             if isinstance(sampler, IRDROSampler):
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             drawn += torch.bincount(group[idx], minlength=3)
             step += 1
         result = evaluate(model, test, test_group)
-        result.update(drawn_rare=float(drawn[1] / drawn.sum()), drawn_noise=float(drawn[2] / drawn.sum()))
+        result.update(drawn_rare=float(drawn[1] / drawn.sum()), drawn_noise=float(drawn[2] / drawn.sum()),
+                      screened=float(screened / drawn.sum()))
         line = (
             f"epoch {epoch}: test loss common {result['common']:.3f} rare {result['rare']:.3f} | "
             f"drawn rare {drawn[1] / drawn.sum():.1%} noise {drawn[2] / drawn.sum():.1%}"

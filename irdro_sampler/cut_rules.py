@@ -407,6 +407,10 @@ def _unlearnable_block(
 #: Fewest losses :func:`unlearnable_block_valley` fits a mixture to: on the task suite a clean digits
 #: classifier's first refit (180 seen samples) showed a tight far mode that later fits did not.
 BLOCK_MIN_COUNT = 500
+#: Fewest seen losses the block screen (``screen(..., block_only=True)``) places a block on: the screen matters
+#: most early, while most draws are first visits; at 100 it screened no draw of the task suite's classifiers and
+#: regressions (``benchmarks/RESULTS_suite_block_screen.md``).
+SCREEN_BLOCK_MIN_COUNT = 100
 
 
 def unlearnable_block_valley(x: np.ndarray | LossSummary, min_count: int = BLOCK_MIN_COUNT) -> float:

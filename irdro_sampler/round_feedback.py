@@ -27,7 +27,7 @@ from .diagnostics import weighting_diagnostics
 from .fingerprint import digest_to_int, table_digest
 from .loss_table import LossTable, check_table_state
 from .sampler_state import _check_params, params_state
-from .screening import screen_table_rows
+from .screening import check_block_only, screen_table_rows
 from .weights import DROWeighting, WeightParams, cut_transitions, first_losses_for
 
 __all__ = ["RoundFeedback"]
@@ -101,12 +101,14 @@ class RoundFeedback:
             self.remeasured_cut += remeasured
             self.readmitted += readmitted
 
-    def screen(self, indices: Any, losses: Any) -> np.ndarray:
+    def screen(self, indices: Any, losses: Any, *, block_only: bool = False) -> np.ndarray:
         """Which samples of a trained batch to learn from: ``False`` for a first visit (no loss in the table)
-        whose loss the round's cut would take, as :meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>`
-        (all ``True`` before the first round). Read-only; same input contract as :meth:`update`."""
+        whose loss the round's cut would take (with ``block_only``: that lies inside the round's block of
+        unlearnable samples), as :meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>` (all ``True``
+        before the first round). Read-only; same input contract as :meth:`update`."""
+        block_only = check_block_only(block_only)
         idx, val = batch_losses(indices, losses, self.num_samples)
-        return screen_table_rows(self.table, idx, val, self.params)
+        return screen_table_rows(self.table, idx, val, self.params, block_only)
 
     # ------------------------------------------------------------------------------ rounds
     def round_probabilities(self) -> np.ndarray:
@@ -189,7 +191,7 @@ class RoundFeedback:
         if state.get("params") is not None and state.get("rule") == self.rule.config():
             # The round in force was cut under this very rule: its params judge the screen until the next round.
             params = _check_params(state["params"], state.get("group_threshold"), table["groups"],
-                                  state.get("tilt_cap"), self.rule, state.get("group_split"))
+                                  state.get("tilt_cap"), self.rule, state.get("group_split"), state.get("block_valley"))
         self.table._assign(table)  # everything was checked before anything changed
         self.params = params
 

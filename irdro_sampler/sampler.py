@@ -28,7 +28,7 @@ from .fixed_weights import FixedWeights, weighted_sampler
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
 from .sampler_state import check_state, pack_state, restore_state
-from .screening import screen_table_rows
+from .screening import check_block_only, screen_table_rows
 from .weights import DROWeighting
 
 __all__ = ["DRAW_SCHEMES", "IRDROSampler"]
@@ -221,7 +221,7 @@ class IRDROSampler(DistributedSampler):
         self.table.num_skipped += skipped
         self.order.drawn.forget_trained(feedback.max_reported_step)
 
-    def screen(self, indices: Any, losses: Any) -> np.ndarray:
+    def screen(self, indices: Any, losses: Any, *, block_only: bool = False) -> np.ndarray:
         """Which samples of a batch to learn from: ``False`` for a first visit whose loss the cut would take.
 
         The cut steers the draws only once a sample's loss is in the table; its first visit is drawn blind and
@@ -238,9 +238,15 @@ class IRDROSampler(DistributedSampler):
         after it is reported). Read-only: the sample order and the state do not change. Same input contract as
         :meth:`update` (raises naming the argument on bad input). ``benchmarks/RESULTS_suite_screen.md``
         measures it on the task suite.
+
+        ``block_only=True`` leaves out only first visits inside a block of unlearnable samples (a tight, far high
+        mode of the last refit's seen losses, e.g. random documents; :mod:`irdro_sampler.screening`): it cannot
+        starve a learnable minority the full screen can, and leaves out nothing where there is no such block
+        (``benchmarks/RESULTS_suite_block_screen.md``).
         """
+        block_only = check_block_only(block_only)
         idx, val = batch_losses(indices, losses, self.dataset_size)
-        return screen_table_rows(self.table, idx, val, self.order.weights.params)
+        return screen_table_rows(self.table, idx, val, self.order.weights.params, block_only)
 
     def prime(self, indices: Any, losses: Any) -> None:
         """Report losses measured before training: a scoring pass of the starting model over the data set.

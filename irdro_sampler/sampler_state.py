@@ -73,7 +73,9 @@ def params_state(params: WeightParams | None) -> dict[str, Any]:
     """The state entries of the params in force: ``params`` (4 numbers), ``group_threshold`` and, only
     when the params cap the tilt (``tilt_cap``), ``tilt_cap`` = ``{"cap": float | None, "group_cap":
     tensor | None}``, and only when they cut at a gated split (``cut_rule="zscore-mode-split-gated"`` with
-    groups), ``group_split`` (a tensor): states of rules without them are those of versions without them."""
+    groups), ``group_split`` (a tensor), and only when the refit found a block of unlearnable samples,
+    ``block_valley`` (a float: what ``screen(..., block_only=True)`` judges by): states without them are those of
+    versions without them (a state saved before ``block_valley`` existed screens no block until the next refit)."""
     out: dict[str, Any] = {
         "params": None if params is None else list(params[:4]),
         "group_threshold": None if params is None or params.group_threshold is None
@@ -84,6 +86,8 @@ def params_state(params: WeightParams | None) -> dict[str, Any]:
                            "group_cap": None if params.group_cap is None else torch.from_numpy(params.group_cap.copy())}
     if params is not None and params.group_split is not None:
         out["group_split"] = torch.from_numpy(params.group_split.copy())
+    if params is not None and math.isfinite(params.block_valley):
+        out["block_valley"] = params.block_valley
     return out
 
 
@@ -168,7 +172,7 @@ def _check_rule(rule: Any, dataset_size: int) -> DROWeighting | FixedWeights:
 def _check_params_fit(state: Mapping[str, Any], table: dict[str, Any], rule: Any) -> WeightParams | None:
     losses, groups = table["losses"], table["groups"]
     params = _check_params(state_entry(state, "params", W), state.get("group_threshold"), groups, state.get("tilt_cap"),
-                           rule, state.get("group_split"))
+                           rule, state.get("group_split"), state.get("block_valley"))
     if params is not None and isinstance(rule, DROWeighting):
         # A saved run keeps its largest mass within about e^+-600 (it rebases otherwise); beyond e^700 the
         # masses would overflow or vanish, so such params were not saved by a sampler.
@@ -202,11 +206,15 @@ def _is_hex(text: str) -> bool:
 
 def _check_params(
     params: Any, group_threshold: Any, groups: np.ndarray | None, tilt_cap: Any = None, rule: Any = None,
-    group_split: Any = None,
+    group_split: Any = None, block_valley: Any = None,
 ) -> WeightParams | None:
-    """The saved params (with the tilt cap and the split's thresholds when saved), and the gates on the cut of
-    ``rule`` (checked before: they are options of the rule, not saved with the params)."""
+    """The saved params (with the tilt cap, the split's thresholds and the block's valley when saved), and the
+    gates on the cut of ``rule`` (checked before: they are options of the rule, not saved with the params)."""
     out = _check_cut_params(params, group_threshold, groups)
+    if out is not None and block_valley is not None:
+        if isinstance(block_valley, bool) or not isinstance(block_valley, numbers.Real) or not math.isfinite(block_valley):
+            raise ValueError(f"state_dict['block_valley'] must be a finite number, got {block_valley!r}")
+        out = out._replace(block_valley=float(block_valley))
     if out is not None and group_split is not None:
         out = out._replace(group_split=_check_group_split(group_split, groups, rule))
     elif out is not None and groups is not None and isinstance(rule, DROWeighting) and rule.gates_split:

@@ -116,7 +116,7 @@ def point_probabilities(sampler: Any, indices: Any) -> np.ndarray:
     return mixture_probabilities(mass, _total(out[every.size :]), sampler.dataset_size, sampler.rule.uniform_mix)
 
 
-def screen(sampler: Any, indices: Any, losses: Any) -> np.ndarray:
+def screen(sampler: Any, indices: Any, losses: Any, block_only: bool = False) -> np.ndarray:
     """:meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>` over the ranks' rows: which of this rank's
     samples to learn from (``False`` for a first visit whose loss the cut of the last refit would take).
 
@@ -139,7 +139,8 @@ def screen(sampler: Any, indices: Any, losses: Any) -> np.ndarray:
     offset = sum(counts[: dist.get_rank(sampler.group)])
     screened = np.zeros(every.size, dtype=np.float64)
     own = np.flatnonzero((every >= sampler.start) & (every < sampler.stop))
-    screened[own] = ~screen_table_rows(sampler.table, every[own] - sampler.start, every_loss[own], sampler.params)
+    screened[own] = ~screen_table_rows(sampler.table, every[own] - sampler.start, every_loss[own], sampler.params,
+                                       block_only)
     out = max_over_ranks(screened, sampler.group)
     return out[offset : offset + idx.size] == 0.0
 

@@ -39,6 +39,7 @@ from .feedback import FeedbackQueue, Record
 from .fingerprint import options_fingerprint
 from .layout import BatchLayout
 from .loss_table import DEFAULT_EMA, DEFAULT_PRIOR, LossTable
+from .screening import check_block_only
 from .sharded_draws import reduce_totals
 from .sharded_schemes import ShardedDrawScheme, sharded_draw_scheme
 from .tilted_masses import TOTAL_RANGE
@@ -276,15 +277,17 @@ class ShardedIRDROSampler(torch.utils.data.Sampler[int]):
         """
         return sharded_queries.importance_weights(self, indices, step)
 
-    def screen(self, indices: Any, losses: Any) -> np.ndarray:
+    def screen(self, indices: Any, losses: Any, *, block_only: bool = False) -> np.ndarray:
         """Which of this rank's samples of a batch to learn from, as :meth:`IRDROSampler.screen`: ``False`` for a
         first visit (no loss of it in its owner's rows) whose loss the cut of the last refit would take.
 
         **A collective**: every rank calls it, once per micro-batch, in the same order (O(ids of all ranks)
         traffic: each owner judges the ids it holds). Same contract as the unsharded screen: read-only, all
         ``True`` before the first refit and for non-finite losses; bad input on any rank raises on every rank.
+        ``block_only`` (the same on every rank) as :meth:`IRDROSampler.screen`: only first visits inside the
+        refit's block of unlearnable samples.
         """
-        return sharded_queries.screen(self, indices, losses)
+        return sharded_queries.screen(self, indices, losses, check_block_only(block_only))
 
     def local_probabilities(self) -> np.ndarray:
         """The current distribution over this rank's ids ``[start, stop)`` (float64; the ranks' parts

@@ -152,7 +152,8 @@ def _check(sampler: Any, folder: Path) -> tuple:
     pending = _check_records(state_entry(common, "pending", where), f"{where}['pending']", n, -MAX_LOSS, MAX_LOSS)
     drawn = _check_records(state_entry(common, "drawn", where), f"{where}['drawn']", n, 0.0, 1.0 + 1e-9)
     params = _check_params(common["params"], common.get("group_threshold"), sampler.table.groups,
-                           common.get("tilt_cap"), sampler.rule, common.get("group_split"))  # the rule (its gates) checked equal above
+                           common.get("tilt_cap"), sampler.rule, common.get("group_split"),
+                           common.get("block_valley"))  # the rule (its gates) checked equal above
     epoch = state_int(common, "epoch", where, minimum=0)
     digest = common.get("feedback_digest")
     counters = _check_counters(common.get("counters"), f"{where}['counters']")

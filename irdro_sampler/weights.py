@@ -21,6 +21,7 @@ from .cut_rules import (
     DEFAULT_CUT_RULE,
     DEFAULT_ZSCORE,
     GATED_SPLIT_RULE,
+    SCREEN_BLOCK_MIN_COUNT,
     SPLIT_LEARNED_RATIO,
     LossSummary,
     _check_cut_rule,
@@ -250,6 +251,9 @@ class WeightParams(NamedTuple):
     # sample above its group's only while its running loss has not fallen below SPLIT_LEARNED_RATIO of its first
     # loss; None: no such cut.
     group_split: np.ndarray | None = None
+    # Where a block of unlearnable samples begins in the seen losses of the refit (pooled; inf without one,
+    # :func:`~irdro_sampler.cut_rules.unlearnable_block_valley`): what ``screen(..., block_only=True)`` judges by.
+    block_valley: float = math.inf
 
     @property
     def reads_first(self) -> bool:
@@ -456,7 +460,8 @@ class DROWeighting:
             exempt = view >= unlearnable_block_valley(summary) if self.tilt_fade_skip_block else None
             factor *= cut_fade_factor(seen, kept, self.tilt_fade_cut, exempt)
         tau = float(self.temperature_for(eff[kept], factor))
-        return params._replace(temperature=tau)
+        block = unlearnable_block_valley(summary, SCREEN_BLOCK_MIN_COUNT)  # for screen(..., block_only=True)
+        return params._replace(temperature=tau, block_valley=block)
 
     def fit_cut(
         self, view: np.ndarray, seen: np.ndarray, groups: np.ndarray | None, *, num_groups: int, prior: float,

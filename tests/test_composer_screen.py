@@ -21,12 +21,13 @@ N, BATCH = 512, 16
 class ScreenCheck(Callback):
     """Recomputes, before each backward, the loss the screen asks for from the step's own outputs."""
 
-    def __init__(self, sampler, importance: bool = False) -> None:
-        self.sampler, self.importance = sampler, importance
+    def __init__(self, sampler, importance: bool = False, block_only: bool = False) -> None:
+        self.sampler, self.importance, self.block_only = sampler, importance, block_only
         self.idx: torch.Tensor | None = None
         self.got: list[float] = []
         self.expected: list[float] = []
         self.screened = 0
+        self.differ = 0  # samples the other screen (full or block-only) would judge otherwise
 
     def run_event(self, event: Event, state, logger) -> None:
         if event == Event.AFTER_DATALOADER:
@@ -35,16 +36,17 @@ class ScreenCheck(Callback):
             with torch.no_grad():
                 per = torch.nn.functional.cross_entropy(state.outputs, state.batch["labels"], reduction="none").double()
             idx = self.idx.numpy()  # one microbatch per batch
-            keep = self.sampler.screen(idx, per)
+            keep = self.sampler.screen(idx, per, block_only=self.block_only)
             w = torch.as_tensor(keep.astype(np.float64))
             if self.importance:
                 w = w * torch.as_tensor(self.sampler.importance_weights(idx, step=int(state.timestamp.batch)))
             self.got.append(float(state.loss.detach()))
             self.expected.append(float((w * per).mean()))
             self.screened += int((~keep).sum())
+            self.differ += int((keep != self.sampler.screen(idx, per, block_only=not self.block_only)).sum())
 
 
-def _run(mode: str, steps: int = 12):
+def _run(mode: str, steps: int = 12, screen: bool | str = True):
     data, _, _ = ex.make_classifier_data(num_samples=N, seed=0)
     # (the example's importance loader switches the cut off; the screen needs it: the default z-score)
     dl = ex.build_dataloader(data, "irdro" if mode == "resample" else "irdro-importance", BATCH, seed=0,
@@ -53,9 +55,12 @@ def _run(mode: str, steps: int = 12):
     # A table holding low losses for the first half, fitted at the first draw: the untrained model's first
     # visits to the other half lie far above their cut, so the screen has first visits to leave out from step 0.
     seen = np.arange(N // 2)
-    sampler.prime(seen, np.full(seen.size, 0.05) + 0.01 * np.random.default_rng(0).random(seen.size))
-    algo = IRDRO(mode=mode, screen=True, log_interval=1)
-    check = ScreenCheck(sampler, importance=mode == "importance")
+    primed = np.full(seen.size, 0.05) + 0.01 * np.random.default_rng(0).random(seen.size)
+    if screen == "block":  # a tenth of the seen samples form a block (tight, far above the rest) near 0.5
+        primed[::10] = 0.5 + 0.001 * np.random.default_rng(1).random(primed[::10].size)
+    sampler.prime(seen, primed)
+    algo = IRDRO(mode=mode, screen=screen, log_interval=1)
+    check = ScreenCheck(sampler, importance=mode == "importance", block_only=screen == "block")
     logger = InMemoryLogger()
     model = ex.build_classifier_model(seed=0)
     trainer = ex.build_trainer(model, dl, [algo], steps=steps, callbacks=[check], loggers=[logger])
@@ -75,9 +80,22 @@ def test_the_loss_leaves_the_screened_first_visits_out(mode: str) -> None:
     assert np.isclose(float(np.mean(fractions)) * len(check.got) * BATCH, check.screened)
 
 
+def test_screen_block_leaves_out_only_first_visits_inside_the_block() -> None:
+    check, _ = _run("resample", screen="block")
+    valley = check.sampler.order.weights.params.block_valley
+    assert 0.06 < valley < 0.5  # the refit found the block above the primed bulk
+    assert 0 < check.screened < len(check.got) * BATCH
+    assert check.differ > 0  # first visits above the cut but below the block: the full screen would leave them out
+    np.testing.assert_allclose(check.got, check.expected, rtol=1e-5)
+
+
 def test_screen_options_are_checked() -> None:
     with pytest.raises(ValueError, match="mode='reweight'"):
         IRDRO(mode="reweight", screen=True)
-    with pytest.raises(TypeError, match="screen must be a bool"):
-        IRDRO(screen="yes")
+    with pytest.raises(ValueError, match="IRDRO\\(screen='block'\\) needs the sampler's draws"):
+        IRDRO(mode="reweight", screen="block")
+    for bad in ("yes", 1, None):
+        with pytest.raises(TypeError, match=f"screen must be True, False or 'block', got {bad!r}"):
+            IRDRO(screen=bad)
     assert "screen=True" in repr(IRDRO(screen=True)) and "screen" not in repr(IRDRO())
+    assert "screen='block'" in repr(IRDRO(screen="block"))

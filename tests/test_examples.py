@@ -159,7 +159,7 @@ def test_plain_pytorch_example_shows_its_claim():
 def test_plain_pytorch_screen_flag_harms_the_rare_group_as_its_docstring_says():
     """``--screen`` (sampler.screen in the loop): the rare group, whose own decision boundary the model has not
     learned at its first visits, has those visits screened and ends worse than under uniform sampling
-    (benchmarks/screen_subgroup.py)."""
+    (benchmarks/screen_subgroup.py); ``--screen-block`` screens nothing here."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("plain_pytorch", EXAMPLES / "plain_pytorch.py")
@@ -168,6 +168,12 @@ def test_plain_pytorch_screen_flag_harms_the_rare_group_as_its_docstring_says():
     uniform, screened = example.main(["--sampler", "uniform"]), example.main(["--screen"])
     assert screened["rare"] > uniform["rare"] + 0.5, (screened, uniform)
     assert screened["drawn_rare"] < uniform["drawn_rare"], (screened, uniform)
+    assert screened["screened"] > 0.0
+    # --screen-block: the rare group is learnable, not a block, so nothing is screened and the run is the
+    # unscreened one (its claims: test_plain_pytorch_example_shows_its_claim).
+    unscreened, block = example.main([]), example.main(["--screen-block"])
+    assert block["screened"] == 0.0 and unscreened["screened"] == 0.0
+    assert block == unscreened, (block, unscreened)
 
 
 @pytest.mark.slow

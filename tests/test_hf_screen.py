@@ -45,11 +45,18 @@ N, BATCH, STEPS = 256, 16, 16
 BLOCK = np.arange(N) % 4 == 0  # never scored: first visits
 
 
-def _primed(low: float) -> np.ndarray:
+UNLEARNABLE = (np.arange(N) % 4 == 1) & (np.arange(N) % 3 == 0)  # scored, and far above the rest (block_only)
+
+
+def _primed(low: float, unlearnable_at: float | None = None) -> np.ndarray:
     """Tight losses in ``[low, 1.2 low]``, NaN (not scored) on the block: the cut lies far below the untrained
-    model's loss (about 4.2 nats a token for the LM, 0.7 for the two-class classifier)."""
+    model's loss (about 4.2 nats a token for the LM, 0.7 for the two-class classifier). With ``unlearnable_at``,
+    a tenth of the scored samples sit there instead: a block of unlearnable samples in the table (for
+    ``irdro_screen="block"``, which leaves out only first visits above the valley below it)."""
     rng = np.random.default_rng(0)
     loss = rng.uniform(low, 1.2 * low, N)
+    if unlearnable_at is not None:
+        loss[UNLEARNABLE] = unlearnable_at + 0.01 * rng.random(int(UNLEARNABLE.sum()))
     loss[BLOCK] = np.nan
     return loss
 
@@ -71,7 +78,8 @@ class GradTrainer(worker.OutputsHookTrainer):
                            "logits": logits.detach().clone(), "labels": labels.detach().clone()})
 
 
-def _trainer(out: Path, *, screen: bool, task: str = "lm", grad_accum: int = 1) -> GradTrainer:
+def _trainer(out: Path, *, screen: bool | str, task: str = "lm", grad_accum: int = 1,
+             unlearnable_at: float | None = None) -> GradTrainer:
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, TrainingArguments
 
     torch.manual_seed(0)
@@ -87,7 +95,7 @@ def _trainer(out: Path, *, screen: bool, task: str = "lm", grad_accum: int = 1) 
         use_cpu=True, seed=0, disable_tqdm=True,
     )
     return GradTrainer(model=model, args=args, train_dataset=worker.Samples(N, task),
-                       irdro=dict(seed=3, initial_losses=_primed(1.0 if task == "lm" else 0.1),
+                       irdro=dict(seed=3, initial_losses=_primed(1.0 if task == "lm" else 0.1, unlearnable_at),
                                   groups=None),
                        irdro_screen=screen)
 
@@ -158,6 +166,23 @@ def test_sequence_classifier_is_screened_alike(tmp_path):
     assert _check_steps(t, token_level=False) >= 30
 
 
+def test_block_screen_leaves_out_first_visits_above_the_tables_block_only(tmp_path):
+    # The table holds a block near 3 nats: the LM's first visits (about 4.2) lie above its valley and are
+    # screened as under the full screen; the classifier's (about 0.7) lie above the cut (the full screen takes
+    # them: test_sequence_classifier_is_screened_alike) but below the block, so none is screened.
+    lm = _trainer(tmp_path / "lm", screen="block", unlearnable_at=3.0)
+    lm.train()
+    assert 0.3 < lm.irdro_sampler.order.weights.params.block_valley < 3.0
+    assert _check_steps(lm, token_level=True) >= 30
+    cls = _trainer(tmp_path / "cls", screen="block", task="cls", unlearnable_at=3.0)
+    cls.train()
+    assert 0.12 < cls.irdro_sampler.order.weights.params.block_valley < 3.0
+    for rec in cls.steps:
+        torch.testing.assert_close(rec["g_returned"], rec["g_own"], rtol=0, atol=0)
+    logged = [h["irdro/screened_fraction"] for h in cls.state.log_history if "irdro/screened_fraction" in h]
+    assert logged and max(logged) == 0.0
+
+
 def test_bad_screen_arguments_are_refused(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
@@ -165,5 +190,5 @@ def test_bad_screen_arguments_are_refused(tmp_path):
                                        n_head=2))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     data = worker.Samples(16, "lm")
-    with pytest.raises(TypeError, match="irdro_screen must be True or False, got 'yes'"):
+    with pytest.raises(TypeError, match="irdro_screen must be True, False or 'block', got 'yes'"):
         IRDROTrainer(model=model, args=args, train_dataset=data, irdro_screen="yes")

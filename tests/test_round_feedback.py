@@ -218,3 +218,26 @@ def test_check_state_dict_without_knowing_the_size():
         RoundFeedback.check_state_dict("table")
     with pytest.raises(ValueError, match=r"state\['rule'\] must be a dict"):
         RoundFeedback.check_state_dict({"rule": "hot"})
+
+
+def test_block_only_screen_judges_by_the_rounds_block_and_a_reload_keeps_it(tmp_path):
+    n = 3000
+    rng = np.random.default_rng(2)
+    block = np.arange(n) % 10 == 0  # 10% unlearnable: a tight mode near 8, far above a log-normal bulk near 1
+    losses = np.where(block, 8.0 + 0.05 * rng.standard_normal(n), np.exp(0.3 * rng.standard_normal(n)))
+    fb = RoundFeedback(LossTable(n), DROWeighting())
+    half = np.arange(n // 2)
+    fb.update(half, losses[half], 0)
+    fb.round_probabilities()
+    assert 1.5 < fb.params.block_valley < losses[block].min()
+    fresh = np.arange(n // 2, n)
+    keep = fb.screen(fresh, losses[fresh], block_only=True)
+    np.testing.assert_array_equal(keep, ~block[fresh])
+    assert fb.screen(half, losses[half], block_only=True).all()  # seen samples are never screened
+    torch.save(fb.state_dict(), tmp_path / "fb.pt")
+    same = RoundFeedback(LossTable(n), DROWeighting())
+    same.load_state_dict(torch.load(tmp_path / "fb.pt", weights_only=True))
+    assert same.params.block_valley == fb.params.block_valley
+    np.testing.assert_array_equal(same.screen(fresh, losses[fresh], block_only=True), keep)
+    with pytest.raises(TypeError, match="block_only must be True or False"):
+        fb.screen(fresh, losses[fresh], block_only=1)

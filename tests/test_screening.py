@@ -166,3 +166,73 @@ def test_a_training_loop_stops_learning_from_unseen_noise() -> None:
     # judged again; of the noise's first visits at most a few percent pass.
     assert trained_noise / noise_first < 0.02
     assert screened_clean / clean_first < 0.02
+
+
+# ------------------------------------------------------------------------- block_only: only a block of unlearnable
+def test_block_only_leaves_out_first_visits_inside_the_block_only() -> None:
+    sampler = _primed_sampler()
+    params = sampler.order.weights.params
+    assert 1.5 < params.block_valley < 7.5  # the refit placed the valley between the bulk and the block at 8
+    losses = _losses(seed=1)
+    losses[np.flatnonzero(~PRIMED & ~NOISY)[:5]] = 4.0  # unseen and high, but below the valley: not a block
+    keep = sampler.screen(np.arange(N), losses, block_only=True)
+    unseen = ~PRIMED
+    assert keep[PRIMED].all()
+    assert not keep[unseen & NOISY].any()
+    assert keep[unseen & ~NOISY].all()  # unlike the full screen, which takes the clean tail above its z-score
+    assert not sampler.screen(np.arange(N), losses)[unseen & ~NOISY].all()
+
+
+def test_block_only_screens_nothing_without_a_block() -> None:
+    # A clean log-normal bulk with a heavy upper tail: the cut takes its top, but there is no block.
+    rng = np.random.default_rng(5)
+    sampler = IRDROSampler(N, 50, seed=3)
+    half = np.flatnonzero(PRIMED)
+    sampler.prime(half, np.exp(0.8 * rng.standard_normal(half.size)))
+    sampler.set_epoch(0)
+    next(iter_batches(sampler))
+    assert sampler.order.weights.params.block_valley == np.inf
+    losses = np.exp(0.8 * rng.standard_normal(N))
+    assert sampler.screen(np.arange(N), losses, block_only=True).all()
+    assert not sampler.screen(np.arange(N), losses).all()  # the full screen does take the tail
+
+
+def test_block_only_judges_the_pooled_block_whatever_the_groups() -> None:
+    # The block is found over all samples and judged without groups: the same keep with or without them.
+    grouped = _primed_sampler(groups=np.arange(N) % 7)
+    plain = _primed_sampler()
+    valley = grouped.order.weights.params.block_valley
+    assert valley == plain.order.weights.params.block_valley < np.inf
+    unseen = np.flatnonzero(~PRIMED)[:4]
+    losses = np.array([valley * 0.99, valley * 1.01, 1.0, np.nan])
+    keep = grouped.screen(unseen, losses, block_only=True)
+    assert keep.tolist() == [True, False, True, True]
+    assert np.array_equal(keep, plain.screen(unseen, losses, block_only=True))
+
+
+def test_block_only_must_be_a_bool() -> None:
+    sampler = _primed_sampler()
+    with pytest.raises(TypeError, match="block_only must be True or False, got 'yes'"):
+        sampler.screen([0], [1.0], block_only="yes")
+
+
+def test_the_block_valley_survives_a_state_round_trip() -> None:
+    sampler = _primed_sampler()
+    valley = sampler.order.weights.params.block_valley
+    state = sampler.state_dict()
+    assert state["block_valley"] == valley
+    resumed = IRDROSampler(N, 50, seed=3)
+    resumed.load_state_dict(state)
+    losses = _losses(seed=1)
+    assert resumed.order.weights.params.block_valley == valley
+    assert np.array_equal(resumed.screen(np.arange(N), losses, block_only=True),
+                          sampler.screen(np.arange(N), losses, block_only=True))
+    # A state saved before the field existed loads with no block until the next refit.
+    del state["block_valley"]
+    old = IRDROSampler(N, 50, seed=3)
+    old.load_state_dict(state)
+    assert old.screen(np.arange(N), losses, block_only=True).all()
+    for bad in (float("nan"), float("inf"), "8", True):
+        state["block_valley"] = bad
+        with pytest.raises(ValueError, match=r"state_dict\['block_valley'\] must be a finite number"):
+            IRDROSampler(N, 50, seed=3).load_state_dict(state)

@@ -24,7 +24,9 @@ def _groups(start: int, stop: int) -> np.ndarray:
 
 
 def _loss(ids: np.ndarray, step: int) -> np.ndarray:
-    return loss_of(ids, step) * np.where(ids % 97 == 0, 8.0, 1.0)
+    """loss_of, with 9% of the ids a block of unlearnable samples (tight, far above the bulk: near 60)."""
+    base = loss_of(ids, step)
+    return np.where(ids % 11 == 0, 60.0 + 0.01 * base, base)
 
 
 def _asked(rank: int, part: np.ndarray) -> np.ndarray:
@@ -33,8 +35,8 @@ def _asked(rank: int, part: np.ndarray) -> np.ndarray:
 
 
 def _screen_losses(asked: np.ndarray) -> np.ndarray:
-    """Losses to screen ``asked`` with: from well inside the bulk to far above any group's cut."""
-    return np.linspace(0.05, 40.0, asked.size)
+    """Losses to screen ``asked`` with: from well inside the bulk to far above any group's cut and the block."""
+    return np.linspace(0.05, 100.0, asked.size)
 
 
 def _sampler(world: int) -> ShardedIRDROSampler:
@@ -71,7 +73,8 @@ def _worker(rank: int, world: int, port: int, results, folder: str) -> None:
                     asked = _asked(rank, part)
                     out["checks"][step] = (s.stats(), asked, s.importance_weights(asked),
                                            s.importance_weights(part, step=step), s.local_probabilities(),
-                                           s.screen(asked, _screen_losses(asked)))
+                                           s.screen(asked, _screen_losses(asked)),
+                                           s.screen(asked, _screen_losses(asked), block_only=True))
                 if step == SAVE_AT:
                     s.set_start_batch(SAVE_AT + 1)  # saved with the state, so the resumed run starts there
                     s.save(folder)
@@ -131,10 +134,10 @@ def test_queries_equal_the_unsharded_sampler_fed_the_same_feedback(run):
         _assert_stats_equal(r["fresh"][0], fresh.stats(), f"rank {rank} before the first draw")
         np.testing.assert_allclose(r["fresh"][1], fresh.importance_weights(_asked(rank, np.arange(3))), rtol=1e-9)
         assert r["fresh"][2].all()  # nothing is screened before the first refit
-    screened = 0
+    screened = block_screened = 0
     for b, (want, probs, ref) in _reference(batches):
         for rank, r in enumerate(run):
-            stats, asked, weights, drawn_weights, local, keep = r["checks"][b]
+            stats, asked, weights, drawn_weights, local, keep, keep_block = r["checks"][b]
             where = f"rank {rank} after step {b}"
             _assert_stats_equal(stats, want, where)
             assert stats["last_drawn_batch"] == b and stats["pending_feedback"] == min(b + 1, OPTS["feedback_delay"])
@@ -150,7 +153,12 @@ def test_queries_equal_the_unsharded_sampler_fed_the_same_feedback(run):
             # The first-visit screen: the owners' judgement, as the whole table's.
             np.testing.assert_array_equal(keep, ref.screen(asked, _screen_losses(asked)), err_msg=where)
             screened += int(keep.size - keep.sum())
+            # The block-only screen: judged by the block's valley of the replicated refit.
+            want_block = ref.screen(asked, _screen_losses(asked), block_only=True)
+            np.testing.assert_array_equal(keep_block, want_block, err_msg=where)
+            block_screened += int(keep_block.size - keep_block.sum())
     assert screened >= 10  # the screen was exercised (first visits above their cut)
+    assert 0 < block_screened < screened  # so was the block-only one (the ids at 8x the loss form a block)
     assert want["refreshes"] >= 9 and want["remeasured_cut"] > 0  # the counters were exercised
     assert np.ptp(np.log(probs)) > 1.0  # the cut and the tilt are at work
 

@@ -149,7 +149,7 @@ def test_arms_run_before_a_default_changed_keep_their_options():
             if name in ("irdro", "irdro-nogroups", "screen", "screen-nogroups", "evidence", "evidence-nogroups",
                         "z30-groups", "z25-groups", "z25-screen", "z25-screen-l6", "z25-screen-l7", "z25-l7",
                         "z20-screen-l7", "z225-screen-l7", "screen-block", "screen-block-nogroups",
-                        "irdro-z20-screen-l7"):
+                        "screen-block100", "screen-block100-nogroups", "absloss-nogroups", "irdro-z20-screen-l7"):
                 assert "cut_rule" not in opts, name
             else:
                 assert opts["cut_rule"] != DEFAULT_CUT_RULE, name

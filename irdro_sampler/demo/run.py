@@ -68,6 +68,8 @@ ARMS: dict[str, dict[str, Any]] = {
     # The defaults before it: the fade counts every cut sample, a block of random documents too.
     "irdro-fadecount": {"data": "weighted", "algorithm": {**RECOMMENDED, "tilt_fade_skip_block": False}},
     "reweight": {"data": "uniform", "algorithm": {"mode": "reweight", "temperature": 1.0}},
+    # The first-visit screen narrowed to a block of unlearnable documents (IRDRO(screen="block")).
+    "irdro-screen-block": {"data": "weighted", "algorithm": {**RECOMMENDED, "screen": "block"}},
 }
 
 

@@ -370,7 +370,10 @@ class IRDROTrainerMixin:
             The step trains on the Trainer's loss less the screened samples' share of it, divisor kept
             (:mod:`irdro_sampler.integrations.hf_screen`); every loss is still fed back, the sample order is
             unchanged, and ``irdro/screened_fraction`` is logged. With ``sharded=True`` each micro-batch's
-            screen is a collective (the owners of its samples' rows judge them). Default False.
+            screen is a collective (the owners of its samples' rows judge them). ``'block'`` leaves out only
+            first visits inside a block of unlearnable samples (a tight, far high mode of the refit's losses,
+            such as random documents; ``screen(..., block_only=True)``), so it cannot starve a learnable
+            minority the way ``True`` can. Default False.
 
     Attributes: ``irdro_sampler`` (None until the train DataLoader is built).
     """
@@ -381,11 +384,11 @@ class IRDROTrainerMixin:
         irdro: IRDROSampler | ShardedIRDROSampler | Mapping[str, Any] | None = None,
         per_sample_loss: PerSampleLoss | str | None = None,
         irdro_check_interval: int | None = None,
-        irdro_screen: bool = False,
+        irdro_screen: bool | str = False,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(irdro_screen, bool):
-            raise TypeError(f"irdro_screen must be True or False, got {irdro_screen!r}")
+        if not (isinstance(irdro_screen, bool) or (isinstance(irdro_screen, str) and irdro_screen == "block")):
+            raise TypeError(f"irdro_screen must be True, False or 'block', got {irdro_screen!r}")
         if irdro is not None and not isinstance(irdro, (IRDROSampler, ShardedIRDROSampler, Mapping)):
             raise TypeError(f"irdro must be a dict of IRDROSampler options, an IRDROSampler or a ShardedIRDROSampler, "
                             f"got {irdro!r}")
@@ -573,7 +576,8 @@ class IRDROTrainerMixin:
     def _irdro_screened_loss(self, model: Any, loss: torch.Tensor, outputs: Any, inputs: Mapping[str, Any],
                              idx: list[int], per_sample: torch.Tensor) -> torch.Tensor:
         """``loss`` less the share of the micro-batch's first visits the cut would take (``irdro_screen``)."""
-        keep = self.irdro_sampler.screen(np.asarray(idx, dtype=np.int64), per_sample.detach().float().cpu())  # type: ignore[union-attr]
+        keep = self.irdro_sampler.screen(np.asarray(idx, dtype=np.int64), per_sample.detach().float().cpu(),  # type: ignore[union-attr]
+                                         block_only=self._irdro_screen == "block")
         self._irdro_screened += int(keep.size - np.count_nonzero(keep))
         self._irdro_screen_judged += int(keep.size)
         return hf_screen.screened_loss(loss, outputs, inputs, per_sample, keep, kind=self._irdro_kind(model),

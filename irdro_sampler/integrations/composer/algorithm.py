@@ -208,7 +208,11 @@ class IRDRO(Algorithm):
             which must keep gradients; it replaces the model's own loss (for a causal LM: the mean of per-sequence
             means, not the mean over all tokens). Works with an ``IRDROSampler``, a ``ShardedIRDROSampler`` (a collective
             per microbatch) and the streaming path (the round's cut); not with ``mode='reweight'``. Logs
-            ``irdro/screened_fraction``. Default False.
+            ``irdro/screened_fraction``. ``'block'`` leaves out only first visits inside a block of unlearnable
+            samples (a tight, far high mode of the refit's losses, such as random documents; ``screen(...,
+            block_only=True)``): it cannot starve a learnable minority the way ``True`` can, and leaves out nothing
+            where the losses show no such block; in ``resample`` mode it replaces the loss only in microbatches
+            where it leaves a sample out (elsewhere the model's own loss stands). Default False.
         log_interval: log ``irdro/*`` metrics every this many batches (0 disables). The sampler's
             diagnostics cost O(N) (a pass over the probabilities), so keep it coarse for large N.
         check_interval: compare the ranks' fingerprints (one all-gather of one int64) at ``FIT_START``
@@ -230,16 +234,16 @@ class IRDRO(Algorithm):
         check_interval: int | None = None,
         groups: Any = None,
         initial_losses: Any = None,
-        screen: bool = False,
+        screen: bool | str = False,
         **rule_options: Any,
     ) -> None:
         if check_interval is None:
             check_interval = log_interval if isinstance(log_interval, int) else 0
         _check_options(mode, log_interval, check_interval, index_key)
-        if not isinstance(screen, bool):
-            raise TypeError(f"screen must be a bool, got {screen!r}")
+        if not (isinstance(screen, bool) or (isinstance(screen, str) and screen == "block")):
+            raise TypeError(f"screen must be True, False or 'block', got {screen!r}")
         if screen and mode == "reweight":
-            raise ValueError("IRDRO(screen=True) needs the sampler's draws; mode='reweight' reweights uniform data")
+            raise ValueError(f"IRDRO(screen={screen!r}) needs the sampler's draws; mode='reweight' reweights uniform data")
         self.screen = screen
         self.rule_options = dict(rule_options)
         self.table_options = {k: v for k, v in dict(ema=ema, prior=prior).items() if v is not None}
@@ -277,7 +281,7 @@ class IRDRO(Algorithm):
         if isinstance(self.loss_fn_spec, str):
             extra += f", loss_fn={self.loss_fn_spec!r}"
         if self.screen:
-            extra += ", screen=True"
+            extra += f", screen={self.screen!r}"
         return f"IRDRO({args + ', ' if args else ''}{extra})"
 
     # ------------------------------------------------------------------ what is fed
@@ -360,7 +364,7 @@ class IRDRO(Algorithm):
                 logger.log_metrics(metric_names(metrics))
 
     def _needs_grad_losses(self) -> bool:
-        return self.mode in ("importance", "reweight") or self.screen
+        return self.mode in ("importance", "reweight") or bool(self.screen)
 
     def _fit_start(self, state: State) -> None:
         dataloader = state.train_dataloader if state.train_dataloader is not None else state.dataloader
@@ -456,8 +460,11 @@ class IRDRO(Algorithm):
         keep = None
         if self.screen:  # FIT_START checked the target can screen
             assert self.target is not None and indices is not None
-            keep = self.target.screen(indices.numpy(), losses.detach())  # type: ignore[attr-defined]
+            keep = self.target.screen(indices.numpy(), losses.detach(),  # type: ignore[attr-defined]
+                                      block_only=self.screen == "block")
             self._meters.add_screened(keep)
+            if self.screen == "block" and self.mode == "resample" and keep.all():
+                return  # no block in this microbatch: the model's own loss, as without the screen
         if self.mode == "importance":
             assert self.target is not None and indices is not None  # FIT_START refuses importance without one
             weights = self.target.importance_weights(indices.numpy(), self._step)

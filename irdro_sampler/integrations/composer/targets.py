@@ -243,9 +243,9 @@ class SamplerTarget:
     def update(self, indices: np.ndarray, losses: np.ndarray, step: int) -> None:
         self.sampler.update(indices, losses, step=step)
 
-    def screen(self, indices: np.ndarray, losses: Any) -> np.ndarray:
-        """:meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>` (``IRDRO(screen=True)``)."""
-        return self.sampler.screen(indices, losses)
+    def screen(self, indices: np.ndarray, losses: Any, block_only: bool = False) -> np.ndarray:
+        """:meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>` (``IRDRO(screen=True)`` or ``'block'``)."""
+        return self.sampler.screen(indices, losses, block_only=block_only)
 
     def importance_weights(self, indices: np.ndarray, step: int) -> np.ndarray:
         """The batch's draw probabilities (buffered by the sampler while the batch is recent)."""
@@ -382,10 +382,11 @@ class StreamingTarget:
         with np.errstate(divide="ignore"):  # p = 0 cannot have been drawn; inf is caught by the caller
             return 1.0 / (int(self.dataset.num_samples) * p)
 
-    def screen(self, indices: np.ndarray, losses: Any) -> np.ndarray:
+    def screen(self, indices: np.ndarray, losses: Any, block_only: bool = False) -> np.ndarray:
         """:meth:`RoundFeedback.screen <irdro_sampler.RoundFeedback.screen>`: first visits the round's cut would
-        take (``IRDRO(screen=True)``; every rank holds the whole table, so no collective)."""
-        return self._feedback().screen(indices, losses)
+        take (``IRDRO(screen=True)``, or its block: ``'block'``; every rank holds the whole table, so no
+        collective)."""
+        return self._feedback().screen(indices, losses, block_only=block_only)
 
     def stats(self) -> dict[str, float]:
         """The table's seen fraction and mean loss (O(N) for the mean); the round's full diagnostics
