@@ -86,7 +86,8 @@ def test_screen_block_leaves_out_only_first_visits_inside_the_block() -> None:
     assert 0.06 < valley < 0.5  # the refit found the block above the primed bulk
     assert 0 < check.screened < len(check.got) * BATCH
     assert check.differ > 0  # first visits above the cut but below the block: the full screen would leave them out
-    np.testing.assert_allclose(check.got, check.expected, rtol=1e-5)
+    # The model's loss less the screened share (a microbatch screened whole: zero up to float32 rounding).
+    np.testing.assert_allclose(check.got, check.expected, rtol=1e-5, atol=1e-6)
 
 
 def test_screen_options_are_checked() -> None:
@@ -99,3 +100,35 @@ def test_screen_options_are_checked() -> None:
             IRDRO(screen=bad)
     assert "screen=True" in repr(IRDRO(screen=True)) and "screen" not in repr(IRDRO())
     assert "screen='block'" in repr(IRDRO(screen="block"))
+
+
+@pytest.mark.parametrize("custom", [False, True])
+def test_screened_model_loss_removes_the_screened_tokens_exactly(custom: bool) -> None:
+    """A causal LM's token-mean loss (padding ignored) less the screened rows' share: the kept rows' gradients are
+    the unscreened loss's, the screened rows' zero, the divisor kept. With a custom loss_fn (per-sequence means) the
+    share removed is proportional to its losses instead."""
+    from irdro_sampler.integrations.composer.losses import causal_lm_per_sample_loss, screened_model_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 11, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 11, (4, 6), generator=gen)
+    labels[1, 4:] = -100  # padding
+    batch = {"labels": labels}
+    model_loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    per_sample = causal_lm_per_sample_loss(logits.detach(), labels)
+    keep = np.array([True, False, True, False])
+    loss_fn = (lambda out, b: causal_lm_per_sample_loss(out["logits"], b["labels"])) if custom else IRDRO().loss_fn
+    got = screened_model_loss(model_loss, {"logits": logits}, batch, per_sample, keep, loss_fn)
+    (g_got,) = torch.autograd.grad(got, logits, retain_graph=True)
+    if custom:  # the model's loss taken as the mean of the per-sequence means: their kept share
+        share = float(per_sample[torch.from_numpy(keep)].sum() / per_sample.sum())
+        assert float(got) == pytest.approx(float(model_loss) * share, rel=1e-5)
+        return
+    (g_own,) = torch.autograd.grad(model_loss, logits)
+    rows = torch.from_numpy(~keep)
+    assert float(g_got[rows].abs().max()) <= 1e-6
+    torch.testing.assert_close(g_got[~rows], g_own[~rows], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="loss_fn returned losses without gradients"):
+        screened_model_loss(model_loss, {"logits": logits}, batch, per_sample, keep,
+                            lambda out, b: causal_lm_per_sample_loss(out["logits"].detach(), b["labels"]))
+    assert screened_model_loss(model_loss, {"logits": logits}, batch, per_sample, np.ones(4, bool), loss_fn) is model_loss

@@ -84,8 +84,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from irdro_sampler import IRDROSampler, ShardedIRDROSampler, save_state
+from irdro_sampler import screened_loss as screen_loss
 from irdro_sampler.distributed import check_ranks_agree, gather_feedback, world_size
-from irdro_sampler.integrations import hf_screen, hf_sharded
+from irdro_sampler.integrations import hf_sharded
 from irdro_sampler.integrations._class_targets import (
     class_label_groups,
     looks_like_class_indices,
@@ -368,7 +369,7 @@ class IRDROTrainerMixin:
             (:meth:`IRDROSampler.screen <irdro_sampler.IRDROSampler.screen>`: samples its table has no loss of
             yet, judged by the last refit; for training over few passes, where most draws are first visits).
             The step trains on the Trainer's loss less the screened samples' share of it, divisor kept
-            (:mod:`irdro_sampler.integrations.hf_screen`); every loss is still fed back, the sample order is
+            (:mod:`irdro_sampler.screened_loss`); every loss is still fed back, the sample order is
             unchanged, and ``irdro/screened_fraction`` is logged. With ``sharded=True`` each micro-batch's
             screen is a collective (the owners of its samples' rows judge them). ``'block'`` leaves out only
             first visits inside a block of unlearnable samples (a tight, far high mode of the refit's losses,
@@ -580,7 +581,7 @@ class IRDROTrainerMixin:
                                          block_only=self._irdro_screen == "block")
         self._irdro_screened += int(keep.size - np.count_nonzero(keep))
         self._irdro_screen_judged += int(keep.size)
-        return hf_screen.screened_loss(loss, outputs, inputs, per_sample, keep, kind=self._irdro_kind(model),
+        return screen_loss.screened_loss(loss, outputs, inputs, per_sample, keep, kind=self._irdro_kind(model),
                                        logits_of=_logits, loss_fn=self._irdro_loss_fn)
 
     def _irdro_note_class_targets(self, inputs: Mapping[str, Any]) -> None:

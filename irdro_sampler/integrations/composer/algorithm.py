@@ -69,6 +69,7 @@ from .losses import (
     importance_weighted_loss,
     resolve_loss_fn,
     reweighted_loss,
+    screened_model_loss,
 )
 from .targets import FeedbackOptions, FeedbackTarget, StreamingTarget, check_target_states, find_target
 
@@ -211,8 +212,10 @@ class IRDRO(Algorithm):
             ``irdro/screened_fraction``. ``'block'`` leaves out only first visits inside a block of unlearnable
             samples (a tight, far high mode of the refit's losses, such as random documents; ``screen(...,
             block_only=True)``): it cannot starve a learnable minority the way ``True`` can, and leaves out nothing
-            where the losses show no such block; in ``resample`` mode it replaces the loss only in microbatches
-            where it leaves a sample out (elsewhere the model's own loss stands). Default False.
+            where the losses show no such block. In ``resample`` mode it removes the screened samples' exact share
+            of the model's own loss, its divisor kept (:func:`~.losses.screened_model_loss`, as the Hugging Face
+            Trainer's screen), so ``loss_fn`` needs no gradients unless it is your own, and where nothing is
+            screened the model's loss stands. Default False.
         log_interval: log ``irdro/*`` metrics every this many batches (0 disables). The sampler's
             diagnostics cost O(N) (a pass over the probabilities), so keep it coarse for large N.
         check_interval: compare the ranks' fingerprints (one all-gather of one int64) at ``FIT_START``
@@ -269,6 +272,9 @@ class IRDRO(Algorithm):
         self._step = 0  # the target's global index of the batch in progress (read at BATCH_START)
         self._grad_losses: torch.Tensor | None = None  # the microbatch's losses, for the loss modes
         self._grad_indices: torch.Tensor | None = None
+        # The microbatch's detached losses, for screen="block" in resample mode (no gradients needed to judge)
+        self._screen_losses: torch.Tensor | None = None
+        self._screen_indices: torch.Tensor | None = None
         self._checked_first_batch = False
         self._meters = _Meters()
 
@@ -332,7 +338,7 @@ class IRDRO(Algorithm):
         if event in _ALWAYS:
             return True
         if event == Event.AFTER_LOSS:
-            return self._needs_grad_losses()
+            return self._needs_grad_losses() or self._screens_by_share()
         if event == Event.EPOCH_END:
             return self.target is not None and self.target.wants_epoch_end
         if event == Event.FIT_END:
@@ -348,7 +354,7 @@ class IRDRO(Algorithm):
             self._step = int(state.timestamp.batch) if self.target is None else self.target.global_step(state.timestamp)
         elif event == Event.BEFORE_TRAIN_BATCH:
             self._batch.restart()  # an OOM retry starts the batch's microbatches over
-            self._grad_losses = self._grad_indices = None
+            self._grad_losses = self._grad_indices = self._screen_losses = self._screen_indices = None
         elif event == Event.AFTER_FORWARD:
             self._after_forward(state)
         elif event == Event.AFTER_LOSS:
@@ -364,7 +370,12 @@ class IRDRO(Algorithm):
                 logger.log_metrics(metric_names(metrics))
 
     def _needs_grad_losses(self) -> bool:
-        return self.mode in ("importance", "reweight") or bool(self.screen)
+        return self.mode in ("importance", "reweight") or (bool(self.screen) and not self._screens_by_share())
+
+    def _screens_by_share(self) -> bool:
+        """screen="block" in resample mode: the model's loss less the screened samples' share (no gradients of
+        the per-sample losses needed unless a sample is screened)."""
+        return self.screen == "block" and self.mode == "resample"
 
     def _fit_start(self, state: State) -> None:
         dataloader = state.train_dataloader if state.train_dataloader is not None else state.dataloader
@@ -427,6 +438,8 @@ class IRDRO(Algorithm):
                 losses = self.loss_fn(state.outputs, batch)
         check_per_sample_losses(losses, num_rows(batch))
         indices = self._batch.next_indices(int(losses.shape[0])) if self.feeds else None
+        if self._screens_by_share():
+            self._screen_losses, self._screen_indices = losses, indices
         if self._needs_grad_losses():
             self._grad_losses, self._grad_indices = losses, indices
             if not losses.requires_grad and torch.is_grad_enabled() and not self._checked_first_batch:
@@ -448,6 +461,9 @@ class IRDRO(Algorithm):
 
     def _replace_loss(self, state: State) -> None:
         """Replace ``state.loss`` by the mode's loss of this microbatch (see :mod:`.losses`)."""
+        if self._screens_by_share():
+            self._screen_block(state)
+            return
         losses, indices = self._grad_losses, self._grad_indices
         if losses is None:
             return
@@ -463,8 +479,6 @@ class IRDRO(Algorithm):
             keep = self.target.screen(indices.numpy(), losses.detach(),  # type: ignore[attr-defined]
                                       block_only=self.screen == "block")
             self._meters.add_screened(keep)
-            if self.screen == "block" and self.mode == "resample" and keep.all():
-                return  # no block in this microbatch: the model's own loss, as without the screen
         if self.mode == "importance":
             assert self.target is not None and indices is not None  # FIT_START refuses importance without one
             weights = self.target.importance_weights(indices.numpy(), self._step)
@@ -476,6 +490,23 @@ class IRDRO(Algorithm):
             new, weights = reweighted_loss(losses, self._rule)
             self._meters.add_reweight(weights, losses)
         state.loss = new.to(state.loss.dtype)
+
+    def _screen_block(self, state: State) -> None:
+        """screen="block" in resample mode: ``state.loss`` less the share of the microbatch's first visits inside
+        the block (unchanged where none is), as the Hugging Face Trainer's screen."""
+        losses, indices = self._screen_losses, self._screen_indices
+        self._screen_losses = self._screen_indices = None
+        if losses is None or indices is None:
+            return
+        assert self.target is not None  # FIT_START checked the target can screen
+        keep = self.target.screen(indices.numpy(), losses, block_only=True)  # type: ignore[attr-defined]
+        self._meters.add_screened(keep)
+        if not isinstance(state.loss, torch.Tensor):
+            raise TypeError(
+                "IRDRO(screen='block') removes the screened samples' share of the model's loss and needs it to be "
+                f"a single tensor; the model returned {type(state.loss).__name__}"
+            )
+        state.loss = screened_model_loss(state.loss, state.outputs, state.batch, losses, keep, self.loss_fn)
 
     # ------------------------------------------------------------------ commit, check, log
     def _batch_end(self, state: State, logger: Logger) -> None:

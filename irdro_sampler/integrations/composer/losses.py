@@ -120,6 +120,38 @@ _NAMED_LOSS_FNS: dict[str, PerSampleLossFn] = {
 }
 
 
+def is_builtin_loss_fn(loss_fn: PerSampleLossFn) -> bool:
+    """Whether ``loss_fn`` is one of the per-sample losses above (their shares of the model's loss are known:
+    token-loss sums for a causal LM's logits, the loss itself for a classifier's), not the user's."""
+    return any(loss_fn is fn for fn in _NAMED_LOSS_FNS.values())
+
+
+def screened_model_loss(loss: torch.Tensor, outputs: Any, batch: Any, per_sample: torch.Tensor, keep: np.ndarray,
+                        loss_fn: PerSampleLossFn) -> torch.Tensor:
+    """The model's ``loss`` less the screened samples' share of it (``keep`` False; see
+    :mod:`irdro_sampler.screened_loss`): exact for a built-in ``loss_fn`` (a causal LM's token mean, a classifier's
+    mean), proportional to ``loss_fn``'s losses otherwise, which must then keep autograd. ``loss`` itself when
+    none is screened."""
+    from irdro_sampler.screened_loss import screened_loss
+
+    if keep.all():
+        return loss
+    if is_builtin_loss_fn(loss_fn):
+        causal = _logits_of(outputs).ndim == 3
+        return screened_loss(loss, outputs, batch, per_sample, keep, kind="causal" if causal else None,
+                             logits_of=_logits_of, labels_of=_targets_of)
+
+    def checked(outputs: Any, batch: Any) -> torch.Tensor:
+        shares = loss_fn(outputs, batch)
+        if not shares.requires_grad and torch.is_grad_enabled():
+            raise ValueError("IRDRO(screen='block'): loss_fn returned losses without gradients; the screen removes "
+                             "the screened samples' share through them, so it must compute them from state.outputs "
+                             "with autograd (no .detach(), no torch.no_grad())")
+        return shares
+
+    return screened_loss(loss, outputs, batch, per_sample, keep, kind=None, logits_of=_logits_of, loss_fn=checked)
+
+
 def resolve_loss_fn(loss_fn: PerSampleLossFn | str | None) -> PerSampleLossFn:
     """``loss_fn`` as a callable: None is :func:`default_per_sample_loss`, a callable is itself, a name
     is one of ``'auto'``, ``'causal_lm'``, ``'classification'``, and ``'package.module:function'``
