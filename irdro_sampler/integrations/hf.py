@@ -84,7 +84,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from irdro_sampler import IRDROSampler, ShardedIRDROSampler, save_state
-from irdro_sampler import screened_loss as screen_loss
 from irdro_sampler.distributed import check_ranks_agree, gather_feedback, world_size
 from irdro_sampler.integrations import hf_sharded
 from irdro_sampler.integrations._class_targets import (
@@ -99,6 +98,7 @@ from irdro_sampler.integrations._hf_compat import (
 )
 from irdro_sampler.losses import classification_per_sample_loss, token_per_sample_loss
 from irdro_sampler.priming import check_initial_losses, prime_from
+from irdro_sampler.screened_loss import screened_loss
 
 __all__ = [
     "INDEX_KEY",
@@ -581,8 +581,8 @@ class IRDROTrainerMixin:
                                          block_only=self._irdro_screen == "block")
         self._irdro_screened += int(keep.size - np.count_nonzero(keep))
         self._irdro_screen_judged += int(keep.size)
-        return screen_loss.screened_loss(loss, outputs, inputs, per_sample, keep, kind=self._irdro_kind(model),
-                                       logits_of=_logits, loss_fn=self._irdro_loss_fn)
+        return screened_loss(loss, outputs, inputs, per_sample, keep, kind=self._irdro_kind(model),
+                             logits_of=_logits, loss_fn=self._irdro_loss_fn)
 
     def _irdro_note_class_targets(self, inputs: Mapping[str, Any]) -> None:
         """Once per trainer: class-index labels but no groups (the cut then judges rare classes as noise)."""

@@ -18,6 +18,7 @@ import torch
 from irdro_sampler import DROWeighting, kl_dro_weights
 from irdro_sampler.integrations._class_targets import batch_targets, looks_like_class_indices
 from irdro_sampler.losses import causal_lm_per_sample_loss, classification_per_sample_loss, token_loss_sums
+from irdro_sampler.screened_loss import screened_loss
 
 __all__ = [
     "PerSampleLossFn",
@@ -132,8 +133,6 @@ def screened_model_loss(loss: torch.Tensor, outputs: Any, batch: Any, per_sample
     :mod:`irdro_sampler.screened_loss`): exact for a built-in ``loss_fn`` (a causal LM's token mean, a classifier's
     mean), proportional to ``loss_fn``'s losses otherwise, which must then keep autograd. ``loss`` itself when
     none is screened."""
-    from irdro_sampler.screened_loss import screened_loss
-
     if keep.all():
         return loss
     if is_builtin_loss_fn(loss_fn):
